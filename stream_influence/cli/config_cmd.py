@@ -1,0 +1,50 @@
+"""``stream-influence config show|check``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from ..config import AppSettings, format_validation_error, load_config, read_yaml
+from ..errors import ConfigError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="show the effective configuration or check a file")
+    cs = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = cs.add_parser("show", help="print the effective configuration (secrets masked)")
+    show.add_argument("--config", type=Path, help="YAML file (environment overrides apply)")
+    show.set_defaults(handler=_show)
+    check = cs.add_parser("check", help="validate a file and print every error with its path")
+    check.add_argument("file", type=Path)
+    check.set_defaults(handler=_check)
+
+
+def _show(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    # mode="json" renders SecretStr as '**********'.
+    print(json.dumps(cfg.model_dump(mode="json", by_alias=True), indent=2))
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        data = read_yaml(args.file)
+        AppSettings(**data)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except ValidationError as exc:
+        print(format_validation_error(exc, str(args.file)), file=sys.stderr)
+        print(
+            "hint: `stream-influence config show` prints every field with its default;"
+            " deploy/config.example.yaml documents them.",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{args.file}: OK")
+    return 0

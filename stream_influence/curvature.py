@@ -1,0 +1,389 @@
+"""Running estimates of the output-layer Hessian and of its (damped) inverse.
+
+Parameters are ``Θ = [W b]`` (``K × D``, ``D = d + 1``), flattened class-major, so the
+per-point Hessian of the cross-entropy is ``h = (diag p − ppᵀ) ⊗ x̃x̃ᵀ`` with ``x̃ = [φ(x); 1]``.
+All estimators keep a running mean ``C`` of ``h`` with exponential forgetting and serve
+``H⁻¹ = (C + λI)⁻¹`` in float64:
+
+* a batch of total weight ``m`` enters with weight ``α = max(1 − γᵐ, m / (n + m))`` where ``n``
+  is the evidence seen so far, i.e. ``C ← (1 − α) C + α h̄``.  The second term makes the first
+  points a plain running mean instead of a biased-towards-zero EMA;
+* ``exact`` keeps ``M = C + λ_t I`` and its inverse, updated by a rank-``bK`` Woodbury identity
+  for small batches.  The scalar forgetting applies to the whole of ``M``, so the damping in
+  force ``λ_t`` decays with the data between re-factorisations (as in recursive least squares
+  with exponential forgetting); every ``refactor_every`` events, or as soon as ``λ_t`` falls below
+  ``damping_floor · λ``, or when a batch is too large for Woodbury to pay off, ``M⁻¹`` is rebuilt
+  from ``C + λI`` by Cholesky, which also stops numerical drift;
+* ``kfac`` keeps ``A = E[x̃x̃ᵀ]`` and ``G = E[diag p − ppᵀ]`` and serves ``(G ⊗ A + λI)⁻¹``
+  exactly through the eigenbases of both factors, refreshed every ``refactor_every`` events (and
+  whenever the evidence doubled, so the start is not stuck on a tiny sample);
+* ``diagonal`` keeps the exact diagonal of ``C``.
+
+>>> import numpy as np
+>>> from stream_influence.settings import CurvatureSettings
+>>> rng = np.random.default_rng(0)
+>>> X = np.hstack([rng.normal(size=(64, 3)), np.ones((64, 1))])
+>>> P = rng.dirichlet(np.ones(4), size=64)
+>>> est = make_curvature(CurvatureSettings(kind="exact"), n_classes=4, dim=4)
+>>> est.update(X, P)
+>>> bool(np.allclose(est.dense_inverse() @ est.dense_hessian(), np.eye(16)))
+True
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+from scipy import linalg
+
+from .errors import CurvatureError
+from .settings import CurvatureSettings
+
+__all__ = ["Curvature", "DiagonalCurvature", "ExactCurvature", "KFACCurvature", "make_curvature"]
+
+
+def softmax_factor(P: np.ndarray) -> np.ndarray:
+    """``L`` with ``L Lᵀ = diag(p) − ppᵀ`` for every row of ``P`` (shape ``b × K × K``)."""
+    sq = np.sqrt(P)
+    L = -P[:, :, None] * sq[:, None, :]
+    idx = np.arange(P.shape[1])
+    L[:, idx, idx] += sq
+    return L
+
+
+def softmax_hessian(P: np.ndarray) -> np.ndarray:
+    """``diag(p) − ppᵀ`` for every row of ``P`` (shape ``b × K × K``)."""
+    S = -P[:, :, None] * P[:, None, :]
+    idx = np.arange(P.shape[1])
+    S[:, idx, idx] += P
+    return S
+
+
+class Curvature(ABC):
+    """One interface for every curvature estimator.
+
+    Arrays: ``X`` is ``b × D`` (augmented features, last column 1), ``P`` is ``b × K`` (predicted
+    probabilities), gradients are ``… × K × D``.  Constructors store parameters only; all
+    learned state is in :meth:`state_dict`.
+    """
+
+    kind: str = ""
+    exact: bool = False  # True when solve() is the inverse of dense_hessian() to rounding
+
+    def __init__(self, settings: CurvatureSettings, n_classes: int, dim: int) -> None:
+        self.settings = settings
+        self.n_classes = n_classes
+        self.dim = dim
+        self.reset()
+
+    # -- state ---------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget all evidence: ``H = λI``."""
+        self.n_seen = 0.0
+        self.events_since_refactor = 0
+        self.refactorizations = 0
+        self._reset_state()
+
+    @abstractmethod
+    def _reset_state(self) -> None: ...
+
+    def forget(self, keep: float) -> None:
+        """Keep only a fraction of the evidence (drift): later batches weigh ``1/keep`` more."""
+        self.n_seen *= keep
+
+    def batch_weight(self, m: float) -> float:
+        """α for a batch of total weight ``m`` (see the module docstring)."""
+        gamma = self.settings.forgetting
+        return max(1.0 - gamma**m, m / (self.n_seen + m))
+
+    def update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray | None = None) -> None:
+        """Add a batch of points to the running estimate (one rank-``b`` update)."""
+        if len(X) == 0:
+            return
+        w = np.ones(len(X)) if w is None else w
+        m = float(w.sum())
+        if m <= 0:
+            return
+        alpha = self.batch_weight(m)
+        self.n_seen += m
+        self.events_since_refactor += len(X)
+        self._update(X, P, w * (alpha / m), 1.0 - alpha)
+
+    @abstractmethod
+    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        """``C ← β C + Σ wᵢ hᵢ`` (w already holds α / m)."""
+
+    @abstractmethod
+    def refactorize(self) -> None:
+        """Rebuild the inverse representation from the running Hessian."""
+
+    @abstractmethod
+    def solve(self, V: np.ndarray) -> np.ndarray:
+        """``H⁻¹ v`` for every ``K × D`` matrix ``v`` in ``V`` (shape ``… × K × D``)."""
+
+    @abstractmethod
+    def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """``gᵢᵀ H⁻¹ gᵢ`` for the rank-one gradients ``gᵢ = Rᵢ ⊗ Xᵢ`` (shape ``b``)."""
+
+    @abstractmethod
+    def dense_hessian(self) -> np.ndarray:
+        """The ``KD × KD`` damped Hessian this estimator inverts (tests, small heads)."""
+
+    def dense_inverse(self) -> np.ndarray:
+        """The ``KD × KD`` matrix :meth:`solve` applies, built column by column."""
+        n = self.n_classes * self.dim
+        eye = np.eye(n).reshape(n, self.n_classes, self.dim)
+        return self.solve(eye).reshape(n, n).T
+
+    @property
+    def damping_in_use(self) -> float:
+        return self.settings.damping
+
+    @abstractmethod
+    def condition_number(self) -> float:
+        """An estimate of the condition number of the damped Hessian."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n_seen": self.n_seen,
+            "events_since_refactor": self.events_since_refactor,
+            "refactorizations": self.refactorizations,
+            **self._arrays(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n_seen = float(state["n_seen"])
+        self.events_since_refactor = int(state["events_since_refactor"])
+        self.refactorizations = int(state["refactorizations"])
+        self._load_arrays(state)
+
+    @abstractmethod
+    def _arrays(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _load_arrays(self, state: dict[str, Any]) -> None: ...
+
+
+class ExactCurvature(Curvature):
+    """Full ``KD × KD`` Hessian and inverse; exact to rounding.  Cost ``O((KD)²)`` per event."""
+
+    kind = "exact"
+    exact = True
+
+    def _reset_state(self) -> None:
+        n = self.n_classes * self.dim
+        self.C = np.zeros((n, n))
+        self.Minv = np.eye(n) / self.settings.damping
+        self.damping = self.settings.damping
+
+    @property
+    def damping_in_use(self) -> float:
+        return self.damping
+
+    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        K, D = self.n_classes, self.dim
+        rank = len(X) * K
+        self.damping *= beta
+        refactor = (
+            beta == 0.0
+            or 2 * rank >= K * D
+            or self.damping < self.settings.damping_floor * self.settings.damping
+            or self.events_since_refactor >= self.settings.refactor_every
+        )
+        if refactor:
+            self.C *= beta
+            self._add_blocks(X, P, w)
+            self.refactorize()
+            return
+        # Columns U with U Uᵀ = Σ wᵢ (Lᵢ Lᵢᵀ) ⊗ xᵢxᵢᵀ.
+        L = softmax_factor(P) * np.sqrt(w)[:, None, None]
+        U = np.einsum("bkm,bj->kjbm", L, X).reshape(K * D, rank)
+        self.C *= beta
+        self.C += U @ U.T
+        # Woodbury: (βM + UUᵀ)⁻¹ = (M⁻¹ − Z (βI + UᵀZ)⁻¹ Zᵀ) / β with Z = M⁻¹U.
+        Z = self.Minv @ U
+        S = U.T @ Z
+        S[np.diag_indices_from(S)] += beta
+        try:
+            T = linalg.solve(S, Z.T, assume_a="pos")
+        except (linalg.LinAlgError, ValueError):
+            self.refactorize()
+            return
+        self.Minv -= Z @ T
+        self.Minv /= beta
+        self.Minv = 0.5 * (self.Minv + self.Minv.T)
+
+    def _add_blocks(self, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
+        # Block (k, l) of Σ wᵢ Sᵢ ⊗ xᵢxᵢᵀ is Xᵀ diag(wᵢ Sᵢ[k, l]) X: K GEMMs, no b·K columns.
+        K, D = self.n_classes, self.dim
+        S = softmax_hessian(P) * w[:, None, None]
+        C4 = self.C.reshape(K, D, K, D)
+        for k in range(K):
+            Y = (S[:, :, k, None] * X[:, None, :]).reshape(len(X), K * D)
+            C4[:, :, k, :] += (Y.T @ X).reshape(K, D, D)
+
+    def refactorize(self) -> None:
+        n = self.C.shape[0]
+        M = self.C + self.settings.damping * np.eye(n)
+        try:
+            chol = linalg.cholesky(M, lower=True)
+        except linalg.LinAlgError as exc:
+            raise CurvatureError(f"exact curvature is not positive definite: {exc}") from exc
+        Linv = linalg.solve_triangular(chol, np.eye(n), lower=True)
+        self.Minv = Linv.T @ Linv
+        self.damping = self.settings.damping
+        diag = np.diag(chol)
+        self._cond = float((diag.max() / diag.min()) ** 2)
+        self.refactorizations += 1
+        self.events_since_refactor = 0
+
+    def solve(self, V: np.ndarray) -> np.ndarray:
+        shape = V.shape
+        return (V.reshape(-1, self.n_classes * self.dim) @ self.Minv).reshape(shape)
+
+    def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
+        G = (R[:, :, None] * X[:, None, :]).reshape(len(X), -1)
+        return np.einsum("bi,bi->b", G @ self.Minv, G)
+
+    def dense_hessian(self) -> np.ndarray:
+        return self.C + self.damping * np.eye(self.C.shape[0])
+
+    def condition_number(self) -> float:
+        return getattr(self, "_cond", 1.0)
+
+    def _arrays(self) -> dict[str, Any]:
+        return {"C": self.C, "Minv": self.Minv, "damping": self.damping}
+
+    def _load_arrays(self, state: dict[str, Any]) -> None:
+        self.C = np.array(state["C"], dtype=np.float64)
+        self.Minv = np.array(state["Minv"], dtype=np.float64)
+        self.damping = float(state["damping"])
+
+
+class KFACCurvature(Curvature):
+    """Kronecker factors ``H ≈ G ⊗ A + λI``; exact inverse of that through eigenbases.
+
+    Cost per event ``O(D² + K²)`` to update and ``O(KD + D² + K²)`` to score.
+    """
+
+    kind = "kfac"
+    exact = True  # exact inverse of its own (G ⊗ A + λI) as of the last refresh
+
+    def _reset_state(self) -> None:
+        K, D = self.n_classes, self.dim
+        self.A = np.zeros((D, D))
+        self.G = np.zeros((K, K))
+        self.QA, self.QG = np.eye(D), np.eye(K)
+        self.eA, self.eG = np.zeros(D), np.zeros(K)
+        self.n_at_refactor = 0.0
+        self._inv = np.full((K, D), 1.0 / self.settings.damping)
+
+    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        self.A *= beta
+        self.A += (X * w[:, None]).T @ X
+        self.G *= beta
+        self.G += np.einsum("b,bkl->kl", w, softmax_hessian(P))
+        # Refresh the eigenbases on schedule, and whenever the evidence doubled (early on).
+        if (
+            self.events_since_refactor >= self.settings.refactor_every
+            or self.n_seen >= 2 * self.n_at_refactor
+        ):
+            self.refactorize()
+
+    def refactorize(self) -> None:
+        try:
+            self.eA, self.QA = linalg.eigh(self.A)
+            self.eG, self.QG = linalg.eigh(self.G)
+        except linalg.LinAlgError as exc:
+            raise CurvatureError(f"K-FAC factor eigendecomposition failed: {exc}") from exc
+        np.clip(self.eA, 0.0, None, out=self.eA)
+        np.clip(self.eG, 0.0, None, out=self.eG)
+        self._inv = 1.0 / (np.outer(self.eG, self.eA) + self.settings.damping)
+        self.n_at_refactor = self.n_seen
+        self.refactorizations += 1
+        self.events_since_refactor = 0
+
+    def solve(self, V: np.ndarray) -> np.ndarray:
+        Vt = self.QG.T @ V @ self.QA
+        return self.QG @ (Vt * self._inv) @ self.QA.T
+
+    def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
+        r2 = np.square(R @ self.QG)
+        x2 = np.square(X @ self.QA)
+        return ((r2 @ self._inv) * x2).sum(1)
+
+    def dense_hessian(self) -> np.ndarray:
+        n = self.n_classes * self.dim
+        return np.kron(self.G, self.A) + self.settings.damping * np.eye(n)
+
+    def condition_number(self) -> float:
+        return float(1.0 / self._inv.min() / (1.0 / self._inv.max()))
+
+    def _arrays(self) -> dict[str, Any]:
+        return {
+            "A": self.A,
+            "G": self.G,
+            "QA": self.QA,
+            "QG": self.QG,
+            "eA": self.eA,
+            "eG": self.eG,
+            "inv": self._inv,
+            "n_at_refactor": self.n_at_refactor,
+        }
+
+    def _load_arrays(self, state: dict[str, Any]) -> None:
+        for name in ("A", "G", "QA", "QG", "eA", "eG"):
+            setattr(self, name, np.array(state[name], dtype=np.float64))
+        self._inv = np.array(state["inv"], dtype=np.float64)
+        self.n_at_refactor = float(state["n_at_refactor"])
+
+
+class DiagonalCurvature(Curvature):
+    """The exact diagonal of the running Hessian; cheapest, ignores all correlations."""
+
+    kind = "diagonal"
+    exact = False
+
+    def _reset_state(self) -> None:
+        self.Dg = np.zeros((self.n_classes, self.dim))
+
+    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        self.Dg *= beta
+        self.Dg += (P * (1.0 - P) * w[:, None]).T @ np.square(X)
+
+    def refactorize(self) -> None:
+        self.refactorizations += 1
+        self.events_since_refactor = 0
+
+    def solve(self, V: np.ndarray) -> np.ndarray:
+        return V / (self.Dg + self.settings.damping)
+
+    def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
+        return ((np.square(R) @ (1.0 / (self.Dg + self.settings.damping))) * np.square(X)).sum(1)
+
+    def dense_hessian(self) -> np.ndarray:
+        return np.diag(self.Dg.ravel() + self.settings.damping)
+
+    def condition_number(self) -> float:
+        d = self.Dg + self.settings.damping
+        return float(d.max() / d.min())
+
+    def _arrays(self) -> dict[str, Any]:
+        return {"Dg": self.Dg}
+
+    def _load_arrays(self, state: dict[str, Any]) -> None:
+        self.Dg = np.array(state["Dg"], dtype=np.float64)
+
+
+_KINDS: dict[str, type[Curvature]] = {
+    "exact": ExactCurvature,
+    "kfac": KFACCurvature,
+    "diagonal": DiagonalCurvature,
+}
+
+
+def make_curvature(settings: CurvatureSettings, n_classes: int, dim: int) -> Curvature:
+    """The estimator ``settings.kind`` for a head of ``n_classes × dim`` parameters."""
+    return _KINDS[settings.kind](settings, n_classes, dim)

@@ -1,0 +1,375 @@
+"""The influence engine: decode → φ → score → route → update, one polled batch at a time.
+
+No I/O happens here; the Kafka service, offline replay and the benchmarks all drive this class.
+
+>>> import json
+>>> from stream_influence.settings import EngineSettings
+>>> engine = InfluenceEngine(EngineSettings())
+>>> raws = [json.dumps({"id": str(i), "features": [i % 2, 1.0], "label": i % 2}).encode()
+...         for i in range(8)]
+>>> result = engine.process(raws)
+>>> result.counts()
+{'accepted': 8, 'quarantined': 0, 'dead_lettered': 0}
+>>> result.reasons[0]
+'warmup'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .curvature import Curvature, make_curvature
+from .events import EventBatch, Reject, Schema
+from .influence import InfluenceScorer, ReferenceBuffer, Scores
+from .learner import DriftMonitor, HeadLearner
+from .model import FeatureExtractor, Standardizer, augment, make_extractor, one_hot
+from .policy import RoutingPolicy
+from .settings import EngineSettings, PolicySettings
+
+__all__ = ["BatchResult", "InfluenceEngine"]
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What happened to every message of one batch.
+
+    ``events`` are the valid ones (``events.index`` points back into the input), with one entry
+    per valid event in ``quarantine``/``reasons``/``scores``; ``rejects`` are dead letters.
+    """
+
+    events: EventBatch
+    rejects: list[Reject]
+    quarantine: np.ndarray
+    reasons: list[str]
+    scores: Scores
+    threshold: float
+    policy_version: int
+    model_version: int
+    alarm: bool
+    n_input: int = 0
+    drift: bool = False
+
+    def counts(self) -> dict[str, int]:
+        q = int(self.quarantine.sum())
+        return {"accepted": len(self.events) - q, "quarantined": q, "dead_lettered": len(self.rejects)}
+
+    def records(self) -> list[dict[str, Any]]:
+        """One record per input message, in input order: id, decision, reason and scores."""
+        out: list[dict[str, Any] | None] = [None] * self.n_input
+        inf = self.scores.influence.tolist()
+        rel = self.scores.relative_influence.tolist()
+        cos = self.scores.cosine_influence.tolist()
+        slf = self.scores.self_influence.tolist()
+        for j, (i, eid) in enumerate(zip(self.events.index.tolist(), self.events.ids, strict=True)):
+            out[i] = {
+                "id": eid,
+                "decision": "quarantine" if self.quarantine[j] else "accept",
+                "reason": self.reasons[j],
+                "influence": _num(inf[j]),
+                "relative_influence": _num(rel[j]),
+                "cosine_influence": _num(cos[j]),
+                "self_influence": _num(slf[j]),
+            }
+        for r in self.rejects:
+            out[r.index] = {
+                "id": None,
+                "decision": "dead_letter",
+                "reason": r.reason.value,
+                "detail": r.detail,
+                "influence": None,
+                "relative_influence": None,
+                "cosine_influence": None,
+                "self_influence": None,
+            }
+        return out  # type: ignore[return-value]
+
+
+def _num(x: float) -> float | None:
+    return None if x != x else x  # NaN → null
+
+
+@dataclass
+class Counters:
+    consumed: int = 0
+    accepted: int = 0
+    quarantined: int = 0
+    dead_lettered: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+    reference_events: int = 0
+    drift_resets: int = 0
+    refactor_failures: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class InfluenceEngine:
+    """Stateful engine; all learned state is reachable from :meth:`state_dict`."""
+
+    def __init__(self, settings: EngineSettings | None = None) -> None:
+        self.settings = settings = settings or EngineSettings()
+        self.schema = Schema(settings.schema_)
+        self.extractor: FeatureExtractor = make_extractor(settings.model)
+        self.policy = RoutingPolicy(settings.policy)
+        self.scorer = InfluenceScorer(settings.influence)
+        self.reference = ReferenceBuffer(settings.reference)
+        self.drift = DriftMonitor(settings.drift)
+        self.counters = Counters()
+        self.events_seen = 0  # valid training events processed
+        self.model_version = 0
+        self.standardizer: Standardizer | None = None
+        self.curvature: Curvature | None = None
+        self.routed: HeadLearner | None = None
+        self.shadow: HeadLearner | None = None
+        self._dim = 0  # D = φ width + 1
+
+    # -- schema and model construction ---------------------------------------------------
+    @property
+    def learning_labels(self) -> bool:
+        return not self.schema.frozen and self.events_seen < self.settings.policy.warmup_events
+
+    def _ensure_model(self) -> None:
+        """Build (or grow, while labels are still being learned) the head for the schema."""
+        n_features, K = self.schema.n_features, self.schema.n_classes
+        if n_features is None or K == 0:
+            return
+        if self.routed is None:
+            d = self.extractor.out_features(n_features)
+            self._dim = d + 1
+            self.standardizer = Standardizer(d, self.settings.model.standardize_freeze_after)
+            self.routed = HeadLearner(self.settings.learner, K, self._dim)
+            self.shadow = HeadLearner(self.settings.learner, K, self._dim)
+            self.curvature = make_curvature(self.settings.curvature, K, self._dim)
+        elif self.routed.theta.shape[0] < K:
+            assert self.shadow is not None and self.curvature is not None
+            self.routed.resize(K)
+            self.shadow.resize(K)
+            self.curvature = make_curvature(self.settings.curvature, K, self._dim)
+            self.scorer.invalidate()
+
+    def _inputs(self, F: np.ndarray) -> np.ndarray:
+        """Standardised, augmented head inputs for φ-features ``F``."""
+        assert self.standardizer is not None
+        return augment(self.standardizer.transform(F) if self.settings.model.standardize else F)
+
+    # -- public API ----------------------------------------------------------------------
+    def decode(
+        self, raws: Sequence[bytes | str | None], *, learn: bool | None = None
+    ) -> tuple[EventBatch, list[Reject]]:
+        batch, rejects = self.schema.decode_batch(
+            raws, learn=self.learning_labels if learn is None else learn
+        )
+        self._ensure_model()
+        return batch, rejects
+
+    def add_reference(self, raws: Sequence[bytes | str | None]) -> list[Reject]:
+        """Add trusted events to the reference buffer (labels may be learned from them)."""
+        batch, rejects = self.decode(raws, learn=not self.schema.frozen)
+        self.add_reference_events(batch)
+        return rejects
+
+    def add_reference_events(self, batch: EventBatch) -> None:
+        if len(batch) == 0:
+            return
+        self._ensure_model()
+        F = self.extractor.transform(batch.features)
+        self.reference.add(F, batch.labels)
+        self.counters.reference_events += len(batch)
+        self.scorer.invalidate()
+
+    @property
+    def warm(self) -> bool:
+        return (
+            self.routed is not None
+            and self.events_seen >= self.settings.policy.warmup_events
+            and self.reference.size >= self.settings.reference.min_size
+        )
+
+    def not_warm_reason(self) -> str | None:
+        if self.routed is None:
+            return "no valid event seen yet"
+        if self.events_seen < self.settings.policy.warmup_events:
+            return f"warm-up: {self.events_seen}/{self.settings.policy.warmup_events} events"
+        if self.reference.size < self.settings.reference.min_size:
+            return f"reference set has {self.reference.size}/{self.settings.reference.min_size} points"
+        return None
+
+    def set_policy(self, settings: PolicySettings) -> int:
+        """Swap the routing policy at run time; returns the new policy version."""
+        return self.policy.swap(settings)
+
+    def process(self, raws: Sequence[bytes | str | None]) -> BatchResult:
+        """Decode, score, route and learn one polled batch of raw messages."""
+        batch, rejects = self.decode(raws)
+        result = self.process_events(batch, rejects)
+        result.n_input = len(raws)
+        return result
+
+    def process_events(self, batch: EventBatch, rejects: Sequence[Reject] = ()) -> BatchResult:
+        """Score, route and learn already-decoded events."""
+        c = self.counters
+        c.consumed += len(batch) + len(rejects)
+        c.dead_lettered += len(rejects)
+        for r in rejects:
+            c.dead_letter_reasons[r.reason.value] = c.dead_letter_reasons.get(r.reason.value, 0) + 1
+        n = len(batch)
+        if n == 0 or self.routed is None:
+            return self._result(batch, list(rejects), Scores.missing(n), None, False)
+        assert self.shadow is not None and self.curvature is not None and self.standardizer is not None
+
+        F = self.extractor.transform(batch.features)
+        seed = self.settings.reference.seed_from_stream - self.counters.reference_events
+        if seed > 0 and self.events_seen < self.settings.reference.seed_from_stream:
+            self.add_reference_events(batch.subset(np.arange(min(seed, n))))
+        self.standardizer.update(F)
+        X = self._inputs(F)
+        Y = one_hot(batch.labels, self.routed.theta.shape[0])
+        P = self.routed.predict_proba(X)
+        P_shadow = self.shadow.predict_proba(X)
+
+        # Test, then train.
+        errors = self.routed.metrics.update(P, batch.labels)
+        self.shadow.metrics.update(P_shadow, batch.labels)
+
+        scores = Scores.missing(n)
+        if self.reference.size > 0:
+            if self.scorer.needs_refresh():
+                Fr, yr = self.reference.arrays()
+                self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
+            scores = self.scorer.score(P, Y, X, self.curvature)
+        decision = self.policy.decide(scores.get(self.policy.settings.score), self.warm)
+
+        # The CE Hessian does not depend on labels, so every valid event informs the curvature.
+        self.curvature.update(X, P, batch.weights)
+        accept = ~decision.quarantine
+        solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
+        if accept.any():
+            self.routed.learn(X[accept], batch.labels[accept], batch.weights[accept], solve)
+            self.model_version += 1
+        self.shadow.learn(X, batch.labels, batch.weights, solve)
+
+        drifted = self.drift.update(errors)
+        if drifted:
+            self.curvature.forget(self.settings.drift.keep)
+            self.scorer.invalidate()
+            c.drift_resets += 1
+
+        self.events_seen += n
+        q = int(decision.quarantine.sum())
+        c.accepted += n - q
+        c.quarantined += q
+        if not self.learning_labels and not self.schema.frozen and self.schema.n_classes >= 2:
+            self.schema.freeze()
+        return self._result(batch, list(rejects), scores, decision, drifted)
+
+    def _result(
+        self, batch: EventBatch, rejects: list[Reject], scores: Scores, decision: Any, drifted: bool
+    ) -> BatchResult:
+        n = len(batch)
+        if decision is None:  # no model yet: nothing to route against, everything is warm-up
+            decision = self.policy.decide(np.full(n, np.nan), warm=False)
+        return BatchResult(
+            events=batch,
+            rejects=rejects,
+            quarantine=decision.quarantine,
+            reasons=decision.reasons,
+            scores=scores,
+            threshold=decision.threshold,
+            policy_version=decision.policy_version,
+            model_version=self.model_version,
+            alarm=decision.alarm,
+            n_input=n + len(rejects),
+            drift=drifted,
+        )
+
+    # -- introspection -------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Counters, metrics and curvature health, for reports and metrics exporters."""
+        out: dict[str, Any] = {
+            **self.counters.as_dict(),
+            "events_seen": self.events_seen,
+            "model_version": self.model_version,
+            "policy_version": self.policy.version,
+            "classes": self.schema.classes,
+            "n_features": self.schema.n_features,
+            "warm": self.warm,
+            "alarm": self.policy.alarm,
+            "quarantine_rate": self.policy.quarantine_rate,
+            "threshold": self.policy.threshold,
+            "reference_size": self.reference.size,
+            "reference_loss": self.scorer.reference_loss,
+        }
+        if self.routed is not None and self.shadow is not None and self.curvature is not None:
+            out.update(
+                {
+                    "prequential_accuracy": self.routed.metrics.cumulative_accuracy,
+                    "shadow_prequential_accuracy": self.shadow.metrics.cumulative_accuracy,
+                    "rolling_accuracy": self.routed.metrics.rolling_accuracy,
+                    "shadow_rolling_accuracy": self.shadow.metrics.rolling_accuracy,
+                    "rolling_log_loss": self.routed.metrics.rolling_log_loss,
+                    "shadow_rolling_log_loss": self.shadow.metrics.rolling_log_loss,
+                    "updates_applied": self.routed.updates,
+                    "shadow_updates_applied": self.shadow.updates,
+                    "damping_in_use": self.curvature.damping_in_use,
+                    "condition_number": self.curvature.condition_number(),
+                    "refactorizations": self.curvature.refactorizations,
+                }
+            )
+        return out
+
+    def predict_proba(self, features: np.ndarray, *, shadow: bool = False) -> np.ndarray:
+        """Class probabilities of raw feature rows under the routed (or shadow) head."""
+        learner = self.shadow if shadow else self.routed
+        if learner is None:
+            raise RuntimeError("the engine has not seen a valid event yet")
+        return learner.predict_proba(self._inputs(self.extractor.transform(features)))
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Every piece of learned state, as numpy arrays and JSON scalars (see ``state``)."""
+        state: dict[str, Any] = {
+            "schema": self.schema.state_dict(),
+            "events_seen": self.events_seen,
+            "model_version": self.model_version,
+            "counters": self.counters.as_dict(),
+            "policy": self.policy.state_dict(),
+            "policy_settings": self.policy.settings.model_dump(mode="json"),
+            "scorer": self.scorer.state_dict(),
+            "reference": self.reference.state_dict(),
+            "drift": self.drift.state_dict(),
+        }
+        if self.routed is not None:
+            assert self.shadow and self.curvature and self.standardizer
+            state.update(
+                {
+                    "dim": self._dim,
+                    "routed": self.routed.state_dict(),
+                    "shadow": self.shadow.state_dict(),
+                    "curvature": self.curvature.state_dict(),
+                    "standardizer": self.standardizer.state_dict(),
+                }
+            )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.schema.load_state_dict(state["schema"])
+        self.events_seen = int(state["events_seen"])
+        self.model_version = int(state["model_version"])
+        self.counters = Counters(**state["counters"])
+        self.policy = RoutingPolicy(PolicySettings(**state["policy_settings"]))
+        self.policy.load_state_dict(state["policy"])
+        self.scorer.load_state_dict(state["scorer"])
+        self.reference.load_state_dict(state["reference"])
+        self.drift.load_state_dict(state["drift"])
+        self.routed = self.shadow = self.curvature = self.standardizer = None
+        if "routed" in state:
+            self._ensure_model()
+            assert self.routed and self.shadow and self.curvature and self.standardizer
+            self.routed.load_state_dict(state["routed"])
+            self.shadow.load_state_dict(state["shadow"])
+            self.curvature.load_state_dict(state["curvature"])
+            self.standardizer.load_state_dict(state["standardizer"])

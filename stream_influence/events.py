@@ -1,0 +1,310 @@
+"""The training-event contract and batch decoding.
+
+A training event is a JSON object ``{"id": str, "features": [float, ...], "label": int|str}``
+with optional ``"ts"`` (epoch seconds or ISO 8601), ``"weight"`` (finite, ≥ 0) and ``"meta"``
+(an object the engine never reads).  :meth:`Schema.decode_batch` turns a polled batch of raw
+bytes into one :class:`EventBatch` of valid events plus a :class:`Reject` per invalid one; it
+never raises on bad input.
+
+>>> schema = Schema(SchemaSettings(classes=["cat", "dog"], n_features=2))
+>>> batch, rejects = schema.decode_batch([
+...     b'{"id": "a", "features": [1, 2], "label": "dog"}',
+...     b'{"id": "b", "features": [1], "label": "dog"}',
+...     b'not json',
+... ])
+>>> batch.ids, batch.labels.tolist()
+(['a'], [1])
+>>> [(r.index, r.reason.value) for r in rejects]
+[(1, 'wrong_dimension'), (2, 'invalid_json')]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from .errors import SchemaError
+from .settings import SchemaSettings
+
+__all__ = ["EventBatch", "Reject", "RejectReason", "Schema"]
+
+
+class RejectReason(StrEnum):
+    """Machine-readable reasons an event is dead-lettered."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    INVALID_ID = "invalid_id"
+    INVALID_FEATURES = "invalid_features"
+    WRONG_DIMENSION = "wrong_dimension"
+    NON_FINITE = "non_finite"
+    INVALID_LABEL = "invalid_label"
+    UNKNOWN_LABEL = "unknown_label"
+    INVALID_WEIGHT = "invalid_weight"
+    INVALID_TIMESTAMP = "invalid_timestamp"
+    INVALID_META = "invalid_meta"
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One invalid event: its position in the decoded input, the reason and a human detail."""
+
+    index: int
+    reason: RejectReason
+    detail: str
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """Valid events of one polled batch, as arrays.  ``index`` maps rows back to the input."""
+
+    ids: list[str]
+    features: np.ndarray  # (b, n_features) float64, raw (before φ)
+    labels: np.ndarray  # (b,) int64 class indices
+    weights: np.ndarray  # (b,) float64
+    timestamps: np.ndarray  # (b,) float64 epoch seconds, NaN when absent
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, rows: np.ndarray) -> EventBatch:
+        """The events at ``rows`` (integer indices or a boolean mask), in order."""
+        rows = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return EventBatch(
+            ids=[self.ids[i] for i in rows.tolist()],
+            features=self.features[rows],
+            labels=self.labels[rows],
+            weights=self.weights[rows],
+            timestamps=self.timestamps[rows],
+            index=self.index[rows],
+        )
+
+    @classmethod
+    def empty(cls, n_features: int) -> EventBatch:
+        return cls([], np.zeros((0, n_features)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+
+    @classmethod
+    def concat(cls, batches: Sequence[EventBatch]) -> EventBatch:
+        return cls(
+            ids=[i for b in batches for i in b.ids],
+            features=np.concatenate([b.features for b in batches]),
+            labels=np.concatenate([b.labels for b in batches]),
+            weights=np.concatenate([b.weights for b in batches]),
+            timestamps=np.concatenate([b.timestamps for b in batches]),
+            index=np.concatenate([b.index for b in batches]),
+        )
+
+
+def _parse_ts(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value).timestamp()
+        except ValueError:
+            return None
+    return None
+
+
+class Schema:
+    """The label space and feature width, configured or learned, and the batch decoder.
+
+    Labels are matched as strings (``1`` and ``"1"`` are the same class).  Until the schema is
+    frozen, ``decode_batch(..., learn=True)`` adds new labels in order of first appearance and
+    takes the feature width from the first valid event.
+    """
+
+    def __init__(self, settings: SchemaSettings) -> None:
+        self.settings = settings
+        self.classes: list[int | str] = list(settings.classes or [])
+        self._index = {str(c): i for i, c in enumerate(self.classes)}
+        self.n_features: int | None = settings.n_features
+        self.frozen = settings.classes is not None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    def freeze(self) -> None:
+        """Stop learning labels; later unseen labels are ``unknown_label``."""
+        if len(self.classes) < 2:
+            raise SchemaError(
+                f"cannot freeze the label space with {len(self.classes)} class(es) "
+                f"{self.classes!r}: configure schema.classes or send more varied warm-up data"
+            )
+        self.frozen = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"classes": self.classes, "n_features": self.n_features, "frozen": self.frozen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.classes = list(state["classes"])
+        self._index = {str(c): i for i, c in enumerate(self.classes)}
+        self.n_features = state["n_features"]
+        self.frozen = bool(state["frozen"])
+
+    def _label_index(self, label: Any, learn: bool) -> tuple[int, Reject | None]:
+        if isinstance(label, bool) or not isinstance(label, int | str) or label == "":
+            return -1, Reject(-1, RejectReason.INVALID_LABEL, f"label must be int or str, got {label!r}")
+        key = str(label)
+        idx = self._index.get(key)
+        if idx is not None:
+            return idx, None
+        if learn and not self.frozen and len(self.classes) < self.settings.max_classes:
+            self.classes.append(label)
+            self._index[key] = len(self.classes) - 1
+            return len(self.classes) - 1, None
+        return -1, Reject(-1, RejectReason.UNKNOWN_LABEL, f"label {label!r} not in {self.classes!r}")
+
+    def decode_batch(
+        self, raws: Sequence[bytes | str | None], *, learn: bool = False
+    ) -> tuple[EventBatch, list[Reject]]:
+        """Decode raw messages; valid events become an :class:`EventBatch`, the rest rejects.
+
+        ``learn`` lets this call add labels (and set the width) while the schema is not frozen.
+        """
+        max_bytes = self.settings.max_event_bytes
+        ids: list[str] = []
+        rows: list[list[Any]] = []
+        labels: list[int] = []
+        weights: list[float] = []
+        stamps: list[float] = []
+        index: list[int] = []
+        rejects: list[Reject] = []
+
+        def reject(i: int, reason: RejectReason, detail: str) -> None:
+            rejects.append(Reject(i, reason, detail))
+
+        for i, raw in enumerate(raws):
+            if raw is None or len(raw) == 0 or (isinstance(raw, bytes | str) and not raw.strip()):
+                reject(i, RejectReason.EMPTY, "empty message")
+                continue
+            if len(raw) > max_bytes:
+                reject(i, RejectReason.TOO_LARGE, f"{len(raw)} bytes > max_event_bytes={max_bytes}")
+                continue
+            try:
+                obj = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                reject(i, RejectReason.INVALID_JSON, str(exc)[:200])
+                continue
+            if not isinstance(obj, dict):
+                reject(i, RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            missing = [k for k in ("id", "features", "label") if k not in obj]
+            if missing:
+                reject(i, RejectReason.MISSING_FIELD, f"missing {', '.join(missing)}")
+                continue
+            eid = obj["id"]
+            if not isinstance(eid, str) or not eid:
+                reject(i, RejectReason.INVALID_ID, f"id must be a non-empty string, got {eid!r}")
+                continue
+            feats = obj["features"]
+            if not isinstance(feats, list) or not feats:
+                reject(i, RejectReason.INVALID_FEATURES, "features must be a non-empty list of numbers")
+                continue
+            width = self.n_features
+            if width is not None and len(feats) != width:
+                reject(i, RejectReason.WRONG_DIMENSION, f"{len(feats)} features, expected {width}")
+                continue
+            w = obj.get("weight", 1.0)
+            if isinstance(w, bool) or not isinstance(w, int | float) or not (math.isfinite(w) and w >= 0):
+                reject(i, RejectReason.INVALID_WEIGHT, f"weight must be a finite number ≥ 0, got {w!r}")
+                continue
+            ts = math.nan
+            if obj.get("ts") is not None:
+                parsed = _parse_ts(obj["ts"])
+                if parsed is None:
+                    reject(
+                        i,
+                        RejectReason.INVALID_TIMESTAMP,
+                        f"ts must be epoch seconds or ISO 8601, got {obj['ts']!r}",
+                    )
+                    continue
+                ts = parsed
+            if "meta" in obj and obj["meta"] is not None and not isinstance(obj["meta"], dict):
+                reject(i, RejectReason.INVALID_META, "meta must be an object")
+                continue
+            # Label last: a valid label may be *learned*, so only learn from otherwise-valid events.
+            # Features are checked by the vectorised pass below, which can still reject the row,
+            # so that check is repeated here cheaply before a label is learned.
+            if (
+                learn
+                and not self.frozen
+                and str(obj["label"]) not in self._index
+                and not _numeric_finite(feats)
+            ):
+                reject(i, RejectReason.NON_FINITE, "features contain a non-number or a non-finite value")
+                continue
+            label, bad = self._label_index(obj["label"], learn)
+            if bad is not None:
+                reject(i, bad.reason, bad.detail)
+                continue
+            if width is None:
+                if not _numeric_finite(feats):
+                    reject(i, RejectReason.NON_FINITE, "features contain a non-number or a non-finite value")
+                    continue
+                self.n_features = len(feats)
+            ids.append(eid)
+            rows.append(feats)
+            labels.append(label)
+            weights.append(float(w))
+            stamps.append(ts)
+            index.append(i)
+
+        width = self.n_features or 0
+        X = _stack(rows, width)
+        ok = np.isfinite(X).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
+        batch = EventBatch(
+            ids=ids,
+            features=X,
+            labels=np.asarray(labels, dtype=np.int64),
+            weights=np.asarray(weights, dtype=np.float64),
+            timestamps=np.asarray(stamps, dtype=np.float64),
+            index=np.asarray(index, dtype=np.int64),
+        )
+        if not ok.all():
+            for pos in np.flatnonzero(~ok).tolist():
+                reject(
+                    int(batch.index[pos]),
+                    RejectReason.NON_FINITE,
+                    "features contain a non-number or a non-finite value",
+                )
+            batch = batch.subset(ok)
+        rejects.sort(key=lambda r: r.index)
+        return batch, rejects
+
+
+def _numeric_finite(feats: list[Any]) -> bool:
+    return all(not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in feats)
+
+
+def _stack(rows: list[list[Any]], width: int) -> np.ndarray:
+    """Stack feature lists into a float64 matrix; non-numbers become NaN (then rejected)."""
+    if not rows:
+        return np.zeros((0, width))
+    try:
+        X = np.array(rows)
+        # Only plain numbers take the fast path: numpy would silently parse "1.5" or True.
+        if X.ndim == 2 and X.dtype.kind in "fiu":
+            return X.astype(np.float64, copy=False)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    X = np.empty((len(rows), width))
+    for r, feats in enumerate(rows):  # slow path, only for batches holding a malformed row
+        X[r] = [
+            float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan for v in feats
+        ]
+    return X

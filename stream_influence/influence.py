@@ -1,0 +1,172 @@
+"""Influence of a training point on a trusted reference objective — the project's one statement
+of the math and its sign convention.
+
+For the softmax head ``Θ = [W b]`` (``K × D``) with cross-entropy ``ℓ`` and a training point
+``z = (x, y)`` with gradient ``g(z) = (p − onehot(y)) ⊗ x̃``:
+
+* **influence** ``I(z) = −∇L_R(Θ)ᵀ H⁻¹ g(z)``: the first-order change of the reference loss
+  ``L_R`` if ``z`` is up-weighted by an infinitesimal ε, per unit ε (Koh & Liang's
+  ``I_up,loss``).  Removing ``z`` from ``n`` points changes ``L_R`` by about ``−I(z) / n``.
+* **sign**: ``I(z) < 0`` — learning ``z`` lowers the reference loss: the model *generalises*
+  from it, accept.  ``I(z) > 0`` — learning ``z`` raises the loss on trusted data while lowering
+  its own (self-influence ``−gᵀH⁻¹g ≤ 0``): the model would only *memorise* it, route away.
+* **relative influence** ``I(z) / sqrt(gᵀ H⁻¹ g)``: the same sign, invariant to the scale of the
+  point's gradient, so thresholds survive a Hessian refresh.
+* **cosine influence** ``I(z) / (sqrt(gᵀH⁻¹g) · sqrt(∇L_Rᵀ H⁻¹ ∇L_R))``: the cosine, in the
+  ``H⁻¹`` inner product, between the point's descent direction and the reference's; in
+  ``[−1, 1]``, same sign again, and also invariant to the shrinking ``‖∇L_R‖`` as the model fits,
+  so one threshold means the same early and late in a stream.
+* **self influence** ``−g(z)ᵀ H⁻¹ g(z)`` (always ≤ 0): how much learning ``z`` lowers its own loss.
+* objective ``margin`` (classification influence) replaces ``L_R`` by the mean *negative logit
+  margin* ``−(z_y − max_{k≠y} z_k)`` of the reference points, which tracks accuracy rather than
+  calibration (the log-probability of the correct class would be ``−ℓ`` again).  Same sign
+  convention: positive = learning ``z`` shrinks the reference margins.
+
+``s = H⁻¹∇L_R`` is cached and refreshed every ``refresh_every`` events, so scoring a batch is one
+matrix product: ``I = −((R s) ∘ X̃)·1`` with ``R = P − Y``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .curvature import Curvature
+from .model import one_hot, softmax
+from .settings import InfluenceSettings, ReferenceSettings
+
+__all__ = ["InfluenceScorer", "ReferenceBuffer", "Scores", "reference_gradient"]
+
+
+@dataclass(slots=True)
+class Scores:
+    """Per-point scores of one batch (NaN where no reference exists yet)."""
+
+    influence: np.ndarray
+    relative_influence: np.ndarray
+    cosine_influence: np.ndarray
+    self_influence: np.ndarray
+
+    @classmethod
+    def missing(cls, n: int) -> Scores:
+        nan = np.full(n, np.nan)
+        return cls(nan, nan.copy(), nan.copy(), nan.copy())
+
+    def get(self, name: str) -> np.ndarray:
+        return getattr(self, name)
+
+
+class ReferenceBuffer:
+    """Bounded ring buffer of trusted points ``(φ(x), y)``; the newest ``capacity`` are kept."""
+
+    def __init__(self, settings: ReferenceSettings) -> None:
+        self.capacity = settings.capacity
+        self.features: np.ndarray | None = None
+        self.labels = np.zeros(self.capacity, dtype=np.int64)
+        self.size = 0
+        self.pos = 0
+        self.version = 0  # bumps on every change, so cached gradients know they are stale
+
+    def add(self, F: np.ndarray, y: np.ndarray) -> None:
+        if len(F) == 0:
+            return
+        if self.features is None:
+            self.features = np.zeros((self.capacity, F.shape[1]))
+        F, y = F[-self.capacity :], y[-self.capacity :]
+        idx = (self.pos + np.arange(len(F))) % self.capacity
+        self.features[idx] = F
+        self.labels[idx] = y
+        self.pos = int((self.pos + len(F)) % self.capacity)
+        self.size = min(self.capacity, self.size + len(F))
+        self.version += 1
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self.features is not None
+        return self.features[: self.size], self.labels[: self.size]
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "labels": self.labels,
+            "size": self.size,
+            "pos": self.pos,
+            "version": self.version,
+        }
+        if self.features is not None:
+            state["features"] = self.features
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.labels = np.array(state["labels"], dtype=np.int64)
+        self.size, self.pos, self.version = int(state["size"]), int(state["pos"]), int(state["version"])
+        self.features = np.array(state["features"], dtype=np.float64) if "features" in state else None
+
+
+def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
+    """``∇L_R`` at ``Θ`` (``K × D``) for the mean reference ``loss`` or negative ``margin``."""
+    Z = Xr @ theta.T
+    K = theta.shape[0]
+    Y = one_hot(yr, K)
+    if objective == "loss":
+        R = softmax(Z) - Y
+    else:
+        rival = np.where(Y > 0, -np.inf, Z).argmax(axis=1)
+        R = one_hot(rival, K) - Y
+    return R.T @ Xr / len(Xr)
+
+
+class InfluenceScorer:
+    """Scores a batch against the cached ``s = H⁻¹∇L_R`` (see the module docstring)."""
+
+    def __init__(self, settings: InfluenceSettings) -> None:
+        self.settings = settings
+        self.s: np.ndarray | None = None
+        self.s_norm = 1.0  # sqrt(∇L_Rᵀ H⁻¹ ∇L_R)
+        self.events_since_refresh = 0
+        self.refreshes = 0
+        self.reference_loss = float("nan")
+
+    def invalidate(self) -> None:
+        self.s = None
+
+    def needs_refresh(self) -> bool:
+        return self.s is None or self.events_since_refresh >= self.settings.refresh_every
+
+    def refresh(self, theta: np.ndarray, curvature: Curvature, Xr: np.ndarray, yr: np.ndarray) -> None:
+        """Recompute ``s = H⁻¹∇L_R`` from the reference points (augmented, standardised)."""
+        grad = reference_gradient(theta, Xr, yr, self.settings.objective)
+        self.s = curvature.solve(grad)
+        self.s_norm = float(np.sqrt(max(float(np.vdot(grad, self.s)), 1e-300)))
+        P = softmax(Xr @ theta.T)
+        self.reference_loss = float(-np.log(np.clip(P[np.arange(len(yr)), yr], 1e-300, None)).mean())
+        self.events_since_refresh = 0
+        self.refreshes += 1
+
+    def score(self, P: np.ndarray, Y: np.ndarray, X: np.ndarray, curvature: Curvature) -> Scores:
+        """Scores for points with probabilities ``P``, one-hot labels ``Y``, inputs ``X``."""
+        assert self.s is not None, "refresh() first"
+        R = P - Y
+        influence = -np.einsum("bd,bd->b", R @ self.s, X)
+        quad = np.maximum(curvature.quad(R, X), 1e-300)
+        self.events_since_refresh += len(X)
+        relative = influence / np.sqrt(quad)
+        return Scores(influence, relative, relative / self.s_norm, -quad)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "events_since_refresh": self.events_since_refresh,
+            "refreshes": self.refreshes,
+            "reference_loss": self.reference_loss,
+            "s_norm": self.s_norm,
+        }
+        if self.s is not None:
+            state["s"] = self.s
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events_since_refresh = int(state["events_since_refresh"])
+        self.refreshes = int(state["refreshes"])
+        self.reference_loss = float(state["reference_loss"])
+        self.s_norm = float(state["s_norm"])
+        self.s = np.array(state["s"], dtype=np.float64) if "s" in state else None

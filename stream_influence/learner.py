@@ -1,0 +1,224 @@
+"""Online updater of the softmax head, prequential metrics and the drift monitor.
+
+The engine runs two :class:`HeadLearner` s with identical settings: the *routed* one learns only
+accepted events, the *shadow* one learns every valid event, so the gain (or cost) of routing is
+always visible.  Metrics are prequential (test-then-train): each event is predicted before any
+learner sees it.
+
+>>> import numpy as np
+>>> learner = HeadLearner(LearnerSettings(learning_rate=0.5), n_classes=2, dim=2)
+>>> X = np.array([[1.0, 1.0], [-1.0, 1.0]] * 50)
+>>> y = np.array([1, 0] * 50)
+>>> learner.learn(X, y, np.ones(100))
+>>> learner.predict_proba(X[:2]).argmax(axis=1).tolist()
+[1, 0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from river import drift, metrics
+
+from .model import one_hot, softmax
+from .settings import DriftSettings, LearnerSettings
+
+__all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
+
+
+class Prequential:
+    """Cumulative accuracy (``river.metrics.Accuracy``) plus rolling accuracy and log-loss."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.accuracy = metrics.Accuracy()
+        self._correct = np.zeros(window)
+        self._loss = np.zeros(window)
+        self.n = 0
+        self._confusion: dict[tuple[int, int], float] = {}
+
+    def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
+        pred = P.argmax(axis=1)
+        for yt, yp in zip(y.tolist(), pred.tolist(), strict=True):
+            self.accuracy.update(yt, yp)
+            self._confusion[(yt, yp)] = self._confusion.get((yt, yp), 0.0) + 1.0
+        correct = (pred == y).astype(np.float64)
+        loss = -np.log(np.clip(P[np.arange(len(y)), y], 1e-15, None))
+        idx = (self.n + np.arange(len(y))) % self.window
+        self._correct[idx] = correct
+        self._loss[idx] = loss
+        self.n += len(y)
+        return 1.0 - correct
+
+    @property
+    def cumulative_accuracy(self) -> float:
+        return float(self.accuracy.get()) if self.n else float("nan")
+
+    @property
+    def rolling_accuracy(self) -> float:
+        k = min(self.n, self.window)
+        return float(self._correct[:k].mean()) if k else float("nan")
+
+    @property
+    def rolling_log_loss(self) -> float:
+        k = min(self.n, self.window)
+        return float(self._loss[:k].mean()) if k else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        pairs = sorted(self._confusion.items())
+        return {
+            "n": self.n,
+            "correct": self._correct,
+            "loss": self._loss,
+            "confusion": np.array([[a, b, c] for (a, b), c in pairs], dtype=np.float64).reshape(-1, 3),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.n = int(state["n"])
+        self._correct = np.array(state["correct"], dtype=np.float64)
+        self._loss = np.array(state["loss"], dtype=np.float64)
+        self.accuracy = metrics.Accuracy()
+        self._confusion = {}
+        for a, b, c in np.asarray(state["confusion"]).tolist():
+            self.accuracy.update(int(a), int(b), w=c)
+            self._confusion[(int(a), int(b))] = c
+
+
+class HeadLearner:
+    """A softmax head ``Θ`` (``K × D``) trained online by SGD, Adam or a damped Newton step.
+
+    A polled batch is learned in steps of ``minibatch`` events (one small matrix product each),
+    each step the weighted mean cross-entropy gradient plus ``l2`` on the weights (not the bias).
+    """
+
+    def __init__(self, settings: LearnerSettings, n_classes: int, dim: int) -> None:
+        self.settings = settings
+        self.theta = np.zeros((n_classes, dim))
+        self._m = np.zeros_like(self.theta)
+        self._v = np.zeros_like(self.theta)
+        self.steps = 0
+        self.updates = 0  # events applied
+        self.metrics = Prequential(settings.metrics_window)
+
+    def resize(self, n_classes: int) -> None:
+        """Grow the head to ``n_classes`` rows (new classes start at zero)."""
+        extra = n_classes - self.theta.shape[0]
+        if extra > 0:
+            pad = np.zeros((extra, self.theta.shape[1]))
+            self.theta = np.vstack([self.theta, pad])
+            self._m = np.vstack([self._m, pad])
+            self._v = np.vstack([self._v, pad])
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return softmax(X @ self.theta.T)
+
+    def learn(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        w: np.ndarray,
+        solve: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """Learn augmented inputs ``X`` with labels ``y`` and weights ``w``.
+
+        ``solve`` (``v ↦ H⁻¹v``) is required by the ``newton`` optimizer.
+        """
+        s = self.settings
+        K = self.theta.shape[0]
+        mb = s.minibatch
+        for start in range(0, len(X), mb):
+            Xc, yc, wc = X[start : start + mb], y[start : start + mb], w[start : start + mb]
+            R = (softmax(Xc @ self.theta.T) - one_hot(yc, K)) * wc[:, None]
+            grad = R.T @ Xc / len(Xc)
+            grad[:, :-1] += s.l2 * self.theta[:, :-1]
+            self._step(grad, solve)
+        self.updates += len(X)
+
+    def _step(self, grad: np.ndarray, solve: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        s = self.settings
+        self.steps += 1
+        if s.optimizer == "sgd":
+            self.theta -= s.learning_rate * grad
+        elif s.optimizer == "adam":
+            b1, b2 = 0.9, 0.999
+            self._m = b1 * self._m + (1 - b1) * grad
+            self._v = b2 * self._v + (1 - b2) * grad * grad
+            mhat = self._m / (1 - b1**self.steps)
+            vhat = self._v / (1 - b2**self.steps)
+            self.theta -= s.learning_rate * mhat / (np.sqrt(vhat) + 1e-8)
+        else:
+            if solve is None:
+                raise ValueError("the newton optimizer needs the curvature's solve()")
+            self.theta -= s.learning_rate * solve(grad)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "theta": self.theta,
+            "m": self._m,
+            "v": self._v,
+            "steps": self.steps,
+            "updates": self.updates,
+            **{f"metrics_{k}": v for k, v in self.metrics.state_dict().items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.theta = np.array(state["theta"], dtype=np.float64)
+        self._m = np.array(state["m"], dtype=np.float64)
+        self._v = np.array(state["v"], dtype=np.float64)
+        self.steps, self.updates = int(state["steps"]), int(state["updates"])
+        self.metrics.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("metrics_")})
+
+
+class DriftMonitor:
+    """``river.drift.ADWIN`` on the routed learner's prequential error.
+
+    River's detector cannot be serialised, so the errors it has seen since its last rebuild are
+    kept (at most ``history``; at the cap it is rebuilt from the newest half, identically in every
+    run) and replayed into a fresh detector on restore — deterministic, so a restored engine
+    detects drift exactly where an uninterrupted one does.
+    """
+
+    def __init__(self, settings: DriftSettings) -> None:
+        self.settings = settings
+        self.detections = 0
+        self._history = np.zeros(0, dtype=np.uint8)
+        self._detector = self._fresh()
+
+    def _fresh(self) -> drift.ADWIN:
+        return drift.ADWIN(delta=self.settings.delta)
+
+    def update(self, errors: np.ndarray) -> bool:
+        """Feed a batch of 0/1 errors; True if drift was detected inside it."""
+        if not self.settings.enabled or len(errors) == 0:
+            return False
+        detected = False
+        for e in errors.tolist():
+            self._detector.update(e)
+            if self._detector.drift_detected:
+                detected = True
+        if detected:
+            self.detections += 1
+            self._detector = self._fresh()
+            self._history = np.zeros(0, dtype=np.uint8)
+            return True
+        self._history = np.concatenate([self._history, errors.astype(np.uint8)])
+        if len(self._history) > self.settings.history:
+            self._history = self._history[len(self._history) // 2 :]
+            self._replay()
+        return False
+
+    def _replay(self) -> None:
+        self._detector = self._fresh()
+        for e in self._history.tolist():
+            self._detector.update(float(e))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detections": self.detections, "history": self._history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detections = int(state["detections"])
+        self._history = np.array(state["history"], dtype=np.uint8)
+        self._replay()

@@ -1,0 +1,5 @@
+"""Shared pytest configuration.  Fixtures that start real services live in tests/fixtures/."""
+
+from __future__ import annotations
+
+pytest_plugins: list[str] = []
