@@ -14,9 +14,13 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
   with exponential forgetting); every ``refactor_every`` events, or as soon as ``λ_t`` falls below
   ``damping_floor · λ``, or when a batch is too large for Woodbury to pay off, ``M⁻¹`` is rebuilt
   from ``C + λI`` by Cholesky, which also stops numerical drift;
-* ``kfac`` keeps ``A = E[x̃x̃ᵀ]`` and ``G = E[diag p − ppᵀ]`` and serves ``(G ⊗ A + λI)⁻¹``
-  exactly through the eigenbases of both factors, refreshed every ``refactor_every`` events (and
-  whenever the evidence doubled, so the start is not stuck on a tiny sample);
+* ``kfac`` keeps ``G = E[diag p − ppᵀ]`` and the *curvature-weighted* input factor
+  ``A = E[τ x̃x̃ᵀ] / E[τ]`` with ``τ = tr(diag p − ppᵀ) = 1 − ‖p‖²``, and serves ``(G ⊗ A + λI)⁻¹``
+  exactly through the eigenbases of both factors.  Weighting by ``τ`` keeps what the plain
+  ``E[x̃x̃ᵀ]`` loses — confidently predicted points carry little curvature — and makes ``G ⊗ A``
+  the *exact* Hessian for binary heads, where ``diag p − ppᵀ = τ/2 · [1 −1; −1 1]``.  The
+  eigenbases are refreshed every ``refactor_every`` events (and whenever the evidence doubled,
+  so the start is not stuck on a tiny sample);
 * ``diagonal`` keeps the exact diagonal of ``C``.
 
 >>> import numpy as np
@@ -254,12 +258,13 @@ class ExactCurvature(Curvature):
         return getattr(self, "_cond", 1.0)
 
     def _arrays(self) -> dict[str, Any]:
-        return {"C": self.C, "Minv": self.Minv, "damping": self.damping}
+        return {"C": self.C, "Minv": self.Minv, "damping": self.damping, "cond": self.condition_number()}
 
     def _load_arrays(self, state: dict[str, Any]) -> None:
         self.C = np.array(state["C"], dtype=np.float64)
         self.Minv = np.array(state["Minv"], dtype=np.float64)
         self.damping = float(state["damping"])
+        self._cond = float(state.get("cond", 1.0))  # health metric, restored with the rest
 
 
 class KFACCurvature(Curvature):
@@ -273,7 +278,8 @@ class KFACCurvature(Curvature):
 
     def _reset_state(self) -> None:
         K, D = self.n_classes, self.dim
-        self.A = np.zeros((D, D))
+        self.A = np.zeros((D, D))  # E[τ x̃x̃ᵀ]; the factor served is A / tau
+        self.tau = 0.0  # E[τ]
         self.G = np.zeros((K, K))
         self.QA, self.QG = np.eye(D), np.eye(K)
         self.eA, self.eG = np.zeros(D), np.zeros(K)
@@ -281,8 +287,10 @@ class KFACCurvature(Curvature):
         self._inv = np.full((K, D), 1.0 / self.settings.damping)
 
     def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        tau = w * (1.0 - np.einsum("bk,bk->b", P, P))
         self.A *= beta
-        self.A += (X * w[:, None]).T @ X
+        self.A += (X * tau[:, None]).T @ X
+        self.tau = beta * self.tau + float(tau.sum())
         self.G *= beta
         self.G += np.einsum("b,bkl->kl", w, softmax_hessian(P))
         # Refresh the eigenbases on schedule, and whenever the evidence doubled (early on).
@@ -294,7 +302,7 @@ class KFACCurvature(Curvature):
 
     def refactorize(self) -> None:
         try:
-            self.eA, self.QA = linalg.eigh(self.A)
+            self.eA, self.QA = linalg.eigh(self.input_factor)
             self.eG, self.QG = linalg.eigh(self.G)
         except linalg.LinAlgError as exc:
             raise CurvatureError(f"K-FAC factor eigendecomposition failed: {exc}") from exc
@@ -316,7 +324,12 @@ class KFACCurvature(Curvature):
 
     def dense_hessian(self) -> np.ndarray:
         n = self.n_classes * self.dim
-        return np.kron(self.G, self.A) + self.settings.damping * np.eye(n)
+        return np.kron(self.G, self.input_factor) + self.settings.damping * np.eye(n)
+
+    @property
+    def input_factor(self) -> np.ndarray:
+        """``A = E[τ x̃x̃ᵀ] / E[τ]`` (zero before any evidence)."""
+        return self.A / self.tau if self.tau > 0 else self.A
 
     def condition_number(self) -> float:
         return float(1.0 / self._inv.min() / (1.0 / self._inv.max()))
@@ -330,6 +343,7 @@ class KFACCurvature(Curvature):
             "eA": self.eA,
             "eG": self.eG,
             "inv": self._inv,
+            "tau": self.tau,
             "n_at_refactor": self.n_at_refactor,
         }
 
@@ -337,6 +351,7 @@ class KFACCurvature(Curvature):
         for name in ("A", "G", "QA", "QG", "eA", "eG"):
             setattr(self, name, np.array(state[name], dtype=np.float64))
         self._inv = np.array(state["inv"], dtype=np.float64)
+        self.tau = float(state["tau"])
         self.n_at_refactor = float(state["n_at_refactor"])
 
 

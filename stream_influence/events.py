@@ -29,6 +29,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import SchemaError
 from .settings import SchemaSettings
@@ -106,15 +107,25 @@ class EventBatch:
         )
 
 
+def _finite_number(v: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float64; huge ints do not raise."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int beyond float range (JSON allows arbitrarily long integers)
+        return False
+
+
 def _parse_ts(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
+        return float(value) if _finite_number(value) else None
     if isinstance(value, str):
         try:
             return datetime.fromisoformat(value).timestamp()
-        except ValueError:
+        except (ValueError, OverflowError, OSError):
             return None
     return None
 
@@ -196,10 +207,15 @@ class Schema:
                 reject(i, RejectReason.TOO_LARGE, f"{len(raw)} bytes > max_event_bytes={max_bytes}")
                 continue
             try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                reject(i, RejectReason.INVALID_JSON, str(exc)[:200])
-                continue
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                # The standard parser also reads NaN/Infinity and out-of-range numbers, so such
+                # events get their precise reason (non_finite) below instead of invalid_json.
+                try:
+                    obj = json.loads(raw)
+                except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting recurses
+                    reject(i, RejectReason.INVALID_JSON, str(exc)[:200])
+                    continue
             if not isinstance(obj, dict):
                 reject(i, RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
                 continue
@@ -219,8 +235,13 @@ class Schema:
             if width is not None and len(feats) != width:
                 reject(i, RejectReason.WRONG_DIMENSION, f"{len(feats)} features, expected {width}")
                 continue
+            # numpy would silently read true/false as 1/0 in the vectorised pass below; the byte
+            # search keeps the per-element check off the hot path.
+            if _may_hold_bool(raw) and any(isinstance(v, bool) for v in feats):
+                reject(i, RejectReason.INVALID_FEATURES, _FEATURE_DETAIL[RejectReason.INVALID_FEATURES])
+                continue
             w = obj.get("weight", 1.0)
-            if isinstance(w, bool) or not isinstance(w, int | float) or not (math.isfinite(w) and w >= 0):
+            if not (_finite_number(w) and w >= 0):
                 reject(i, RejectReason.INVALID_WEIGHT, f"weight must be a finite number ≥ 0, got {w!r}")
                 continue
             ts = math.nan
@@ -246,7 +267,8 @@ class Schema:
                 and str(obj["label"]) not in self._index
                 and not _numeric_finite(feats)
             ):
-                reject(i, RejectReason.NON_FINITE, "features contain a non-number or a non-finite value")
+                reason = _feature_problem(feats)
+                reject(i, reason, _FEATURE_DETAIL[reason])
                 continue
             label, bad = self._label_index(obj["label"], learn)
             if bad is not None:
@@ -254,7 +276,8 @@ class Schema:
                 continue
             if width is None:
                 if not _numeric_finite(feats):
-                    reject(i, RejectReason.NON_FINITE, "features contain a non-number or a non-finite value")
+                    reason = _feature_problem(feats)
+                    reject(i, reason, _FEATURE_DETAIL[reason])
                     continue
                 self.n_features = len(feats)
             ids.append(eid)
@@ -277,18 +300,34 @@ class Schema:
         )
         if not ok.all():
             for pos in np.flatnonzero(~ok).tolist():
-                reject(
-                    int(batch.index[pos]),
-                    RejectReason.NON_FINITE,
-                    "features contain a non-number or a non-finite value",
-                )
+                reason = _feature_problem(rows[pos])
+                reject(int(batch.index[pos]), reason, _FEATURE_DETAIL[reason])
             batch = batch.subset(ok)
         rejects.sort(key=lambda r: r.index)
         return batch, rejects
 
 
+def _may_hold_bool(raw: bytes | str) -> bool:
+    if isinstance(raw, str):
+        return "true" in raw or "false" in raw
+    return b"true" in raw or b"false" in raw
+
+
 def _numeric_finite(feats: list[Any]) -> bool:
-    return all(not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) for v in feats)
+    return all(_finite_number(v) for v in feats)
+
+
+_FEATURE_DETAIL = {
+    RejectReason.INVALID_FEATURES: "features must be numbers (found a string, bool, null or list)",
+    RejectReason.NON_FINITE: "features contain NaN, Infinity or a number beyond float64 range",
+}
+
+
+def _feature_problem(feats: list[Any]) -> RejectReason:
+    """Why a feature row is unusable: a non-number, else a non-finite number."""
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in feats):
+        return RejectReason.INVALID_FEATURES
+    return RejectReason.NON_FINITE
 
 
 def _stack(rows: list[list[Any]], width: int) -> np.ndarray:
@@ -304,7 +343,5 @@ def _stack(rows: list[list[Any]], width: int) -> np.ndarray:
         pass
     X = np.empty((len(rows), width))
     for r, feats in enumerate(rows):  # slow path, only for batches holding a malformed row
-        X[r] = [
-            float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan for v in feats
-        ]
+        X[r] = [float(v) if _finite_number(v) else math.nan for v in feats]
     return X

@@ -27,6 +27,8 @@ from .settings import DriftSettings, LearnerSettings
 
 __all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
 
+WIDTH = 64.0  # ‖x̃‖² up to which sgd takes the full learning rate (normalize_step)
+
 
 class Prequential:
     """Cumulative accuracy (``river.metrics.Accuracy``) plus rolling accuracy and log-loss."""
@@ -101,6 +103,7 @@ class HeadLearner:
         self._v = np.zeros_like(self.theta)
         self.steps = 0
         self.updates = 0  # events applied
+        self.sq_norm = 0.0  # running mean of ‖x̃‖² over learned events (normalised sgd)
         self.metrics = Prequential(settings.metrics_window)
 
     def resize(self, n_classes: int) -> None:
@@ -129,6 +132,10 @@ class HeadLearner:
         s = self.settings
         K = self.theta.shape[0]
         mb = s.minibatch
+        if len(X):
+            self.sq_norm += (float(np.einsum("bd,bd->", X, X)) - len(X) * self.sq_norm) / (
+                self.updates + len(X)
+            )
         for start in range(0, len(X), mb):
             Xc, yc, wc = X[start : start + mb], y[start : start + mb], w[start : start + mb]
             R = (softmax(Xc @ self.theta.T) - one_hot(yc, K)) * wc[:, None]
@@ -141,7 +148,9 @@ class HeadLearner:
         s = self.settings
         self.steps += 1
         if s.optimizer == "sgd":
-            self.theta -= s.learning_rate * grad
+            # Wide inputs move every logit by ~lr·‖x̃‖² per step: keep that bounded (see settings).
+            scale = min(1.0, WIDTH / max(self.sq_norm, 1.0)) if s.normalize_step else 1.0
+            self.theta -= (s.learning_rate * scale) * grad
         elif s.optimizer == "adam":
             b1, b2 = 0.9, 0.999
             self._m = b1 * self._m + (1 - b1) * grad
@@ -161,6 +170,7 @@ class HeadLearner:
             "v": self._v,
             "steps": self.steps,
             "updates": self.updates,
+            "sq_norm": self.sq_norm,
             **{f"metrics_{k}": v for k, v in self.metrics.state_dict().items()},
         }
 
@@ -169,6 +179,7 @@ class HeadLearner:
         self._m = np.array(state["m"], dtype=np.float64)
         self._v = np.array(state["v"], dtype=np.float64)
         self.steps, self.updates = int(state["steps"]), int(state["updates"])
+        self.sq_norm = float(state["sq_norm"])
         self.metrics.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("metrics_")})
 
 
@@ -183,7 +194,8 @@ class DriftMonitor:
 
     def __init__(self, settings: DriftSettings) -> None:
         self.settings = settings
-        self.detections = 0
+        self.detections = 0  # rises of the error rate (drift)
+        self.improvements = 0  # significant falls (rebuild only)
         self._history = np.zeros(0, dtype=np.uint8)
         self._detector = self._fresh()
 
@@ -191,19 +203,29 @@ class DriftMonitor:
         return drift.ADWIN(delta=self.settings.delta)
 
     def update(self, errors: np.ndarray) -> bool:
-        """Feed a batch of 0/1 errors; True if drift was detected inside it."""
+        """Feed a batch of 0/1 errors; True if the error rate *rose* significantly inside it.
+
+        ADWIN flags any change of the mean; a falling error (the model getting better) rebuilds
+        the detector but is not drift, so the curvature keeps its evidence.
+        """
         if not self.settings.enabled or len(errors) == 0:
             return False
-        detected = False
-        for e in errors.tolist():
+        changed_at = -1
+        rising = False
+        for j, e in enumerate(errors.tolist()):
             self._detector.update(e)
-            if self._detector.drift_detected:
-                detected = True
-        if detected:
-            self.detections += 1
+            if changed_at < 0 and self._detector.drift_detected:
+                changed_at = j
+                seen = np.concatenate([self._history, errors[: j + 1]])
+                rising = self._detector.estimation > float(seen.mean())
+        if changed_at >= 0:
             self._detector = self._fresh()
             self._history = np.zeros(0, dtype=np.uint8)
-            return True
+            if rising:
+                self.detections += 1
+            else:
+                self.improvements += 1
+            return rising
         self._history = np.concatenate([self._history, errors.astype(np.uint8)])
         if len(self._history) > self.settings.history:
             self._history = self._history[len(self._history) // 2 :]
@@ -216,9 +238,10 @@ class DriftMonitor:
             self._detector.update(float(e))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"detections": self.detections, "history": self._history}
+        return {"detections": self.detections, "improvements": self.improvements, "history": self._history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detections = int(state["detections"])
+        self.improvements = int(state.get("improvements", 0))
         self._history = np.array(state["history"], dtype=np.uint8)
         self._replay()

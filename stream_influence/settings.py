@@ -188,7 +188,7 @@ class PolicySettings(_Frozen):
     quantile: float = Field(
         default=0.1, gt=0, lt=1, description="quantile mode: fraction of recent scores quarantined."
     )
-    quantile_window: int = Field(default=5000, ge=10)
+    quantile_window: int = Field(default=5000, ge=10, description="Recent scores the quantile is taken over.")
     warmup_events: int = Field(
         default=500, ge=0, description="Accept everything until this many valid events were seen."
     )
@@ -218,7 +218,16 @@ class LearnerSettings(_Frozen):
         default="sgd",
         description="sgd/adam: first-order steps; newton: damped Newton step reusing the curvature.",
     )
-    learning_rate: float = Field(default=0.1, gt=0)
+    learning_rate: float = Field(
+        default=0.1,
+        gt=0,
+        description="Step size (sgd: for inputs of up to 64 standardised features; see normalize_step).",
+    )
+    normalize_step: bool = Field(
+        default=True,
+        description="sgd: shrink the step by 64 / mean ‖x̃‖² once inputs are wider than that, so "
+        "the default suits 10 features and 1,000 alike (0.1 on digits, about 0.009 on 784 pixels).",
+    )
     l2: float = Field(default=1e-4, ge=0, description="L2 penalty on the weights (not the bias).")
     minibatch: int = Field(default=8, ge=1, description="Events per optimizer step inside a polled batch.")
     metrics_window: int = Field(default=1000, ge=1, description="Rolling prequential window.")
@@ -227,8 +236,8 @@ class LearnerSettings(_Frozen):
 class DriftSettings(_Frozen):
     """ADWIN on the routed learner's prequential error."""
 
-    enabled: bool = True
-    delta: float = Field(default=0.002, gt=0, lt=1)
+    enabled: bool = Field(default=True, description="Watch the routed learner's error for drift.")
+    delta: float = Field(default=0.002, gt=0, lt=1, description="ADWIN significance (smaller: fewer alarms).")
     keep: float = Field(
         default=0.1,
         ge=0,

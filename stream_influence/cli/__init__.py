@@ -13,7 +13,7 @@ from .. import __version__
 from ..errors import StreamInfluenceError
 
 # Modules of this package that define sub-commands, in help order.
-COMMANDS = ("config_cmd",)
+COMMANDS = ("demo", "config_cmd", "score", "replay", "datasets", "run", "produce", "requeue", "dashboard")
 
 log = logging.getLogger("stream_influence")
 
@@ -40,6 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.DEBUG if args.verbose else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        # kafka-python logs every connection at INFO; keep it to warnings unless debugging.
+        logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.handler(args) or 0)
     except StreamInfluenceError as exc:

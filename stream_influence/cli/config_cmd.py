@@ -9,7 +9,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..config import AppSettings, format_validation_error, load_config, read_yaml
+from ..config import (
+    AppSettings,
+    example_yaml,
+    format_validation_error,
+    load_config,
+    read_yaml,
+    reference_markdown,
+)
 from ..errors import ConfigError
 
 
@@ -22,6 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = cs.add_parser("check", help="validate a file and print every error with its path")
     check.add_argument("file", type=Path)
     check.set_defaults(handler=_check)
+    example = cs.add_parser("example", help="print a commented YAML file with every setting")
+    example.set_defaults(handler=lambda args: print(example_yaml(), end="") or 0)
+    ref = cs.add_parser("reference", help="print the configuration reference (Markdown)")
+    ref.set_defaults(handler=lambda args: print(reference_markdown(), end="") or 0)
 
 
 def _show(args: argparse.Namespace) -> int:

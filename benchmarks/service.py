@@ -1,0 +1,226 @@
+"""End-to-end throughput of ``stream-influence run`` on the local test broker, next to the raw
+kafka-python consume + ``json.loads`` rate measured in the same run.
+
+    nice .venv/bin/python benchmarks/service.py [--events 100000] [--write-docs]
+
+Steps (one fresh broker, fresh topics):
+1. produce N events (d=64, K=10, 30 % label noise) + 300 clean reference events;
+2. baseline: a group-less kafka-python consumer reads the N records and ``json.loads`` each;
+3. the service (in-process, real broker, default batch/checkpoint settings except the checkpoint
+   directory) consumes the same N events from the beginning: routes, learns, produces the
+   quarantine/dead-letter outputs and checkpoints; the clock runs from its first poll until the
+   final checkpoint and commit after the last event;
+4. p50/p99 poll→commit latency per processed batch (the time from the poll that delivered a
+   batch to the offset commit that covers it).
+
+Writes the ``service`` section of docs/benchmarks.md with ``--write-docs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kafka import KafkaConsumer, TopicPartition  # noqa: E402
+
+from stream_influence.config import AppSettings  # noqa: E402
+from stream_influence.service import Service  # noqa: E402
+from tests.fixtures.broker import Broker, fresh_topic  # noqa: E402
+from tests.fixtures.service_events import events, produce  # noqa: E402
+
+D, K = 64, 10
+# A deployment knows its classes and width; configured like benchmarks/engine.py.
+ENGINE = {"schema": {"classes": list(range(K)), "n_features": D}}
+
+
+def raw_consume(bootstrap: str, topic: str, n: int) -> float:
+    """Seconds for kafka-python to read ``n`` records and json.loads each (no group)."""
+    c = KafkaConsumer(
+        bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, max_poll_records=1000
+    )
+    tp = TopicPartition(topic, 0)
+    c.assign([tp])
+    c.seek_to_beginning(tp)
+    got = 0
+    t0 = time.perf_counter()
+    while got < n:
+        for msgs in c.poll(timeout_ms=500).values():
+            for m in msgs:
+                json.loads(m.value)
+            got += len(msgs)
+    dt = time.perf_counter() - t0
+    c.close()
+    return dt
+
+
+def engine_only(refs: list[bytes], raws: list[bytes], batch: int) -> float:
+    """Seconds for the engine alone (no Kafka) over the same events and batches."""
+    from stream_influence.engine import InfluenceEngine
+
+    engine = InfluenceEngine(AppSettings(engine=ENGINE).engine)
+    engine.add_reference(refs)
+    t0 = time.perf_counter()
+    for i in range(0, len(raws), batch):
+        engine.process(raws[i : i + batch])
+    return time.perf_counter() - t0
+
+
+def run_service(bootstrap: str, topic: str, ref: str, n: int, workdir: Path) -> dict[str, float]:
+    cfg = AppSettings(
+        engine=ENGINE,
+        kafka={
+            "bootstrap_servers": bootstrap,
+            "topic": topic,
+            "group_id": f"{topic}-bench",
+            "reference_topic": ref,
+            "quarantine_topic": f"{topic}.quarantine",
+            "dead_letter_topic": f"{topic}.dead-letter",
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 500,
+        },
+        checkpoint={"directory": str(workdir / "ck")},
+        metrics={"enabled": False},
+    )
+    service = Service(cfg, install_signals=False)
+    commits: list[float] = []
+    first_poll: list[float] = []
+    orig_metric = service._metric
+    orig_step = service._step
+
+    def metric(name: str, *args: object) -> None:
+        if name == "observe_commit":
+            commits.append(float(args[0]))  # type: ignore[arg-type]
+        orig_metric(name, *args)
+
+    def step() -> None:
+        orig_step()
+        if not first_poll and service.engine.counters.consumed:
+            first_poll.append(time.perf_counter())
+
+    service._metric = metric  # type: ignore[method-assign]
+    service._step = step  # type: ignore[method-assign]
+    thread = threading.Thread(target=service.run, daemon=True)
+    cpu0 = time.process_time()
+    thread.start()
+    while service.engine.counters.consumed < n:
+        time.sleep(0.01)
+    t_done = time.perf_counter()
+    service.request_stop("benchmark done")
+    thread.join(60)
+    t_stop = time.perf_counter()  # includes the final flush, checkpoint and commit
+    cpu = time.process_time() - cpu0
+    start = first_poll[0] if first_poll else t_done
+    summary = service.engine.summary()
+    return {
+        "seconds": t_stop - start,
+        "seconds_to_last_event": t_done - start,
+        "cpu_seconds": cpu,
+        "p50_poll_to_commit_s": float(np.percentile(commits, 50)) if commits else float("nan"),
+        "p99_poll_to_commit_s": float(np.percentile(commits, 99)) if commits else float("nan"),
+        "batches": float(service.batches),
+        "quarantined": float(summary["quarantined"]),
+        "accepted": float(summary["accepted"]),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100_000)
+    ap.add_argument("--write-docs", action="store_true")
+    args = ap.parse_args()
+    n = args.events
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = Broker().start()
+        try:
+            topic = fresh_topic(broker, "bench")
+            ref = fresh_topic(broker, "bench-ref")
+            refs = events(300, d=D, k=K, seed=1, prefix="ref")[0]
+            produce(broker.bootstrap, ref, refs)
+            raws, _ = events(n, d=D, k=K, noise=0.3, seed=2)
+            t0 = time.perf_counter()
+            produce(broker.bootstrap, topic, raws)
+            produce_s = time.perf_counter() - t0
+            raw_s = min(raw_consume(broker.bootstrap, topic, n) for _ in range(2))
+            svc = run_service(broker.bootstrap, topic, ref, n, Path(tmp))
+            engine_s = engine_only(refs, raws, AppSettings().kafka.process_batch_size)
+        finally:
+            broker.stop()
+    raw_rate = n / raw_s
+    svc_rate = n / svc["seconds"]
+    result = {
+        "events": n,
+        "event_bytes": int(np.mean([len(r) for r in raws])),
+        "produce_rate": n / produce_s,
+        "raw_consume_json_rate": raw_rate,
+        "service_rate": svc_rate,
+        "ratio": svc_rate / raw_rate,
+        "engine_only_rate": n / engine_s,
+        "service_vs_engine": svc_rate / (n / engine_s),
+        **svc,
+    }
+    print(json.dumps(result, indent=2))
+    if args.write_docs:
+        write_docs(result)
+    return 0
+
+
+def write_docs(r: dict[str, float]) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    verdict = "meets" if r["ratio"] >= 0.5 else "misses"
+    section = f"""<!-- service:start -->
+## service
+
+`nice .venv/bin/python benchmarks/service.py --events {r["events"]} --write-docs`
+({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, kafka-python with crc32c,
+local Tansu broker; one input partition; d={D}, K={K}, ~{r["event_bytes"]} bytes per event, 30 % label
+noise, 300 clean reference events; engine defaults with the class list and width configured;
+default `kafka`/`checkpoint` settings: batches of 512, checkpoint every 10 000 events or 30 s).
+
+| measured in the same run | events/s |
+|---|---|
+| raw kafka-python consume + `json.loads` (baseline) | {r["raw_consume_json_rate"]:,.0f} |
+| **service end to end** (poll → decode → score → route → learn → produce outputs → checkpoint → commit) | **{r["service_rate"]:,.0f}** |
+| ratio service / baseline | **{r["ratio"]:.0%}** (target ≥ 50 %: {verdict}) |
+| engine alone, same events and batches, no Kafka (`InfluenceEngine.process`) | {r["engine_only_rate"]:,.0f} |
+| ratio service / engine alone | {r["service_vs_engine"]:.0%} |
+| test producer (for reference; loads the topic before the run) | {r["produce_rate"]:,.0f} |
+
+Poll → commit per batch: p50 {r["p50_poll_to_commit_s"] * 1000:.0f} ms, p99 {r["p99_poll_to_commit_s"] * 1000:.0f} ms
+({r["batches"]:.0f} batches; a batch waits for the next checkpoint, so this is dominated by
+`checkpoint.every_events` / `every_seconds`, not by processing).  The service used
+{r["cpu_seconds"]:.1f} CPU-seconds for {r["seconds"]:.1f} s of wall time; {r["quarantined"]:.0f} events were
+quarantined and produced to the quarantine topic.
+
+**Verdict: the ≥ 50 % target is missed.**  Where the time goes (cProfile of the service thread,
+50 000 events, run separately on 2026-11-28): about a third each in `engine.process` (JSON decode +
+score + learn), in producing the quarantined events with their ten headers (kafka-python's
+`send` costs ~35 µs per message plus ~25 µs for the headers, measured on the same broker), and in
+kafka-python's record unpacking inside `poll`; checkpoints (~10 ms each), metrics and the loop
+itself are a few percent.  The baseline does neither the engine's work nor any producing, so the
+ratio is bounded by the engine (see "engine alone" above) and by the Python Kafka client: a faster
+client (confluent-kafka reads ~1 M/s and writes ~600 k/s on these machines, see the test-broker
+notes) or a faster JSON decoder in the engine are the levers, not the service loop.
+<!-- service:end -->"""
+    start, end = "<!-- service:start -->", "<!-- service:end -->"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

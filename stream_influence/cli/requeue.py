@@ -1,0 +1,186 @@
+"""``stream-influence requeue --from-quarantine``: give quarantined events a second chance.
+
+Reads the whole quarantine topic (all partitions, outside any consumer group), re-scores every
+event against the model of the **latest checkpoint** (without changing it) and re-publishes the
+ones that now pass — score ≤ the quarantine threshold in force — to the training-events topic
+(or ``--to TOPIC``), keyed by event id, with a ``requeued_from`` header
+(``topic:partition:offset``).  Nothing is deleted: events that still do not pass stay in the
+quarantine topic for a later run.
+
+A ledger (``requeue-ledger.json`` in the checkpoint directory, or ``--ledger``) records which
+quarantine messages were re-published, so running the command twice does not feed the same
+message to the model twice.  An event that is quarantined *again* after a requeue is a new
+quarantine message and is eligible again.  ``--dry-run`` only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import AppSettings, load_config
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "requeue",
+        help="re-score quarantined events against the latest checkpoint; re-publish those that pass",
+    )
+    p.add_argument(
+        "--from-quarantine",
+        action="store_true",
+        required=True,
+        help="read kafka.quarantine_topic (the only source supported)",
+    )
+    p.add_argument("--config", type=Path, help="the service's YAML file")
+    p.add_argument("--to", metavar="TOPIC", help="publish here instead of kafka.topic")
+    p.add_argument("--ledger", type=Path, help="default: <checkpoint.directory>/requeue-ledger.json")
+    p.add_argument("--dry-run", action="store_true", help="score and report, publish nothing")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to read the quarantine topic")
+    p.set_defaults(handler=_requeue)
+
+
+@dataclass
+class RequeueReport:
+    scanned: int = 0
+    passed: int = 0
+    still_quarantined: int = 0
+    already_requeued: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    published: int = 0
+    passed_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.pop("passed_ids")
+        return d
+
+
+def _read_all(cfg: AppSettings, topic: str, timeout: float) -> list[Any]:
+    from ..kafka_io import ReferenceReader
+
+    reader = ReferenceReader(cfg.kafka, topic)  # all partitions from the beginning, no group
+    msgs: list[Any] = []
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not reader._assign():
+                time.sleep(0.2)
+                continue
+            polled = reader.consumer.poll(timeout_ms=300, max_records=cfg.kafka.max_poll_records)
+            for tp, batch in polled.items():
+                msgs.extend(batch)
+                reader.offsets[tp.partition] = batch[-1].offset + 1
+            if reader.caught_up():
+                return msgs
+        raise ConfigError(f"could not read {topic} to its end within {timeout}s")
+    finally:
+        reader.close()
+
+
+def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid, passes)`` per raw message under the engine's model, without changing it."""
+    from ..model import one_hot
+
+    eng = copy.deepcopy(engine)  # a scorer refresh must not leak into anything we save
+    batch, _ = eng.decode(raws, learn=False)
+    valid = np.zeros(len(raws), dtype=bool)
+    passes = np.zeros(len(raws), dtype=bool)
+    if len(batch) == 0 or eng.routed is None or eng.reference.size == 0:
+        return valid, passes
+    valid[batch.index] = True
+    X = eng._inputs(eng.extractor.transform(batch.features))
+    Y = one_hot(batch.labels, eng.routed.theta.shape[0])
+    P = eng.routed.predict_proba(X)
+    Fr, yr = eng.reference.arrays()
+    eng.scorer.refresh(eng.routed.theta, eng.curvature, eng._inputs(Fr), yr)
+    score = eng.scorer.score(P, Y, X, eng.curvature).get(eng.policy.settings.score)
+    ok = np.isfinite(score) & (score <= eng.policy.threshold)
+    passes[batch.index] = ok
+    return valid, passes
+
+
+def requeue(
+    cfg: AppSettings, *, to: str | None, ledger: Path, dry_run: bool, timeout: float
+) -> RequeueReport:
+    from ..checkpoint import CheckpointStore
+    from ..kafka_io import OWN_HEADERS, build_producer
+
+    ck = CheckpointStore(cfg.checkpoint.directory, cfg.checkpoint.keep).latest(cfg.engine)
+    if ck is None:
+        raise ConfigError(f"no checkpoint in {cfg.checkpoint.directory}: nothing to score against")
+    if ck.engine.policy.settings != cfg.engine.policy:
+        ck.engine.set_policy(cfg.engine.policy)  # the configuration's thresholds decide what passes
+    if not ck.engine.warm:
+        raise ConfigError(f"the model in {ck.path.name} is not warm yet ({ck.engine.not_warm_reason()})")
+    qtopic = cfg.kafka.quarantine_topic
+    done: set[str] = set(json.loads(ledger.read_text())["requeued"]) if ledger.exists() else set()
+    msgs = _read_all(cfg, qtopic, timeout)
+    report = RequeueReport(scanned=len(msgs))
+
+    # The newest quarantine copy of each event id (the service may have written duplicates).
+    latest: dict[bytes | None, Any] = {}
+    for m in msgs:
+        coord = f"{m.topic}:{m.partition}:{m.offset}"
+        if coord in done:
+            report.already_requeued += 1
+            continue
+        if m.key in latest:
+            report.duplicates += 1
+        latest[m.key] = m
+    todo = list(latest.values())
+    valid, passes = pass_mask(ck.engine, [m.value for m in todo])
+    report.invalid = int((~valid).sum())
+    report.passed = int(passes.sum())
+    report.still_quarantined = len(todo) - report.passed - report.invalid
+    target = to or cfg.kafka.topic
+    chosen = [m for m, ok in zip(todo, passes.tolist(), strict=True) if ok]
+    report.passed_ids = [m.key.decode() if m.key else "" for m in chosen]
+    if dry_run or not chosen:
+        return report
+    producer = build_producer(cfg.kafka)
+    try:
+        futures = []
+        for m in chosen:
+            headers = [(n, v) for n, v in (m.headers or []) if n not in OWN_HEADERS and n != "requeued_from"]
+            headers.append(("requeued_from", f"{m.topic}:{m.partition}:{m.offset}".encode()))
+            futures.append(producer.send(target, value=m.value, key=m.key, headers=headers))
+        producer.flush(timeout=cfg.kafka.flush_timeout_seconds)
+        ok = [m for m, f in zip(chosen, futures, strict=True) if f.succeeded()]
+    finally:
+        producer.close()
+    report.published = len(ok)
+    done.update(f"{m.topic}:{m.partition}:{m.offset}" for m in ok)
+    from ..state import atomic_write
+
+    atomic_write(ledger, json.dumps({"requeued": sorted(done)}).encode())
+    return report
+
+
+def _requeue(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    ledger = args.ledger or Path(cfg.checkpoint.directory) / "requeue-ledger.json"
+    report = requeue(cfg, to=args.to, ledger=ledger, dry_run=args.dry_run, timeout=args.timeout)
+    target = args.to or cfg.kafka.topic
+    verb = "would re-publish" if args.dry_run else f"re-published {report.published} to {target};"
+    print(
+        f"{report.scanned} quarantine messages scanned: {report.passed} now pass ({verb}), "
+        f"{report.still_quarantined} still quarantined, {report.already_requeued} requeued before, "
+        f"{report.duplicates} duplicates, {report.invalid} invalid",
+        file=sys.stdout,
+    )
+    return 0 if args.dry_run or report.published == report.passed else 1

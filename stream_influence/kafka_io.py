@@ -1,0 +1,331 @@
+"""kafka-python plumbing: client construction, output headers, the reference reader, lag.
+
+Everything that knows kafka-python lives here so :mod:`stream_influence.service` reads as the
+checkpoint protocol it implements.  Security settings (SASL/SSL) and ``client_options`` from
+:class:`~stream_influence.config.KafkaSettings` are passed through verbatim to every client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+from .config import KafkaSettings
+
+__all__ = [
+    "Headers",
+    "ReferenceReader",
+    "broker_reachable",
+    "build_admin",
+    "build_consumer",
+    "build_producer",
+    "dead_letter_headers",
+    "ensure_topics",
+    "lag",
+    "quarantine_headers",
+    "source_headers",
+]
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+# Header names this service writes; an input header of the same name is replaced, not duplicated.
+OWN_HEADERS = frozenset(
+    {
+        "reason",
+        "detail",
+        "source_topic",
+        "source_partition",
+        "source_offset",
+        "influence",
+        "relative_influence",
+        "cosine_influence",
+        "self_influence",
+        "threshold",
+        "policy_version",
+        "model_version",
+    }
+)
+
+
+def common_options(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security options shared by consumers, producers and the admin client."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": [s.strip() for s in k.bootstrap_servers.split(",") if s.strip()],
+        "security_protocol": k.security_protocol,
+        "client_id": k.client_id,
+    }
+    if k.sasl_mechanism:
+        opts["sasl_mechanism"] = k.sasl_mechanism
+    if k.sasl_plain_username is not None:
+        opts["sasl_plain_username"] = k.sasl_plain_username
+    if k.sasl_plain_password is not None:
+        opts["sasl_plain_password"] = k.sasl_plain_password.get_secret_value()
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(k, name)
+        if value is not None:
+            opts[name] = str(value)
+    return opts
+
+
+def _with_passthrough(opts: dict[str, Any], k: KafkaSettings, allowed: Iterable[str]) -> dict[str, Any]:
+    # client_options apply to every client that understands them (kafka-python rejects unknown keys).
+    known = set(allowed)
+    opts.update({key: v for key, v in k.client_options.items() if key in known})
+    return opts
+
+
+def build_consumer(k: KafkaSettings, *, group: bool = True) -> KafkaConsumer:
+    """The training-events consumer (in the group, auto-commit off), or a group-less reader."""
+    opts = common_options(k)
+    opts.update(
+        enable_auto_commit=False,
+        auto_offset_reset=k.auto_offset_reset,
+        max_poll_records=k.max_poll_records,
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_interval_ms=k.max_poll_interval_ms,
+        request_timeout_ms=k.request_timeout_ms,
+    )
+    if group:
+        opts["group_id"] = k.group_id
+    else:
+        opts["group_id"] = None
+    return KafkaConsumer(**_with_passthrough(opts, k, KafkaConsumer.DEFAULT_CONFIG))
+
+
+def build_producer(k: KafkaSettings) -> KafkaProducer:
+    """The output producer.  Outputs are at-least-once with stable keys; see docs/architecture.md."""
+    opts = common_options(k)
+    opts.update(
+        acks=k.producer_acks,
+        linger_ms=k.producer_linger_ms,
+        batch_size=k.producer_batch_bytes,
+        enable_idempotence=k.producer_idempotence,
+        compression_type=k.producer_compression,
+        request_timeout_ms=k.request_timeout_ms,
+        max_block_ms=k.producer_max_block_ms,
+    )
+    if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG:  # kafka-python ≥ 3: bounded construction
+        opts["bootstrap_timeout_ms"] = min(k.request_timeout_ms, k.producer_max_block_ms)
+    return KafkaProducer(**_with_passthrough(opts, k, KafkaProducer.DEFAULT_CONFIG))
+
+
+def build_admin(k: KafkaSettings) -> KafkaAdminClient:
+    opts = common_options(k)
+    opts["request_timeout_ms"] = k.request_timeout_ms
+    return KafkaAdminClient(**_with_passthrough(opts, k, KafkaAdminClient.DEFAULT_CONFIG))
+
+
+def ensure_topics(k: KafkaSettings, names: Sequence[str], partitions: int = 1) -> list[str]:
+    """Create the output topics that do not exist yet; returns the ones created.
+
+    Best effort: a broker that forbids topic creation (or is down) leaves the decision to the
+    operator, and producing will tell.
+    """
+    try:
+        admin = build_admin(k)
+    except Exception as exc:
+        log.warning("cannot reach the broker to check output topics: %s", exc)
+        return []
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n and n not in existing]
+        if missing:
+            admin.create_topics(
+                [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing]
+            )
+        return missing
+    except Exception as exc:
+        log.warning("could not create output topics %s: %s", list(names), exc)
+        return []
+    finally:
+        admin.close()
+
+
+# -- headers ------------------------------------------------------------------------------
+def _keep(original: Sequence[tuple[str, bytes]] | None) -> Headers:
+    return [(n, v) for n, v in (original or ()) if n not in OWN_HEADERS]
+
+
+def _num(x: float | None) -> bytes:
+    return b"nan" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x)).encode()
+
+
+def source_headers(topic: str, partition: int, offset: int) -> Headers:
+    return [
+        ("source_topic", topic.encode()),
+        ("source_partition", str(partition).encode()),
+        ("source_offset", str(offset).encode()),
+    ]
+
+
+def dead_letter_headers(
+    original: Sequence[tuple[str, bytes]] | None,
+    reason: str,
+    detail: str,
+    topic: str,
+    partition: int,
+    offset: int,
+) -> Headers:
+    return [
+        *_keep(original),
+        ("reason", reason.encode()),
+        ("detail", detail.encode("utf-8", "replace")),
+        *source_headers(topic, partition, offset),
+    ]
+
+
+def quarantine_headers(
+    original: Sequence[tuple[str, bytes]] | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    *,
+    reason: str,
+    influence: float,
+    relative_influence: float,
+    cosine_influence: float,
+    threshold: float,
+    policy_version: int,
+    model_version: int,
+) -> Headers:
+    return [
+        *_keep(original),
+        *source_headers(topic, partition, offset),
+        ("reason", reason.encode()),
+        ("influence", _num(influence)),
+        ("relative_influence", _num(relative_influence)),
+        ("cosine_influence", _num(cosine_influence)),
+        ("threshold", _num(threshold)),
+        ("policy_version", str(policy_version).encode()),
+        ("model_version", str(model_version).encode()),
+    ]
+
+
+def header_dict(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
+    """Last value of every header, decoded (for tests, requeue and humans)."""
+    return {n: (v or b"").decode("utf-8", "replace") for n, v in (headers or ())}
+
+
+def decision_value(record: dict[str, Any], topic: str, partition: int, offset: int) -> bytes:
+    return json.dumps(
+        {**record, "source_topic": topic, "source_partition": partition, "source_offset": offset},
+        separators=(",", ":"),
+    ).encode()
+
+
+# -- reference topic ------------------------------------------------------------------------
+class ReferenceReader:
+    """Reads every partition of the reference topic outside the consumer group.
+
+    Starts at the offsets a checkpoint recorded (so a restart does not add the same trusted
+    events to the buffer twice) or at the beginning.
+    """
+
+    def __init__(self, k: KafkaSettings, topic: str, offsets: dict[int, int] | None = None) -> None:
+        self.topic = topic
+        self.consumer = build_consumer(k, group=False)
+        self.offsets: dict[int, int] = dict(offsets or {})
+        self._assigned: set[int] = set()
+        self._max_records = k.max_poll_records
+
+    def _assign(self) -> bool:
+        parts = self.consumer.partitions_for_topic(self.topic)
+        if not parts:
+            return False
+        if set(parts) == self._assigned:
+            return True
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self.consumer.assign(tps)
+        for tp in tps:
+            if tp.partition in self.offsets:
+                self.consumer.seek(tp, self.offsets[tp.partition])
+            else:
+                self.consumer.seek_to_beginning(tp)
+        self._assigned = set(parts)
+        return True
+
+    def rewind(self, offsets: dict[int, int]) -> None:
+        """Continue from ``offsets`` (a restored checkpoint's); partitions it lacks restart at 0."""
+        self.offsets = dict(offsets)
+        for p in self._assigned:
+            tp = TopicPartition(self.topic, p)
+            if p in self.offsets:
+                self.consumer.seek(tp, self.offsets[p])
+            else:
+                self.consumer.seek_to_beginning(tp)
+
+    def poll(self, timeout_ms: int = 0) -> list[bytes | None]:
+        """New reference messages (values), advancing :attr:`offsets`."""
+        if not self._assign():
+            return []
+        out: list[bytes | None] = []
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self._max_records)
+        for tp, msgs in polled.items():
+            out.extend(m.value for m in msgs)
+            self.offsets[tp.partition] = msgs[-1].offset + 1
+        return out
+
+    def caught_up(self) -> bool:
+        if not self._assigned:
+            return False
+        for p in self._assigned:
+            hw = self.consumer.highwater(TopicPartition(self.topic, p))
+            if hw is None or self.offsets.get(p, 0) < hw:
+                return False
+        return True
+
+    def read_backlog(self, timeout_s: float) -> list[bytes | None]:
+        """Everything up to the current end of the topic (bounded by ``timeout_s``)."""
+        out: list[bytes | None] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            out.extend(self.poll(timeout_ms=200))
+            if self.caught_up():
+                return out
+        log.warning(
+            "reference topic %s: backlog not fully read after %.0fs (%d events so far)",
+            self.topic,
+            timeout_s,
+            len(out),
+        )
+        return out
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+# -- lag and health -----------------------------------------------------------------------
+def lag(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
+    """``highwater − position`` (``end_offsets`` is not reliable on every broker)."""
+    hw = consumer.highwater(tp)
+    if hw is None:
+        return None
+    try:
+        pos = consumer.position(tp, timeout_ms=0)
+    except TypeError:  # older kafka-python without timeout_ms
+        pos = consumer.position(tp)
+    except Exception:
+        return None
+    if pos is None:
+        return None
+    return max(0, hw - pos)
+
+
+def broker_reachable(consumer: KafkaConsumer) -> bool:
+    """True when the client holds a live connection to at least one broker."""
+    try:
+        client = consumer._client  # no public API for this in kafka-python
+        brokers = client.cluster.brokers()
+        return any(client.connected(b.node_id) for b in brokers)
+    except Exception:
+        return True

@@ -1,0 +1,246 @@
+"""Curvature estimators against independently accumulated dense oracles (float64).
+
+The oracle re-implements only the documented accumulation rule (module docstring of
+``stream_influence.curvature``): a batch of total weight ``m`` enters with weight
+``α = max(1 − γᵐ, m / (n + m))`` as ``C ← (1 − α) C + α · (1/m) Σ wᵢ hᵢ`` with
+``hᵢ = (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ`` built by ``np.kron``; the damping in force of ``exact`` is
+``est.damping_in_use``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_influence.curvature import make_curvature
+from stream_influence.settings import CurvatureSettings
+
+K, d = 3, 6
+D = d + 1
+
+
+def _stream(rng: np.random.Generator, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch with unequal feature scales, peaked probabilities and random weights."""
+    X = np.hstack([rng.normal(size=(b, d)) * np.array([1.0, 3.0, 0.3, 1.0, 2.0, 0.5]), np.ones((b, 1))])
+    P = rng.dirichlet(np.full(K, 0.7), size=b)
+    w = rng.uniform(0.2, 2.0, size=b)
+    return X, P, w
+
+
+def _point_hessian(x: np.ndarray, p: np.ndarray) -> np.ndarray:
+    return np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x))
+
+
+class _Oracle:
+    """Dense running C, A, G with the documented batch weight α."""
+
+    def __init__(self, gamma: float) -> None:
+        self.gamma = gamma
+        self.n = 0.0
+        self.C = np.zeros((K * D, K * D))
+        self.A = np.zeros((D, D))
+        self.G = np.zeros((K, K))
+        self.T = 0.0
+
+    @property
+    def A_served(self) -> np.ndarray:
+        return self.A / self.T
+
+    def update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
+        m = float(w.sum())
+        alpha = max(1.0 - self.gamma**m, m / (self.n + m))
+        self.n += m
+        hbar = sum(wi * _point_hessian(x, p) for x, p, wi in zip(X, P, w, strict=True)) / m
+        tau = w * (1.0 - (P * P).sum(axis=1))  # tr(diag p − ppᵀ): curvature weight of A
+        Abar = sum(ti * np.outer(x, x) for x, ti in zip(X, tau, strict=True)) / m
+        self.T = (1 - alpha) * self.T + alpha * float(tau.sum()) / m
+        Gbar = sum(wi * (np.diag(p) - np.outer(p, p)) for p, wi in zip(P, w, strict=True)) / m
+        self.C = (1 - alpha) * self.C + alpha * hbar
+        self.A = (1 - alpha) * self.A + alpha * Abar
+        self.G = (1 - alpha) * self.G + alpha * Gbar
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+EXACT_CASES = [
+    # (batch size, updates, settings): defaults, and long Woodbury-only runs (no refactor for
+    # thousands of updates, so rounding drift in the running inverse would show).
+    (1, 10_000, {}),
+    (1, 10_000, {"refactor_every": 10**9, "damping_floor": 1e-3}),
+    (2, 10_000, {"refactor_every": 10**9, "damping_floor": 1e-3, "forgetting": 0.9999}),
+    (3, 10_000, {"forgetting": 1.0}),
+    (64, 500, {}),  # 2·b·K ≥ K·D: every batch takes the re-factorisation path
+]
+
+
+@pytest.mark.parametrize(("b", "updates", "extra"), EXACT_CASES)
+def test_exact_running_inverse_matches_dense_inverse(b: int, updates: int, extra: dict) -> None:
+    settings = CurvatureSettings(kind="exact", **extra)
+    est = make_curvature(settings, K, D)
+    oracle = _Oracle(settings.forgetting)
+    rng = np.random.default_rng(b)
+    woodbury_seen = False
+    for _ in range(updates):
+        X, P, w = _stream(rng, b)
+        before = est.refactorizations
+        est.update(X, P, w)
+        oracle.update(X, P, w)
+        woodbury_seen |= est.refactorizations == before
+    assert est.n_seen == pytest.approx(oracle.n)
+    lam = est.damping_in_use
+    assert 0 < lam <= settings.damping
+    np.testing.assert_allclose(est.dense_hessian(), oracle.C + lam * np.eye(K * D), rtol=1e-9, atol=1e-12)
+    expected = np.linalg.inv(oracle.C + lam * np.eye(K * D))
+    assert _rel(est.dense_inverse(), expected) <= 1e-8
+    assert woodbury_seen == (2 * b * K < K * D)  # the Woodbury path was actually exercised
+    Minv = est.state_dict()["Minv"]
+    assert np.abs(Minv - Minv.T).max() <= 1e-12 * np.abs(Minv).max()  # symmetric to rounding
+
+
+def test_exact_damping_follows_documented_rule() -> None:
+    """λ_t decays by β = 1 − α per batch and is restored to λ on re-factorisation."""
+    settings = CurvatureSettings(kind="exact", refactor_every=10**9, damping_floor=0.5)
+    est = make_curvature(settings, K, D)
+    rng = np.random.default_rng(1)
+    lam = settings.damping
+    for _ in range(3000):
+        X, P, w = _stream(rng, 1)
+        alpha = est.batch_weight(float(w.sum()))
+        before = est.refactorizations
+        est.update(X, P, w)
+        lam *= 1 - alpha
+        if est.refactorizations > before:
+            assert lam < settings.damping_floor * settings.damping  # only the floor triggers here
+            lam = settings.damping
+        assert est.damping_in_use == pytest.approx(lam, rel=1e-12)
+        assert est.damping_in_use >= settings.damping_floor * settings.damping
+    assert est.refactorizations > 0
+
+
+@pytest.mark.parametrize("b", [1, 16])
+def test_kfac_matches_inverse_of_its_own_factors(b: int) -> None:
+    settings = CurvatureSettings(kind="kfac", refactor_every=1000)
+    est = make_curvature(settings, K, D)
+    oracle = _Oracle(settings.forgetting)
+    rng = np.random.default_rng(10 + b)
+    lam = settings.damping
+    served = None  # the oracle's factors as of the estimator's last eigenbasis refresh
+    for _ in range(10_000 // b):
+        X, P, w = _stream(rng, b)
+        before = est.refactorizations
+        est.update(X, P, w)
+        oracle.update(X, P, w)
+        if est.refactorizations > before:
+            served = np.kron(oracle.G, oracle.A_served) + lam * np.eye(K * D)
+    assert served is not None and est.refactorizations >= 10
+    np.testing.assert_allclose(est.A, oracle.A, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(est.G, oracle.G, rtol=1e-9, atol=1e-12)
+    # Between refreshes K-FAC serves the inverse of the factors at the last refresh ...
+    assert _rel(est.dense_inverse(), np.linalg.inv(served)) <= 1e-8
+    # ... and after one, the inverse of the current factors.
+    est.refactorize()
+    dense = np.kron(oracle.G, oracle.A_served) + lam * np.eye(K * D)
+    assert _rel(est.dense_hessian(), dense) <= 1e-9
+    assert _rel(est.dense_inverse(), np.linalg.inv(dense)) <= 1e-8
+
+
+def test_kfac_is_not_the_exact_hessian() -> None:
+    """Guard against a vacuous oracle: G ⊗ A differs from E[S ⊗ x̃x̃ᵀ] on correlated data."""
+    oracle = _Oracle(0.999)
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        oracle.update(*_stream(rng, 4))
+    assert _rel(np.kron(oracle.G, oracle.A_served), oracle.C) > 0.02
+
+
+def test_diagonal_matches_dense_diagonal() -> None:
+    settings = CurvatureSettings(kind="diagonal")
+    est = make_curvature(settings, K, D)
+    oracle = _Oracle(settings.forgetting)
+    rng = np.random.default_rng(5)
+    for _ in range(2000):
+        X, P, w = _stream(rng, 4)
+        est.update(X, P, w)
+        oracle.update(X, P, w)
+    expected = np.diag(np.diag(oracle.C) + settings.damping)
+    np.testing.assert_allclose(est.dense_hessian(), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(est.dense_inverse(), np.linalg.inv(expected), rtol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["exact", "kfac", "diagonal"])
+def test_solve_and_quad_match_dense_inverse(kind: str) -> None:
+    est = make_curvature(CurvatureSettings(kind=kind), K, D)
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        est.update(*_stream(rng, 5))
+    est.refactorize()
+    Hinv = np.linalg.inv(est.dense_hessian())
+    assert _rel(est.dense_inverse(), Hinv) <= 1e-8
+    V = rng.normal(size=(4, K, D))
+    np.testing.assert_allclose(est.solve(V).reshape(4, -1), V.reshape(4, -1) @ Hinv, rtol=1e-8, atol=1e-10)
+    X, P, _ = _stream(rng, 20)
+    Y = np.eye(K)[rng.integers(0, K, 20)]
+    R = P - Y
+    G = np.stack([np.kron(r, x) for r, x in zip(R, X, strict=True)])  # g = r ⊗ x̃, class-major
+    expected = np.einsum("bi,ij,bj->b", G, Hinv, G)
+    np.testing.assert_allclose(est.quad(R, X), expected, rtol=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["exact", "kfac", "diagonal"])
+def test_state_round_trip_continues_identically(kind: str) -> None:
+    settings = CurvatureSettings(kind=kind, refactor_every=50)
+    a = make_curvature(settings, K, D)
+    rng = np.random.default_rng(11)
+    for _ in range(120):
+        a.update(*_stream(rng, 3))
+    b = make_curvature(settings, K, D)
+    b.load_state_dict(
+        {k: (np.copy(v) if isinstance(v, np.ndarray) else v) for k, v in a.state_dict().items()}
+    )
+    for _ in range(100):
+        X, P, w = _stream(rng, 3)
+        a.update(X, P, w)
+        b.update(X, P, w)
+    for key, value in a.state_dict().items():
+        other = b.state_dict()[key]
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, other), key
+        else:
+            assert value == other, key
+    assert np.array_equal(a.dense_inverse(), b.dense_inverse())
+
+
+def test_forget_makes_new_evidence_weigh_more() -> None:
+    est = make_curvature(CurvatureSettings(kind="exact", forgetting=1.0), K, D)
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        est.update(*_stream(rng, 1))
+    w1 = est.batch_weight(1.0)
+    est.forget(0.1)
+    assert est.batch_weight(1.0) == pytest.approx(1.0 / (est.n_seen + 1.0))
+    assert est.batch_weight(1.0) > 5 * w1
+
+
+def test_kfac_is_exact_for_binary_heads() -> None:
+    """With the τ-weighted input factor, G ⊗ A equals E[S ⊗ x̃x̃ᵀ] when K = 2."""
+    settings = CurvatureSettings(kind="kfac", refactor_every=1)
+    est = make_curvature(settings, 2, D)
+    rng = np.random.default_rng(21)
+    C = np.zeros((2 * D, 2 * D))
+    n = 0.0
+    for _ in range(300):
+        X, _, w = _stream(rng, 5)
+        p1 = rng.uniform(0.01, 0.99, size=5)
+        P = np.stack([1 - p1, p1], axis=1)
+        est.update(X, P, w)
+        m = float(w.sum())
+        alpha = max(1.0 - settings.forgetting**m, m / (n + m))
+        n += m
+        hbar = sum(
+            wi * np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x))
+            for x, p, wi in zip(X, P, w, strict=True)
+        )
+        C = (1 - alpha) * C + alpha * hbar / m
+    assert _rel(est.dense_hessian(), C + settings.damping * np.eye(2 * D)) <= 1e-10

@@ -1,0 +1,230 @@
+"""Influence scores against reality on sklearn's digits.
+
+* offline fidelity: the exact influence predicts the change of the reference loss after
+  leave-one-out retraining (removing z from n points changes L_R by about −I(z)/n);
+* K-FAC agrees with exact;
+* streaming: routing by influence on a 30 % label-noise stream quarantines mostly corrupted
+  events and the routed learner beats the unfiltered shadow on a clean test split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.datasets import load_digits
+
+from stream_influence.cli import main
+from stream_influence.engine import InfluenceEngine
+from stream_influence.model import softmax
+from stream_influence.offline import (
+    DEFAULT_L2,
+    exact_curvature,
+    fit_head,
+    mean_hessian,
+    objective,
+    prepare_inputs,
+    score_dataset,
+)
+from stream_influence.settings import EngineSettings, SchemaSettings
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    X, y = load_digits(return_X_y=True)
+    return X.astype(np.float64), y.astype(np.int64)
+
+
+def _split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(len(y))
+    return perm[:1200], perm[1200:1500], perm[1500:]
+
+
+def _reference_loss(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray) -> float:
+    P = softmax(Xr @ theta.T)
+    return float(-np.log(P[np.arange(len(yr)), yr]).mean())
+
+
+def test_exact_influence_predicts_leave_one_out(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    X_all, y_all = digits
+    train, ref, _ = _split(y_all, 0)
+    l2 = DEFAULT_L2
+    audit = score_dataset(X_all[train], y_all[train], X_all[ref], y_all[ref], n_classes=10, l2=l2)
+    assert audit.fit.grad_norm <= 1e-10
+
+    # Independent oracle: the same objective, retrained without z from the optimum.
+    X, (Xr,) = prepare_inputs(X_all[train], [X_all[ref]], standardize=True)
+    y, yr = y_all[train], y_all[ref]
+    n, theta = len(X), audit.fit.theta
+    base = _reference_loss(theta, Xr, yr)
+    assert base == pytest.approx(audit.reference_loss, rel=1e-12)
+    # A fixed preconditioner (the full-data Hessian) makes each retraining a handful of cheap
+    # steps; convergence is judged by the leave-one-out gradient alone.
+    precond = np.linalg.inv(audit.curvature.dense_hessian())
+
+    influence = audit.scores.influence
+    picked = np.argsort(influence)[np.linspace(0, n - 1, 60).astype(int)]  # the whole range
+    actual = []
+    for i in picked:
+        w = np.ones(n)
+        w[i] = 0.0
+        th = theta.copy()
+        for _ in range(100):
+            _, g = objective(th, X, y, w, l2)
+            if np.linalg.norm(g) <= 1e-11:
+                break
+            th -= (g.ravel() @ precond).reshape(th.shape)
+        assert np.linalg.norm(g) <= 1e-10  # ‖Δθ‖ ≤ 1e-10 / l2: far below the LOO effects
+        actual.append(_reference_loss(th, Xr, yr) - base)
+    actual_arr = np.array(actual)
+    predicted = -influence[picked] / n
+    rho = stats.spearmanr(predicted, actual_arr)[0]
+    same_sign = float(np.mean(np.sign(predicted) == np.sign(actual_arr)))
+    assert rho >= 0.9, rho
+    assert same_sign >= 0.9, same_sign
+    # Not a degenerate pick: the LOO effects span both signs.
+    assert (actual_arr > 0).sum() >= 5 and (actual_arr < 0).sum() >= 5  # most clean points help
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kfac_influence_agrees_with_exact(digits: tuple[np.ndarray, np.ndarray], seed: int) -> None:
+    X_all, y_all = digits
+    train, ref, _ = _split(y_all, seed)
+    args = (X_all[train], y_all[train], X_all[ref], y_all[ref])
+    exact = score_dataset(*args, n_classes=10)
+    kfac = score_dataset(*args, n_classes=10, curvature="kfac")
+    assert np.array_equal(exact.fit.theta, kfac.fit.theta)
+    rho = stats.spearmanr(exact.scores.influence, kfac.scores.influence)[0]
+    assert rho >= 0.8, rho
+
+
+def _event(i: int, x: np.ndarray, y: int) -> bytes:
+    return json.dumps({"id": str(i), "features": x.tolist(), "label": int(y)}).encode()
+
+
+def test_routing_on_noisy_stream_beats_shadow(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """30 % symmetric label noise, default settings except the class list; five seeds.
+
+    Measured (seeds 0-4): precision 0.83-0.92 (pooled ≈ 0.87, recall ≈ 0.43), routed 0.913 vs
+    shadow 0.890 mean clean test accuracy; routed wins 4 of 5 seeds.
+    """
+    X_all, y_all = digits
+    settings = EngineSettings(schema=SchemaSettings(classes=list(range(10))))
+    tp = fp = 0
+    routed_acc, shadow_acc, precisions = [], [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(len(y_all))
+        ref, test, stream = perm[:200], perm[200:600], perm[600:]
+        labels = y_all[stream].copy()
+        noisy = rng.random(len(stream)) < 0.3
+        labels[noisy] = (labels[noisy] + rng.integers(1, 10, noisy.sum())) % 10  # always a wrong class
+        engine = InfluenceEngine(settings)
+        assert engine.add_reference([_event(i, X_all[i], y_all[i]) for i in ref]) == []
+        quarantined = []
+        for s in range(0, len(stream), 64):
+            rows = range(s, min(s + 64, len(stream)))
+            result = engine.process([_event(int(stream[k]), X_all[stream[k]], labels[k]) for k in rows])
+            quarantined.extend(result.quarantine.tolist())
+        q = np.array(quarantined)
+        assert len(q) == len(stream)
+        tp += int((q & noisy).sum())
+        fp += int((q & ~noisy).sum())
+        precisions.append(float(noisy[q].mean()))
+        routed_acc.append(float((engine.predict_proba(X_all[test]).argmax(1) == y_all[test]).mean()))
+        shadow_acc.append(
+            float((engine.predict_proba(X_all[test], shadow=True).argmax(1) == y_all[test]).mean())
+        )
+    assert tp + fp >= 500  # routing really happened (≈ 180 quarantines per seed)
+    assert tp / (tp + fp) >= 0.8, precisions
+    assert min(precisions) >= 0.8, precisions  # every seed, not only pooled
+    assert np.mean(routed_acc) > np.mean(shadow_acc), (routed_acc, shadow_acc)
+    assert sum(r > s for r, s in zip(routed_acc, shadow_acc, strict=True)) >= 3, (routed_acc, shadow_acc)
+
+
+def test_offline_fit_and_hessian_against_independent_oracles(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Newton agrees with L-BFGS; the analytic Hessian with finite differences of the gradient."""
+    X_all, y_all = digits
+    rng = np.random.default_rng(3)
+    rows = rng.choice(len(y_all), 400, replace=False)
+    X, _ = prepare_inputs(X_all[rows][:, ::4], [], standardize=True)  # 16 features + bias
+    y = y_all[rows] % 4  # K = 4: 68 parameters
+    newton = fit_head(X, y, 4, 0.01, augmented=True)
+    lbfgs = fit_head(X, y, 4, 0.01, augmented=True, method="lbfgs", tol=1e-9)
+    assert newton.grad_norm <= 1e-10 and lbfgs.grad_norm <= 1e-8
+    np.testing.assert_allclose(newton.theta, lbfgs.theta, atol=1e-6)
+    w = np.ones(len(X))
+    H = mean_hessian(X, softmax(X @ newton.theta.T), w) + 0.01 * np.eye(newton.theta.size)
+    eps = 1e-6
+    fd = np.empty_like(H)
+    for j in range(newton.theta.size):
+        e = np.zeros(newton.theta.size)
+        e[j] = eps
+        gp = objective(newton.theta + e.reshape(newton.theta.shape), X, y, w, 0.01)[1]
+        gm = objective(newton.theta - e.reshape(newton.theta.shape), X, y, w, 0.01)[1]
+        fd[:, j] = (gp - gm).ravel() / (2 * eps)
+    np.testing.assert_allclose(H, fd, atol=1e-7)
+    # The engine's exact estimator built from it serves exactly H⁻¹.
+    est = exact_curvature(X, softmax(X @ newton.theta.T), w, 0.01)
+    np.testing.assert_allclose(est.dense_inverse() @ H, np.eye(len(H)), atol=1e-9)
+
+
+def test_score_cli_writes_one_line_per_training_line(
+    digits: tuple[np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    X_all, y_all = digits
+    train, ref, _ = _split(y_all, 4)
+    train = train[:400]
+    lines = [_event(int(i), X_all[i], y_all[i]).decode() for i in train]
+    lines[10] = '{"id": "bad", "features": [1, 2], "label": 3}'
+    lines[20] = "not json"
+    lines[30] = '{"id": "nan", "features": [NaN' + ", 0" * 63 + '], "label": 3}'
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "ref.jsonl").write_text(
+        "\n".join(_event(int(i), X_all[i], y_all[i]).decode() for i in ref) + "\n{oops\n"
+    )
+    out = tmp_path / "scores.jsonl"
+    argv = [
+        "score",
+        "--train",
+        str(tmp_path / "train.jsonl"),
+        "--reference",
+        str(tmp_path / "ref.jsonl"),
+        "--out",
+        str(out),
+        "--l2",
+        "0.05",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    assert "l2=0.05" in printed.out and "gradient_norm=" in printed.out and "converged=True" in printed.out
+    assert "invalid line(s)" in printed.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(lines)
+    bad = {10: "wrong_dimension", 20: "invalid_json", 30: "non_finite"}
+    assert {i: r["reason"] for i, r in enumerate(records) if r["decision"] == "dead_letter"} == bad
+    good = [i for i in range(len(lines)) if i not in bad]
+    # Same numbers as the library call (the CLI learns the class order from the reference; the
+    # scores do not depend on the order of the classes).
+    keep = np.array([k for k in range(len(train)) if k not in (10, 20, 30)])
+    audit = score_dataset(
+        X_all[train[keep]], y_all[train[keep]], X_all[ref], y_all[ref], n_classes=10, l2=0.05
+    )
+    got = np.array([records[i]["influence"] for i in good])
+    assert all(records[i]["id"] == str(train[i]) for i in good)
+    np.testing.assert_allclose(got, audit.scores.influence, rtol=1e-6, atol=1e-12)
+    for r in (records[i] for i in good):
+        assert set(r) == {
+            "id",
+            "influence",
+            "relative_influence",
+            "cosine_influence",
+            "self_influence",
+            "decision",
+            "reason",
+        }
+        assert r["decision"] == ("quarantine" if r["cosine_influence"] > 0.02 else "accept")
+        assert np.sign(r["influence"]) == np.sign(r["relative_influence"]) and r["self_influence"] < 0

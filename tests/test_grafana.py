@@ -1,0 +1,138 @@
+"""The committed dashboard JSON is the generator's output, and is well formed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stream_influence.dashboard import ANNOTATIONS, all_panels
+from stream_influence.metrics import ServiceMetrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = ROOT / "grafana" / "dashboards" / "stream-influence.json"
+
+
+def load_generator():
+    pytest.importorskip(
+        "grafana_foundation_sdk", reason="grafana-foundation-sdk (test extra) is not installed"
+    )
+    spec = importlib.util.spec_from_file_location("grafana_generate", ROOT / "grafana" / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def committed() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def targets(d: dict) -> list[str]:
+    return [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+
+
+def test_committed_json_is_the_generators_output() -> None:
+    gen = load_generator()
+    assert DASHBOARD.read_text() == gen.render_json(), (
+        "grafana/dashboards/stream-influence.json is stale: run .venv/bin/python grafana/generate.py"
+    )
+    assert gen.main(["--check"]) == 0
+
+
+def test_check_mode_detects_a_stale_file(tmp_path: Path) -> None:
+    gen = load_generator()
+    stale = tmp_path / "d.json"
+    stale.write_text(DASHBOARD.read_text().replace("Quarantine rate", "Quarantine  rate"))
+    assert gen.main(["--check", "--output", str(stale)]) == 1
+
+
+def test_panels_match_the_spec_and_do_not_overlap() -> None:
+    d = committed()
+    assert d["uid"] == "stream-influence"
+    panels = [p for p in d["panels"] if p["type"] != "row"]
+    spec = all_panels()
+    assert [p["title"] for p in panels] == [p.title for p in spec]
+    assert targets(d) == [q.expr for p in spec for q in p.queries]
+    ids = [p["id"] for p in d["panels"]]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for p in d["panels"]:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        area = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        assert not area & cells, f"panel {p['title']!r} overlaps another"
+        cells |= area
+    for p in panels:
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        assert p["description"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${datasource}"
+    kinds = {p["type"] for p in panels}
+    assert {"timeseries", "heatmap", "stat", "state-timeline"} <= kinds
+    assert {a["name"] for a in d["annotations"]["list"]} == {name for name, _, _ in ANNOTATIONS}
+    assert {v["name"] for v in d["templating"]["list"]} == {"datasource", "job", "instance"}
+
+
+def test_required_panels_exist() -> None:
+    titles = " | ".join(p.title.lower() for p in all_panels())
+    for needle in (
+        "by decision",
+        "quarantine rate",
+        "cosine influence",
+        "routed vs shadow",
+        "lag",
+        "latency",
+        "checkpoint age",
+        "condition number",
+        "alerts",
+    ):
+        assert needle in titles, needle
+    quarantine = next(p for p in all_panels() if p.title == "Quarantine rate")
+    assert any("policy_max_quarantine_rate" in q.expr and q.dashed for q in quarantine.queries)
+
+
+def test_every_query_uses_metrics_the_service_exports() -> None:
+    registry_names = set()
+    for fam in ServiceMetrics().registry.collect():
+        registry_names.add(fam.name)
+        registry_names.update(s.name for s in fam.samples)
+        if fam.type == "histogram":
+            registry_names.update({fam.name + "_bucket", fam.name + "_count"})
+    exprs = targets(committed()) + [a["expr"] for a in committed()["annotations"]["list"]]
+    used = {m for e in exprs for m in re.findall(r"\b(stream_influence_[a-z_]+)", e)}
+    assert used, "no stream_influence metrics referenced"
+    assert used - registry_names == set()
+    # Every query filters on the dashboard's job variable, so one dashboard serves many deployments.
+    for e in exprs:
+        if "vector(0)" not in e:
+            assert 'job=~"$job"' in e, e
+
+
+def test_provisioning_files() -> None:
+    ds = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert ds["apiVersion"] == 1 and ds["datasources"][0]["type"] == "prometheus"
+    dash = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/stream-influence.yaml").read_text())
+    assert dash["providers"][0]["type"] == "file"
+    assert dash["providers"][0]["options"]["path"]
+
+
+def test_snapshot_cli_reports_an_unreachable_prometheus(tmp_path: Path, capsys) -> None:
+    from stream_influence.cli import main
+
+    rc = main(
+        ["dashboard", "--snapshot", str(tmp_path), "--prometheus", "http://127.0.0.1:1", "--range", "5m"]
+    )
+    assert rc == 2
+    assert "cannot reach Prometheus" in capsys.readouterr().err
+
+
+def test_snapshot_cli_rejects_a_bad_duration(tmp_path: Path, capsys) -> None:
+    from stream_influence.cli import main
+
+    assert main(["dashboard", "--snapshot", str(tmp_path), "--range", "five minutes"]) == 2
+    assert "not a duration" in capsys.readouterr().err

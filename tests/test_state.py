@@ -1,0 +1,148 @@
+"""Engine state: safetensors round trip restores bit-for-bit, continuing runs stay identical."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stream_influence.engine import InfluenceEngine
+from stream_influence.errors import CheckpointError
+from stream_influence.settings import (
+    CurvatureSettings,
+    EngineSettings,
+    LearnerSettings,
+    PolicySettings,
+    ReferenceSettings,
+)
+from stream_influence.state import atomic_write, load_engine, save_engine
+
+K, d = 4, 6
+
+
+def stream(rng: np.random.Generator, n: int, prefix: str) -> list[bytes]:
+    centers = np.arange(K * d, dtype=float).reshape(K, d) % 5 - 2.0
+    y = rng.integers(0, K, n)
+    X = centers[y] * np.array([1, 10, 100, 0.1, 1, 1]) + rng.normal(size=(n, d))
+    y = np.where(rng.random(n) < 0.25, rng.integers(0, K, n), y)
+    raws = [
+        json.dumps({"id": f"{prefix}{i}", "features": x.tolist(), "label": f"c{label}"}).encode()
+        for i, (x, label) in enumerate(zip(X, y, strict=True))
+    ]
+    raws[5] = b"{broken"
+    return raws
+
+
+def assert_same_state(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype, path
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), path
+    elif isinstance(a, float) and a != a:
+        assert b != b, path
+    else:
+        assert a == b, path
+
+
+CASES = [
+    ("exact", "sgd"),
+    ("kfac", "adam"),
+    ("diagonal", "sgd"),
+    ("exact", "newton"),
+]
+
+
+@pytest.mark.parametrize(("kind", "optimizer"), CASES)
+def test_save_load_continues_bit_for_bit(tmp_path: Path, kind: str, optimizer: str) -> None:
+    settings = EngineSettings(
+        curvature=CurvatureSettings(kind=kind, refactor_every=300),
+        learner=LearnerSettings(optimizer=optimizer, learning_rate=0.05 if optimizer != "adam" else 0.01),
+        policy=PolicySettings(warmup_events=150, mode="quantile"),
+        reference=ReferenceSettings(min_size=50, capacity=80),
+    )
+    rng = np.random.default_rng(0)
+    engine = InfluenceEngine(settings)
+    engine.add_reference(stream(rng, 100, "r"))  # labels and width learned from the reference
+    for b in range(6):
+        engine.process(stream(rng, 64, f"a{b}-"))
+    engine.set_policy(settings.policy.model_copy(update={"quantile": 0.15}))
+    path = tmp_path / "state.safetensors"
+    save_engine(engine, path, extra={"offsets": {"train-0": 384}})
+    restored, extra = load_engine(path)
+    assert extra == {"offsets": {"train-0": 384}}
+    assert_same_state(engine.state_dict(), restored.state_dict())
+    assert restored.policy.version == engine.policy.version == 2
+    assert_same_state(engine.summary(), restored.summary())
+
+    for b in range(6):
+        raws = stream(rng, 64, f"b{b}-")
+        ra, rb = engine.process(raws), restored.process(raws)
+        assert ra.records() == rb.records()
+        if b == 2:  # the reference stream keeps flowing into both
+            late = stream(rng, 10, "late")
+            assert engine.add_reference(late) == restored.add_reference(late)
+    assert np.array_equal(engine.routed.theta, restored.routed.theta)  # type: ignore[union-attr]
+    assert np.array_equal(engine.shadow.theta, restored.shadow.theta)  # type: ignore[union-attr]
+    ca, cb = engine.curvature.state_dict(), restored.curvature.state_dict()  # type: ignore[union-attr]
+    for key, value in ca.items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, cb[key]), key
+    assert np.array_equal(engine.curvature.dense_inverse(), restored.curvature.dense_inverse())  # type: ignore[union-attr]
+    assert_same_state(engine.state_dict(), restored.state_dict())
+
+
+def test_state_of_an_empty_engine_round_trips(tmp_path: Path) -> None:
+    engine = InfluenceEngine()
+    save_engine(engine, tmp_path / "s.safetensors")
+    restored, extra = load_engine(tmp_path / "s.safetensors")
+    assert extra == {} and restored.routed is None
+    assert_same_state(engine.state_dict(), restored.state_dict())
+
+
+def test_file_is_plain_safetensors_without_pickle(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    engine = InfluenceEngine()
+    engine.process(stream(rng, 32, "a"))
+    path = tmp_path / "s.safetensors"
+    save_engine(engine, path)
+    raw = path.read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    assert header["__metadata__"]["format"] == "stream-influence/state/1"
+    assert "routed.theta" in header and header["routed.theta"]["dtype"] == "F64"
+    assert b"\x80\x04\x95" not in raw  # no pickle protocol-4 frames anywhere
+
+
+def test_load_rejects_corrupt_file_and_incompatible_settings(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    engine = InfluenceEngine()
+    engine.process(stream(rng, 32, "a"))
+    path = tmp_path / "s.safetensors"
+    save_engine(engine, path)
+    with pytest.raises(CheckpointError, match="different curvature"):
+        load_engine(path, EngineSettings(curvature=CurvatureSettings(kind="exact")))
+    restored, _ = load_engine(path, EngineSettings(policy=PolicySettings(quarantine_threshold=0.5)))
+    assert restored.settings.policy.quarantine_threshold == 0.5
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 40)
+    with pytest.raises(CheckpointError):
+        load_engine(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError):
+        load_engine(tmp_path / "missing.safetensors")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    atomic_write(path, b"old")
+    with pytest.raises(TypeError):
+        atomic_write(path, "not bytes")  # type: ignore[arg-type]
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind
+    atomic_write(path, b"new")
+    assert path.read_bytes() == b"new"
