@@ -144,7 +144,6 @@ class KafkaSettings(_Frozen):
         description="Create missing output topics (quarantine, dead-letter, accepted, decisions) at start.",
     )
 
-
     @model_validator(mode="after")
     def _producer_timeouts(self) -> KafkaSettings:
         # kafka-python refuses such a producer at run time; say so when the file is checked.

@@ -104,8 +104,12 @@ def test_outputs_that_cannot_be_flushed_roll_the_model_back(tmp_path: Path) -> N
         log = tmp_path / "svc.log"
         proc = start_service(cfg, log)
         batches = n_before // 500  # process_batch_size of write_config
-        wait_for(lambda: log.read_text(errors="replace").count(" batch of ") >= batches, 60,
-                 interval=0.05, what="the whole backlog processed")
+        wait_for(
+            lambda: log.read_text(errors="replace").count(" batch of ") >= batches,
+            60,
+            interval=0.05,
+            what="the whole backlog processed",
+        )
         assert consumed(ckdir) == 0  # processed, not yet checkpointed
         broker.stop()
         wait_for(lambda: "rolled back" in log.read_text(errors="replace"), 60, what="a rollback")
