@@ -16,6 +16,7 @@ No I/O happens here; the Kafka service, offline replay and the benchmarks all dr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from .policy import RoutingPolicy
 from .settings import EngineSettings, PolicySettings
 
 __all__ = ["BatchResult", "InfluenceEngine"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -264,6 +267,13 @@ class InfluenceEngine:
         c.quarantined += q
         if not self.learning_labels and not self.schema.frozen and self.schema.n_classes >= 2:
             self.schema.freeze()
+            # Learned, not configured: say what the label space became (later labels are rejected).
+            log.info(
+                "label space learned and frozen: %d classes %s, %s features",
+                self.schema.n_classes,
+                self.schema.classes,
+                self.schema.n_features,
+            )
         return self._result(batch, list(rejects), scores, decision, drifted)
 
     def _result(

@@ -12,6 +12,7 @@ The head is one ``K × D`` float64 matrix ``Θ = [W b]`` applied to augmented fe
 from __future__ import annotations
 
 import importlib
+import pickle
 from typing import Any, Protocol
 
 import numpy as np
@@ -87,7 +88,7 @@ class TorchExtractor:
             try:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
                 module.load_state_dict(state)
-            except (OSError, RuntimeError, KeyError) as exc:
+            except (OSError, RuntimeError, KeyError, pickle.UnpicklingError) as exc:
                 raise ExtractorError(f"cannot load weights {str(weights)!r}: {exc}") from exc
         module.eval()
         for p in module.parameters():
