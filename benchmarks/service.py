@@ -190,21 +190,41 @@ def main() -> int:
 def write_docs(r: dict[str, float]) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    verdict = "meets" if r["ratio"] >= 0.5 else "misses"
+
+    def verdict(x: float) -> str:
+        return "meets the target" if x >= 0.5 else "misses the target"
+
+    both = r["ratio"] >= 0.5 and r["ratio_orjson"] >= 0.5
+    neither = r["ratio"] < 0.5 and r["ratio_orjson"] < 0.5
+    summary = (
+        "met against both baselines"
+        if both
+        else "missed against both baselines"
+        if neither
+        else "met against the issue's `json.loads` baseline, missed against the `orjson.loads` one"
+        if r["ratio"] >= 0.5
+        else "met against the `orjson.loads` baseline, missed against the issue's `json.loads` one"
+    )
     section = f"""<!-- service:start -->
 ## service
 
 `nice .venv/bin/python benchmarks/service.py --events {r["events"]} --write-docs`
-({platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, kafka-python with crc32c,
-local Tansu broker; one input partition; d={D}, K={K}, ~{r["event_bytes"]} bytes per event, 30 % label
-noise, 300 clean reference events; engine defaults with the class list and width configured;
-default `kafka`/`checkpoint` settings: batches of 512, checkpoint every 10 000 events or 30 s).
+({platform.machine()}, {os.cpu_count()} CPUs, no other benchmark running; Python {platform.python_version()},
+kafka-python with crc32c, local Tansu broker; one input partition; d={D}, K={K}, ~{r["event_bytes"]} bytes
+per event, 30 % label noise, 300 clean reference events; engine defaults with the class list and width
+configured; default `kafka`/`checkpoint` settings: batches of 512, checkpoint every 10 000 events or 30 s).
+
+The issue's baseline is the raw kafka-python consume + `json.loads`; the engine now decodes with
+`orjson`, so a second baseline, raw consume + `orjson.loads`, is measured in the same run (each
+baseline twice, alternating; the faster run of each is kept).
 
 | measured in the same run | events/s |
 |---|---|
-| raw kafka-python consume + `json.loads` (baseline) | {r["raw_consume_json_rate"]:,.0f} |
+| raw kafka-python consume + `json.loads` (the issue's baseline) | {r["raw_consume_json_rate"]:,.0f} |
+| raw kafka-python consume + `orjson.loads` (the engine's decoder) | {r["raw_consume_orjson_rate"]:,.0f} |
 | **service end to end** (poll → decode → score → route → learn → produce outputs → checkpoint → commit) | **{r["service_rate"]:,.0f}** |
-| ratio service / baseline | **{r["ratio"]:.0%}** (target ≥ 50 %: {verdict}) |
+| ratio service / `json.loads` baseline | **{r["ratio"]:.0%}** (target ≥ 50 %: {verdict(r["ratio"])}) |
+| ratio service / `orjson.loads` baseline | **{r["ratio_orjson"]:.0%}** (target ≥ 50 %: {verdict(r["ratio_orjson"])}) |
 | engine alone, same events and batches, no Kafka (`InfluenceEngine.process`) | {r["engine_only_rate"]:,.0f} |
 | ratio service / engine alone | {r["service_vs_engine"]:.0%} |
 | test producer (for reference; loads the topic before the run) | {r["produce_rate"]:,.0f} |
@@ -212,18 +232,21 @@ default `kafka`/`checkpoint` settings: batches of 512, checkpoint every 10 000 e
 Poll → commit per batch: p50 {r["p50_poll_to_commit_s"] * 1000:.0f} ms, p99 {r["p99_poll_to_commit_s"] * 1000:.0f} ms
 ({r["batches"]:.0f} batches; a batch waits for the next checkpoint, so this is dominated by
 `checkpoint.every_events` / `every_seconds`, not by processing).  The service used
-{r["cpu_seconds"]:.1f} CPU-seconds for {r["seconds"]:.1f} s of wall time; {r["quarantined"]:.0f} events were
-quarantined and produced to the quarantine topic.
+{r["cpu_seconds"]:.1f} CPU-seconds (all threads of the process, the group join before the clock starts included) for {r["seconds"]:.1f} s of wall time;
+{r["quarantined"]:.0f} events were quarantined and produced to the quarantine topic.
 
-**Verdict: the ≥ 50 % target is missed.**  Where the time goes (cProfile of the service thread,
-50 000 events, run separately on 2026-11-28): about a third each in `engine.process` (JSON decode +
-score + learn), in producing the quarantined events with their ten headers (kafka-python's
-`send` costs ~35 µs per message plus ~25 µs for the headers, measured on the same broker), and in
-kafka-python's record unpacking inside `poll`; checkpoints (~10 ms each), metrics and the loop
-itself are a few percent.  The baseline does neither the engine's work nor any producing, so the
-ratio is bounded by the engine (see "engine alone" above) and by the Python Kafka client: a faster
-client (confluent-kafka reads ~1 M/s and writes ~600 k/s on these machines, see the test-broker
-notes) or a faster JSON decoder in the engine are the levers, not the service loop.
+**Verdict: the ≥ 50 % target is {summary}.**  Where the time goes (cProfile of the
+service thread, 50 000 events of the same stream, run separately; the profiler inflates code made of
+many small Python calls, so read the shares as rough): producing the ~30 % quarantined events with
+their headers is the largest part (kafka-python's `send` ≈ 30 % of the thread: record-batch append,
+size estimate, partitioner), then `engine.process` ≈ 28 % (about half of it `decode_batch` —
+validation and building the arrays; `orjson.loads` itself is ≈ 2 %), then kafka-python's fetch and
+record unpacking inside `poll` ≈ 17 %; the service's own code (quarantine headers, metrics, the
+loop, five checkpoints of ≈ 13 ms) is ≈ 7 %, and a one-off group join (≈ 1 s, before the first
+event, outside the benchmark's clock) is the rest.  No cheap win is left in `service.py` /
+`kafka_io.py`; the baselines do neither the engine's work nor any producing, so the levers are the
+Python Kafka client (confluent-kafka reads ~1 M/s and writes ~600 k/s on these machines, see the
+test-broker notes) and the engine's per-event validation.
 <!-- service:end -->"""
     start, end = "<!-- service:start -->", "<!-- service:end -->"
     if start in text and end in text:
