@@ -11,6 +11,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -95,10 +96,21 @@ class EmbeddedBroker:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Poll ``list_topics`` until the broker answers (or raise :class:`BrokerUnavailable`)."""
+        deadline = time.monotonic() + timeout
+        # Refused connections are expected until the broker listens; the client logs each one.
+        kafka_log = logging.getLogger("kafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)
+        try:
+            self._probe(deadline)
+        finally:
+            kafka_log.setLevel(level)
+
+    def _probe(self, deadline: float) -> None:
         from kafka import KafkaAdminClient
         from kafka.errors import KafkaError
 
-        deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
@@ -114,7 +126,7 @@ class EmbeddedBroker:
                 last = exc
                 time.sleep(0.1)
         self.stop()
-        raise BrokerUnavailable(f"embedded broker not ready after {timeout:.0f}s: {last}")
+        raise BrokerUnavailable(f"embedded broker not ready in time: {last}")
 
     def stop(self, graceful: bool = True) -> None:
         """Stop the broker: SIGTERM (``graceful``) or SIGKILL — an outage, as tests want it.

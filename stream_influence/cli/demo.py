@@ -49,6 +49,6 @@ def _demo(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         keep_running=args.keep_running,
     )
-    report = run_demo(opts, quiet=args.quiet or args.json)
+    report = run_demo(opts, quiet=args.quiet or args.json, verbose=args.verbose)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0
