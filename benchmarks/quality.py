@@ -124,6 +124,22 @@ class SmallLossEngine(InfluenceEngine):
         self.scorer = LossScorer(settings.influence)
 
 
+# Clean test accuracy of every learner, in table order.
+ACCURACY_COLUMNS = (
+    "routed_kfac",
+    "routed_exact",
+    "shadow",
+    "unfiltered_low_lr",
+    "unfiltered_plus_ref",
+    "reference_only",
+    "small_loss",
+    "identity",
+    "river_linear",
+    "river_tree",
+    "oracle",
+)
+
+
 def small_loss_policy(base: PolicySettings, rate: float) -> PolicySettings:
     if rate <= 0:  # the hint says "no noise": never quarantine
         return base.model_copy(update={"accept_threshold": 0.0, "quarantine_threshold": 1e300})
@@ -351,17 +367,7 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
             "n_classes": rs[0]["n_classes"],
         }
         for key in (
-            "routed_kfac",
-            "routed_exact",
-            "shadow",
-            "unfiltered_low_lr",
-            "unfiltered_plus_ref",
-            "reference_only",
-            "small_loss",
-            "identity",
-            "river_linear",
-            "river_tree",
-            "oracle",
+            *ACCURACY_COLUMNS,
             "updates_routed",
             "updates_identity",
             "updates_small_loss",
@@ -386,22 +392,7 @@ def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = [
-            _f(r[k])
-            for k in (
-                "routed_kfac",
-                "routed_exact",
-                "shadow",
-                "unfiltered_low_lr",
-                "unfiltered_plus_ref",
-                "reference_only",
-                "small_loss",
-                "identity",
-                "river_linear",
-                "river_tree",
-                "oracle",
-            )
-        ]
+        cells = [_f(r[k]) for k in ACCURACY_COLUMNS]
         best = max(
             v
             for v in (
