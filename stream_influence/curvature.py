@@ -233,7 +233,7 @@ class ExactCurvature(Curvature):
         M = self.C + self.settings.damping * np.eye(n)
         try:
             chol = linalg.cholesky(M, lower=True)
-        except linalg.LinAlgError as exc:
+        except (linalg.LinAlgError, ValueError) as exc:  # ValueError: non-finite entries
             raise CurvatureError(f"exact curvature is not positive definite: {exc}") from exc
         Linv = linalg.solve_triangular(chol, np.eye(n), lower=True)
         self.Minv = Linv.T @ Linv
@@ -304,7 +304,7 @@ class KFACCurvature(Curvature):
         try:
             self.eA, self.QA = linalg.eigh(self.input_factor)
             self.eG, self.QG = linalg.eigh(self.G)
-        except linalg.LinAlgError as exc:
+        except (linalg.LinAlgError, ValueError) as exc:  # ValueError: non-finite factors
             raise CurvatureError(f"K-FAC factor eigendecomposition failed: {exc}") from exc
         np.clip(self.eA, 0.0, None, out=self.eA)
         np.clip(self.eG, 0.0, None, out=self.eG)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .curvature import Curvature, make_curvature
+from .errors import CurvatureError
 from .events import EventBatch, Reject, Schema
 from .influence import InfluenceScorer, ReferenceBuffer, Scores
 from .learner import DriftMonitor, HeadLearner
@@ -133,7 +134,11 @@ class InfluenceEngine:
     # -- schema and model construction ---------------------------------------------------
     @property
     def learning_labels(self) -> bool:
-        return not self.schema.frozen and self.events_seen < self.settings.policy.warmup_events
+        # Past the warm-up, labels are still learned until a second class shows up: a sorted or
+        # very imbalanced stream must not freeze a one-class label space.
+        return not self.schema.frozen and (
+            self.events_seen < self.settings.policy.warmup_events or self.schema.n_classes < 2
+        )
 
     def _ensure_model(self) -> None:
         """Build (or grow, while labels are still being learned) the head for the schema."""
@@ -247,7 +252,14 @@ class InfluenceEngine:
         decision = self.policy.decide(scores.get(self.policy.settings.score), self.warm)
 
         # The CE Hessian does not depend on labels, so every valid event informs the curvature.
-        self.curvature.update(X, P, batch.weights)
+        try:
+            self.curvature.update(X, P, batch.weights)
+        except CurvatureError as exc:
+            # Recover rather than stop the stream: forget the curvature (H = λI) and rebuild it.
+            log.warning("curvature update failed, resetting it: %s", exc)
+            self.curvature.reset()
+            self.scorer.invalidate()
+            c.refactor_failures += 1
         accept = ~decision.quarantine
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
         if accept.any():
@@ -265,6 +277,12 @@ class InfluenceEngine:
         q = int(decision.quarantine.sum())
         c.accepted += n - q
         c.quarantined += q
+        if self.schema.n_classes < 2 and self.events_seen >= self.settings.policy.warmup_events:
+            log.warning(
+                "warm-up is over but only the label(s) %s were seen: nothing can be routed "
+                "until a second class arrives (configure schema.classes)",
+                self.schema.classes,
+            )
         if not self.learning_labels and not self.schema.frozen and self.schema.n_classes >= 2:
             self.schema.freeze()
             # Learned, not configured: say what the label space became (later labels are rejected).

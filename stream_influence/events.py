@@ -49,6 +49,7 @@ class RejectReason(StrEnum):
     INVALID_FEATURES = "invalid_features"
     WRONG_DIMENSION = "wrong_dimension"
     NON_FINITE = "non_finite"
+    OUT_OF_RANGE = "out_of_range"
     INVALID_LABEL = "invalid_label"
     UNKNOWN_LABEL = "unknown_label"
     INVALID_WEIGHT = "invalid_weight"
@@ -188,6 +189,7 @@ class Schema:
         ``learn`` lets this call add labels (and set the width) while the schema is not frozen.
         """
         max_bytes = self.settings.max_event_bytes
+        max_abs = self.settings.max_abs_feature
         ids: list[str] = []
         rows: list[list[Any]] = []
         labels: list[int] = []
@@ -265,9 +267,9 @@ class Schema:
                 learn
                 and not self.frozen
                 and str(obj["label"]) not in self._index
-                and not _numeric_finite(feats)
+                and not _numeric_finite(feats, max_abs)
             ):
-                reason = _feature_problem(feats)
+                reason = _feature_problem(feats, max_abs)
                 reject(i, reason, _FEATURE_DETAIL[reason])
                 continue
             label, bad = self._label_index(obj["label"], learn)
@@ -275,8 +277,8 @@ class Schema:
                 reject(i, bad.reason, bad.detail)
                 continue
             if width is None:
-                if not _numeric_finite(feats):
-                    reason = _feature_problem(feats)
+                if not _numeric_finite(feats, max_abs):
+                    reason = _feature_problem(feats, max_abs)
                     reject(i, reason, _FEATURE_DETAIL[reason])
                     continue
                 self.n_features = len(feats)
@@ -289,7 +291,8 @@ class Schema:
 
         width = self.n_features or 0
         X = _stack(rows, width)
-        ok = np.isfinite(X).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
+        # NaN compares False, so this one test rejects non-finite and out-of-range rows alike.
+        ok = (np.abs(X) <= max_abs).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
         batch = EventBatch(
             ids=ids,
             features=X,
@@ -300,7 +303,7 @@ class Schema:
         )
         if not ok.all():
             for pos in np.flatnonzero(~ok).tolist():
-                reason = _feature_problem(rows[pos])
+                reason = _feature_problem(rows[pos], max_abs)
                 reject(int(batch.index[pos]), reason, _FEATURE_DETAIL[reason])
             batch = batch.subset(ok)
         rejects.sort(key=lambda r: r.index)
@@ -313,21 +316,24 @@ def _may_hold_bool(raw: bytes | str) -> bool:
     return b"true" in raw or b"false" in raw
 
 
-def _numeric_finite(feats: list[Any]) -> bool:
-    return all(_finite_number(v) for v in feats)
+def _numeric_finite(feats: list[Any], limit: float = math.inf) -> bool:
+    return all(_finite_number(v) and abs(v) <= limit for v in feats)
 
 
 _FEATURE_DETAIL = {
     RejectReason.INVALID_FEATURES: "features must be numbers (found a string, bool, null or list)",
     RejectReason.NON_FINITE: "features contain NaN, Infinity or a number beyond float64 range",
+    RejectReason.OUT_OF_RANGE: "a feature's magnitude exceeds schema.max_abs_feature",
 }
 
 
-def _feature_problem(feats: list[Any]) -> RejectReason:
-    """Why a feature row is unusable: a non-number, else a non-finite number."""
+def _feature_problem(feats: list[Any], limit: float = math.inf) -> RejectReason:
+    """Why a feature row is unusable: a non-number, a non-finite number, or one too large."""
     if any(isinstance(v, bool) or not isinstance(v, int | float) for v in feats):
         return RejectReason.INVALID_FEATURES
-    return RejectReason.NON_FINITE
+    if not all(_finite_number(v) for v in feats):
+        return RejectReason.NON_FINITE
+    return RejectReason.OUT_OF_RANGE
 
 
 def _stack(rows: list[list[Any]], width: int) -> np.ndarray:

@@ -98,9 +98,23 @@ class ReferenceBuffer:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.labels = np.array(state["labels"], dtype=np.int64)
-        self.size, self.pos, self.version = int(state["size"]), int(state["pos"]), int(state["version"])
-        self.features = np.array(state["features"], dtype=np.float64) if "features" in state else None
+        """Restore; a buffer saved with another ``capacity`` keeps its newest points that fit."""
+        labels = np.array(state["labels"], dtype=np.int64)
+        size, pos, self.version = int(state["size"]), int(state["pos"]), int(state["version"])
+        if len(labels) == self.capacity:  # same capacity: restore the exact layout (bit-for-bit)
+            self.labels, self.size, self.pos = labels, size, pos
+            self.features = np.array(state["features"], dtype=np.float64) if "features" in state else None
+            return
+        order = np.arange(size) if size < len(labels) else (pos + np.arange(size)) % len(labels)
+        order = order[-self.capacity :]  # oldest first
+        self.labels = np.zeros(self.capacity, dtype=np.int64)
+        self.labels[: len(order)] = labels[order]
+        self.size, self.pos = len(order), len(order) % self.capacity
+        self.features = None
+        if "features" in state:
+            features = np.array(state["features"], dtype=np.float64)
+            self.features = np.zeros((self.capacity, features.shape[1]))
+            self.features[: len(order)] = features[order]
 
 
 def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:

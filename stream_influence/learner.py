@@ -39,6 +39,7 @@ class Prequential:
         self._correct = np.zeros(window)
         self._loss = np.zeros(window)
         self.n = 0
+        self.filled = 0  # newest events held in the window (fewer than n after a resize)
         self._confusion: dict[tuple[int, int], float] = {}
 
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -53,7 +54,13 @@ class Prequential:
         self._correct[idx] = correct
         self._loss[idx] = loss
         self.n += len(y)
+        self.filled = min(self.window, self.filled + len(y))
         return 1.0 - correct
+
+    def _recent(self, values: np.ndarray) -> float:
+        if not self.filled:
+            return float("nan")
+        return float(values[(self.n - 1 - np.arange(self.filled)) % self.window].mean())
 
     @property
     def cumulative_accuracy(self) -> float:
@@ -61,13 +68,11 @@ class Prequential:
 
     @property
     def rolling_accuracy(self) -> float:
-        k = min(self.n, self.window)
-        return float(self._correct[:k].mean()) if k else float("nan")
+        return self._recent(self._correct)
 
     @property
     def rolling_log_loss(self) -> float:
-        k = min(self.n, self.window)
-        return float(self._loss[:k].mean()) if k else float("nan")
+        return self._recent(self._loss)
 
     def state_dict(self) -> dict[str, Any]:
         pairs = sorted(self._confusion.items())
@@ -80,8 +85,16 @@ class Prequential:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n = int(state["n"])
-        self._correct = np.array(state["correct"], dtype=np.float64)
-        self._loss = np.array(state["loss"], dtype=np.float64)
+        # The window may have been resized since the save: keep the newest values that fit, at the
+        # ring positions this window expects (index = event number mod window).
+        saved_c = np.array(state["correct"], dtype=np.float64)
+        saved_l = np.array(state["loss"], dtype=np.float64)
+        k = min(self.n, len(saved_c), self.window)
+        events = np.arange(self.n - k, self.n)
+        self._correct, self._loss = np.zeros(self.window), np.zeros(self.window)
+        self._correct[events % self.window] = saved_c[events % len(saved_c)]
+        self._loss[events % self.window] = saved_l[events % len(saved_l)]
+        self.filled = k
         self.accuracy = metrics.Accuracy()
         self._confusion = {}
         for a, b, c in np.asarray(state["confusion"]).tolist():

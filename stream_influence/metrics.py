@@ -153,7 +153,7 @@ class _EngineCounters(Collector):
          "refactorizations", {}),
         ("curvature_refactorization_failures_total",
          "Re-factorisations that failed (the estimate was not positive definite) and were "
-         "recovered by raising damping or resetting.", "refactor_failures", {}),
+         "recovered by resetting the curvature to λI.", "refactor_failures", {}),
         ("drift_resets_total", "Resets of the learned state triggered by the drift detector.",
          "drift_resets", {}),
         ("reference_events_total", "Trusted events added to the reference buffer.",

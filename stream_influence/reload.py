@@ -3,8 +3,8 @@
 The policy is read from the ``engine.policy`` section of the configuration file — the same file
 the service started with — on SIGHUP and whenever the file's modification time or size changes.
 A file that does not parse or validate is rejected: the error is logged, the caller counts it, and
-the policy in force stays.  Only the policy is hot: other sections need a restart, and a change
-to them is reported, not applied.
+the policy in force stays.  Only the policy is hot: changes to other sections are ignored until
+a restart.
 
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "cfg.yaml"

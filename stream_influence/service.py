@@ -41,6 +41,7 @@ from . import kafka_io
 from .checkpoint import CheckpointStore
 from .config import AppSettings
 from .engine import BatchResult, InfluenceEngine
+from .errors import ConfigError
 from .metrics import MetricsServer, ServiceMetrics
 from .reload import PolicyReloader
 
@@ -120,6 +121,7 @@ class Service:
         self._producer_attempt = 0.0
         self.send_error: BaseException | None = None  # an output of this window could not be sent
         self.batches = 0
+        self.crashed = False
         self._stop_deadline = float("inf")
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -198,12 +200,22 @@ class Service:
             backlog = self.reader.read_backlog(self.k.reference_backlog_timeout_seconds)
             self._add_reference(backlog)
             log.info("reference topic %s: %d events read", self.k.reference_topic, len(backlog))
+        elif self.cfg.engine.reference.seed_from_stream == 0 and self.engine.reference.size == 0:
+            log.warning(
+                "no kafka.reference_topic and engine.reference.seed_from_stream is 0: the reference "
+                "set stays empty, so routing stays in warm-up and accepts everything; configure one"
+            )
         self.consumer = kafka_io.build_consumer(self.k)
         self.consumer.subscribe([self.k.topic], listener=_Listener(self))
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         try:
             while not self.stop_event.is_set():
                 self._step()
+        except BaseException:
+            # The in-memory engine may hold half a batch: never checkpoint it.  The last durable
+            # checkpoint plus a replay of the window is the consistent state.
+            self.crashed = True
+            raise
         finally:
             code = self._shutdown()
         return code
@@ -211,7 +223,7 @@ class Service:
     def _shutdown(self) -> int:
         code = 0
         try:
-            if self.consumer is not None:
+            if self.consumer is not None and not self.crashed:
                 self._checkpoint(force=True, reason="shutdown")
         except Exception:
             log.exception("final checkpoint failed")
@@ -244,7 +256,14 @@ class Service:
         self.metrics.update_summary(self.engine.summary())
         if m.enabled:
             self.metrics_server = MetricsServer(m.host, m.port, self.metrics.registry, self.ready)
-            self.metrics_server.start()
+            try:
+                self.metrics_server.start()
+            except OSError as exc:
+                self.metrics_server = None
+                raise ConfigError(
+                    f"cannot serve metrics on {m.host}:{m.port}: {exc.strerror or exc} "
+                    "(set metrics.port to a free port, 0 for any, or metrics.enabled: false)"
+                ) from exc
             log.info("metrics on http://%s:%d/metrics", m.host, self.metrics_server.port)
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -411,8 +430,16 @@ class Service:
                 k += 1
             ready = k < len(buf) or buf[k - 1].offset == end - 1
             if not ready:
+                # Caught up: the consumer is past the chunk or at the end of the partition.  The
+                # position, not the last record, decides: an offset may hold no record
+                # (transaction markers, compaction).
                 hw = self.consumer.highwater(tp)
-                ready = hw is None or buf[-1].offset + 1 >= hw  # caught up: nothing more to wait for
+                try:
+                    pos = self.consumer.position(tp, timeout_ms=0)
+                except Exception:  # no position yet: fall back to the last buffered record
+                    pos = None
+                pos = buf[-1].offset + 1 if pos is None else max(pos, buf[-1].offset + 1)
+                ready = hw is None or pos >= end or pos >= hw
             if not ready:
                 return
             chunk = buf[:k]

@@ -56,6 +56,12 @@ class SchemaSettings(_Frozen):
     max_event_bytes: int = Field(
         default=1_048_576, gt=0, description="Events larger than this are rejected as too_large."
     )
+    max_abs_feature: float = Field(
+        default=1e15,
+        gt=0,
+        description="Features of larger magnitude are rejected as out_of_range (their squares would "
+        "overflow the running statistics).",
+    )
     max_classes: int = Field(
         default=1000, ge=2, description="Guard on label discovery: more labels than this are rejected."
     )

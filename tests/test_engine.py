@@ -286,3 +286,48 @@ def test_every_estimator_routes_noise(kind: str) -> None:
     qa, na = np.array(q), np.array(noisy)
     assert qa.sum() > 20
     assert na[qa].mean() >= 0.8  # quarantined events are mostly the corrupted ones
+
+
+def test_a_one_class_warm_up_keeps_learning_labels() -> None:
+    """A sorted or very imbalanced stream: the label space must not freeze with one class."""
+    from stream_influence.settings import EngineSettings, PolicySettings
+
+    engine = InfluenceEngine(EngineSettings(policy=PolicySettings(warmup_events=50)))
+    ones = [
+        json.dumps({"id": f"a{i}", "features": [float(i), 1.0], "label": "fraud"}).encode() for i in range(80)
+    ]
+    engine.process(ones[:40])
+    engine.process(ones[40:])
+    assert engine.schema.classes == ["fraud"] and not engine.schema.frozen
+    later = [json.dumps({"id": "b", "features": [0.5, 2.0], "label": "ok"}).encode()]
+    result = engine.process(later)
+    assert result.counts()["dead_lettered"] == 0
+    assert engine.schema.classes == ["fraud", "ok"] and engine.schema.frozen  # warm-up over: frozen at 2
+    unseen = engine.process([json.dumps({"id": "c", "features": [0.0, 0.0], "label": "other"}).encode()])
+    assert [r.reason.value for r in unseen.rejects] == ["unknown_label"]
+
+
+def test_a_failed_curvature_update_resets_it_and_the_stream_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream_influence.errors import CurvatureError
+    from stream_influence.settings import EngineSettings, PolicySettings, SchemaSettings
+
+    engine = InfluenceEngine(
+        EngineSettings(
+            schema=SchemaSettings(classes=[0, 1], n_features=2), policy=PolicySettings(warmup_events=0)
+        )
+    )
+    raws = [
+        json.dumps({"id": str(i), "features": [float(i % 3), 1.0], "label": i % 2}).encode()
+        for i in range(20)
+    ]
+    engine.process(raws[:10])
+    assert engine.curvature is not None and engine.curvature.n_seen == 10
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise CurvatureError("not positive definite")
+
+    monkeypatch.setattr(engine.curvature, "update", broken)
+    result = engine.process(raws[10:])
+    assert result.counts()["accepted"] + result.counts()["quarantined"] == 10  # the batch still routed
+    assert engine.counters.refactor_failures == 1
+    assert engine.curvature.n_seen == 0  # reset to H = λI, rebuilt from the next batch

@@ -266,3 +266,17 @@ def test_fuzz_engine_never_raises_and_counts_add_up() -> None:
         assert len(result.records()) == len(raws)
     c = engine.counters
     assert c.consumed == total == c.accepted + c.quarantined + c.dead_lettered
+
+
+def test_huge_but_finite_features_are_out_of_range() -> None:
+    """Squares of such values overflow the running statistics: dead-letter them, never crash."""
+    schema = Schema(SchemaSettings(classes=[0, 1], n_features=2))
+    batch, rejects = schema.decode_batch(
+        [
+            b'{"id": "a", "features": [1e200, 1.0], "label": 0}',
+            b'{"id": "b", "features": [-2e15, 1.0], "label": 1}',
+            b'{"id": "c", "features": [9.9e14, 1.0], "label": 1}',
+        ]
+    )
+    assert batch.ids == ["c"]
+    assert [(r.index, r.reason.value) for r in rejects] == [(0, "out_of_range"), (1, "out_of_range")]

@@ -111,3 +111,28 @@ def test_cli_has_run_produce_requeue() -> None:
     assert parser.parse_args(["produce", "f.jsonl", "--topic", "t", "--quiet"]).quiet
     args = parser.parse_args(["requeue", "--from-quarantine", "--to", "t2", "--dry-run"])
     assert (args.to, args.dry_run) == ("t2", True)
+
+
+def test_a_crashed_service_never_checkpoints_its_half_applied_state(tmp_path: Path) -> None:
+    """After an exception in the loop the engine may hold half a batch: shutdown must not save it."""
+    from stream_influence.service import Service
+
+    class _Closable:
+        def close(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    cfg = AppSettings.model_validate(
+        {"checkpoint": {"directory": str(tmp_path / "ck")}, "metrics": {"enabled": False}}
+    )
+    service = Service(cfg, install_signals=False)
+    service.consumer = _Closable()
+    service.engine.process(events(20, seed=1)[0])
+    service.dirty = True
+    service.crashed = True
+    assert service._shutdown() == 0
+    assert CheckpointStore(tmp_path / "ck").latest() is None
+    service.crashed = False  # the same state from a clean stop *is* checkpointed
+    service.consumer = _Closable()
+    service.producer = None
+    service._shutdown()
+    assert CheckpointStore(tmp_path / "ck").latest() is not None

@@ -146,3 +146,50 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left behind
     atomic_write(path, b"new")
     assert path.read_bytes() == b"new"
+
+
+def test_restore_with_resized_windows_keeps_the_newest_points(tmp_path: Path) -> None:
+    """Changing reference.capacity or learner.metrics_window between runs must not break a restore."""
+    import json as _json
+
+    from stream_influence.settings import LearnerSettings, ReferenceSettings, SchemaSettings
+
+    base = EngineSettings(
+        schema=SchemaSettings(classes=[0, 1], n_features=2),
+        reference=ReferenceSettings(capacity=50, min_size=10),
+        learner=LearnerSettings(metrics_window=40),
+    )
+    engine = InfluenceEngine(base)
+    rng = np.random.default_rng(0)
+
+    def raws(n: int, start: int) -> list[bytes]:
+        X = rng.normal(size=(n, 2))
+        return [
+            _json.dumps({"id": str(start + i), "features": x.tolist(), "label": int(x[0] > 0)}).encode()
+            for i, x in enumerate(X)
+        ]
+
+    engine.add_reference(raws(120, 0))  # wraps the 50-slot buffer
+    engine.process(raws(130, 1000))  # wraps the 40-event window
+    path = tmp_path / "state.safetensors"
+    save_engine(engine, path)
+    Fr, _yr = engine.reference.arrays()
+    newest = set(map(tuple, Fr.tolist()))
+    for capacity, window in ((80, 100), (20, 10)):
+        wider = base.model_copy(
+            update={
+                "reference": base.reference.model_copy(update={"capacity": capacity}),
+                "learner": base.learner.model_copy(update={"metrics_window": window}),
+            }
+        )
+        restored, _ = load_engine(path, wider)
+        Fn, _yn = restored.reference.arrays()
+        assert restored.reference.size == min(capacity, 50)
+        assert set(map(tuple, Fn.tolist())) <= newest  # only points the old buffer held
+        assert restored.routed is not None
+        k = min(window, 40)
+        assert restored.routed.metrics.rolling_accuracy == pytest.approx(
+            float(np.mean(engine.routed.metrics._correct[(np.arange(130 - k, 130)) % 40]))
+        )
+        restored.process(raws(70, 5000))  # and it keeps running (both buffers wrap again)
+        assert restored.counters.consumed == 200
