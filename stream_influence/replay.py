@@ -203,8 +203,8 @@ def replay(
             )
         ref_info = {
             "source": "stream",
-            "seeded_from_first_valid_events": seeded,
-            "note": f"no --reference given: the first {seeded} valid events seeded the reference "
+            "seed_from_stream": seeded,
+            "note": f"no --reference given: up to the first {seeded} valid events seeded the reference "
             "buffer (unverified: label noise among them weakens routing)",
         }
     else:
@@ -285,7 +285,7 @@ def replay(
         "not_warm_reason": engine.not_warm_reason(),
         "alarm_batches": trace.alarm_batches,
         "drift_resets": c.drift_resets,
-        "reference": ref_info,
+        "reference": {**ref_info, "buffer_size": engine.reference.size},
         "input": str(events),
         "decisions": str(decisions) if decisions is not None else None,
     }

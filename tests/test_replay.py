@@ -175,7 +175,9 @@ def test_malformed_lines_are_dead_lettered_with_reason(
         "wrong_dimension": 1,
     }
     assert report["reference"]["source"] == "stream"
-    assert report["reference"]["seeded_from_first_valid_events"] == 300
+    assert report["reference"]["seed_from_stream"] == 300
+    # The buffer holds what was really seeded.
+    assert report["reference"]["buffer_size"] == min(300, report["valid"])
     assert report["settings"]["reference"]["seed_from_stream"] == 300
     assert "test_accuracy" not in report
 
