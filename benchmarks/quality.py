@@ -138,6 +138,8 @@ ACCURACY_COLUMNS = (
     "river_tree",
     "oracle",
 )
+# What a user could run instead of routing (the oracle needs clean labels; routed_* is us).
+RIVALS = tuple(k for k in ACCURACY_COLUMNS if k not in ("routed_kfac", "routed_exact", "oracle"))
 
 
 def small_loss_policy(base: PolicySettings, rate: float) -> PolicySettings:
@@ -507,20 +509,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     losses: list[str] = []
     close: list[str] = []
     for r in rows:
-        rivals = {
-            k: r[k]
-            for k in (
-                "shadow",
-                "unfiltered_low_lr",
-                "unfiltered_plus_ref",
-                "reference_only",
-                "small_loss",
-                "identity",
-                "river_linear",
-                "river_tree",
-            )
-            if r[k] is not None
-        }
+        rivals = {k: r[k] for k in RIVALS if r[k] is not None}
         best_k = max(rivals, key=lambda k: rivals[k])
         if rivals[best_k] <= r["routed_kfac"] + 0.005:
             close.append(
