@@ -40,14 +40,12 @@ class Prequential:
         self._loss = np.zeros(window)
         self.n = 0
         self.filled = 0  # newest events held in the window (fewer than n after a resize)
-        self._confusion: dict[tuple[int, int], float] = {}
 
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
         pred = P.argmax(axis=1)
         for yt, yp in zip(y.tolist(), pred.tolist(), strict=True):
             self.accuracy.update(yt, yp)
-            self._confusion[(yt, yp)] = self._confusion.get((yt, yp), 0.0) + 1.0
         correct = (pred == y).astype(np.float64)
         loss = -np.log(np.clip(P[np.arange(len(y)), y], 1e-15, None))
         idx = (self.n + np.arange(len(y))) % self.window
@@ -75,7 +73,8 @@ class Prequential:
         return self._recent(self._loss)
 
     def state_dict(self) -> dict[str, Any]:
-        pairs = sorted(self._confusion.items())
+        # River's own confusion matrix is the state of its Accuracy: save its cells.
+        pairs = sorted(((t, q), c) for t, row in self.accuracy.cm.data.items() for q, c in row.items())
         return {
             "n": self.n,
             "correct": self._correct,
@@ -96,10 +95,8 @@ class Prequential:
         self._loss[events % self.window] = saved_l[events % len(saved_l)]
         self.filled = k
         self.accuracy = metrics.Accuracy()
-        self._confusion = {}
         for a, b, c in np.asarray(state["confusion"]).tolist():
             self.accuracy.update(int(a), int(b), w=c)
-            self._confusion[(int(a), int(b))] = c
 
 
 class HeadLearner:

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -214,16 +215,21 @@ def test_sigterm_exits_zero_with_final_checkpoint_and_commit(broker: Broker, tmp
     produce(broker.bootstrap, ref, events(300, seed=7, prefix="ref")[0])
     produce(broker.bootstrap, topic, events(40_000, noise=0.2, seed=8)[0])
     grace = 10.0
-    cfg = write_config(
-        tmp_path / "cfg.yaml",
-        broker.bootstrap,
-        topic,
-        tmp_path / "ck",
-        kafka={"reference_topic": ref},
-        # Long intervals: the only checkpoint after the first seconds is the one SIGTERM writes.
-        checkpoint={"every_events": 10_000_000, "every_seconds": 3600},
-        shutdown_grace_seconds=grace,
-    )
+
+    def config(**engine: Any) -> Path:
+        return write_config(
+            tmp_path / "cfg.yaml",
+            broker.bootstrap,
+            topic,
+            tmp_path / "ck",
+            kafka={"reference_topic": ref},
+            # Long intervals: the only checkpoint after the first seconds is the one SIGTERM writes.
+            checkpoint={"every_events": 10_000_000, "every_seconds": 3600},
+            shutdown_grace_seconds=grace,
+            **engine,
+        )
+
+    cfg = config()
     log = tmp_path / "svc.log"
     proc = start_service(cfg, log)
     try:
@@ -234,16 +240,7 @@ def test_sigterm_exits_zero_with_final_checkpoint_and_commit(broker: Broker, tmp
         )
         assert status == 200
         # SIGHUP reloads engine.policy from the (edited) file while the stream runs.
-        write_config(
-            tmp_path / "cfg.yaml",
-            broker.bootstrap,
-            topic,
-            tmp_path / "ck",
-            kafka={"reference_topic": ref},
-            checkpoint={"every_events": 10_000_000, "every_seconds": 3600},
-            shutdown_grace_seconds=grace,
-            engine={"policy": {"warmup_events": 300, "quarantine_threshold": 0.05}},
-        )
+        config(engine={"policy": {"warmup_events": 300, "quarantine_threshold": 0.05}})
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "routing policy version 2 in force" in _log(log), 10, what="policy reload")
         metrics = _get(f"http://127.0.0.1:{port}/metrics")[1]

@@ -193,3 +193,20 @@ def test_restore_with_resized_windows_keeps_the_newest_points(tmp_path: Path) ->
         )
         restored.process(raws(70, 5000))  # and it keeps running (both buffers wrap again)
         assert restored.counters.consumed == 200
+
+
+def test_prequential_metrics_survive_a_round_trip() -> None:
+    from stream_influence.learner import Prequential
+
+    rng = np.random.default_rng(3)
+    saved = Prequential(7)
+    saved.update(rng.dirichlet(np.ones(3), size=50), rng.integers(0, 3, 50))
+    restored = Prequential(7)
+    restored.load_state_dict(saved.state_dict())
+    assert restored.cumulative_accuracy == saved.cumulative_accuracy
+    assert restored.rolling_accuracy == saved.rolling_accuracy
+    assert restored.rolling_log_loss == saved.rolling_log_loss
+    P, y = rng.dirichlet(np.ones(3), size=9), rng.integers(0, 3, 9)
+    saved.update(P, y)
+    restored.update(P, y)
+    assert restored.cumulative_accuracy == saved.cumulative_accuracy
