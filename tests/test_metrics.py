@@ -252,9 +252,16 @@ def test_concurrent_scrapes_while_observing() -> None:
                     errors.append(exc)
                     return
 
+        def wait_for_scrape(_b: int, _r: object) -> None:
+            # Interleave: after each batch let at least one scrape land, so the test checks
+            # concurrency on a loaded machine too instead of racing the scheduler.
+            n, deadline = len(seen), time.monotonic() + 10
+            while len(seen) == n and not errors and time.monotonic() < deadline:
+                time.sleep(0.001)
+
         t = threading.Thread(target=scraper)
         t.start()
-        run_stream(m, batches=8)
+        run_stream(m, batches=8, on_batch=wait_for_scrape)
         stop.set()
         t.join(10)
     assert not errors
