@@ -10,11 +10,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .config import LoggingSettings
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "RateLimitFilter", "setup_logging"]
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -38,6 +39,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class RateLimitFilter(logging.Filter):
+    """Lets the first ``burst`` records of a kind through per ``window_s``, then holds the rest
+    back; the first record of the next window says how many were held back.
+
+    A kind is (logger, message template), so a client retrying a dead broker every 50 ms logs a
+    few lines and a count rather than hundreds of lines.  Applies to loggers under ``prefixes``.
+    """
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = ("kafka",),
+        burst: int = 3,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.prefixes, self.burst, self.window_s, self.clock = prefixes, burst, window_s, clock
+        self._kinds: dict[tuple[str, str], list[float | int]] = {}  # kind -> [window start, seen]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        kind = (record.name, str(record.msg))
+        now = self.clock()
+        state = self._kinds.setdefault(kind, [now, 0])
+        if now - state[0] >= self.window_s:
+            held = int(state[1]) - self.burst
+            state[0], state[1] = now, 0
+            if held > 0:
+                record.msg = (
+                    f"[{held} similar line(s) held back in the last {self.window_s:.0f}s] {record.msg}"
+                )
+        state[1] = int(state[1]) + 1
+        if state[1] == self.burst:
+            record.msg = f"{record.msg} [further lines like this held back for {self.window_s:.0f}s]"
+        return state[1] <= self.burst
+
+
 def setup_logging(settings: LoggingSettings, *, verbose: bool = False) -> None:
     """Configure the root logger once (replacing earlier handlers)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -45,6 +84,8 @@ def setup_logging(settings: LoggingSettings, *, verbose: bool = False) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:  # -v shows kafka-python's every line
+        handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

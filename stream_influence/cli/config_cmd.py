@@ -7,16 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from ..config import (
-    AppSettings,
-    example_yaml,
-    format_validation_error,
-    load_config,
-    read_yaml,
-    reference_markdown,
-)
+from ..config import check_file, example_yaml, load_config, reference_markdown
 from ..errors import ConfigError
 
 
@@ -44,13 +35,12 @@ def _show(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        data = read_yaml(args.file)
-        AppSettings(**data)
+        lines = check_file(args.file)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ValidationError as exc:
-        print(format_validation_error(exc, str(args.file)), file=sys.stderr)
+    if lines:
+        print(f"{args.file}: {len(lines)} invalid setting(s):", *lines, sep="\n", file=sys.stderr)
         print(
             "hint: `stream-influence config show` prints every field with its default;"
             " deploy/config.example.yaml documents them.",
