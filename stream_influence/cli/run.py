@@ -24,7 +24,6 @@ def _run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..kafka_io import check_broker
     from ..logs import setup_logging
-    from ..service import run_service
 
     cfg = load_config(args.config)
     problems = check_environment(cfg)
@@ -34,4 +33,6 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging, verbose=args.verbose)
     # Fail in seconds with the cause, not after every client's own timeout in turn.
     check_broker(cfg.kafka)
+    from ..service import run_service  # imported after the check: it loads the whole engine
+
     return run_service(cfg, config_path=args.config)
