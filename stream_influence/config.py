@@ -257,6 +257,11 @@ class KafkaSettings(_Frozen):
             out[name] = value
         return out
 
+    def secret_values(self) -> list[str]:
+        """The real values of every secret here (for the log filter that masks them)."""
+        secrets = [self.sasl_plain_password, self.ssl_password, *self.client_options.values()]
+        return [s.get_secret_value() for s in secrets if isinstance(s, SecretStr)]
+
     def bootstrap_list(self) -> list[str]:
         """The ``host:port`` entries of :attr:`bootstrap_servers`."""
         return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]

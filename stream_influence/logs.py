@@ -10,12 +10,12 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .config import LoggingSettings
+from .config import MASK, LoggingSettings
 
-__all__ = ["JsonFormatter", "RateLimitFilter", "setup_logging"]
+__all__ = ["JsonFormatter", "RateLimitFilter", "RedactFilter", "setup_logging"]
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -77,9 +77,40 @@ class RateLimitFilter(logging.Filter):
         return state[1] <= self.burst
 
 
-def setup_logging(settings: LoggingSettings, *, verbose: bool = False) -> None:
-    """Configure the root logger once (replacing earlier handlers)."""
+class RedactFilter(logging.Filter):
+    """Masks the given secret values wherever they appear in a log line or its traceback.
+
+    The settings never print secrets, but kafka-python logs its whole configuration at DEBUG
+    (``Starting KafkaAdminClient with configuration: {...}``), password included.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        masked = self._mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._mask(record.exc_text)
+        return True
+
+
+def setup_logging(settings: LoggingSettings, *, verbose: bool = False, secrets: Iterable[str] = ()) -> None:
+    """Configure the root logger once (replacing earlier handlers); ``secrets`` are masked."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter(secrets))
     if settings.json_format:
         handler.setFormatter(JsonFormatter())
     else:

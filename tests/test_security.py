@@ -14,9 +14,10 @@ import yaml
 
 import stream_influence.kafka_io as kafka_io
 from stream_influence.cli import main
-from stream_influence.config import AppSettings, KafkaSettings, is_secret_name, load_config
-from stream_influence.errors import ConfigError
-from stream_influence.logs import RateLimitFilter
+from stream_influence.config import AppSettings, KafkaSettings, LoggingSettings, is_secret_name, load_config
+from stream_influence.embedded import free_port
+from stream_influence.errors import BrokerUnreachableError, ConfigError
+from stream_influence.logs import RateLimitFilter, setup_logging
 from stream_influence.settings import EngineSettings, PolicySettings
 
 SECRET = "s3cr3t-Passw0rd"
@@ -303,3 +304,38 @@ def test_rate_limit_filter_lets_a_few_through_then_a_summary() -> None:
     nxt = rec("kafka.net.manager", "Connection failed: %s", 999)
     assert f.filter(nxt)
     assert nxt.getMessage().startswith("[147 similar line(s) held back in the last 60s]")
+
+
+def test_debug_logs_of_kafka_python_mask_the_password(capsys: pytest.CaptureFixture[str]) -> None:
+    """kafka-python logs its whole configuration at DEBUG; the password must not get through."""
+    k = KafkaSettings(
+        bootstrap_servers=f"127.0.0.1:{free_port()}",
+        security_protocol="SASL_PLAINTEXT",
+        sasl_mechanism="PLAIN",
+        sasl_plain_username="svc",
+        sasl_plain_password=SECRET,
+        client_options={"ssl_password": SECRET + "-2"},
+    )
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("kafka").level)
+    try:
+        setup_logging(LoggingSettings(level="DEBUG"), verbose=True, secrets=k.secret_values())
+        logging.getLogger("kafka").setLevel(logging.DEBUG)
+        with pytest.raises(BrokerUnreachableError):
+            kafka_io.check_broker(k, timeout_s=1.0)
+        try:
+            raise RuntimeError(f"login failed for {SECRET}")
+        except RuntimeError:
+            logging.getLogger("kafka.test").exception("with a traceback")
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+        logging.getLogger("kafka").setLevel(saved[2])
+    err = capsys.readouterr().err
+    assert "Starting KafkaAdminClient with configuration" in err  # the line that used to leak
+    assert "'sasl_plain_password': '**********'" in err
+    assert "login failed for **********" in err
+    assert SECRET not in err

@@ -30,7 +30,7 @@ def _run(args: argparse.Namespace) -> int:
     if problems:
         lines = "\n".join("  " + p.line() for p in problems)
         raise ConfigError(f"{args.config or 'environment'}: {len(problems)} invalid setting(s):\n{lines}")
-    setup_logging(cfg.logging, verbose=args.verbose)
+    setup_logging(cfg.logging, verbose=args.verbose, secrets=cfg.kafka.secret_values())
     # Fail in seconds with the cause, not after every client's own timeout in turn.
     check_broker(cfg.kafka)
     from ..service import run_service  # imported after the check: it loads the whole engine
