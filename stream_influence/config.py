@@ -114,7 +114,8 @@ def _raise_problems(problems: list[ConfigProblem]) -> None:
 
 class _Frozen(BaseModel):
     # allow_inf_nan=False: a NaN threshold compares False with everything (routing silently off).
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    # hide_input_in_errors: a traceback of a section's error would print the section, secrets and all.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
 
 class KafkaSettings(_Frozen):
@@ -403,7 +404,7 @@ class LoggingSettings(_Frozen):
     )
     json_format: bool = Field(default=False, alias="json", description="One JSON object per line.")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
 
 class AppSettings(BaseSettings):
@@ -427,6 +428,7 @@ class AppSettings(BaseSettings):
         frozen=True,
         extra="forbid",
         allow_inf_nan=False,
+        hide_input_in_errors=True,
     )
 
     @classmethod

@@ -83,6 +83,19 @@ def test_failing_kafka_section_does_not_print_passwords(
     assert SECRET not in err + run_err
 
 
+def test_tracebacks_of_settings_errors_do_not_show_secrets() -> None:
+    from pydantic import ValidationError
+
+    for build in (
+        lambda: KafkaSettings(**SASL, request_timeout_ms=200_000),
+        lambda: AppSettings(kafka={**SASL, "request_timeout_ms": 200_000}),
+        lambda: KafkaSettings(**SASL, client_options={"api_key": 1}),
+    ):
+        with pytest.raises(ValidationError) as info:
+            build()
+        assert SECRET not in str(info.value)
+
+
 def test_invalid_secret_value_is_not_echoed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = _write(tmp_path / "c.yaml", {"kafka": {"client_options": {"ssl_password": 12345678}}})
     assert main(["config", "check", str(cfg)]) == 1
