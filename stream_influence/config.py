@@ -58,11 +58,12 @@ MASK = "**********"  # what pydantic prints for a SecretStr
 
 # A setting whose name contains one of these words holds a secret.  Names are split into words on
 # anything but letters and digits, so ``ssl_password`` and ``api-key`` are secrets while
-# ``key_serializer`` (a key *of a record*) and ``ssl_keyfile`` (a path) are not.
+# ``key_serializer`` (a key *of a record*), ``ssl_keyfile`` (a path) and
+# ``sasl_oauth_token_provider`` (an object that fetches tokens) are not.
 _SECRET_WORDS = frozenset(
     {"password", "passwd", "passphrase", "secret", "token", "credential", "credentials", "key", "apikey"}
 )
-_NOT_SECRET_WORDS = frozenset({"serializer", "deserializer"})
+_NOT_SECRET_WORDS = frozenset({"serializer", "deserializer", "provider"})
 
 SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
 TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
@@ -186,7 +187,8 @@ class KafkaSettings(_Frozen):
         default_factory=dict,
         description="Extra kafka-python options passed through verbatim.  String values whose name "
         "says password, passwd, passphrase, secret, token, credential(s) or key (as a word, so not "
-        "key_serializer) are secrets: masked in every output, passed to the client unchanged.",
+        "key_serializer) are secrets (they must be strings): masked in every output, passed to the "
+        "client unchanged.",
     )
     startup_timeout_seconds: float = Field(
         default=15.0,

@@ -47,6 +47,7 @@ def _write(path: Path, data: dict[str, Any]) -> Path:
         ("ssl_passphrase", True),
         ("credentials", True),
         ("key_serializer", False),
+        ("sasl_oauth_token_provider", False),  # an object that fetches tokens
         ("key_deserializer", False),
         ("ssl_keyfile", False),  # a path, not the key
         ("ssl_check_hostname", False),
@@ -288,6 +289,25 @@ def test_environment_checks_also_stop_run(tmp_path: Path, capsys: pytest.Capture
     cfg = _write(tmp_path / "c.yaml", {"checkpoint": {"directory": str(not_a_dir / "ck")}})
     assert main(["run", "--config", str(cfg)]) == 2
     assert "checkpoint.directory" in capsys.readouterr().err
+
+
+def test_tls_files_must_be_readable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    kafka = {"security_protocol": "SSL", "ssl_cafile": str(ca)}
+    cfg = _write(tmp_path / "c.yaml", {"kafka": kafka, "metrics": {"port": 0}})
+    assert main(["config", "check", str(cfg)]) == 0, capsys.readouterr().err
+    kafka |= {
+        "ssl_cafile": str(tmp_path / "missing.pem"),
+        "ssl_certfile": str(tmp_path),
+        "ssl_keyfile": str(ca),
+    }
+    _write(cfg, {"kafka": kafka, "metrics": {"port": 0}})
+    assert main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"kafka.ssl_cafile: {tmp_path / 'missing.pem'} is not a readable file" in err
+    assert f"kafka.ssl_certfile: {tmp_path} is not a readable file" in err
+    assert "kafka.ssl_keyfile" not in err
 
 
 def test_creatable_checkpoint_directory_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
