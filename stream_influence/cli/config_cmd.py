@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = cs.add_parser("show", help="print the effective configuration (secrets masked)")
     show.add_argument("--config", type=Path, help="YAML file (environment overrides apply)")
     show.set_defaults(handler=_show)
-    check = cs.add_parser("check", help="validate a file and print every error with its path")
+    check = cs.add_parser(
+        "check",
+        help="validate a file (fields, cross-field rules, checkpoint directory, metrics port, TLS "
+        "files) and print every error with its path",
+    )
     check.add_argument("file", type=Path)
     check.set_defaults(handler=_check)
     example = cs.add_parser("example", help="print a commented YAML file with every setting")
