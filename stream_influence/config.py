@@ -12,12 +12,31 @@ the file, the file over the defaults.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from .errors import ConfigError
 from .settings import EngineSettings
@@ -25,15 +44,79 @@ from .settings import EngineSettings
 __all__ = [
     "AppSettings",
     "CheckpointSettings",
+    "ConfigProblem",
     "KafkaSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "check_environment",
+    "is_secret_name",
     "load_config",
+    "redact",
 ]
+
+MASK = "**********"  # what pydantic prints for a SecretStr
+
+# A setting whose name contains one of these words holds a secret.  Names are split into words on
+# anything but letters and digits, so ``ssl_password`` and ``api-key`` are secrets while
+# ``key_serializer`` (a key *of a record*), ``ssl_keyfile`` (a path) and
+# ``sasl_oauth_token_provider`` (an object that fetches tokens) are not.
+_SECRET_WORDS = frozenset(
+    {"password", "passwd", "passphrase", "secret", "token", "credential", "credentials", "key", "apikey"}
+)
+_NOT_SECRET_WORDS = frozenset({"serializer", "deserializer", "provider"})
+
+SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
+TLS_PROTOCOLS = frozenset({"SSL", "SASL_SSL"})
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")  # what Apache Kafka accepts as a topic name
+
+
+def is_secret_name(name: str) -> bool:
+    """True for a setting name that says it holds a secret (password, secret, token, key…).
+
+    >>> [is_secret_name(n) for n in ("ssl_password", "sasl.oauth.token", "api_key", "key_serializer")]
+    [True, True, True, False]
+    """
+    words = set(re.split(r"[^a-z0-9]+", name.lower()))
+    return bool(words & _SECRET_WORDS) and not words & _NOT_SECRET_WORDS
+
+
+def redact(value: Any, name: str = "") -> Any:
+    """``value`` with every secret replaced by the mask: SecretStr values and values under secret names."""
+    if isinstance(value, SecretStr) or (name and is_secret_name(name) and value is not None):
+        return MASK
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One mistake found by a cross-field or environment check: where, what, and how to fix it."""
+
+    path: str
+    message: str
+    hint: str
+
+    def line(self) -> str:
+        return f"{self.path}: {self.message} (hint: {self.hint})"
+
+
+def _raise_problems(problems: list[ConfigProblem]) -> None:
+    # One error carrying every problem, so `config check` lists them all with their own paths.
+    if problems:
+        raise PydanticCustomError(
+            "cross_field",
+            "{count} inconsistent setting(s)",
+            {"count": len(problems), "problems": problems},
+        )
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: a NaN threshold compares False with everything (routing silently off).
+    # hide_input_in_errors: a traceback of a section's error would print the section, secrets and all.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)
 
 
 class KafkaSettings(_Frozen):
@@ -77,20 +160,41 @@ class KafkaSettings(_Frozen):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         default="PLAINTEXT", description="Passed to every Kafka client."
     )
-    sasl_mechanism: str | None = Field(
-        default=None, description="SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, …)."
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description="SASL mechanism; required with security_protocol SASL_PLAINTEXT or SASL_SSL.",
     )
-    sasl_plain_username: str | None = Field(default=None, description="SASL user name.")
+    sasl_plain_username: str | None = Field(
+        default=None, description="SASL user name (PLAIN and SCRAM mechanisms)."
+    )
     sasl_plain_password: SecretStr | None = Field(
-        default=None, description="SASL password (masked in `config show`)."
+        default=None, description="SASL password (a secret: masked in every output)."
     )
     ssl_cafile: Path | None = Field(
-        default=None, description="CA bundle that signs the brokers' certificates."
+        default=None,
+        description="CA bundle that signs the brokers' certificates (None: the system's trust store).",
     )
     ssl_certfile: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
     ssl_keyfile: Path | None = Field(default=None, description="Client private key (mutual TLS).")
+    ssl_password: SecretStr | None = Field(
+        default=None, description="Password of ssl_keyfile (a secret: masked in every output)."
+    )
+    ssl_check_hostname: bool = Field(
+        default=True,
+        description="Check that a broker's certificate names the host connected to (keep on outside tests).",
+    )
     client_options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra kafka-python options passed through verbatim."
+        default_factory=dict,
+        description="Extra kafka-python options passed through verbatim.  String values whose name "
+        "says password, passwd, passphrase, secret, token, credential(s) or key (as a word, so not "
+        "key_serializer) are secrets (they must be strings): masked in every output, passed to the "
+        "client unchanged.",
+    )
+    startup_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="At start, how long to try the bootstrap servers before exiting with one line "
+        "that names them and the cause.",
     )
     client_id: str = Field(default="stream-influence", description="Client id shown in broker logs.")
     max_poll_interval_ms: int = Field(
@@ -144,17 +248,122 @@ class KafkaSettings(_Frozen):
         description="Create missing output topics (quarantine, dead-letter, accepted, decisions) at start.",
     )
 
+    @field_validator("client_options", mode="after")
+    @classmethod
+    def _secret_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, value in options.items():
+            if is_secret_name(name) and value is not None and not isinstance(value, SecretStr):
+                if not isinstance(value, str):
+                    raise ValueError(f"client_options.{name} looks like a secret and must be a string")
+                value = SecretStr(value)
+            out[name] = value
+        return out
+
+    def secret_values(self) -> list[str]:
+        """The real values of every secret here (for the log filter that masks them)."""
+        secrets = [self.sasl_plain_password, self.ssl_password, *self.client_options.values()]
+        return [s.get_secret_value() for s in secrets if isinstance(s, SecretStr)]
+
+    def bootstrap_list(self) -> list[str]:
+        """The ``host:port`` entries of :attr:`bootstrap_servers`."""
+        return [s.strip() for s in self.bootstrap_servers.split(",") if s.strip()]
+
+    def topics(self) -> dict[str, str]:
+        """Every configured topic by the name of its setting (unset optional topics left out)."""
+        names = ("topic", "reference_topic", "quarantine_topic", "dead_letter_topic")
+        names += ("accepted_topic", "decisions_topic")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
     @model_validator(mode="after")
-    def _producer_timeouts(self) -> KafkaSettings:
+    def _consistent(self) -> KafkaSettings:
+        problems: list[ConfigProblem] = []
+        add = lambda path, msg, hint: problems.append(ConfigProblem(path, msg, hint))  # noqa: E731
         # kafka-python refuses such a producer at run time; say so when the file is checked.
         delivery = int(self.client_options.get("delivery_timeout_ms", 120_000))
         if delivery <= self.producer_linger_ms + self.request_timeout_ms:
-            raise ValueError(
+            add(
+                "request_timeout_ms",
                 f"producer_linger_ms ({self.producer_linger_ms}) + request_timeout_ms "
                 f"({self.request_timeout_ms}) must stay below the producer's delivery_timeout_ms "
-                f"({delivery}; set it under client_options to raise it)"
+                f"({delivery})",
+                "lower request_timeout_ms or set client_options.delivery_timeout_ms higher",
             )
+        if 3 * self.heartbeat_interval_ms >= self.session_timeout_ms:
+            add(
+                "heartbeat_interval_ms",
+                f"{self.heartbeat_interval_ms} ms is not below session_timeout_ms / 3 "
+                f"({self.session_timeout_ms / 3:.0f} ms): one late heartbeat would evict the member",
+                f"set it to at most {max(1, (self.session_timeout_ms - 1) // 3)} or raise session_timeout_ms",
+            )
+        if not self.bootstrap_list():
+            add("bootstrap_servers", "is empty", "give at least one host:port")
+        if not self.group_id.strip():
+            add("group_id", "is empty", "name the consumer group, e.g. stream-influence")
+        seen: dict[str, str] = {}
+        for field, name in self.topics().items():
+            if not _TOPIC_NAME.fullmatch(name):
+                add(
+                    field,
+                    f"{name!r} is not a valid topic name",
+                    "use 1-249 characters from letters, digits, '.', '_' and '-'",
+                )
+            elif name in seen:
+                add(
+                    field,
+                    f"{name!r} is also kafka.{seen[name]}",
+                    "inputs and outputs need distinct topics, or events would be read back or mixed",
+                )
+            seen.setdefault(name, field)
+        problems.extend(self._security_problems())
+        _raise_problems(problems)
         return self
+
+    def _security_problems(self) -> list[ConfigProblem]:
+        problems: list[ConfigProblem] = []
+        proto = self.security_protocol
+        sasl_set = [
+            n for n in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password") if getattr(self, n)
+        ]
+        if proto in SASL_PROTOCOLS:
+            for name in ("sasl_mechanism", "sasl_plain_username", "sasl_plain_password"):
+                if not getattr(self, name):
+                    problems.append(
+                        ConfigProblem(
+                            name,
+                            f"is required with security_protocol {proto}",
+                            "set it, or "
+                            "use security_protocol SSL / PLAINTEXT for a broker without authentication",
+                        )
+                    )
+        elif sasl_set:
+            problems.append(
+                ConfigProblem(
+                    sasl_set[0],
+                    f"is set but security_protocol is {proto}, so it would be ignored",
+                    "use security_protocol SASL_SSL (or SASL_PLAINTEXT)",
+                )
+            )
+        ssl_set = [
+            n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password") if getattr(self, n)
+        ]
+        if proto not in TLS_PROTOCOLS and ssl_set:
+            problems.append(
+                ConfigProblem(
+                    ssl_set[0],
+                    f"is set but security_protocol is {proto}, so it would be ignored",
+                    "use security_protocol SSL (or SASL_SSL)",
+                )
+            )
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            problems.append(
+                ConfigProblem(
+                    "ssl_keyfile" if self.ssl_keyfile is None else "ssl_certfile",
+                    "mutual TLS needs both ssl_certfile and ssl_keyfile",
+                    "set both, or neither",
+                )
+            )
+        return problems
 
 
 class CheckpointSettings(_Frozen):
@@ -197,7 +406,7 @@ class LoggingSettings(_Frozen):
     )
     json_format: bool = Field(default=False, alias="json", description="One JSON object per line.")
 
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
 
 class AppSettings(BaseSettings):
@@ -220,6 +429,8 @@ class AppSettings(BaseSettings):
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
+        allow_inf_nan=False,
+        hide_input_in_errors=True,
     )
 
     @classmethod
@@ -257,12 +468,134 @@ def load_config(path: Path | None = None) -> AppSettings:
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """Every error on its own line, with its dotted path and pydantic's reason."""
-    lines = [f"{source}: {exc.error_count()} invalid setting(s):"]
+    """Every error on its own line, with its dotted path and the reason; secrets masked."""
+    lines: list[str] = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
-    return "\n".join(lines)
+        loc = [str(p) for p in err["loc"]]
+        if err["type"] == "cross_field":
+            for problem in err["ctx"]["problems"]:
+                lines.append(
+                    "  " + ConfigProblem(".".join([*loc, problem.path]), problem.message, problem.hint).line()
+                )
+            continue
+        where = ".".join(loc) or "(top level)"
+        # The input of a section-level error is the whole section: never echo a secret in it.
+        shown = redact(err.get("input"), loc[-1] if loc else "")
+        lines.append(f"  {where}: {err['msg']} (got {shown!r})")
+    return "\n".join([f"{source}: {len(lines)} invalid setting(s):", *lines])
+
+
+def check_environment(cfg: AppSettings) -> list[ConfigProblem]:
+    """What the settings need from this machine: a writable checkpoint directory, a free metrics
+    port, readable TLS files.  Read-only: creates nothing, binds nothing for longer than the check."""
+    return [
+        *_checkpoint_problems(cfg.checkpoint),
+        *_metrics_problems(cfg.metrics),
+        *_tls_file_problems(cfg.kafka),
+    ]
+
+
+def _checkpoint_problems(c: CheckpointSettings) -> list[ConfigProblem]:
+    path = Path(c.directory).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        return [
+            ConfigProblem("checkpoint.directory", f"{path} is not a directory", "point it at a directory")
+        ]
+    # The first existing ancestor decides whether the directory can be created.
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return [
+            ConfigProblem("checkpoint.directory", f"{existing} is not a directory", "choose another path")
+        ]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "writable" if existing == path else f"creatable ({existing} is not writable)"
+        return [
+            ConfigProblem(
+                "checkpoint.directory",
+                f"{path} is not {verb}",
+                "give the service's user write access, or choose another directory",
+            )
+        ]
+    return []
+
+
+def _metrics_problems(m: MetricsSettings) -> list[ConfigProblem]:
+    if not m.enabled or m.port == 0:
+        return []
+    try:
+        infos = socket.getaddrinfo(m.host, m.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return [ConfigProblem("metrics.host", f"cannot resolve {m.host!r}: {exc}", "use an IP address")]
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As the metrics server binds (http.server sets SO_REUSEADDR): only a live listener blocks it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            busy = exc.errno == errno.EADDRINUSE
+            return [
+                ConfigProblem(
+                    "metrics.port",
+                    f"cannot bind {m.host}:{m.port}: {'in use' if busy else exc.strerror or exc}",
+                    "choose a free port, 0 for any, or metrics.enabled: false",
+                )
+            ]
+    return []
+
+
+def _tls_file_problems(k: KafkaSettings) -> list[ConfigProblem]:
+    if k.security_protocol not in TLS_PROTOCOLS:
+        return []
+    problems = []
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        path = getattr(k, name)
+        if path is not None and not (Path(path).is_file() and os.access(path, os.R_OK)):
+            problems.append(
+                ConfigProblem(
+                    f"kafka.{name}", f"{path} is not a readable file", "give the path of a PEM file"
+                )
+            )
+    return problems
+
+
+def check_file(path: Path) -> list[str]:
+    """Every mistake in a config file (``config check``): validation errors and environment
+    problems, one line each; empty when the file is good."""
+    data = read_yaml(path)
+    try:
+        cfg = AppSettings(**data)
+    except ValidationError as exc:
+        lines = format_validation_error(exc, str(path)).splitlines()[1:]
+        # Check the machine against the sections that did validate, so every mistake shows at once.
+        merged = _deep_merge(data, EnvSettingsSource(AppSettings)())
+        sections: dict[str, Any] = {}
+        for name in ("kafka", "checkpoint", "metrics"):
+            model = AppSettings.model_fields[name].annotation
+            try:
+                sections[name] = model(**merged.get(name, {}))  # type: ignore[misc]
+            except (ValidationError, TypeError):
+                continue
+        if "checkpoint" in sections:
+            lines += ["  " + p.line() for p in _checkpoint_problems(sections["checkpoint"])]
+        if "metrics" in sections:
+            lines += ["  " + p.line() for p in _metrics_problems(sections["metrics"])]
+        if "kafka" in sections:
+            lines += ["  " + p.line() for p in _tls_file_problems(sections["kafka"])]
+        return lines
+    return ["  " + p.line() for p in check_environment(cfg)]
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _walk(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any, Any, str]]:
@@ -284,7 +617,7 @@ def _yaml_value(value: Any) -> str:
     if isinstance(value, Path):
         value = str(value)
     if isinstance(value, SecretStr):
-        value = "**********"
+        value = MASK
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
@@ -323,7 +656,8 @@ def reference_markdown() -> str:
         "its default and what it does. One YAML file (see `deploy/config.example.yaml`) plus",
         "environment overrides `STREAM_INFLUENCE_<SECTION>__<FIELD>` (nested with `__`).",
         "`stream-influence config show` prints the effective configuration (secrets masked);",
-        "`stream-influence config check FILE` validates a file and lists every error with its path.",
+        "`stream-influence config check FILE` validates a file (fields, cross-field rules, checkpoint",
+        "directory, metrics port, TLS files) and lists every error with its path and a hint.",
         "",
         "| setting | default | description |",
         "| --- | --- | --- |",

@@ -56,11 +56,17 @@ class EmbeddedBroker:
     """Start/stop the broker; ``bootstrap`` is its ``host:port``.  Use as a context manager."""
 
     def __init__(
-        self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_path: Path | None = None,
+        advertised_listener: str | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.log_path = log_path
+        # Where metadata sends clients, e.g. a TLS proxy in front of the broker (default: itself).
+        self.advertised_listener = advertised_listener
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -82,7 +88,14 @@ class EmbeddedBroker:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url],
+                [
+                    str(binary),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    self.advertised_listener or url,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

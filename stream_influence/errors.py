@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "BrokerUnreachableError",
     "CheckpointError",
     "ConfigError",
     "CurvatureError",
@@ -34,3 +35,7 @@ class ExtractorError(StreamInfluenceError):
 
 class CheckpointError(StreamInfluenceError):
     """A checkpoint is missing, corrupt, or was written by incompatible settings."""
+
+
+class BrokerUnreachableError(StreamInfluenceError):
+    """The Kafka brokers could not be reached (or refused the TLS handshake or the login) at start."""

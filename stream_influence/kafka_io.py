@@ -2,7 +2,8 @@
 
 Everything that knows kafka-python lives here so :mod:`stream_influence.service` reads as the
 checkpoint protocol it implements.  Security settings (SASL/SSL) and ``client_options`` from
-:class:`~stream_influence.config.KafkaSettings` are passed through verbatim to every client.
+:class:`~stream_influence.config.KafkaSettings` reach every client unchanged; secrets stay
+:class:`~pydantic.SecretStr` everywhere else and are unwrapped only in the option dicts built here.
 """
 
 from __future__ import annotations
@@ -10,25 +11,32 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from pydantic import SecretStr
 
 from .config import KafkaSettings
+from .errors import BrokerUnreachableError
 
 __all__ = [
     "Headers",
     "ReferenceReader",
+    "admin_options",
     "broker_reachable",
     "build_admin",
     "build_consumer",
     "build_producer",
+    "check_broker",
+    "consumer_options",
     "dead_letter_headers",
     "ensure_topics",
     "lag",
+    "producer_options",
     "quarantine_headers",
     "source_headers",
 ]
@@ -59,16 +67,19 @@ OWN_HEADERS = frozenset(
 def common_options(k: KafkaSettings) -> dict[str, Any]:
     """Connection and security options shared by consumers, producers and the admin client."""
     opts: dict[str, Any] = {
-        "bootstrap_servers": [s.strip() for s in k.bootstrap_servers.split(",") if s.strip()],
+        "bootstrap_servers": k.bootstrap_list(),
         "security_protocol": k.security_protocol,
         "client_id": k.client_id,
+        "ssl_check_hostname": k.ssl_check_hostname,
     }
     if k.sasl_mechanism:
         opts["sasl_mechanism"] = k.sasl_mechanism
     if k.sasl_plain_username is not None:
         opts["sasl_plain_username"] = k.sasl_plain_username
-    if k.sasl_plain_password is not None:
-        opts["sasl_plain_password"] = k.sasl_plain_password.get_secret_value()
+    for name in ("sasl_plain_password", "ssl_password"):
+        secret = getattr(k, name)
+        if secret is not None:
+            opts[name] = secret.get_secret_value()
     for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
         value = getattr(k, name)
         if value is not None:
@@ -79,12 +90,18 @@ def common_options(k: KafkaSettings) -> dict[str, Any]:
 def _with_passthrough(opts: dict[str, Any], k: KafkaSettings, allowed: Iterable[str]) -> dict[str, Any]:
     # client_options apply to every client that understands them (kafka-python rejects unknown keys).
     known = set(allowed)
-    opts.update({key: v for key, v in k.client_options.items() if key in known})
+    opts.update(
+        {
+            key: v.get_secret_value() if isinstance(v, SecretStr) else v
+            for key, v in k.client_options.items()
+            if key in known
+        }
+    )
     return opts
 
 
-def build_consumer(k: KafkaSettings, *, group: bool = True) -> KafkaConsumer:
-    """The training-events consumer (in the group, auto-commit off), or a group-less reader."""
+def consumer_options(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
+    """Keyword arguments of the training-events consumer (or of a group-less reader)."""
     opts = common_options(k)
     opts.update(
         enable_auto_commit=False,
@@ -94,16 +111,18 @@ def build_consumer(k: KafkaSettings, *, group: bool = True) -> KafkaConsumer:
         heartbeat_interval_ms=k.heartbeat_interval_ms,
         max_poll_interval_ms=k.max_poll_interval_ms,
         request_timeout_ms=k.request_timeout_ms,
+        group_id=k.group_id if group else None,
     )
-    if group:
-        opts["group_id"] = k.group_id
-    else:
-        opts["group_id"] = None
-    return KafkaConsumer(**_with_passthrough(opts, k, KafkaConsumer.DEFAULT_CONFIG))
+    return _with_passthrough(opts, k, KafkaConsumer.DEFAULT_CONFIG)
 
 
-def build_producer(k: KafkaSettings) -> KafkaProducer:
-    """The output producer.  Outputs are at-least-once with stable keys; see docs/architecture.md."""
+def build_consumer(k: KafkaSettings, *, group: bool = True) -> KafkaConsumer:
+    """The training-events consumer (in the group, auto-commit off), or a group-less reader."""
+    return KafkaConsumer(**consumer_options(k, group=group))
+
+
+def producer_options(k: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments of the output producer."""
     opts = common_options(k)
     opts.update(
         acks=k.producer_acks,
@@ -116,13 +135,80 @@ def build_producer(k: KafkaSettings) -> KafkaProducer:
     )
     if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG:  # kafka-python ≥ 3: bounded construction
         opts["bootstrap_timeout_ms"] = min(k.request_timeout_ms, k.producer_max_block_ms)
-    return KafkaProducer(**_with_passthrough(opts, k, KafkaProducer.DEFAULT_CONFIG))
+    return _with_passthrough(opts, k, KafkaProducer.DEFAULT_CONFIG)
+
+
+def build_producer(k: KafkaSettings) -> KafkaProducer:
+    """The output producer.  Outputs are at-least-once with stable keys; see docs/architecture.md."""
+    return KafkaProducer(**producer_options(k))
+
+
+def admin_options(k: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments of the admin client."""
+    opts = common_options(k)
+    opts["request_timeout_ms"] = k.request_timeout_ms
+    return _with_passthrough(opts, k, KafkaAdminClient.DEFAULT_CONFIG)
 
 
 def build_admin(k: KafkaSettings) -> KafkaAdminClient:
-    opts = common_options(k)
-    opts["request_timeout_ms"] = k.request_timeout_ms
-    return KafkaAdminClient(**_with_passthrough(opts, k, KafkaAdminClient.DEFAULT_CONFIG))
+    return KafkaAdminClient(**admin_options(k))
+
+
+# kafka-python's records of why one connection or bootstrap attempt failed (its only record of it).
+_CAUSE = re.compile(
+    r"(?:Bootstrap connection to \S+ failed|Bootstrap attempt to \S+ failed|Connection failed): "
+    r"(?:KafkaConnectionError: )?(?:Handshake failed: )?(.*?)(?: \(backoff [\d.]+ secs\))?$"
+)
+
+
+class _LastFailure(logging.Handler):
+    """Keeps the cause of the last failed connection attempt kafka-python logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.cause: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = _CAUSE.search(record.getMessage())
+        if m:
+            self.cause = m.group(1)
+
+
+def check_broker(k: KafkaSettings, timeout_s: float | None = None) -> None:
+    """Connect to the bootstrap servers as the service will (TLS, SASL and all) within
+    ``timeout_s`` (default ``k.startup_timeout_seconds``), or raise :class:`BrokerUnreachableError`
+    whose message names the servers and the cause.  kafka-python's own retry lines are held back
+    meanwhile (they would repeat the cause once per attempt)."""
+    timeout_s = k.startup_timeout_seconds if timeout_s is None else timeout_s
+    kafka_log = logging.getLogger("kafka")
+    capture = _LastFailure()
+    propagate, level = kafka_log.propagate, kafka_log.level
+    kafka_log.addHandler(capture)
+    kafka_log.propagate = kafka_log.isEnabledFor(logging.DEBUG)  # -v shows every attempt
+    kafka_log.setLevel(min(kafka_log.getEffectiveLevel(), logging.WARNING))
+    admin: KafkaAdminClient | None = None
+    started = time.monotonic()
+    try:
+        opts = admin_options(k)
+        timeout_ms = max(1, int(timeout_s * 1000))
+        opts.update(bootstrap_timeout_ms=timeout_ms, request_timeout_ms=min(k.request_timeout_ms, timeout_ms))
+        admin = KafkaAdminClient(**opts)
+        admin.list_topics()
+    except Exception as exc:
+        cause = capture.cause or f"{type(exc).__name__}: {exc}"
+        raise BrokerUnreachableError(
+            f"cannot reach the Kafka broker(s) {k.bootstrap_servers} "
+            f"({k.security_protocol}) within {time.monotonic() - started:.0f}s: {cause}"
+        ) from None
+    finally:
+        if admin is not None:
+            try:
+                admin.close()
+            except Exception:  # closing a half-open client must not hide the real outcome
+                log.debug("closing the start-up admin client", exc_info=True)
+        kafka_log.removeHandler(capture)
+        kafka_log.propagate = propagate
+        kafka_log.setLevel(level)
 
 
 def ensure_topics(k: KafkaSettings, names: Sequence[str], partitions: int = 1) -> list[str]:

@@ -10,11 +10,12 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .config import LoggingSettings
+from .config import MASK, LoggingSettings
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "RateLimitFilter", "RedactFilter", "setup_logging"]
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -38,13 +39,84 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(settings: LoggingSettings, *, verbose: bool = False) -> None:
-    """Configure the root logger once (replacing earlier handlers)."""
+class RateLimitFilter(logging.Filter):
+    """Lets the first ``burst`` records of a kind through per ``window_s``, then holds the rest
+    back; the first record of the next window says how many were held back.
+
+    A kind is (logger, message template), so a client retrying a dead broker every 50 ms logs a
+    few lines and a count rather than hundreds of lines.  Applies to loggers under ``prefixes``.
+    """
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = ("kafka",),
+        burst: int = 3,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.prefixes, self.burst, self.window_s, self.clock = prefixes, burst, window_s, clock
+        self._kinds: dict[tuple[str, str], list[float | int]] = {}  # kind -> [window start, seen]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        kind = (record.name, str(record.msg))
+        now = self.clock()
+        state = self._kinds.setdefault(kind, [now, 0])
+        if now - state[0] >= self.window_s:
+            held = int(state[1]) - self.burst
+            state[0], state[1] = now, 0
+            if held > 0:
+                record.msg = (
+                    f"[{held} similar line(s) held back in the last {self.window_s:.0f}s] {record.msg}"
+                )
+        state[1] = int(state[1]) + 1
+        if state[1] == self.burst:
+            record.msg = f"{record.msg} [further lines like this held back for {self.window_s:.0f}s]"
+        return state[1] <= self.burst
+
+
+class RedactFilter(logging.Filter):
+    """Masks the given secret values wherever they appear in a log line or its traceback.
+
+    The settings never print secrets, but kafka-python logs its whole configuration at DEBUG
+    (``Starting KafkaAdminClient with configuration: {...}``), password included.
+    """
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def _mask(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        message = record.getMessage()
+        masked = self._mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self._mask(record.exc_text)
+        return True
+
+
+def setup_logging(settings: LoggingSettings, *, verbose: bool = False, secrets: Iterable[str] = ()) -> None:
+    """Configure the root logger once (replacing earlier handlers); ``secrets`` are masked."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter(secrets))
     if settings.json_format:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:  # -v shows kafka-python's every line
+        handler.addFilter(RateLimitFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

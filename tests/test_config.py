@@ -58,6 +58,10 @@ def test_config_show_masks_secrets(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("STREAM_INFLUENCE_KAFKA__SASL_PLAIN_PASSWORD", "hunter2")
+    # A password is only accepted with a SASL protocol, a mechanism and a user name.
+    monkeypatch.setenv("STREAM_INFLUENCE_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("STREAM_INFLUENCE_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("STREAM_INFLUENCE_KAFKA__SASL_PLAIN_USERNAME", "svc")
     assert main(["config", "show"]) == 0
     out = capsys.readouterr().out
     assert "hunter2" not in out

@@ -42,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         # kafka-python logs every connection at INFO; keep it to warnings unless debugging.
         logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+        if not args.verbose:  # a dead broker would otherwise fill the terminal
+            from ..logs import RateLimitFilter
+
+            for handler in logging.getLogger().handlers:
+                handler.addFilter(RateLimitFilter())
     try:
         return int(args.handler(args) or 0)
     except StreamInfluenceError as exc:

@@ -7,16 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from ..config import (
-    AppSettings,
-    example_yaml,
-    format_validation_error,
-    load_config,
-    read_yaml,
-    reference_markdown,
-)
+from ..config import check_file, example_yaml, load_config, reference_markdown
 from ..errors import ConfigError
 
 
@@ -26,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = cs.add_parser("show", help="print the effective configuration (secrets masked)")
     show.add_argument("--config", type=Path, help="YAML file (environment overrides apply)")
     show.set_defaults(handler=_show)
-    check = cs.add_parser("check", help="validate a file and print every error with its path")
+    check = cs.add_parser(
+        "check",
+        help="validate a file (fields, cross-field rules, checkpoint directory, metrics port, TLS "
+        "files) and print every error with its path",
+    )
     check.add_argument("file", type=Path)
     check.set_defaults(handler=_check)
     example = cs.add_parser("example", help="print a commented YAML file with every setting")
@@ -44,13 +39,12 @@ def _show(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        data = read_yaml(args.file)
-        AppSettings(**data)
+        lines = check_file(args.file)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except ValidationError as exc:
-        print(format_validation_error(exc, str(args.file)), file=sys.stderr)
+    if lines:
+        print(f"{args.file}: {len(lines)} invalid setting(s):", *lines, sep="\n", file=sys.stderr)
         print(
             "hint: `stream-influence config show` prints every field with its default;"
             " deploy/config.example.yaml documents them.",

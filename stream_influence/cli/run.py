@@ -20,10 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config import check_environment, load_config
+    from ..errors import ConfigError
+    from ..kafka_io import check_broker
     from ..logs import setup_logging
-    from ..service import run_service
 
     cfg = load_config(args.config)
-    setup_logging(cfg.logging, verbose=args.verbose)
+    problems = check_environment(cfg)
+    if problems:
+        lines = "\n".join("  " + p.line() for p in problems)
+        raise ConfigError(f"{args.config or 'environment'}: {len(problems)} invalid setting(s):\n{lines}")
+    setup_logging(cfg.logging, verbose=args.verbose, secrets=cfg.kafka.secret_values())
+    # Fail in seconds with the cause, not after every client's own timeout in turn.
+    check_broker(cfg.kafka)
+    from ..service import run_service  # imported after the check: it loads the whole engine
+
     return run_service(cfg, config_path=args.config)
