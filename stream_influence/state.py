@@ -5,6 +5,12 @@ other value (numbers, strings, lists, the effective settings, caller extras such
 offsets) goes into the header's JSON metadata.  Files are written atomically: temporary file,
 fsync, rename, fsync of the directory — a crash leaves the previous checkpoint intact.
 
+Loading checks what it reads (:func:`decode_state`, :func:`restore_engine`): header JSON, every
+referenced array present, dtypes, finite float arrays, and shapes equal to those of a fresh engine
+with the same settings and schema.  Failures raise
+:class:`~stream_influence.errors.CheckpointCorrupt` with a reason; the checksum of the whole file
+lives in the checkpoint's manifest (:mod:`stream_influence.checkpoint`).
+
 >>> import tempfile, pathlib
 >>> from stream_influence.engine import InfluenceEngine
 >>> engine = InfluenceEngine()
