@@ -174,7 +174,8 @@ class Service:
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = defaultdict(int)
             return
-        self.replay_from_checkpoint = set(ck.offsets) if ck.skipped else set()
+        # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
+        self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
         self.engine = ck.engine
         if self.engine.policy.settings != self.reloader.current:
             # The configuration is the operator's word on the policy; the checkpoint keeps the rest.

@@ -83,6 +83,15 @@ def _edit_meta(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
     _rewrite(path, header=header)
 
 
+def _edit_state(key: str, value: Any) -> Callable[[Header], None]:
+    def edit(h: Header) -> None:
+        state = json.loads(h["state"])
+        state[key] = value
+        h["state"] = json.dumps(state)
+
+    return edit
+
+
 def _set(name: str, value: Callable[[np.ndarray], np.ndarray]) -> Callable[[Tensors], None]:
     def edit(t: Tensors) -> None:
         t[name] = value(t[name])
@@ -112,6 +121,10 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "metadata of the wrong type": (
         lambda p: _rewrite(p, header=lambda h: h.update(meta=json.dumps([1, 2]))),
+        "metadata",
+    ),
+    "state value of the wrong type": (
+        lambda p: _rewrite(p, header=_edit_state("events_seen", "lots")),
         "metadata",
     ),
     "missing tensor": (lambda p: _rewrite(p, tensors=lambda t: t.pop("routed.theta")), "missing_tensor"),
