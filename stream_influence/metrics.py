@@ -194,7 +194,7 @@ class _CheckpointFallbacks(Collector):
     name = PREFIX + "checkpoint_fallbacks"
     doc = (
         "Checkpoints skipped as corrupt on restore (the previous good one was used), by reason; "
-        "any increase needs a look at the checkpoint directory."
+        "non-zero: inspect the checkpoint directory."
     )
 
     def __init__(self) -> None:
