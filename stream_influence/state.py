@@ -238,9 +238,17 @@ def restore_engine(
 def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray], path: Path | str) -> None:
     """Shapes and dtypes of the restored arrays must be those a fresh engine with the same
     settings, policy and schema has (so a wrong-shape array fails here, not on every restart)."""
-    template = InfluenceEngine(engine.settings.model_copy(update={"policy": engine.policy.settings}))
+    # The identity φ on the restored head's width stands in for the real extractor, so a torch
+    # φ is not loaded a second time just to learn array shapes.
+    model = engine.settings.model.model_copy(
+        update={"extractor": "identity", "torch_factory": None, "torch_weights": None}
+    )
+    template = InfluenceEngine(
+        engine.settings.model_copy(update={"policy": engine.policy.settings, "model": model})
+    )
     template.schema.load_state_dict(engine.schema.state_dict())
     if engine.routed is not None:
+        template.schema.n_features = engine._dim - 1
         template._ensure_model()
     expected: dict[str, np.ndarray] = {}
     actual: dict[str, np.ndarray] = {}
@@ -249,8 +257,9 @@ def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray],
     if "routed.theta" in expected:
         expected["scorer.s"] = expected["routed.theta"]  # s = H⁻¹∇L_R has the head's shape
     n_features = engine.schema.n_features
-    if "reference.features" in actual and n_features is not None:
-        expected["reference.features"] = np.zeros((len(engine.reference.labels), n_features))
+    if "reference.features" in actual and n_features is not None:  # stored as φ(x)
+        width = engine.extractor.out_features(n_features)
+        expected["reference.features"] = np.zeros((len(engine.reference.labels), width))
     for name, want in expected.items():
         got = actual.get(name)
         if got is None:

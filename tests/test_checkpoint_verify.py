@@ -329,3 +329,29 @@ def test_requeue_uses_the_verified_loader(tmp_path: Path) -> None:
     cfg = AppSettings.model_validate(yaml.safe_load(_config(tmp_path).read_text()))
     with pytest.raises(NoUsableCheckpoint, match="non_finite"):
         requeue(cfg, to=None, ledger=tmp_path / "ledger.json", dry_run=True, timeout=1.0)
+
+
+def test_a_torch_feature_extractor_checkpoint_verifies_with_its_own_widths(tmp_path: Path) -> None:
+    """φ maps 4 raw features to 3: the head is 3 + 1 wide, the reference buffer keeps φ (3 wide)."""
+    settings = EngineSettings(
+        model={"extractor": "torch", "torch_factory": "tests.torch_phi:small_net"},
+        reference={"min_size": 5},
+    )
+    rng = np.random.default_rng(0)
+    raws = [
+        json.dumps({"id": str(i), "features": rng.normal(size=4).tolist(), "label": i % 2}).encode()
+        for i in range(80)
+    ]
+    e = InfluenceEngine(settings)
+    e.add_reference(raws[:20])
+    e.process(raws[20:])
+    assert e.routed.theta.shape == (2, 4) and e.reference.features.shape[1] == 3  # type: ignore[union-attr]
+    store = CheckpointStore(tmp_path)
+    store.save(e, {("t", 0): 60}, {}, {})
+    newest = store.save(e, {("t", 0): 80}, {}, {})
+    ck = store.latest(settings)
+    assert ck is not None and ck.path == newest and not ck.skipped
+    np.testing.assert_array_equal(ck.engine.routed.theta, e.routed.theta)  # type: ignore[union-attr]
+    _rewrite(newest, tensors=_set("reference.features", lambda a: np.hstack([a, a[:, :1]])))  # raw width
+    ck = store.latest(settings)
+    assert ck is not None and ck.seq == 1 and ck.skipped[0].reason.value == "shape"
