@@ -252,8 +252,7 @@ def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray],
         template._ensure_model()
     expected: dict[str, np.ndarray] = {}
     actual: dict[str, np.ndarray] = {}
-    _split(template.state_dict(), "", expected)
-    _split(engine.state_dict(), "", actual)
+    _check_scalars(_split(template.state_dict(), "", expected), _split(engine.state_dict(), "", actual), path)
     if "routed.theta" in expected:
         expected["scorer.s"] = expected["routed.theta"]  # s = H⁻¹∇L_R has the head's shape
     n_features = engine.schema.n_features
@@ -278,6 +277,20 @@ def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray],
             raise CheckpointCorrupt(
                 path, CorruptReason.SHAPE, f"array {name} has shape {got.shape}, expected {want.shape}"
             )
+
+
+def _check_scalars(want: Any, got: Any, path: Path | str, where: str = "") -> None:
+    """Numbers that are finite in a fresh engine must be finite, and counts non-negative."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        for key in want.keys() & got.keys():
+            _check_scalars(want[key], got[key], path, f"{where}.{key}" if where else key)
+        return
+    if isinstance(want, bool) or not isinstance(want, int | float) or not np.isfinite(want):
+        return
+    if isinstance(got, dict) or not np.isfinite(got):  # NaN is stored as {"__nan__": true}
+        raise CheckpointCorrupt(path, CorruptReason.NON_FINITE, f"value {where} is {got!r}")
+    if isinstance(want, int) and got < 0:
+        raise CheckpointCorrupt(path, CorruptReason.METADATA, f"count {where} is negative ({got})")
 
 
 def load_engine(path: Path, settings: EngineSettings | None = None) -> tuple[InfluenceEngine, dict[str, Any]]:

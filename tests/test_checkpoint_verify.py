@@ -84,9 +84,11 @@ def _edit_meta(path: Path, edit: Callable[[dict[str, Any]], None]) -> None:
 
 
 def _edit_state(key: str, value: Any) -> Callable[[Header], None]:
+    """Set ``state[key]`` (a dict value is merged into the existing one)."""
+
     def edit(h: Header) -> None:
         state = json.loads(h["state"])
-        state[key] = value
+        state[key] = {**state[key], **value} if isinstance(value, dict) else value
         h["state"] = json.dumps(state)
 
     return edit
@@ -126,6 +128,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str]] = {
     "state value of the wrong type": (
         lambda p: _rewrite(p, header=_edit_state("events_seen", "lots")),
         "metadata",
+    ),
+    "negative count": (lambda p: _rewrite(p, header=_edit_state("events_seen", -3)), "metadata"),
+    "NaN curvature count": (
+        lambda p: _rewrite(p, header=_edit_state("curvature", {"n_seen": {"__nan__": True}})),
+        "non_finite",
     ),
     "missing tensor": (lambda p: _rewrite(p, tensors=lambda t: t.pop("routed.theta")), "missing_tensor"),
     "wrong dtype": (
