@@ -6,8 +6,8 @@ offsets) goes into the header's JSON metadata.  Files are written atomically: te
 fsync, rename, fsync of the directory — a crash leaves the previous checkpoint intact.
 
 Loading checks what it reads (:func:`decode_state`, :func:`restore_engine`): header JSON, every
-referenced array present, dtypes, finite float arrays, and shapes equal to those of a fresh engine
-with the same settings and schema.  Failures raise
+referenced array present, dtypes, finite float arrays and scalars, non-negative counts, and shapes
+equal to those of a fresh engine with the same settings and schema.  Failures raise
 :class:`~stream_influence.errors.CheckpointCorrupt` with a reason; the checksum of the whole file
 lives in the checkpoint's manifest (:mod:`stream_influence.checkpoint`).
 
