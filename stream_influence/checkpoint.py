@@ -202,6 +202,10 @@ class CheckpointStore:
         for old in good[: -self.keep]:
             old.unlink(missing_ok=True)
             manifest_path(old).unlink(missing_ok=True)
+        # A crash between the two unlinks above leaves a manifest without its file.
+        for m in self.directory.glob("checkpoint-*.manifest.json"):
+            if not m.with_name(m.name.removesuffix(".manifest.json") + ".safetensors").exists():
+                m.unlink(missing_ok=True)
 
     def load(self, path: Path, settings: EngineSettings | None = None) -> Checkpoint:
         """Read and verify one checkpoint (see the module docstring).

@@ -241,8 +241,14 @@ def test_a_corrupt_newest_never_pushes_out_the_last_good_one(tmp_path: Path) -> 
     _flip_bit(third)
     ck = CheckpointStore(tmp_path, keep=2).latest()
     assert ck is not None and ck.path == good
+    orphan = tmp_path / "checkpoint-000000000001.manifest.json"
+    orphan.write_text("{}")  # a crash between pruning a file and its manifest
     fourth = store.save(_engine(seed=4), {("t", 0): 400}, {}, {})
     assert int(fourth.name.split("-")[1].split(".")[0]) == 4  # names are never reused
+    assert not orphan.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".corrupt")) == sorted(
+        p.name for q in (third, fourth) for p in (q, manifest_path(q))
+    )
 
 
 def test_old_checkpoints_without_manifest_are_accepted_when_sound(
