@@ -368,3 +368,27 @@ def test_a_torch_feature_extractor_checkpoint_verifies_with_its_own_widths(tmp_p
     _rewrite(newest, tensors=_set("reference.features", lambda a: np.hstack([a, a[:, :1]])))  # raw width
     ck = store.latest(settings)
     assert ck is not None and ck.seq == 1 and ck.skipped[0].reason.value == "shape"
+
+
+PREVIOUS_RELEASE = ROOT / "tests" / "fixtures" / "checkpoint-previous-release.safetensors"
+
+
+def test_a_checkpoint_written_by_the_previous_release_still_restores(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fixture was written by the release before manifests (commit fed07bb, 60 events on
+    partition events-0): restored with a warning; the next save writes the new format."""
+    import shutil
+
+    path = tmp_path / "checkpoint-000000000001.safetensors"
+    shutil.copyfile(PREVIOUS_RELEASE, path)
+    store = CheckpointStore(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="stream_influence.checkpoint"):
+        ck = store.latest()
+    assert ck is not None and not ck.skipped
+    assert ck.offsets == {("events", 0): 60} and ck.reference_offsets == {0: 10}
+    assert ck.engine.events_seen == 60 and ck.engine.reference.size == 10
+    assert any("no manifest" in r.getMessage() for r in caplog.records)
+    ck.engine.process(events(20, seed=9)[0])
+    new = store.save(ck.engine, {("events", 0): 80}, {0: 10}, ck.outputs)
+    assert manifest_path(new).exists() and store.latest().path == new  # type: ignore[union-attr]
