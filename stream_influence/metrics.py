@@ -51,6 +51,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from . import __version__
+from .errors import CorruptReason
 from .events import RejectReason
 from .policy import REASONS
 
@@ -186,6 +187,30 @@ class _EngineCounters(Collector):
         return self.collect()
 
 
+class _CheckpointFallbacks(Collector):
+    """``checkpoint_fallbacks_total{reason}``: checkpoints skipped as corrupt, read at scrape time
+    from the checkpoint store (which counts them before the metrics exist, at start-up)."""
+
+    name = PREFIX + "checkpoint_fallbacks"
+    doc = (
+        "Checkpoints skipped as corrupt on restore (the previous good one was used), by reason; "
+        "non-zero: inspect the checkpoint directory."
+    )
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Mapping[str, int]] | None = None
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        counts = self.source() if self.source is not None else {}
+        fam = CounterMetricFamily(self.name, self.doc, labels=["reason"])
+        for reason in CorruptReason:  # every reason from the start, so increase() sees the first
+            fam.add_metric([reason.value], float(counts.get(reason.value, 0)))
+        yield fam
+
+    def describe(self) -> Iterable[CounterMetricFamily]:
+        return self.collect()
+
+
 class ServiceMetrics:
     """All metrics the service exports, on one registry (a fresh one unless given).
 
@@ -290,6 +315,8 @@ class ServiceMetrics:
             registry=reg,
         )  # fmt: skip
         self.checkpoints = Counter(p + "checkpoints", "Checkpoints written.", registry=reg)
+        self.checkpoint_fallbacks = _CheckpointFallbacks()
+        reg.register(self.checkpoint_fallbacks)
 
         # -- consumer ---------------------------------------------------------------------------
         self.lag = Gauge(
@@ -451,6 +478,10 @@ class ServiceMetrics:
 
     def observe_commit(self, poll_to_commit_s: float) -> None:
         self.poll_to_commit.observe(poll_to_commit_s)
+
+    def count_checkpoint_fallbacks(self, source: Callable[[], Mapping[str, int]]) -> None:
+        """Export the checkpoint store's fallback counts (``CheckpointStore.fallback_counts``)."""
+        self.checkpoint_fallbacks.source = source
 
     def observe_checkpoint(self, duration_s: float, written_at: float) -> None:
         self.checkpoints.inc()

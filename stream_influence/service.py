@@ -97,6 +97,9 @@ class Service:
         # rollback before its first checkpoint can go back there.
         self.start_offsets: dict[tuple[str, int], int] = {}
         self.reference_offsets: dict[int, int] = {}
+        # Partitions whose restored offsets win over the committed ones: the restore fell back
+        # past a corrupt checkpoint whose window was committed but is lost with it.
+        self.replay_from_checkpoint: set[tuple[str, int]] = set()
         self.outputs: dict[str, int] = defaultdict(int)
         self.pending: dict[TopicPartition, list[Any]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
@@ -171,6 +174,8 @@ class Service:
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = defaultdict(int)
             return
+        # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
+        self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
         self.engine = ck.engine
         if self.engine.policy.settings != self.reloader.current:
             # The configuration is the operator's word on the policy; the checkpoint keeps the rest.
@@ -252,6 +257,7 @@ class Service:
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
         self.metrics = ServiceMetrics(engine_settings=self.cfg.engine)
+        self.metrics.count_checkpoint_fallbacks(self.store.fallback_counts)
         self.metrics.set_policy(self.engine.policy.settings, self.engine.policy.version)
         self.metrics.update_summary(self.engine.summary())
         if m.enabled:
@@ -340,8 +346,13 @@ class Service:
             if tp not in self.owned:
                 continue
             ours = self.next_offsets.get((tp.topic, tp.partition))
-            # committed > ours: another member applied that range to its own model meanwhile.
-            known = [o for o in (ours, committed[tp]) if o is not None]
+            # committed > ours: another member applied that range to its own model meanwhile —
+            # unless the restore fell back past a corrupt checkpoint (then re-apply its window).
+            if (tp.topic, tp.partition) in self.replay_from_checkpoint:
+                self.replay_from_checkpoint.discard((tp.topic, tp.partition))
+                known = [ours]
+            else:
+                known = [o for o in (ours, committed[tp]) if o is not None]
             self.pending.pop(tp, None)
             if known:
                 self.consumer.seek(tp, max(known))

@@ -5,6 +5,12 @@ other value (numbers, strings, lists, the effective settings, caller extras such
 offsets) goes into the header's JSON metadata.  Files are written atomically: temporary file,
 fsync, rename, fsync of the directory — a crash leaves the previous checkpoint intact.
 
+Loading checks what it reads (:func:`decode_state`, :func:`restore_engine`): header JSON, every
+referenced array present, dtypes, finite float arrays and scalars, non-negative counts, and shapes
+equal to those of a fresh engine with the same settings and schema.  Failures raise
+:class:`~stream_influence.errors.CheckpointCorrupt` with a reason; the checksum of the whole file
+lives in the checkpoint's manifest (:mod:`stream_influence.checkpoint`).
+
 >>> import tempfile, pathlib
 >>> from stream_influence.engine import InfluenceEngine
 >>> engine = InfluenceEngine()
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,13 +34,24 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save
+from safetensors.numpy import load, save
 
 from .engine import InfluenceEngine
-from .errors import CheckpointError
+from .errors import CheckpointCorrupt, CheckpointIncompatible, CorruptReason
 from .settings import EngineSettings
 
-__all__ = ["atomic_write", "load_engine", "load_state", "save_engine", "save_state"]
+__all__ = [
+    "atomic_write",
+    "decode_state",
+    "encode_engine",
+    "encode_state",
+    "load_engine",
+    "load_state",
+    "read_file",
+    "restore_engine",
+    "save_engine",
+    "save_state",
+]
 
 FORMAT = "stream-influence/state/1"
 _TENSOR = "__tensor__"
@@ -87,50 +105,195 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
-def save_state(state: dict[str, Any], path: Path, meta: dict[str, Any] | None = None) -> None:
-    """Persist a nested state dict (arrays + JSON values) atomically."""
+def encode_state(state: dict[str, Any], meta: dict[str, Any] | None = None) -> bytes:
+    """The safetensors bytes of a nested state dict (arrays + JSON values) and its ``meta``."""
     tensors: dict[str, np.ndarray] = {}
     skeleton = _split(state, "", tensors)
     header = {"format": FORMAT, "state": json.dumps(skeleton), "meta": json.dumps(meta or {})}
-    atomic_write(path, save(tensors, metadata=header))
+    return save(tensors, metadata=header)
+
+
+def save_state(state: dict[str, Any], path: Path, meta: dict[str, Any] | None = None) -> None:
+    """Persist a nested state dict (arrays + JSON values) atomically."""
+    atomic_write(path, encode_state(state, meta))
+
+
+# Every array the engine keeps is one of these; curvature and weights are float64 by design.
+_DTYPES = {np.dtype(np.float64), np.dtype(np.int64), np.dtype(np.uint8)}
+
+
+def decode_state(
+    data: bytes, path: Path | str
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
+    """Inverse of :func:`encode_state`: ``(state, meta, tensors)``, checked on the way.
+
+    Raises :class:`CheckpointCorrupt` for a file that is not a state file, header JSON that is
+    invalid or of the wrong type, an array the state refers to that is absent, an unexpected
+    dtype, or a NaN/±Inf in any float array.
+    """
+    try:
+        tensors = load(data)
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+    except (SafetensorError, struct.error, ValueError, AttributeError) as exc:
+        raise CheckpointCorrupt(path, CorruptReason.UNREADABLE, f"not a safetensors file: {exc}") from exc
+    if header.get("format") != FORMAT:
+        raise CheckpointCorrupt(
+            path, CorruptReason.UNREADABLE, f"not a {FORMAT} file (format={header.get('format')!r})"
+        )
+    try:
+        skeleton, meta = json.loads(header["state"]), json.loads(header["meta"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointCorrupt(path, CorruptReason.METADATA, f"header JSON is invalid: {exc}") from exc
+    if not isinstance(skeleton, dict) or not isinstance(meta, dict):
+        raise CheckpointCorrupt(path, CorruptReason.METADATA, "header state/meta are not JSON objects")
+    for name, arr in tensors.items():
+        if arr.dtype not in _DTYPES:
+            raise CheckpointCorrupt(path, CorruptReason.DTYPE, f"array {name} has dtype {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise CheckpointCorrupt(
+                path, CorruptReason.NON_FINITE, f"array {name} has {bad} NaN/Inf value(s)"
+            )
+    try:
+        state = _join(skeleton, tensors)
+    except KeyError as exc:
+        raise CheckpointCorrupt(path, CorruptReason.MISSING_TENSOR, f"array {exc} is missing") from exc
+    return state, meta, tensors
 
 
 def load_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Inverse of :func:`save_state`: ``(state, meta)``."""
-    path = Path(path)
-    try:
-        from safetensors import safe_open
+    """Read and check a file written by :func:`save_state`: ``(state, meta)``."""
+    state, meta, _ = decode_state(read_file(path), path)
+    return state, meta
 
-        with safe_open(str(path), framework="numpy") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read state file {path}: {exc}") from exc
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a {FORMAT} file (format={header.get('format')!r})")
-    return _join(json.loads(header["state"]), tensors), json.loads(header["meta"])
+
+def read_file(path: Path) -> bytes:
+    """The bytes of a state file; an unreadable one is :class:`CheckpointCorrupt`."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CheckpointCorrupt(
+            path, CorruptReason.UNREADABLE, f"cannot read: {exc.strerror or exc}"
+        ) from exc
+
+
+def encode_engine(engine: InfluenceEngine, extra: dict[str, Any] | None = None) -> bytes:
+    """The state file bytes of ``engine`` with its effective settings and caller ``extra``."""
+    meta = {"settings": engine.settings.model_dump(mode="json", by_alias=True), "extra": extra or {}}
+    return encode_state(engine.state_dict(), meta)
 
 
 def save_engine(engine: InfluenceEngine, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Save the engine's state with its effective settings (and caller ``extra``, e.g. offsets)."""
-    meta = {"settings": engine.settings.model_dump(mode="json", by_alias=True), "extra": extra or {}}
-    save_state(engine.state_dict(), path, meta)
+    atomic_write(path, encode_engine(engine, extra))
 
 
-def load_engine(path: Path, settings: EngineSettings | None = None) -> tuple[InfluenceEngine, dict[str, Any]]:
-    """Restore an engine; ``settings`` overrides the saved ones (the policy may differ freely)."""
-    state, meta = load_state(path)
+def restore_engine(
+    state: dict[str, Any],
+    meta: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    path: Path | str,
+    settings: EngineSettings | None = None,
+) -> tuple[InfluenceEngine, dict[str, Any]]:
+    """Build the engine of a decoded state file and check it against its settings and schema.
+
+    ``settings`` overrides the saved ones (the policy may differ freely); different schema,
+    model or curvature settings raise :class:`CheckpointIncompatible`; anything inconsistent
+    raises :class:`CheckpointCorrupt`.
+    """
     try:
         saved = EngineSettings.model_validate(meta["settings"])
     except (KeyError, ValidationError) as exc:
-        raise CheckpointError(f"{path}: saved settings are unreadable: {exc}") from exc
+        raise CheckpointCorrupt(
+            path, CorruptReason.METADATA, f"saved settings are unreadable: {exc}"
+        ) from exc
     if settings is not None:
         for part in ("schema_", "model", "curvature"):
             if getattr(settings, part) != getattr(saved, part):
-                raise CheckpointError(
+                raise CheckpointIncompatible(
                     f"{path} was written with different {part.rstrip('_')} settings; "
                     "start from an empty checkpoint directory or restore the old settings"
                 )
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise CheckpointCorrupt(path, CorruptReason.METADATA, "extra metadata is not a JSON object")
     engine = InfluenceEngine(settings or saved)
-    engine.load_state_dict(state)
-    return engine, meta.get("extra", {})
+    try:
+        engine.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, AssertionError) as exc:
+        raise CheckpointCorrupt(
+            path, CorruptReason.METADATA, f"state does not fit the engine: {type(exc).__name__}: {exc}"
+        ) from exc
+    _check_against_template(engine, tensors, path)
+    try:
+        engine.summary()  # touches every model part: a last guard against an inconsistent state
+    except Exception as exc:
+        raise CheckpointCorrupt(
+            path, CorruptReason.SHAPE, f"restored engine is inconsistent: {exc!r}"
+        ) from exc
+    return engine, extra
+
+
+def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray], path: Path | str) -> None:
+    """Shapes and dtypes of the restored arrays must be those a fresh engine with the same
+    settings, policy and schema has (so a wrong-shape array fails here, not on every restart)."""
+    # The identity φ on the restored head's width stands in for the real extractor, so a torch
+    # φ is not loaded a second time just to learn array shapes.
+    model = engine.settings.model.model_copy(
+        update={"extractor": "identity", "torch_factory": None, "torch_weights": None}
+    )
+    template = InfluenceEngine(
+        engine.settings.model_copy(update={"policy": engine.policy.settings, "model": model})
+    )
+    template.schema.load_state_dict(engine.schema.state_dict())
+    if engine.routed is not None:
+        template.schema.n_features = engine._dim - 1
+        template._ensure_model()
+    expected: dict[str, np.ndarray] = {}
+    actual: dict[str, np.ndarray] = {}
+    _check_scalars(_split(template.state_dict(), "", expected), _split(engine.state_dict(), "", actual), path)
+    if "routed.theta" in expected:
+        expected["scorer.s"] = expected["routed.theta"]  # s = H⁻¹∇L_R has the head's shape
+    n_features = engine.schema.n_features
+    if "reference.features" in actual and n_features is not None:  # stored as φ(x)
+        width = engine.extractor.out_features(n_features)
+        expected["reference.features"] = np.zeros((len(engine.reference.labels), width))
+    for name, want in expected.items():
+        got = actual.get(name)
+        if got is None:
+            continue
+        if name in raw and raw[name].dtype != want.dtype:
+            raise CheckpointCorrupt(
+                path, CorruptReason.DTYPE, f"array {name} is {raw[name].dtype}, expected {want.dtype}"
+            )
+        # A leading length of 0 in the template is data-dependent (drift history, confusion cells).
+        ok = (
+            got.shape[1:] == want.shape[1:] and got.ndim == want.ndim
+            if want.ndim and want.shape[0] == 0
+            else got.shape == want.shape
+        )
+        if not ok:
+            raise CheckpointCorrupt(
+                path, CorruptReason.SHAPE, f"array {name} has shape {got.shape}, expected {want.shape}"
+            )
+
+
+def _check_scalars(want: Any, got: Any, path: Path | str, where: str = "") -> None:
+    """Numbers that are finite in a fresh engine must be finite, and counts non-negative."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        for key in want.keys() & got.keys():
+            _check_scalars(want[key], got[key], path, f"{where}.{key}" if where else key)
+        return
+    if isinstance(want, bool) or not isinstance(want, int | float) or not np.isfinite(want):
+        return
+    if isinstance(got, dict) or not np.isfinite(got):  # NaN is stored as {"__nan__": true}
+        raise CheckpointCorrupt(path, CorruptReason.NON_FINITE, f"value {where} is {got!r}")
+    if isinstance(want, int) and got < 0:
+        raise CheckpointCorrupt(path, CorruptReason.METADATA, f"count {where} is negative ({got})")
+
+
+def load_engine(path: Path, settings: EngineSettings | None = None) -> tuple[InfluenceEngine, dict[str, Any]]:
+    """Restore an engine from a state file, checked (see :func:`decode_state`, :func:`restore_engine`)."""
+    state, meta, tensors = decode_state(read_file(path), path)
+    return restore_engine(state, meta, tensors, path, settings)

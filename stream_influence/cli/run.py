@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import AppSettings
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +23,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "SIGTERM/SIGINT stop it gracefully; SIGHUP (or editing the file) reloads engine.policy.",
     )
     p.add_argument("--config", type=Path, help="YAML file (STREAM_INFLUENCE_… environment overrides apply)")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="if checkpoints exist but none passes verification, set them aside (*.corrupt) and "
+        "start with an empty model instead of refusing to start; a usable checkpoint is still "
+        "restored",
+    )
     p.set_defaults(handler=_run)
 
 
@@ -33,6 +47,25 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging, verbose=args.verbose, secrets=cfg.kafka.secret_values())
     # Fail in seconds with the cause, not after every client's own timeout in turn.
     check_broker(cfg.kafka)
+    if args.fresh:
+        _set_aside_unusable(cfg)
     from ..service import run_service  # imported after the check: it loads the whole engine
 
     return run_service(cfg, config_path=args.config)
+
+
+def _set_aside_unusable(cfg: AppSettings) -> None:
+    """``--fresh``: without a usable checkpoint, move the corrupt ones aside so the service starts
+    with an empty model (resuming at the committed offsets).  Incompatible settings still stop it."""
+    from ..checkpoint import CheckpointStore
+    from ..errors import NoUsableCheckpoint
+
+    store = CheckpointStore(cfg.checkpoint.directory, cfg.checkpoint.keep)
+    try:
+        store.latest(cfg.engine)
+    except NoUsableCheckpoint:
+        moved = store.set_aside()
+        log.warning(
+            "--fresh: no usable checkpoint; %d file(s) set aside as *.corrupt, starting with an empty model",
+            len(moved),
+        )
