@@ -38,7 +38,7 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from . import kafka_io
-from .checkpoint import CheckpointStore
+from .checkpoint import Checkpoint, CheckpointStore
 from .config import AppSettings
 from .engine import BatchResult, InfluenceEngine
 from .errors import ConfigError
@@ -166,8 +166,10 @@ class Service:
         logging.shutdown()
         os._exit(1)
 
-    def _restore(self) -> None:
-        ck = self.store.latest(self.cfg.engine)
+    def _restore(self, ck: Checkpoint | None = None, *, loaded: bool = False) -> None:
+        """Install the latest good checkpoint (or ``ck``, already loaded), else an empty model."""
+        if not loaded:
+            ck = self.store.latest(self.cfg.engine)
         if ck is None:
             log.info("no checkpoint in %s: starting with an empty model", self.store.directory)
             self.engine = InfluenceEngine(self.cfg.engine)
@@ -195,7 +197,11 @@ class Service:
         """Consume until stopped; returns the process exit code."""
         if self.install_signals and threading.current_thread() is threading.main_thread():
             self._install_signals()
-        self._restore()
+        # A directory with no usable checkpoint refuses before Kafka is contacted; then an
+        # unreachable broker fails in seconds with its cause, not after every client's timeout.
+        ck = self.store.latest(self.cfg.engine)
+        kafka_io.check_broker(self.k)
+        self._restore(ck, loaded=True)
         self._start_metrics()
         self._ensure_producer()
         if self.k.create_output_topics:
@@ -756,6 +762,6 @@ class Service:
 
 
 def run_service(cfg: AppSettings, config_path: Path | None = None) -> int:
-    """Build and run a service (what ``stream-influence run`` calls)."""
-    Path(cfg.checkpoint.directory).mkdir(parents=True, exist_ok=True)
+    """Build and run a service (what ``stream-influence run`` calls).  The checkpoint directory
+    is created by the first checkpoint, so a start that fails early leaves nothing behind."""
     return Service(cfg, config_path=config_path).run()

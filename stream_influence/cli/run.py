@@ -36,7 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from ..config import check_environment, load_config
     from ..errors import ConfigError
-    from ..kafka_io import check_broker
     from ..logs import setup_logging
 
     cfg = load_config(args.config)
@@ -45,8 +44,6 @@ def _run(args: argparse.Namespace) -> int:
         lines = "\n".join("  " + p.line() for p in problems)
         raise ConfigError(f"{args.config or 'environment'}: {len(problems)} invalid setting(s):\n{lines}")
     setup_logging(cfg.logging, verbose=args.verbose, secrets=cfg.kafka.secret_values())
-    # Fail in seconds with the cause, not after every client's own timeout in turn.
-    check_broker(cfg.kafka)
     if args.fresh:
         _set_aside_unusable(cfg)
     from ..service import run_service  # imported after the check: it loads the whole engine
