@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -230,46 +229,92 @@ def load_standard(raw: bytes | str) -> Any:
     return obj
 
 
-def load_fast(raw: bytes | str) -> Any:
-    """orjson, falling back to :func:`load_standard` whenever it cannot prove the same answer.
+def _shape(obj: Any) -> tuple[int, int, int]:
+    """``(quotes, brackets, depth)`` of a parsed value, walking objects but not into lists.
+
+    ``quotes`` counts the quote characters of its keys and string values, ``brackets`` its
+    containers (a list counts, its items are not visited).  The source text of a value holds at
+    least as many of each; exactly as many only when no key was repeated (a repeat is lost in
+    parsing), no list holds a string or a container, and, without a backslash, no string holds
+    a quote.  Then ``depth`` is the exact nesting depth.
+    """
+    tp = type(obj)  # exact types: the hot path, and orjson/json only make these
+    if tp is dict:
+        quotes, brackets, depth = 2 * len(obj), 1, 0
+        for v in obj.values():
+            tv = type(v)
+            if tv is str:
+                quotes += 2
+            elif tv is list:
+                brackets += 1
+                depth = depth or 1
+            elif tv is dict:
+                q, b, d = _shape(v)
+                quotes, brackets, depth = quotes + q, brackets + b, max(depth, d)
+        return quotes, brackets, depth + 1
+    if tp is list:
+        return 0, 1, 1
+    return (2, 0, 0) if tp is str else (0, 0, 0)
+
+
+# Deleting every other byte leaves a short string to count the structural characters in.
+_NOT_STRUCTURAL = bytes(sorted(set(range(256)) - set(b'"[{\\')))
+
+
+def _counts(raw: bytes | str) -> tuple[int, int, bool]:
+    """``(quotes, brackets, has_backslash)`` of a message's text."""
+    if isinstance(raw, bytes):
+        k = raw.translate(None, _NOT_STRUCTURAL)
+        return k.count(b'"'), k.count(b"[") + k.count(b"{"), b"\\" in k
+    return raw.count('"'), raw.count("[") + raw.count("{"), "\\" in raw
+
+
+def load_fast(raws: Sequence[bytes | str]) -> list[Any]:
+    """orjson, with :func:`load_standard` wherever orjson cannot prove the same answer.
 
     orjson already rejects what the contract rejects for Unicode, NaN and numbers beyond float64
-    (those go to the standard decoder for their reason).  What it does not check — duplicate keys
-    and nesting up to its own limit — is ruled out by byte counts on the hot path: at most
-    ``MAX_NESTING`` brackets cannot nest deeper, and without a backslash every key is written
-    literally, so a key whose quoted form occurs as often as the parsed objects hold it cannot
-    be duplicated.  Anything else (rare) takes the standard decoder.
+    (those go to the standard decoder for their reason).  What it does not check — repeated keys
+    and nesting up to its own limit — is ruled out by counting quotes and brackets (see
+    :func:`_shape`), once over the whole batch; only a batch whose counts disagree is counted
+    message by message, and only those messages (rare) take the standard decoder.  Returns one
+    parsed value or :class:`_Invalid` per message.
     """
+    out: list[Any]
     try:
-        obj = orjson.loads(raw)
+        out = list(map(orjson.loads, raws))
+        fast = list(range(len(raws)))
     except (orjson.JSONDecodeError, RecursionError):
-        return load_standard(raw)
-    is_bytes = isinstance(raw, bytes)
-    n_obj = raw.count(b"{" if is_bytes else "{")  # type: ignore[arg-type]
-    if raw.count(b"[" if is_bytes else "[") + n_obj > MAX_NESTING:  # type: ignore[arg-type]
-        return load_standard(raw)
-    if n_obj == 0:
-        return obj  # no object, so no key to repeat
-    if (b"\\" if is_bytes else "\\") in raw:  # type: ignore[operator]
-        return load_standard(raw)
-    # Objects reachable through objects only; one inside a list (or a "{" in a string) makes
-    # the counts disagree and sends the message to the standard decoder.
-    dicts = [obj] if isinstance(obj, dict) else []
-    keys: list[str] = []
-    for d in dicts:
-        keys.extend(d)
-        dicts.extend(v for v in d.values() if isinstance(v, dict))
-    if len(dicts) != n_obj:
-        return load_standard(raw)
-    times = Counter(keys) if len(set(keys)) != len(keys) else dict.fromkeys(keys, 1)
-    for k, n in times.items():
-        quoted = f'"{k}"'
-        if raw.count(quoted.encode() if is_bytes else quoted) != n:  # type: ignore[arg-type]
-            return load_standard(raw)
-    return obj
+        out, fast = [], []
+        for i, raw in enumerate(raws):
+            try:
+                out.append(orjson.loads(raw))
+                fast.append(i)
+            except (orjson.JSONDecodeError, RecursionError):
+                out.append(_standard_or_invalid(raw))
+    shapes = [_shape(out[i]) for i in fast]
+    if all(type(raws[i]) is bytes for i in fast) and all(d <= MAX_NESTING for _, _, d in shapes):
+        q, b, backslash = _counts(b"".join([raws[i] for i in fast]))  # type: ignore[misc]
+        if not backslash and q == sum(s[0] for s in shapes) and b == sum(s[1] for s in shapes):
+            return out  # every message's counts match (none can fall below its own)
+    for i, (q, b, d) in zip(fast, shapes, strict=True):
+        if d > MAX_NESTING or _counts(raws[i]) != (q, b, False):
+            out[i] = _standard_or_invalid(raws[i])
+    return out
 
 
-_LOADERS = {"orjson": load_fast, "json": load_standard}
+def _standard_or_invalid(raw: bytes | str) -> Any:
+    try:
+        return load_standard(raw)
+    except _Invalid as exc:
+        return exc
+
+
+def load_standard_batch(raws: Sequence[bytes | str]) -> list[Any]:
+    """:func:`load_standard` per message: the reference the fast path is tested against."""
+    return [_standard_or_invalid(raw) for raw in raws]
+
+
+_LOADERS = {"orjson": load_fast, "json": load_standard_batch}
 
 
 class Schema:
@@ -372,19 +417,21 @@ class Schema:
         def reject(i: int, reason: RejectReason, detail: str) -> None:
             rejects.append(Reject(i, reason, detail))
 
+        parse: list[int] = []
         for i, raw in enumerate(raws):
             if raw is None or len(raw) == 0 or (isinstance(raw, bytes | str) and not raw.strip()):
                 reject(i, RejectReason.EMPTY, "empty message")
-                continue
-            if len(raw) > max_bytes:
+            elif len(raw) > max_bytes:
                 reject(i, RejectReason.TOO_LARGE, f"{len(raw)} bytes > max_event_bytes={max_bytes}")
-                continue
-            try:
-                # The standard parser also reads NaN/Infinity and out-of-range numbers, so such
-                # events get their precise reason (non_finite) below instead of invalid_json.
-                obj = self._loads(raw)
-            except _Invalid as exc:
-                reject(i, exc.reason, exc.detail)
+            else:
+                parse.append(i)
+        # The standard parser also reads NaN/Infinity and out-of-range numbers, so such events
+        # get their precise reason (non_finite) below instead of invalid_json.
+        parsed = self._loads([raws[i] for i in parse])  # type: ignore[misc]
+        for i, obj in zip(parse, parsed, strict=True):
+            raw = raws[i]
+            if isinstance(obj, _Invalid):
+                reject(i, obj.reason, obj.detail)
                 continue
             if not isinstance(obj, dict):
                 reject(i, RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
