@@ -260,6 +260,11 @@ EV = '"features": [1, 2, 3], "label": 1'
             R.INVALID_JSON,
         ),
         (b"[" * 1023 + b"]" * 1023, R.INVALID_JSON),  # orjson parses it, json recursed too deep
+        (b'{"a":' * 1000 + b"1" + b"}" * 1000, R.INVALID_JSON),  # walking it once recursed too deep
+        (
+            b'{"id": "a", ' + EV.encode() + b', "meta": ' + b'{"a":' * 1020 + b"1" + b"}" * 1021,
+            R.INVALID_JSON,
+        ),
         (b'{"id": "a", "features": [1, 2, 3], "label": 9007199254740992}', R.INVALID_LABEL),
         (b'{"id": "a", "features": [1, 2, 3], "label": 18446744073709551616}', R.INVALID_LABEL),
         (b'{"id": "a", "features": [1, 2, 3], "label": -1' + b"0" * 400 + b"}", R.INVALID_LABEL),
