@@ -421,7 +421,8 @@ class Schema:
         rejects: list[Reject] = []
 
         def reject(i: int, reason: RejectReason, detail: str) -> None:
-            rejects.append(Reject(i, reason, detail))
+            # Details quote the offending value (an id may be a megabyte-long list): keep them short.
+            rejects.append(Reject(i, reason, detail if len(detail) <= 300 else detail[:297] + "..."))
 
         parse: list[int] = []
         for i, raw in enumerate(raws):

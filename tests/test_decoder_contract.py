@@ -405,3 +405,9 @@ def test_service_dead_letters_contract_breakers_and_keeps_running(broker: Broker
     for out in (f"{topic}.accepted", f"{topic}.dec"):
         for m in read_topic(broker.bootstrap, out, at_least=1):
             assert m.key is not None and m.key.decode("utf-8")
+
+
+def test_reject_details_stay_short() -> None:
+    huge = json.dumps({"id": list(range(50_000)), "features": [1, 2, 3], "label": 1}).encode()
+    _, rejects = Schema(SchemaSettings()).decode_batch([huge])
+    assert [r.reason for r in rejects] == [R.INVALID_ID] and len(rejects[0].detail) <= 300
