@@ -299,7 +299,10 @@ def load_fast(raws: Sequence[bytes | str]) -> list[Any]:
                 out.append(_standard_or_invalid(raw))
     shapes = [_shape(out[i]) for i in fast]
     if all(type(raws[i]) is bytes for i in fast) and all(d <= MAX_NESTING for _, _, d in shapes):
-        q, b, backslash = _counts(b"".join([raws[i] for i in fast]))  # type: ignore[misc]
+        text = np.frombuffer(b"".join([raws[i] for i in fast]), np.uint8)  # type: ignore[misc]
+        q = int(np.count_nonzero(text == ord('"')))
+        b = int(np.count_nonzero(text == ord("["))) + int(np.count_nonzero(text == ord("{")))
+        backslash = bool(np.count_nonzero(text == ord("\\")))
         if not backslash and q == sum(s[0] for s in shapes) and b == sum(s[1] for s in shapes):
             return out  # every message's counts match (none can fall below its own)
     for i, (q, b, d) in zip(fast, shapes, strict=True):
