@@ -136,7 +136,13 @@ def _dead_letter_id(raw: bytes) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     eid = obj.get("id") if isinstance(obj, dict) else None
-    return eid if isinstance(eid, str) and eid else None
+    if not isinstance(eid, str) or not eid:
+        return None
+    try:
+        eid.encode("utf-8")  # a lone surrogate is not text an operator (or jq) can match
+    except UnicodeEncodeError:
+        return None
+    return eid
 
 
 def _clean(x: Any) -> Any:
@@ -215,6 +221,7 @@ def replay(
         if not Path(reference).is_file():
             raise StreamInfluenceError(f"reference file not found: {reference}")
         n_ref = rejected = 0
+        engine.trust_reference_labels()  # stream labels outside the reference's are unknown_label
         for lines, _ in iter_batches(Path(reference), 4096):
             rej = engine.add_reference(lines)
             rejected += len(rej)
