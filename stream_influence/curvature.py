@@ -21,6 +21,20 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
   the *exact* Hessian for binary heads, where ``diag p − ppᵀ = τ/2 · [1 −1; −1 1]``.  The
   eigenbases are refreshed every ``refactor_every`` events (and whenever the evidence doubled,
   so the start is not stuck on a tiny sample);
+* ``ekfac`` (eigenvalue-corrected K-FAC, George et al. 2018) keeps K-FAC's factors and
+  eigenbases ``Q_G``, ``Q_A`` and, in that Kronecker eigenbasis, the *exact* diagonal of ``C``:
+  ``Λ[k, j] = E[(Q_Gᵀ S Q_G)_kk · (Q_Aᵀ x̃)_j²]`` with ``S = diag p − ppᵀ``, so
+  ``(Q_Gᵀ S Q_G)_kk = p·Q_G[:, k]² − (p·Q_G[:, k])²`` — two matrix products per batch.  It serves
+  ``H⁻¹ V = Q_G ((Q_Gᵀ V Q_A) / (Λ + λ)) Q_Aᵀ``: K-FAC's basis with eigenvalues fitted to the
+  data rather than to the Kronecker product (never worse in Frobenius norm; exact whenever the
+  basis diagonalises ``C``, e.g. binary heads).  Λ follows every batch; the basis is refreshed on
+  K-FAC's schedule.  A refreshed basis needs a new Λ, but the points are gone on a stream, so
+  ``C`` is split by the weight each point still carries in it: the most recent ``ekfac_buffer``
+  points (their ``x̃``, ``p`` and current weight, a bounded ring) are re-projected exactly, and only
+  the older remainder — whose K-FAC factors are the totals minus the buffer's — is estimated by
+  the diagonal of its own ``G_old ⊗ A_old`` in the new basis.  With ``ekfac_buffer = 0`` this is the
+  plain alternative (K-FAC eigenvalues as prior, re-accumulated from there); the buffer was
+  measured more faithful to the exact running Hessian (docs/benchmarks.md, *fidelity*);
 * ``diagonal`` keeps the exact diagonal of ``C``.
 
 >>> import numpy as np
@@ -45,7 +59,14 @@ from scipy import linalg
 from .errors import CurvatureError
 from .settings import CurvatureSettings
 
-__all__ = ["Curvature", "DiagonalCurvature", "ExactCurvature", "KFACCurvature", "make_curvature"]
+__all__ = [
+    "Curvature",
+    "DiagonalCurvature",
+    "EKFACCurvature",
+    "ExactCurvature",
+    "KFACCurvature",
+    "make_curvature",
+]
 
 
 def softmax_factor(P: np.ndarray) -> np.ndarray:
@@ -355,6 +376,96 @@ class KFACCurvature(Curvature):
         self.n_at_refactor = float(state["n_at_refactor"])
 
 
+def kronecker_eigen_moments(
+    X: np.ndarray, P: np.ndarray, QG: np.ndarray, QA: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per point, the diagonal of ``hᵢ`` in the basis ``Q_G ⊗ Q_A`` is ``outer(sᵢ, aᵢ)``.
+
+    ``sᵢ[k] = (Q_Gᵀ Sᵢ Q_G)_kk = pᵢ·Q_G[:, k]² − (pᵢ·Q_G[:, k])²`` (``b × K``) and
+    ``aᵢ[j] = (Q_Aᵀ x̃ᵢ)_j²`` (``b × D``): matrix products over the batch, no ``K × K`` per point.
+    """
+    s = P @ np.square(QG) - np.square(P @ QG)
+    np.clip(s, 0.0, None, out=s)  # the diagonal of a PSD matrix; clip rounding below zero
+    return s, np.square(X @ QA)
+
+
+class EKFACCurvature(KFACCurvature):
+    """Eigenvalue-corrected K-FAC: K-FAC's eigenbasis, the data's own diagonal ``Λ`` in it.
+
+    Serves ``(Q (diag Λ + λI) Qᵀ)⁻¹`` with ``Q = Q_G ⊗ Q_A`` exactly (see the module docstring for
+    how Λ survives a basis refresh).  Cost per event ``O(D² + K²)`` to update, like K-FAC, plus
+    ``O(ekfac_buffer · (D² + K²))`` per refresh.
+    """
+
+    kind = "ekfac"
+    exact = True  # exact inverse of its own Q (Λ + λ) Qᵀ
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        K, D, n = self.n_classes, self.dim, self.settings.ekfac_buffer
+        self.Lam = np.zeros((K, D))
+        # Ring of the most recent points and the weight each still carries in C.
+        self.buf_X, self.buf_P, self.buf_c = np.zeros((n, D)), np.zeros((n, K)), np.zeros(n)
+        self.buf_next = 0
+
+    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        self._remember(X, P, w, beta)
+        self.Lam *= beta
+        s, a = kronecker_eigen_moments(X, P, self.QG, self.QA)
+        self.Lam += (s * w[:, None]).T @ a
+        super()._update(X, P, w, beta)  # factors; refactorize() re-projects Λ on a refresh
+        self._inv = 1.0 / (self.Lam + self.settings.damping)
+
+    def _remember(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        n = len(self.buf_c)
+        self.buf_c *= beta
+        if n == 0:
+            return
+        keep = slice(max(0, len(X) - n), len(X))  # a batch larger than the ring keeps its tail
+        idx = (self.buf_next + np.arange(keep.stop - keep.start)) % n
+        self.buf_X[idx], self.buf_P[idx], self.buf_c[idx] = X[keep], P[keep], w[keep]
+        self.buf_next = int((idx[-1] + 1) % n)
+
+    def refactorize(self) -> None:
+        super().refactorize()
+        QG, QA = self.QG, self.QA
+        c = self.buf_c
+        # The buffer's exact share of C in the new basis ...
+        s, a = kronecker_eigen_moments(self.buf_X, self.buf_P, QG, QA)
+        lam = (s * c[:, None]).T @ a
+        # ... plus the older remainder, estimated by the diagonal of its own K-FAC product.
+        tau_b = c * (1.0 - np.einsum("bk,bk->b", self.buf_P, self.buf_P))
+        G_old = self.G - np.einsum("b,bkl->kl", c, softmax_hessian(self.buf_P))
+        A_old = self.A - (self.buf_X * tau_b[:, None]).T @ self.buf_X
+        tau_old = self.tau - float(tau_b.sum())
+        if tau_old > 1e-9 * self.tau:  # below that the remainder is rounding, not evidence
+            g_old = np.clip(np.einsum("kl,ka,la->a", G_old, QG, QG), 0.0, None)
+            a_old = np.clip(np.einsum("ij,ia,ja->a", A_old, QA, QA), 0.0, None) / tau_old
+            lam += np.outer(g_old, a_old)
+        self.Lam = lam
+        self._inv = 1.0 / (self.Lam + self.settings.damping)
+
+    def dense_hessian(self) -> np.ndarray:
+        Q = np.kron(self.QG, self.QA)
+        return (Q * (self.Lam.ravel() + self.settings.damping)) @ Q.T
+
+    def _arrays(self) -> dict[str, Any]:
+        return {
+            **super()._arrays(),
+            "Lam": self.Lam,
+            "buf_X": self.buf_X,
+            "buf_P": self.buf_P,
+            "buf_c": self.buf_c,
+            "buf_next": self.buf_next,
+        }
+
+    def _load_arrays(self, state: dict[str, Any]) -> None:
+        super()._load_arrays(state)
+        for name in ("Lam", "buf_X", "buf_P", "buf_c"):
+            setattr(self, name, np.array(state[name], dtype=np.float64))
+        self.buf_next = int(state["buf_next"])
+
+
 class DiagonalCurvature(Curvature):
     """The exact diagonal of the running Hessian; cheapest, ignores all correlations."""
 
@@ -395,6 +506,7 @@ class DiagonalCurvature(Curvature):
 _KINDS: dict[str, type[Curvature]] = {
     "exact": ExactCurvature,
     "kfac": KFACCurvature,
+    "ekfac": EKFACCurvature,
     "diagonal": DiagonalCurvature,
 }
 

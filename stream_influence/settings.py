@@ -110,9 +110,10 @@ class ModelSettings(_Frozen):
 class CurvatureSettings(_Frozen):
     """Running estimate of the output-layer Hessian ``H = E[(diag p − ppᵀ) ⊗ φφᵀ] + λI``."""
 
-    kind: Literal["exact", "kfac", "diagonal"] = Field(
+    kind: Literal["exact", "kfac", "ekfac", "diagonal"] = Field(
         default="kfac",
-        description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; diagonal.",
+        description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; ekfac: "
+        "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); diagonal.",
     )
     damping: float = Field(
         default=0.1,
@@ -130,6 +131,13 @@ class CurvatureSettings(_Frozen):
         default=4096,
         ge=1,
         description="Events between re-factorisations from the running Hessian (stops drift).",
+    )
+    ekfac_buffer: int = Field(
+        default=1024,
+        ge=0,
+        description="ekfac: most recent points kept (features, probabilities, weight) to re-project "
+        "the corrected eigenvalues exactly when the eigenbasis is refreshed; older evidence is "
+        "estimated from its K-FAC factors (0: K-FAC eigenvalues as the prior after every refresh).",
     )
     damping_floor: float = Field(
         default=0.5,
