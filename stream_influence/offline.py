@@ -13,7 +13,9 @@ tolerance when ``K·D`` is too large for a dense Hessian).  At the optimum the c
     H = (1/n) Σᵢ wᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + l2·I      (``exact``)
     H ≈ G ⊗ A + l2·I,  A = mean τx̃x̃ᵀ / mean τ,  G = mean (diag p − ppᵀ)  (``kfac``)
     H ≈ Q (diag Λ + l2) Qᵀ, Q = Q_G ⊗ Q_A, Λ = diag(Qᵀ H Q) exactly   (``ekfac``)
+    H ≈ blockdiag_k (mean (p_k − p_k²) x̃x̃ᵀ) + l2·I                       (``classblock``)
     H ≈ diag(H) + l2·I                                                    (``diagonal``)
+    H ≈ l2·I                                                              (``identity``)
 
 served through the engine's own curvature estimators, and the scores come from
 :class:`~stream_influence.influence.InfluenceScorer` — the one statement of the math and its
@@ -41,6 +43,7 @@ import numpy as np
 from scipy import linalg, optimize
 
 from .curvature import (
+    ClassBlockCurvature,
     Curvature,
     DiagonalCurvature,
     EKFACCurvature,
@@ -60,10 +63,12 @@ __all__ = [
     "MAX_EXACT_PARAMS",
     "Audit",
     "HeadFit",
+    "classblock_curvature",
     "diagonal_curvature",
     "ekfac_curvature",
     "exact_curvature",
     "fit_head",
+    "identity_curvature",
     "kfac_curvature",
     "leave_one_out_changes",
     "mean_hessian",
@@ -253,11 +258,28 @@ def diagonal_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -
     return est
 
 
+def classblock_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> ClassBlockCurvature:
+    """The engine's ``classblock`` estimator: the mean Hessian's ``K`` per-class blocks, + l2."""
+    K, D = P.shape[1], X.shape[1]
+    est = ClassBlockCurvature(CurvatureSettings(kind="classblock", damping=l2), K, D)
+    est.B = np.stack([(X * (w * P[:, k] * (1.0 - P[:, k]))[:, None]).T @ X for k in range(K)]) / len(X)
+    est.n_seen = float(len(X))
+    est.refactorize()
+    return est
+
+
+def identity_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> DiagonalCurvature:
+    """``H = l2·I``: influence becomes plain gradient alignment (the no-curvature ablation)."""
+    return DiagonalCurvature(CurvatureSettings(kind="diagonal", damping=l2), P.shape[1], X.shape[1])
+
+
 CURVATURE_AT_OPTIMUM = {
     "exact": exact_curvature,
     "kfac": kfac_curvature,
     "ekfac": ekfac_curvature,
+    "classblock": classblock_curvature,
     "diagonal": diagonal_curvature,
+    "identity": identity_curvature,
 }
 
 
@@ -282,7 +304,7 @@ def score_dataset(
     n_classes: int,
     l2: float = DEFAULT_L2,
     weights: np.ndarray | None = None,
-    curvature: Literal["exact", "kfac", "ekfac", "diagonal"] = "exact",
+    curvature: Literal["exact", "kfac", "ekfac", "classblock", "diagonal", "identity"] = "exact",
     objective_kind: Literal["loss", "margin"] = "loss",
     standardize: bool = True,
     policy: PolicySettings | None = None,

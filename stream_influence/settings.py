@@ -110,10 +110,11 @@ class ModelSettings(_Frozen):
 class CurvatureSettings(_Frozen):
     """Running estimate of the output-layer Hessian ``H = E[(diag p − ppᵀ) ⊗ φφᵀ] + λI``."""
 
-    kind: Literal["exact", "kfac", "ekfac", "diagonal"] = Field(
+    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal"] = Field(
         default="kfac",
         description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; ekfac: "
-        "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); diagonal.",
+        "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); "
+        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal.",
     )
     damping: float = Field(
         default=0.1,
@@ -133,7 +134,7 @@ class CurvatureSettings(_Frozen):
         description="Events between re-factorisations from the running Hessian (stops drift).",
     )
     ekfac_buffer: int = Field(
-        default=1024,
+        default=256,
         ge=0,
         description="ekfac: most recent points kept (features, probabilities, weight) to re-project "
         "the corrected eigenvalues exactly when the eigenbasis is refreshed; older evidence is "

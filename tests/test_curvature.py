@@ -155,6 +155,25 @@ def test_kfac_is_not_the_exact_hessian() -> None:
     assert _rel(np.kron(oracle.G, oracle.A_served), oracle.C) > 0.02
 
 
+@pytest.mark.parametrize("b", [1, 16])
+def test_classblock_matches_dense_class_blocks(b: int) -> None:
+    """The K diagonal D × D blocks of the running C exactly; the cross-class blocks dropped."""
+    settings = CurvatureSettings(kind="classblock", refactor_every=300)
+    est = make_curvature(settings, K, D)
+    oracle = _Oracle(settings.forgetting)
+    rng = np.random.default_rng(50 + b)
+    for _ in range(3000 // b):
+        X, P, w = _stream(rng, b)
+        est.update(X, P, w)
+        oracle.update(X, P, w)
+    est.refactorize()
+    mask = np.kron(np.eye(K), np.ones((D, D)))
+    expected = oracle.C * mask + settings.damping * np.eye(K * D)
+    np.testing.assert_allclose(est.dense_hessian(), expected, rtol=1e-9, atol=1e-12)
+    assert _rel(est.dense_inverse(), np.linalg.inv(expected)) <= 1e-9
+    assert _rel(oracle.C * mask, oracle.C) > 0.05  # the dropped blocks are not negligible here
+
+
 def test_diagonal_matches_dense_diagonal() -> None:
     settings = CurvatureSettings(kind="diagonal")
     est = make_curvature(settings, K, D)
@@ -169,7 +188,7 @@ def test_diagonal_matches_dense_diagonal() -> None:
     np.testing.assert_allclose(est.dense_inverse(), np.linalg.inv(expected), rtol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "diagonal"])
+@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "classblock", "diagonal"])
 def test_solve_and_quad_match_dense_inverse(kind: str) -> None:
     est = make_curvature(CurvatureSettings(kind=kind), K, D)
     rng = np.random.default_rng(7)
@@ -188,7 +207,7 @@ def test_solve_and_quad_match_dense_inverse(kind: str) -> None:
     np.testing.assert_allclose(est.quad(R, X), expected, rtol=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "diagonal"])
+@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "classblock", "diagonal"])
 def test_state_round_trip_continues_identically(kind: str) -> None:
     settings = CurvatureSettings(kind=kind, refactor_every=50)
     a = make_curvature(settings, K, D)
