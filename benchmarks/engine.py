@@ -186,9 +186,11 @@ def render(rows: list[dict], args: argparse.Namespace, elapsed: float) -> str:
         "",
         f"    {cmd}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (no other benchmark "
-        f"running), BLAS limited to {args.threads} thread(s); Python {platform.python_version()}, numpy "
-        f"{_np.__version__}, River {river.__version__}. Total run {elapsed:.0f} s.",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (1-minute load "
+        f"average {os.getloadavg()[0]:.1f} at the end of the run: above the CPU count, other work shared "
+        f"the machine and absolute rates are depressed and noisy), BLAS limited to {args.threads} "
+        f"thread(s); Python {platform.python_version()}, numpy {_np.__version__}, River "
+        f"{river.__version__}. Total run {elapsed:.0f} s.",
         "",
         "Events: Gaussian classes, raw feature scales 0.1–20, 20 % label noise; default engine settings "
         "(standardise, refresh s every 256, re-factorise every 4096, cosine_influence policy) with the "

@@ -26,14 +26,15 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
   ``Λ[k, j] = E[(Q_Gᵀ S Q_G)_kk · (Q_Aᵀ x̃)_j²]`` with ``S = diag p − ppᵀ``, so
   ``(Q_Gᵀ S Q_G)_kk = p·Q_G[:, k]² − (p·Q_G[:, k])²`` — two matrix products per batch.  It serves
   ``H⁻¹ V = Q_G ((Q_Gᵀ V Q_A) / (Λ + λ)) Q_Aᵀ``: K-FAC's basis with eigenvalues fitted to the
-  data rather than to the Kronecker product (never worse in Frobenius norm; exact whenever the
-  basis diagonalises ``C``, e.g. binary heads).  Λ follows every batch; the basis is refreshed on
-  K-FAC's schedule.  A refreshed basis needs a new Λ, but the points are gone on a stream, so
-  ``C`` is split by the weight each point still carries in it: the most recent ``ekfac_buffer``
-  points (their ``x̃``, ``p`` and current weight, a bounded ring) are re-projected exactly, and only
-  the older remainder — whose K-FAC factors are the totals minus the buffer's — is estimated by
-  the diagonal of its own ``G_old ⊗ A_old`` in the new basis.  With ``ekfac_buffer = 0`` this is the
-  plain alternative (K-FAC eigenvalues as prior, re-accumulated from there).  Measured against
+  data rather than to the Kronecker product (with Λ exact, never further from ``C`` in Frobenius
+  norm than K-FAC; exact whenever the basis diagonalises ``C``, e.g. binary heads).  Λ follows
+  every batch; the basis is refreshed on K-FAC's schedule.  A refreshed basis needs a new Λ, but
+  the points are gone on a stream, so ``C`` is split by the weight each point still carries in
+  it: the most recent ``ekfac_buffer`` points (their ``x̃``, ``p`` and current weight, a bounded
+  ring) are re-projected exactly, and only the older remainder — whose K-FAC factors are the
+  totals minus the buffer's — is estimated by the diagonal of its own ``G_old ⊗ A_old`` in the
+  new basis.  With ``ekfac_buffer = 0`` this is the plain alternative (K-FAC eigenvalues as the
+  prior, re-accumulated from there).  Measured against
   the exact running estimator (docs/benchmarks.md, *fidelity*), the buffer is more faithful but
   only just (Spearman +0.001 at 256 points, +0.004 at 4 096), so the default keeps it small.
   On 10-class heads EK-FAC is no closer to exact than K-FAC: the basis, not the eigenvalues,
