@@ -112,9 +112,13 @@ class ModelSettings(_Frozen):
 class CurvatureSettings(_Frozen):
     """Running estimate of the output-layer Hessian ``H = E[(diag p − ppᵀ) ⊗ φφᵀ] + λI``."""
 
-    kind: Literal["exact", "kfac", "diagonal"] = Field(
+    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal"] = Field(
         default="kfac",
-        description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; diagonal.",
+        description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; ekfac: "
+        "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); "
+        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal. "
+        "kfac is the default for speed; classblock is the most faithful after exact on 10-class "
+        "heads at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
     )
     damping: float = Field(
         default=0.1,
@@ -132,6 +136,13 @@ class CurvatureSettings(_Frozen):
         default=4096,
         ge=1,
         description="Events between re-factorisations from the running Hessian (stops drift).",
+    )
+    ekfac_buffer: int = Field(
+        default=256,
+        ge=0,
+        description="ekfac: most recent points kept (features, probabilities, weight) to re-project "
+        "the corrected eigenvalues exactly when the eigenbasis is refreshed; older evidence is "
+        "estimated from its K-FAC factors (0: K-FAC eigenvalues as the prior after every refresh).",
     )
     damping_floor: float = Field(
         default=0.5,

@@ -271,7 +271,7 @@ def test_predict_before_any_event_raises() -> None:
         InfluenceEngine().predict_proba(np.zeros((1, 3)))
 
 
-@pytest.mark.parametrize("kind", ["exact", "kfac", "diagonal"])
+@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "classblock", "diagonal"])
 def test_every_estimator_routes_noise(kind: str) -> None:
     rng = np.random.default_rng(10)
     engine = warm_engine(
