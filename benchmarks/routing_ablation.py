@@ -185,7 +185,9 @@ def loss_filter_keep(stream: Stream, Xr: np.ndarray, yr: np.ndarray, budget: int
     """Keep all but the ``budget`` events a model fitted on the trusted set alone finds most surprising."""
     std = Standardizer(stream.n_features)
     std.update(Xr)
-    fit = fit_head(augment(std.transform(Xr)), yr, stream.n_classes, 1e-2, augmented=True, tol=1e-8)
+    fit = fit_head(
+        augment(std.transform(Xr)), yr, stream.n_classes, 1e-2, augmented=True, tol=1e-8, method="lbfgs"
+    )
     P = softmax(augment(std.transform(stream.X_events)) @ fit.theta.T)
     loss = -np.log(np.clip(P[np.arange(len(P)), stream.y_events], 1e-300, None))
     keep = np.ones(len(loss), bool)
