@@ -35,6 +35,7 @@ Run: ``OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/routing_ablation.py --
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -58,6 +59,7 @@ from stream_influence.settings import EngineSettings, SchemaSettings  # noqa: E4
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "benchmarks" / "results" / "routing_ablation.json"
 START, END = "<!-- routing_ablation:start -->", "<!-- routing_ablation:end -->"
 POLL = 512  # the service's default poll (kafka.max_poll_records)
 NOISES = [(0.0, "symmetric"), (0.2, "symmetric"), (0.4, "symmetric"), (0.3, "pairflip")]
@@ -257,7 +259,7 @@ def render(
             + " | ".join(bl)
             + " |"
         )
-    lines += ["", *summary(rows)]
+    lines += ["", *summary(rows), "", *decisions(rows, throughput)]
     if throughput:
         lines += [
             "",
@@ -302,6 +304,20 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
     def count(pred: Any, group: list[dict[str, Any]]) -> str:
         return f"{sum(bool(pred(r)) for r in group)}/{len(group)}"
 
+    out.append("Each part against the default (mean over noisy cells / at 0 % noise, accuracy points):")
+    out.append("")
+    for v in ("cold", "no_gate", "mb512", "alpha05", "absolute"):
+        dn = 100 * np.mean([r["default"]["acc"] - r[v]["acc"] for r in noisy])
+        dc = 100 * np.mean([r["default"]["acc"] - r[v]["acc"] for r in clean])
+        wins = sum(r["default"]["acc"] > r[v]["acc"] + 1e-12 for r in rows)
+        losses = sum(r["default"]["acc"] < r[v]["acc"] - 1e-12 for r in rows)
+        out.append(
+            f"- default − `{v}`: {dn:+.1f} noisy, {dc:+.1f} clean; default better in {wins}, worse in {losses} "
+            f"of {len(rows)} cells."
+        )
+    out.append("")
+    out.append("Against the baselines:")
+    out.append("")
     for v in ("default", "cold", "no_gate", "mb512", "alpha05", "absolute"):
         out.append(
             f"- `{v}`: beats unfiltered in {count(lambda r, v=v: r[v]['acc'] > r['unfiltered'], noisy)} noisy cells; "
@@ -310,6 +326,46 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
             f"0 % noise: ≥ unfiltered − 0.5 pt in {count(lambda r, v=v: r[v]['acc'] >= r['unfiltered'] - 0.005, clean)}, "
             f"max clean quarantined {100 * max(r[v]['clean_q'] for r in clean):.1f} %."
         )
+    return out
+
+
+def decisions(rows: list[dict[str, Any]], tp: list[dict[str, Any]] | None) -> list[str]:
+    """What the defaults are and what this run says about them (numbers computed, not typed)."""
+    noisy = [r for r in rows if r["noise"] > 0]
+    clean = [r for r in rows if r["noise"] == 0]
+
+    def mean(v: str, group: list[dict[str, Any]]) -> float:
+        return float(np.mean([r[v]["acc"] if isinstance(r[v], dict) else r[v] for r in group]))
+
+    lf_gap = 100 * (mean("default", noisy) - mean("loss_filter", noisy))
+    worst_clean = min(clean, key=lambda r: r["default"]["acc"] - r["unfiltered"])
+    out = [
+        "**Decisions (defaults).** Warm start on the trusted set (`learner.warm_start_epochs: 10`; 3 and 30 "
+        "were within half a point in a side run), the disagreement gate on (`policy.require_disagreement`), "
+        "α = 0.10 (`policy.false_quarantine_rate`; 0.05 lower on noisy cells, 0.2/0.3 no better in a side run) "
+        "and micro-batches of 64 (`influence.micro_batch`) are the defaults: of the routing variants, the "
+        f"default has the best mean accuracy on noisy cells ({mean('default', noisy):.3f}) and the gate cuts "
+        "clean quarantines about fourfold. The parts are each worth a fraction of a point on average here, "
+        "not the clear wins the prototype reported.",
+        "",
+        "**Misses, plainly.** The reference-model loss filter (matched budget, also warm-started) beats the "
+        f"default by {-lf_gap:.1f} points on average over the noisy cells; the default is within half a point "
+        f"of it in {sum(r['default']['acc'] >= r['loss_filter'] - 0.005 for r in noisy)}/{len(noisy)} noisy "
+        "cells (target: 80 %). At 0 % noise the default stays within half a point of unfiltered in "
+        f"{sum(r['default']['acc'] >= r['unfiltered'] - 0.005 for r in clean)}/{len(clean)} cells; the worst "
+        f"is {worst_clean['dataset']} with {worst_clean['trusted']} trusted "
+        f"({100 * (worst_clean['default']['acc'] - worst_clean['unfiltered']):+.1f} points), where the warm "
+        "start itself costs most of it (see *unfilt. warm*). Clean events quarantined stay under α + 1 point "
+        f"everywhere (max {100 * max(r['default']['clean_q'] for r in rows):.1f} %): the held-out reference "
+        "scores sit above fresh clean scores, so the calibrated thresholds are conservative and recall is "
+        "0.3–0.75.",
+    ]
+    if tp:
+        cost = [
+            f"d={a['d']}: {a['rate']:,.0f} vs {b['rate']:,.0f} events/s ({100 * (1 - a['rate'] / b['rate']):.0f} % slower)"
+            for a, b in zip(tp[::2], tp[1::2], strict=True)
+        ]
+        out += ["", "**Micro-batch 64 vs 512 throughput** (K = 10, table below): " + "; ".join(cost) + "."]
     return out
 
 
@@ -359,7 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("--throughput", action="store_true", help="also time micro-batch 64 against 512")
+    p.add_argument("--from-json", type=Path, help="re-render the section from a saved run")
     a = p.parse_args(argv)
+    cmd = "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/routing_ablation.py --throughput --write-docs"
+    if a.from_json:
+        saved = json.loads(a.from_json.read_text())
+        section = render(saved["rows"], saved.get("seconds", float("nan")), saved["throughput"], cmd)
+        print(section)
+        if a.write_docs:
+            write_section(section)
+        return 0
     t0 = time.perf_counter()
     rows = []
     for name in a.datasets:
@@ -377,8 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
     tp = throughput() if a.throughput else None
-    cmd = "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/routing_ablation.py --throughput --write-docs"
-    section = render(rows, time.perf_counter() - t0, tp, cmd)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    seconds = time.perf_counter() - t0
+    RESULTS.write_text(json.dumps({"rows": rows, "throughput": tp, "seconds": seconds}, indent=1) + "\n")
+    section = render(rows, seconds, tp, cmd)
     print(section)
     if a.write_docs:
         write_section(section)
