@@ -329,10 +329,12 @@ def score_dataset(
         update={"warmup_events": 0, "max_quarantine_rate": 1.0, "rate_window": n, "quantile_window": n}
     )
     router = RoutingPolicy(policy)
+    if scorer.calibration is not None:  # calibrated mode: held-out scores of the reference points
+        router.calibrate(scorer.calibration.scores.get(policy.score), scorer.calibration.labels, n_classes)
     score = scores.get(policy.score)
     if policy.mode == "quantile":
         router.decide(score, warm=False)  # fills the score window only
-    decision = router.decide(score, warm=True)
+    decision = router.decide(score, warm=True, labels=y_train, disagree=P.argmax(axis=1) != y_train)
     return Audit(fit, est, scores, decision.quarantine, decision.reasons, scorer.reference_loss)
 
 
