@@ -72,6 +72,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "no_gate": {"policy": {"require_disagreement": False}},
     "mb512": {"influence": {"micro_batch": POLL}},
     "alpha05": {"policy": {"false_quarantine_rate": 0.05}},
+    "hybrid": {"policy": {"evidence": "hybrid"}},
+    "hybrid75": {"policy": {"evidence": "hybrid", "hybrid_split": 0.75}},
+    "ref_sign": {"policy": {"evidence": "hybrid", "hybrid_split": 1.0}},
+    "union75": {"policy": {"evidence": "hybrid", "hybrid_split": 0.75, "quarantine_threshold": -1e9, "accept_threshold": -1e9}},
+    "union50": {"policy": {"evidence": "hybrid", "hybrid_split": 0.5, "quarantine_threshold": -1e9, "accept_threshold": -1e9}},
+    "ref_loss": {"policy": {"evidence": "reference_loss"}},
     "absolute": {
         "policy": {"mode": "absolute", "quarantine_threshold": 0.02, "require_disagreement": False},
         "learner": {"warm_start_epochs": 0},

@@ -34,6 +34,7 @@ from .influence import InfluenceScorer, ReferenceBuffer, Scores
 from .learner import DriftMonitor, HeadLearner
 from .model import FeatureExtractor, Standardizer, augment, make_extractor, one_hot
 from .policy import RoutingDecision, RoutingPolicy
+from .reference_model import ReferenceModel
 from .settings import EngineSettings, PolicySettings
 
 __all__ = ["BatchResult", "InfluenceEngine"]
@@ -127,6 +128,7 @@ class InfluenceEngine:
         self.policy = RoutingPolicy(settings.policy)
         self.scorer = InfluenceScorer(settings.influence)
         self.reference = ReferenceBuffer(settings.reference)
+        self.reference_model = ReferenceModel(settings.influence, settings.seed)
         self.drift = DriftMonitor(settings.drift)
         self.counters = Counters()
         self.events_seen = 0  # valid training events processed
@@ -264,9 +266,29 @@ class InfluenceEngine:
         """Per-class thresholds of the calibrated policy from the scorer's held-out reference scores."""
         cal = self.scorer.calibration
         if cal is not None and self.routed is not None:
+            ref = self.reference_model if self.reference_model.fitted else None
             self.policy.calibrate(
-                cal.scores.get(self.policy.settings.score), cal.labels, self.routed.theta.shape[0]
+                cal.scores.get(self.policy.settings.score),
+                cal.labels,
+                self.routed.theta.shape[0],
+                ref.calibration_losses if ref else None,
+                ref.calibration_labels if ref else None,
             )
+
+    @property
+    def uses_reference_model(self) -> bool:
+        p = self.policy.settings
+        return p.mode == "calibrated" and p.evidence != "influence"
+
+    def _reference_losses(self, F: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
+        """``ℓ_ref`` of a micro-batch, (re)fitting the reference model when the trusted set changed."""
+        if not self.uses_reference_model or self.reference.size < 2 or self.routed is None:
+            return None
+        if self.reference_model.version != self.reference.version:
+            Fr, yr = self.reference.arrays()
+            self.reference_model.fit(Fr, yr, self.routed.theta.shape[0], self.reference.version)
+            self._calibrate()
+        return self.reference_model.loss(F, labels)
 
     def process(self, raws: Sequence[bytes | str | None]) -> BatchResult:
         """Decode, score, route and learn one polled batch of raw messages."""
@@ -413,7 +435,11 @@ class InfluenceEngine:
         if warm:
             self._warn_small_reference()
         decision = self.policy.decide(
-            scores.get(self.policy.settings.score), warm, labels, P.argmax(axis=1) != labels
+            scores.get(self.policy.settings.score),
+            warm,
+            labels,
+            P.argmax(axis=1) != labels,
+            self._reference_losses(F, labels) if warm else None,
         )
 
         # The CE Hessian does not depend on labels, so every valid event informs the curvature.
@@ -513,6 +539,8 @@ class InfluenceEngine:
             "drift": self.drift.state_dict(),
             "warm_started": self.warm_started,
         }
+        if self.reference_model.fitted:
+            state["reference_model"] = self.reference_model.state_dict()
         if self.routed is not None:
             assert self.shadow and self.curvature and self.standardizer
             state.update(
@@ -536,6 +564,10 @@ class InfluenceEngine:
         self.scorer.load_state_dict(state["scorer"])
         self.reference.load_state_dict(state["reference"])
         self.drift.load_state_dict(state["drift"])
+        # Checkpoints from before the reference model existed: refit it when it is next needed.
+        self.reference_model = ReferenceModel(self.settings.influence, self.settings.seed)
+        if "reference_model" in state:
+            self.reference_model.load_state_dict(state["reference_model"])
         # Checkpoints from before the warm start existed: their learners are past any warm start.
         self.warm_started = bool(state.get("warm_started", True))
         self.routed = self.shadow = self.curvature = self.standardizer = None

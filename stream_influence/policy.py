@@ -19,7 +19,14 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    * ``quantile``: the ``1 − quantile`` quantile of recent scores;
 
    calibrated and quantile never go below ``quarantine_threshold`` (default 0: an event whose
-   learning lowers the reference loss is never quarantined);
+   learning lowers the reference loss is never quarantined).  In calibrated mode
+   ``evidence`` picks what quarantines: the score (``influence``), the event's *reference loss*
+   ``ℓ_ref`` (its label's loss under the head fitted on the trusted set alone, see
+   :mod:`~stream_influence.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
+   the cross-fitted trusted losses of class ``y`` (``reference_loss``), or ``hybrid``: either test,
+   α split between them by ``hybrid_split`` (Bonferroni: the union still quarantines a clean
+   event with probability ≤ α), the reference-loss test only for a score above
+   ``quarantine_threshold`` (learning the event would raise the trusted loss);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned;
 5. otherwise accept, reason ``within_band``.
@@ -126,6 +133,7 @@ class RoutingPolicy:
         # Calibrated mode: per-class thresholds, derived from the scorer's calibration scores
         # (recomputed by calibrate(), never saved: the calibration scores are).
         self.class_thresholds = np.zeros(0)
+        self.reference_thresholds = np.zeros(0)  # ρ_y of the reference-loss test (per class)
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -146,22 +154,57 @@ class RoutingPolicy:
         flags = self._flags.values()
         return float(flags.mean()) if len(flags) else 0.0
 
-    def calibrate(self, scores: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    def alpha_of(self, test: str) -> float:
+        """α of one calibrated test (``influence`` or ``reference_loss``); the hybrid splits α
+        between them (Bonferroni: the union quarantines a clean event with probability ≤ α)."""
+        s = self.settings
+        if s.evidence != "hybrid":
+            return s.false_quarantine_rate if s.evidence == test else 0.0
+        share = s.hybrid_split if test == "reference_loss" else 1.0 - s.hybrid_split
+        return s.false_quarantine_rate * share
+
+    def _class_quantiles(
+        self, scores: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float
+    ) -> tuple[np.ndarray, float]:
+        """Per-class conformal quantiles (pooled for classes under ``min_class_calibration``)."""
+        if alpha <= 0.0:  # the test is off
+            return np.full(n_classes, np.inf), float("inf")
+        pooled = conformal_quantile(scores, alpha)
+        out = np.full(n_classes, pooled)
+        for c in range(n_classes):  # a loop over classes, not events
+            mine = scores[labels == c]
+            if len(mine) >= self.settings.min_class_calibration:
+                out[c] = conformal_quantile(mine, alpha)
+        return np.nan_to_num(out, nan=np.inf), float(np.nan_to_num(pooled, nan=np.inf))
+
+    def calibrate(
+        self,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        n_classes: int,
+        reference_losses: np.ndarray | None = None,
+        reference_labels: np.ndarray | None = None,
+    ) -> None:
         """Per-class thresholds from held-out scores of clean points (``calibrated`` mode).
 
         ``scores`` are the configured score kind of the reference points, each computed with the
         point left out of the reference objective; ``labels`` their classes.
+        ``reference_losses`` (with their ``reference_labels``) are the trusted points'
+        cross-fitted reference losses, for the reference-loss test of ``evidence``.
         """
         s = self.settings
-        pooled = conformal_quantile(scores, s.false_quarantine_rate)
-        out = np.full(n_classes, pooled)
-        for c in range(n_classes):
-            mine = scores[labels == c]
-            if len(mine) >= s.min_class_calibration:
-                out[c] = conformal_quantile(mine, s.false_quarantine_rate)
+        # Unless hybrid, the score thresholds stay at α (with evidence reference_loss they are
+        # reported, not used).
+        alpha = self.alpha_of("influence") if s.evidence == "hybrid" else s.false_quarantine_rate
+        out, pooled = self._class_quantiles(scores, labels, n_classes, alpha)
         # The floor: calibrated thresholds never fall below quarantine_threshold.
-        self.class_thresholds = np.maximum(np.nan_to_num(out, nan=np.inf), s.quarantine_threshold)
-        self.threshold = max(float(np.nan_to_num(pooled, nan=np.inf)), s.quarantine_threshold)
+        self.class_thresholds = np.maximum(out, s.quarantine_threshold)
+        self.threshold = max(pooled, s.quarantine_threshold)
+        self.reference_thresholds = np.zeros(0)
+        if reference_losses is not None and reference_labels is not None and len(reference_losses):
+            self.reference_thresholds = self._class_quantiles(
+                reference_losses, reference_labels, n_classes, self.alpha_of("reference_loss")
+            )[0]
 
     def thresholds_for(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """The threshold each of ``n`` points (with class indices ``labels``) is compared with."""
@@ -182,11 +225,13 @@ class RoutingPolicy:
         warm: bool,
         labels: np.ndarray | None = None,
         disagree: np.ndarray | None = None,
+        reference_loss: np.ndarray | None = None,
     ) -> RoutingDecision:
         """Decide for a batch of scores (NaN scores are only allowed while not warm).
 
         ``labels`` (class indices) pick the per-class threshold in calibrated mode; ``disagree``
-        (argmax ≠ label, per point) gates quarantines when ``require_disagreement`` is on.
+        (argmax ≠ label, per point) gates quarantines when ``require_disagreement`` is on;
+        ``reference_loss`` (``ℓ_ref`` per point) feeds the reference-loss test of ``evidence``.
         """
         s = self.settings
         n = len(score)
@@ -205,6 +250,11 @@ class RoutingPolicy:
 
         thresholds = self.thresholds_for(labels, n)
         harmful = score > thresholds
+        surprise = self._reference_excess(labels, reference_loss, n)
+        if s.mode == "calibrated" and s.evidence == "reference_loss":
+            harmful = surprise > 1.0
+        elif s.mode == "calibrated" and s.evidence == "hybrid":
+            harmful |= (surprise > 1.0) & (score > s.quarantine_threshold)
         reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)
         if s.require_disagreement and disagree is not None:
             agrees = harmful & ~disagree
@@ -221,7 +271,9 @@ class RoutingPolicy:
         wanted = int(harmful.sum())
         self.alarm = wanted > allowed
         if self.alarm:
-            order = np.flatnonzero(harmful)[np.argsort(-score[harmful], kind="stable")]
+            # Keep the most surprising (reference-loss evidence) or highest-scoring quarantines.
+            key = surprise if s.mode == "calibrated" and s.evidence != "influence" else score
+            order = np.flatnonzero(harmful)[np.argsort(-key[harmful], kind="stable")]
             capped = order[allowed:]
             harmful[capped] = False
             reasons[capped] = "rate_cap"
@@ -231,6 +283,15 @@ class RoutingPolicy:
         return RoutingDecision(
             harmful, reasons.tolist(), self.threshold, self.alarm, self.version, thresholds
         )
+
+    def _reference_excess(
+        self, labels: np.ndarray | None, reference_loss: np.ndarray | None, n: int
+    ) -> np.ndarray:
+        """``ℓ_ref / ρ_y`` per point (> 1: the reference-loss test fires; 0 without the evidence)."""
+        rho = self.reference_thresholds
+        if reference_loss is None or labels is None or len(rho) <= int(labels.max(initial=-1)):
+            return np.zeros(n)
+        return reference_loss / np.maximum(rho[labels], 1e-300)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -198,6 +198,19 @@ class InfluenceSettings(_Frozen):
         "micro-batches are scored by the model that learned the earlier ones (the poll/commit "
         "chunk size stays a Kafka setting).",
     )
+    reference_model_l2: float = Field(
+        default=1e-2,
+        gt=0,
+        description="policy.evidence reference_loss/hybrid: L2 penalty of the reference model (the "
+        "head fitted on the trusted set alone, on the trusted points' own standardisation).",
+    )
+    reference_model_folds: int = Field(
+        default=5,
+        ge=2,
+        description="policy.evidence reference_loss/hybrid: folds of the cross-fitting that gives "
+        "each trusted point its reference loss under a head fitted without it (the calibration "
+        "sample); refitted only when the trusted set changes.",
+    )
 
 
 class PolicySettings(_Frozen):
@@ -218,6 +231,23 @@ class PolicySettings(_Frozen):
         "held-out scores of the clean reference points of the event's class; absolute: fixed "
         "thresholds; quantile: quarantine the top `quantile` of recent scores. calibrated and "
         "quantile never quarantine a score ≤ quarantine_threshold.",
+    )
+    evidence: Literal["influence", "reference_loss", "hybrid"] = Field(
+        default="hybrid",
+        description="calibrated mode: what quarantines an event. influence: its score above the "
+        "class threshold; reference_loss: its label's loss under the reference model (fitted on "
+        "the trusted set alone) above the class threshold of cross-fitted trusted losses; hybrid: "
+        "either, α split between them by hybrid_split (Bonferroni, so α still bounds clean "
+        "quarantines), the reference-loss route only when the score is also above quarantine_threshold (learning the event would "
+        "raise the reference loss).",
+    )
+    hybrid_split: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="evidence hybrid: the share of α given to the reference-loss test; the "
+        "influence test gets the rest (1: the reference-loss test alone at α, still only for "
+        "scores above quarantine_threshold).",
     )
     false_quarantine_rate: float = Field(
         default=0.1,

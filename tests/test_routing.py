@@ -3,6 +3,7 @@ quarantine bounds, class balance and the part the inverse Hessian plays."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ from stream_influence.events import EventBatch
 from stream_influence.influence import InfluenceScorer, reference_gradient
 from stream_influence.model import augment, softmax
 from stream_influence.policy import RoutingPolicy, conformal_quantile
+from stream_influence.reference_model import ReferenceModel
 from stream_influence.settings import (
     CurvatureSettings,
     EngineSettings,
@@ -230,3 +232,103 @@ def test_routing_on_correlated_features_needs_the_inverse_hessian(noise: float, 
     assert precision >= 0.85 and recall >= 0.45, (precision, recall)
     p_id, r_id = _correlated_routing(noise, kind, identity=True)
     assert precision > p_id and recall >= r_id + 0.03, (precision, recall, p_id, r_id)
+
+
+# -- the reference model and the hybrid evidence -----------------------------------------------
+def test_cross_fitted_reference_losses_look_like_fresh_clean_losses() -> None:
+    """The calibration sample of the reference-loss test is exchangeable with fresh clean events.
+
+    Per class, the share of fresh clean events whose reference loss exceeds the (1 − α) quantile
+    of the cross-fitted trusted losses stays near α; the in-sample losses (each trusted point
+    scored by a head that learned it) would put the threshold far too low.
+    """
+    s = load_stream("digits", seed=0)  # clean stream, 200 trusted points
+    model = ReferenceModel(InfluenceSettings(), seed=0)
+    model.fit(s.X_ref, s.y_ref, s.n_classes, version=1)
+    fresh = model.loss(s.X_events, s.y_events)
+    in_sample = model.loss(s.X_ref, s.y_ref)
+    alpha = 0.1
+    crossed, leaked = [], []
+    for c in range(s.n_classes):
+        mine = fresh[s.y_events == c]
+        crossed.append((mine > conformal_quantile(model.calibration_losses[s.y_ref == c], alpha)).mean())
+        leaked.append((mine > conformal_quantile(in_sample[s.y_ref == c], alpha)).mean())
+    crossed_, leaked_ = np.array(crossed), np.array(leaked)
+    assert abs(crossed_.mean() - alpha) <= 0.04, crossed_.round(3).tolist()
+    assert leaked_.mean() >= crossed_.mean() + 0.1, (leaked_.mean(), crossed_.mean())
+
+
+def test_hybrid_floor_and_bonferroni_split() -> None:
+    """Hybrid: α is split between the tests (hybrid_split 0.5: α/2 each); the reference-loss route
+    needs a score above the floor."""
+    policy = RoutingPolicy(
+        PolicySettings(evidence="hybrid", false_quarantine_rate=0.2, require_disagreement=False)
+    )
+    cal = np.arange(1.0, 20.0)  # 19 calibration values per class
+    labels = np.zeros(19, np.int64)
+    policy.calibrate(cal / 100, labels, 1, cal, labels)
+    # α/2 = 0.1: rank ⌈20 · 0.9⌉ = 18 → thresholds 0.18 (score) and 18 (reference loss).
+    assert policy.class_thresholds.tolist() == [0.18] and policy.reference_thresholds.tolist() == [18.0]
+    score = np.array([0.19, 0.01, -0.01, 0.01])
+    ref_loss = np.array([1.0, 18.5, 30.0, 17.0])
+    d = policy.decide(score, True, np.zeros(4, np.int64), np.ones(4, bool), ref_loss)
+    # influence alone; reference loss with a harmful sign; a helpful event is never quarantined.
+    assert d.quarantine.tolist() == [True, True, False, False]
+    # The reference loss alone runs at the full α (rank ⌈20 · 0.8⌉ = 16) and ignores the score.
+    only_loss = RoutingPolicy(
+        PolicySettings(
+            evidence="reference_loss",
+            false_quarantine_rate=0.2,
+            require_disagreement=False,
+            max_quarantine_rate=1.0,
+        )
+    )
+    only_loss.calibrate(cal / 100, labels, 1, cal, labels)
+    assert only_loss.reference_thresholds.tolist() == [16.0]
+    d = only_loss.decide(score, True, np.zeros(4, np.int64), np.ones(4, bool), ref_loss)
+    assert d.quarantine.tolist() == [False, True, True, True]
+
+
+def _hybrid_clean_rates(alpha: float) -> np.ndarray:
+    s = load_stream("digits", seed=0)
+    engine = engine_for(
+        s.n_classes, s.n_features, policy={"false_quarantine_rate": alpha, "evidence": "hybrid"}
+    )
+    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    q, _ = run(engine, s.X_events, s.y_events)
+    return np.array([q[s.y_events == c].mean() for c in range(s.n_classes)])
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1])
+def test_hybrid_bounds_clean_quarantine_per_class(alpha: float) -> None:
+    rates = _hybrid_clean_rates(alpha)
+    assert rates.max() <= alpha + 0.02, rates.round(3).tolist()
+
+
+def test_hybrid_catches_flips_the_influence_test_misses() -> None:
+    """Pair flips on digits: the hybrid's recall exceeds the influence test's at equal precision."""
+    s = load_stream("digits", noise=0.3, noise_kind="pairflip", seed=0)
+    out = {}
+    for evidence in ("influence", "hybrid"):
+        engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
+        engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+        q, _ = run(engine, s.X_events, s.y_events)
+        out[evidence] = (float(s.corrupted[q].mean()), float(q[s.corrupted].mean()))
+    r_inf, (p_hyb, r_hyb) = out["influence"][1], out["hybrid"]
+    assert r_hyb >= r_inf + 0.1 and p_hyb >= 0.9, out
+
+
+def test_reference_model_survives_a_checkpoint_and_is_refit_without_one() -> None:
+    s = load_stream("digits", noise=0.2, seed=0)
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
+    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    engine.process_events(batch_of(s.X_events[:512], s.y_events[:512]))
+    state = copy.deepcopy(engine.state_dict())  # the live arrays move on
+    rest = batch_of(s.X_events[512:], s.y_events[512:])
+    expected = engine.process_events(rest).quarantine
+    for drop in (False, True):
+        saved = {k: v for k, v in state.items() if not (drop and k == "reference_model")}
+        again = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
+        again.load_state_dict(saved)
+        assert again.reference_model.fitted != drop
+        np.testing.assert_array_equal(again.process_events(rest).quarantine, expected)
