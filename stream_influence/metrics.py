@@ -380,7 +380,8 @@ class ServiceMetrics:
         )
         self.alarm = Gauge(
             p + "quarantine_alarm",
-            "1 while the quarantine-rate cap is hit (drift or a broken reference), else 0.",
+            "1 while the quarantine-rate cap is hit, or recent events score above their threshold beyond "
+            "it before the disagreement gate (drift or a broken reference), else 0.",
             registry=reg,
         )  # fmt: skip
         self.threshold = Gauge(
