@@ -280,7 +280,7 @@ def test_a_window_that_never_gets_through_stops_the_service_after_the_replay_lim
 
 
 def test_a_replayed_window_is_counted_once(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Defect 9: ``events_consumed_total`` counted replayed windows again (87,500 for 19,982)."""
     topic = fresh_topic(broker, "count-once")
@@ -297,12 +297,15 @@ def test_a_replayed_window_is_counted_once(
         )
     )
     failures = _flaky_flush(monkeypatch, failures=2)
+    caplog.set_level(logging.INFO, logger="stream_influence")
     svc = ServiceThread(cfg)
     try:
         wait_for(lambda: consumed(tmp_path / "ck") >= len(messages), 90, what="all consumed")
     finally:
         assert svc.stop() == 0, svc.error
-    assert len(failures) == 2, "the window was rolled back and replayed"
+    assert len(failures) == 2
+    rollbacks = [r for r in caplog.records if "the window is rolled back" in r.getMessage()]
+    assert rollbacks, "no window was rolled back and replayed: the test did not exercise the path"
     m = svc.service.metrics
     assert m.consumed._value.get() == len(messages)
     total = sum(
