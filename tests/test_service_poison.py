@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
+from kafka.future import Future
 
 from stream_influence import kafka_io
 from stream_influence.config import load_config
@@ -352,3 +353,56 @@ def test_a_recreated_reference_topic_is_read_again(broker: Broker, tmp_path: Pat
         assert reference_events() == 250
     finally:
         assert svc.stop() == 0, svc.error
+
+
+def test_a_record_the_broker_refuses_dead_letters_its_message_once(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker whose own size limit is below the producer's refuses one dead letter *after*
+    ``send`` (a failed future, not retriable), every time.  Today: the window rolls back and
+    fails the same way for ever.  Now: that message gets a minimal dead letter (no value, its
+    size and SHA-256) and the stream goes on without a rollback."""
+    topic = fresh_topic(broker, "refused")
+    messages = events(1000, seed=91)[0]
+    victim = 600
+    messages[victim] = b"not json, and the broker will not take me"
+    produce(broker.bootstrap, topic, messages)
+    cfg = load_config(
+        write_config(
+            tmp_path / "cfg.yaml",
+            broker.bootstrap,
+            topic,
+            tmp_path / "ck",
+            kafka={"replay_backoff_seconds": 0.1},
+            metrics={"enabled": False},
+        )
+    )
+    original = KafkaProducer.send
+
+    def send(
+        self: KafkaProducer, t: str, value: Any = None, key: Any = None, headers: Any = None, **kw: Any
+    ) -> Any:
+        h = dict(headers or [])
+        if t == cfg.kafka.dead_letter_topic and value and h.get("source_offset") == str(victim).encode():
+            return Future().failure(MessageSizeTooLargeError("injected: over the broker's message.max.bytes"))
+        return original(self, t, value=value, key=key, headers=headers, **kw)
+
+    monkeypatch.setattr(KafkaProducer, "send", send)
+    caplog.set_level(logging.INFO, logger="stream_influence")
+    svc = ServiceThread(cfg)
+    try:
+        wait_for(
+            lambda: consumed(tmp_path / "ck") >= len(messages) or not svc.thread.is_alive(),
+            60,
+            what="consumed",
+        )
+    finally:
+        assert svc.stop() == 0, svc.error
+    assert consumed(tmp_path / "ck") == len(messages)
+    assert not [r for r in caplog.records if "rolled back" in r.getMessage()]
+    dead = _by_offset(read_topic(broker.bootstrap, f"{topic}.dead-letter", at_least=1))
+    assert list(dead) == [victim] and len(dead[victim]) == 1
+    h = kafka_io.header_dict(dead[victim][0].headers)
+    assert h["reason"] == kafka_io.OUTPUT_FAILED and h["detail"].startswith("invalid_json: ")
+    assert "refused" in h["detail"] and dead[victim][0].value == b""
+    assert h["original_sha256"] == hashlib.sha256(messages[victim]).hexdigest()
