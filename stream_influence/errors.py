@@ -15,6 +15,8 @@ __all__ = [
     "CurvatureError",
     "ExtractorError",
     "NoUsableCheckpoint",
+    "OutputError",
+    "ReplayLimitError",
     "SchemaError",
     "StreamInfluenceError",
 ]
@@ -78,3 +80,12 @@ class CheckpointIncompatible(CheckpointError):
 
 class NoUsableCheckpoint(CheckpointError):
     """Checkpoint files exist but none passed verification: the service refuses to start."""
+
+
+class OutputError(StreamInfluenceError):
+    """One output message could not be built or sent (encoding, serialisation, size): that
+    message is dead-lettered, the stream goes on."""
+
+
+class ReplayLimitError(StreamInfluenceError):
+    """The same un-checkpointed window failed more than ``kafka.max_window_replays`` times."""

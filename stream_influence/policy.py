@@ -34,7 +34,10 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
 The quarantine-rate cap: when step 3 would push the rolling quarantine rate above
 ``max_quarantine_rate``, only the highest-scoring points up to the cap are quarantined, the rest
 are accepted with reason ``rate_cap``, and the alarm is raised — a stream that suddenly looks half
-harmful is drift or a broken reference, not noise, and an operator must look.
+harmful is drift or a broken reference, not noise, and an operator must look.  The alarm is also
+raised when the rolling share of points scoring above ``τ`` — *before* the disagreement gate —
+exceeds ``max_quarantine_rate``: after a whole-stream label flip the model soon agrees with the
+flipped labels, so the gate would hide what the scores still say.
 
 >>> import numpy as np
 >>> policy = RoutingPolicy(
@@ -129,6 +132,7 @@ class RoutingPolicy:
         self.settings = settings
         self._scores = _Ring(settings.quantile_window)
         self._flags = _Ring(settings.rate_window)
+        self._above = _Ring(settings.rate_window)  # score above τ, before the gate and the cap
         self.threshold = settings.quarantine_threshold
         # Calibrated mode: per-class thresholds, derived from the scorer's calibration scores
         # (recomputed by calibrate(), never saved: the calibration scores are).
@@ -140,12 +144,12 @@ class RoutingPolicy:
 
         The caller re-runs :meth:`calibrate` (the engine does) since α may have changed.
         """
-        old_scores, old_flags = self._scores, self._flags
+        old_scores, old_flags, old_above = self._scores, self._flags, self._above
         self._install(settings)
         if len(old_scores.data) == settings.quantile_window:
             self._scores = old_scores
         if len(old_flags.data) == settings.rate_window:
-            self._flags = old_flags
+            self._flags, self._above = old_flags, old_above
         self.version += 1
         return self.version
 
@@ -153,6 +157,12 @@ class RoutingPolicy:
     def quarantine_rate(self) -> float:
         flags = self._flags.values()
         return float(flags.mean()) if len(flags) else 0.0
+
+    @property
+    def above_threshold_rate(self) -> float:
+        """Rolling share of routed points scoring above their threshold, before the gate."""
+        above = self._above.values()
+        return float(above.mean()) if len(above) else 0.0
 
     def alpha_of(self, test: str) -> float:
         """α of one calibrated test (``influence`` or ``reference_loss``); the hybrid splits α
@@ -237,6 +247,7 @@ class RoutingPolicy:
         n = len(score)
         if not warm or n == 0:
             self._flags.push(np.zeros(n))
+            self._above.push(np.zeros(n))
             finite = score[np.isfinite(score)]
             self._scores.push(finite)
             return RoutingDecision(
@@ -255,6 +266,8 @@ class RoutingPolicy:
             harmful = surprise > 1.0
         elif s.mode == "calibrated" and s.evidence == "hybrid":
             harmful |= (surprise > 1.0) & (score > s.quarantine_threshold)
+        # The alarm's pre-gate share counts every test that fires (all evidence).
+        self._above.push(harmful.astype(np.float64))
         reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)
         if s.require_disagreement and disagree is not None:
             agrees = harmful & ~disagree
@@ -269,10 +282,11 @@ class RoutingPolicy:
         )
         allowed = max(0, int(np.floor(s.max_quarantine_rate * window - kept_q + 1e-9)))
         wanted = int(harmful.sum())
-        self.alarm = wanted > allowed
-        if self.alarm:
-            # Keep the most surprising (reference-loss evidence) or highest-scoring quarantines.
-            key = surprise if s.mode == "calibrated" and s.evidence != "influence" else score
+        capped_now = wanted > allowed
+        self.alarm = capped_now or self.above_threshold_rate > s.max_quarantine_rate
+        if capped_now:
+            # Keep the highest-scoring quarantines (the most surprising with the reference loss alone).
+            key = surprise if s.mode == "calibrated" and s.evidence == "reference_loss" else score
             order = np.flatnonzero(harmful)[np.argsort(-key[harmful], kind="stable")]
             capped = order[allowed:]
             harmful[capped] = False
@@ -300,6 +314,7 @@ class RoutingPolicy:
             "threshold": self.threshold,
             **self._scores.state("scores"),
             **self._flags.state("flags"),
+            **self._above.state("above"),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -308,3 +323,5 @@ class RoutingPolicy:
         self.threshold = float(state["threshold"])
         self._scores.load(state, "scores")
         self._flags.load(state, "flags")
+        if "above_data" in state:  # absent from checkpoints of the previous release
+            self._above.load(state, "above")

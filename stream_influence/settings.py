@@ -233,7 +233,7 @@ class PolicySettings(_Frozen):
         "quantile never quarantine a score ≤ quarantine_threshold.",
     )
     evidence: Literal["influence", "reference_loss", "hybrid"] = Field(
-        default="hybrid",
+        default="influence",
         description="calibrated mode: what quarantines an event. influence: its score above the "
         "class threshold; reference_loss: its label's loss under the reference model (fitted on "
         "the trusted set alone) above the class threshold of cross-fitted trusted losses; hybrid: "

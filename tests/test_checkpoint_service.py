@@ -31,12 +31,12 @@ from tests.fixtures.service_events import (
     events,
     latest_checkpoint,
     malformed,
+    max_abs_diff,
     produce,
     start_service,
     wait_for,
     write_config,
 )
-from tests.test_service_crash import _max_abs_diff
 
 pytestmark = pytest.mark.integration
 
@@ -133,8 +133,8 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_and_replays_once(
     assert ck.engine.counters.as_dict() == engine.counters.as_dict()  # the window counted once
     got, want = ck.engine.state_dict(), engine.state_dict()
     for part in ("routed", "shadow", "curvature"):
-        assert _max_abs_diff(got[part], want[part], part) <= 1e-9, part
-    assert _max_abs_diff(got, want) <= 1e-9, "the whole engine state"
+        assert max_abs_diff(got[part], want[part], part) <= 1e-9, part
+    assert max_abs_diff(got, want) <= 1e-9, "the whole engine state"
     assert (ckdir / (newest.name + ".corrupt")).exists()  # set aside, not deleted
 
     # Every checkpoint corrupt: refuse to start, quickly, with one line and no traceback.

@@ -158,7 +158,9 @@ def test_whole_stream_label_flip_raises_the_alarm_instead_of_quarantining_everyt
     q = np.concatenate([r.quarantine for r in flipped])
     reasons = [x for r in flipped for x in r.reasons]
     assert any(r.alarm for r in flipped), "a whole-stream flip must raise the alarm"
-    assert "rate_cap" in reasons
+    # Raised because the stream scores as harmful (the cap binds, or the scores before the
+    # disagreement gate exceed the cap once the model has learned the flipped labels).
+    assert "rate_cap" in reasons or engine.policy.above_threshold_rate > cap
     assert q.mean() <= cap + 0.01, f"quarantined {q.mean():.2f} of a flipped stream (cap {cap})"
     assert engine.policy.quarantine_rate <= cap + 1e-9
     c = engine.counters
