@@ -332,3 +332,17 @@ def test_reference_model_survives_a_checkpoint_and_is_refit_without_one() -> Non
         again.load_state_dict(saved)
         assert again.reference_model.fitted != drop
         np.testing.assert_array_equal(again.process_events(rest).quarantine, expected)
+
+
+def test_reference_model_refits_when_the_trusted_set_grows() -> None:
+    s = load_stream("digits", seed=0)
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
+    engine.add_reference_events(batch_of(s.X_ref[:100], s.y_ref[:100]))
+    engine.process_events(batch_of(s.X_events[:64], s.y_events[:64]))
+    first = engine.reference_model.theta.copy()
+    assert engine.reference_model.version == engine.reference.version
+    engine.add_reference_events(batch_of(s.X_ref[100:], s.y_ref[100:]))
+    engine.process_events(batch_of(s.X_events[64:128], s.y_events[64:128]))
+    assert engine.reference_model.version == engine.reference.version
+    assert len(engine.reference_model.calibration_losses) == len(s.y_ref)
+    assert not np.allclose(engine.reference_model.theta, first)
