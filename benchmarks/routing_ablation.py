@@ -442,6 +442,12 @@ def decisions(rows: list[dict[str, Any]], tp: list[dict[str, Any]] | None) -> li
         )
         for s in sorted({r["seed"] for r in rows})
     }
+
+    def recall(v: str, group: list[dict[str, Any]]) -> str:
+        rs = [r[v]["recall"] for r in group]
+        return f"{min(rs):.2f}–{max(rs):.2f}"
+
+    mnist_small = [r for r in noisy if r["dataset"] == "mnist" and r["trusted"] == "10/class"]
     worst_clean = min(clean, key=lambda r: r["default"]["acc"] - r["unfiltered"])
     out = [
         "**Decisions (defaults).** Warm start on the trusted set (`learner.warm_start_epochs: 10`), the "
@@ -450,7 +456,8 @@ def decisions(rows: list[dict[str, Any]], tp: list[dict[str, Any]] | None) -> li
         "`influence`**; `hybrid` and `reference_loss` are options. The hybrid gains "
         f"{gap('hybrid', 'default', noisy):+.1f} points over the default on noisy runs "
         f"({gap('hybrid', 'default', clean):+.1f} at 0 % noise) but does not make the default, because with it "
-        "two of issue 9's routing properties fail in tests/test_routing.py: on the imbalanced clean stream "
+        "two of issue 9's routing properties fail in tests/test_routing.py (measured there with "
+        "`evidence: hybrid` as the default): on the imbalanced clean stream "
         "the minority class is quarantined at 3.0 % against 0.1 % (limit: within 2 points; the gate lets "
         "through the minority's overlap events that the reference loss flags), and replacing the curvature "
         "by H = I costs the routing only +0.6–2.5 points of recall (limit: 3) — the reference-loss test, "
@@ -464,8 +471,8 @@ def decisions(rows: list[dict[str, Any]], tp: list[dict[str, Any]] | None) -> li
         f"{gap('union', 'ref_loss', noisy):+.1f}. Influence alone wins some cells (digits with 200 trusted at 40 %, "
         "hyperplane with 10/class) and the reference loss others (MNIST, both trusted sizes): the brief's "
         "expectation that influence helps most where the trusted set is small next to the model (MNIST, "
-        "10/class) is not borne out — there the reference loss catches 0.8–0.9 of the flips and influence "
-        "0.4–0.6. What the hybrid buys over *ref loss* is the clean side: max clean quarantined at 0 % noise "
+        f"10/class) is not borne out — there the reference loss catches {recall('ref_loss', mnist_small)} of "
+        f"the flips and influence {recall('default', mnist_small)} (recall per run). What the hybrid buys over *ref loss* is the clean side: max clean quarantined at 0 % noise "
         f"{100 * max(r['hybrid']['clean_q'] for r in clean):.1f} % (hybrid) vs "
         f"{100 * max(r['ref_loss']['clean_q'] for r in clean):.1f} % (ref loss), α + 1 = 11 %.",
         "",
@@ -481,8 +488,8 @@ def decisions(rows: list[dict[str, Any]], tp: list[dict[str, Any]] | None) -> li
         f"{100 * (worst_clean['unfiltered_warm'] - worst_clean['unfiltered']):+.1f}). With 10 trusted points "
         "per class a conformal threshold at α/2 is the class maximum (⌈11 · 0.95⌉ > 10), so the hybrid's "
         "reference-loss test quarantines up to ~1/11 of a clean class before the gate. The influence "
-        "calibration stays conservative (recall 0.3–0.8): cross-fitting it (heads warm-started without each "
-        "fold) was not tried in this round.",
+        f"calibration stays conservative (default recall {recall('default', noisy)}): cross-fitting it "
+        "(heads warm-started without each fold) was not tried in this round.",
     ]
     if tp:
         cost = [
