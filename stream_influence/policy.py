@@ -203,15 +203,21 @@ class RoutingPolicy:
         cross-fitted reference losses, for the reference-loss test of ``evidence``.
         """
         s = self.settings
-        # Unless hybrid, the score thresholds stay at α (with evidence reference_loss they are
-        # reported, not used).
-        alpha = self.alpha_of("influence") if s.evidence == "hybrid" else s.false_quarantine_rate
+        has_reference = (
+            reference_losses is not None and reference_labels is not None and len(reference_losses)
+        )
+        # Only a hybrid with both tests splits α; otherwise the score thresholds are at α (with
+        # evidence reference_loss they are reported, not used; a hybrid without reference-loss
+        # evidence, e.g. the offline audit, is the influence test alone).
+        split = s.evidence == "hybrid" and has_reference
+        alpha = self.alpha_of("influence") if split else s.false_quarantine_rate
         out, pooled = self._class_quantiles(scores, labels, n_classes, alpha)
         # The floor: calibrated thresholds never fall below quarantine_threshold.
         self.class_thresholds = np.maximum(out, s.quarantine_threshold)
         self.threshold = max(pooled, s.quarantine_threshold)
         self.reference_thresholds = np.zeros(0)
-        if reference_losses is not None and reference_labels is not None and len(reference_losses):
+        if has_reference:
+            assert reference_losses is not None and reference_labels is not None
             self.reference_thresholds = self._class_quantiles(
                 reference_losses, reference_labels, n_classes, self.alpha_of("reference_loss")
             )[0]

@@ -274,6 +274,9 @@ def test_hybrid_floor_and_bonferroni_split() -> None:
     d = policy.decide(score, True, np.zeros(4, np.int64), np.ones(4, bool), ref_loss)
     # influence alone; reference loss with a harmful sign; a helpful event is never quarantined.
     assert d.quarantine.tolist() == [True, True, False, False]
+    # Without reference-loss evidence (the offline audit) the hybrid is the influence test at α.
+    policy.calibrate(cal / 100, labels, 1)
+    assert policy.class_thresholds.tolist() == [0.16] and len(policy.reference_thresholds) == 0
     # The reference loss alone runs at the full α (rank ⌈20 · 0.8⌉ = 16) and ignores the score.
     only_loss = RoutingPolicy(
         PolicySettings(
