@@ -4,6 +4,7 @@ quarantine bounds, class balance and the part the inverse Hessian plays."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,7 @@ from stream_influence.settings import (
     PolicySettings,
     SchemaSettings,
 )
+from stream_influence.state import load_engine, save_engine
 
 
 def batch_of(X: np.ndarray, y: np.ndarray) -> EventBatch:
@@ -349,3 +351,17 @@ def test_reference_model_refits_when_the_trusted_set_grows() -> None:
     assert engine.reference_model.version == engine.reference.version
     assert len(engine.reference_model.calibration_losses) == len(s.y_ref)
     assert not np.allclose(engine.reference_model.theta, first)
+
+
+def test_a_hybrid_engine_checkpoint_file_restores_bit_for_bit(tmp_path: Path) -> None:
+    s = load_stream("digits", noise=0.2, seed=0)
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
+    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    engine.process_events(batch_of(s.X_events[:512], s.y_events[:512]))
+    save_engine(engine, tmp_path / "engine.safetensors")
+    restored, _ = load_engine(tmp_path / "engine.safetensors")
+    assert restored.reference_model.fitted
+    rest = batch_of(s.X_events[512:], s.y_events[512:])
+    np.testing.assert_array_equal(
+        restored.process_events(rest).quarantine, engine.process_events(rest).quarantine
+    )
