@@ -238,8 +238,9 @@ class PolicySettings(_Frozen):
         "class threshold; reference_loss: its label's loss under the reference model (fitted on "
         "the trusted set alone) above the class threshold of cross-fitted trusted losses; hybrid: "
         "either, α split between them by hybrid_split (Bonferroni, so α still bounds clean "
-        "quarantines), the reference-loss route only when the score is also above quarantine_threshold (learning the event would "
-        "raise the reference loss).",
+        "quarantines). With reference_loss and hybrid alike the reference-loss route fires only "
+        "when the score is also above quarantine_threshold (learning the event would raise the "
+        "reference loss): the floor holds for every evidence.",
     )
     hybrid_split: float = Field(
         default=0.5,

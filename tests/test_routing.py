@@ -279,7 +279,8 @@ def test_hybrid_floor_and_bonferroni_split() -> None:
     # Without reference-loss evidence (the offline audit) the hybrid is the influence test at α.
     policy.calibrate(cal / 100, labels, 1)
     assert policy.class_thresholds.tolist() == [0.16] and len(policy.reference_thresholds) == 0
-    # The reference loss alone runs at the full α (rank ⌈20 · 0.8⌉ = 16) and ignores the score.
+    # The reference loss alone runs at the full α (rank ⌈20 · 0.8⌉ = 16), under the same floor:
+    # the helpful event (score -0.01) is not quarantined however surprising its label.
     only_loss = RoutingPolicy(
         PolicySettings(
             evidence="reference_loss",
@@ -291,7 +292,8 @@ def test_hybrid_floor_and_bonferroni_split() -> None:
     only_loss.calibrate(cal / 100, labels, 1, cal, labels)
     assert only_loss.reference_thresholds.tolist() == [16.0]
     d = only_loss.decide(score, True, np.zeros(4, np.int64), np.ones(4, bool), ref_loss)
-    assert d.quarantine.tolist() == [False, True, True, True]
+    assert d.quarantine.tolist() == [False, True, False, True]
+    assert d.reasons[2] == "helpful"
 
 
 def _hybrid_clean_rates(alpha: float) -> np.ndarray:
@@ -365,3 +367,20 @@ def test_a_hybrid_engine_checkpoint_file_restores_bit_for_bit(tmp_path: Path) ->
     np.testing.assert_array_equal(
         restored.process_events(rest).quarantine, engine.process_events(rest).quarantine
     )
+
+
+@pytest.mark.parametrize("evidence", ["reference_loss", "hybrid"])
+def test_no_evidence_quarantines_a_helpful_event(evidence: str) -> None:
+    """Item 6: the floor (README: quarantine_threshold never lets a helpful event be quarantined)
+    holds with reference-loss evidence too, on a noisy stream where that test fires often."""
+    s = load_stream("digits", noise=0.2, seed=0)
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
+    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    floor = engine.policy.settings.quarantine_threshold
+    n_q = n_helpful = 0
+    for i in range(0, len(s.y_events), 512):
+        r = engine.process_events(batch_of(s.X_events[i : i + 512], s.y_events[i : i + 512]))
+        score = r.scores.get(engine.policy.settings.score)
+        n_q += int(r.quarantine.sum())
+        n_helpful += int((r.quarantine & (score <= floor)).sum())
+    assert n_q > 100 and n_helpful == 0, (n_q, n_helpful)
