@@ -282,12 +282,15 @@ class InfluenceEngine:
         return p.mode == "calibrated" and p.evidence != "influence"
 
     def _reference_losses(self, F: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
-        """``ℓ_ref`` of a micro-batch, (re)fitting the reference model when the trusted set changed."""
+        """``ℓ_ref`` of a micro-batch, (re)fitting the reference model when the trusted set has
+        changed by ``reference_model_refit_fraction``."""
         if not self.uses_reference_model or self.reference.size < 2 or self.routed is None:
             return None
-        if self.reference_model.version != self.reference.version:
-            Fr, yr = self.reference.arrays()
-            self.reference_model.fit(Fr, yr, self.routed.theta.shape[0], self.reference.version)
+        r, added = self.reference, self.counters.reference_events
+        fraction = self.settings.influence.reference_model_refit_fraction
+        if self.reference_model.stale(r.version, r.size, added, fraction):
+            Fr, yr = r.arrays()
+            self.reference_model.fit(Fr, yr, self.routed.theta.shape[0], r.version, added)
             self._calibrate()
         return self.reference_model.loss(F, labels)
 

@@ -420,3 +420,62 @@ def test_requeue_decides_as_the_live_policy_would(evidence: str) -> None:
         np.testing.assert_array_equal(passes, ~live)
         n_q += int(live.sum())
     assert n_q >= 20, n_q  # the comparison covers real quarantines
+
+
+def _trickle(engine: InfluenceEngine, s: Any, n0: int, chunks: range) -> list[np.ndarray]:
+    """One trusted point arrives with each chunk of 32 events (the review's trickle)."""
+    out = []
+    for j in chunks:
+        engine.add_reference_events(batch_of(s.X_ref[n0 + j : n0 + j + 1], s.y_ref[n0 + j : n0 + j + 1]))
+        i = 32 * (j + 2)
+        assert i + 32 <= len(s.y_events)
+        out.append(engine.process_events(batch_of(s.X_events[i : i + 32], s.y_events[i : i + 32])).quarantine)
+    return out
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.0])
+def test_reference_model_refits_after_a_fraction_of_the_trusted_set_changed(fraction: float) -> None:
+    """Item 5: a trickle of trusted points does not refit the reference model on every poll; it
+    refits once reference_model_refit_fraction of the fitted set has been added (0: every time)."""
+    s = load_stream("digits", noise=0.2, seed=0)
+    n0 = 150
+    engine = engine_for(
+        s.n_classes,
+        s.n_features,
+        policy={"evidence": "hybrid"},
+        influence={"reference_model_refit_fraction": fraction},
+    )
+    engine.add_reference_events(batch_of(s.X_ref[:n0], s.y_ref[:n0]))
+    engine.process_events(batch_of(s.X_events[:64], s.y_events[:64]))
+    fits: list[int] = []
+    fit = engine.reference_model.fit
+    engine.reference_model.fit = lambda *a, **k: (fits.append(engine.reference.size), fit(*a, **k))  # type: ignore[method-assign]
+    _trickle(engine, s, n0, range(20))
+    # 10 % of 150 = 15 points: one refit, when the 15th arrives (and the fit then covers 165).
+    expected = [n0 + 15] if fraction else list(range(n0 + 1, n0 + 21))
+    assert fits == expected
+    assert len(engine.reference_model.calibration_losses) == expected[-1]
+
+
+def test_a_kept_reference_fit_is_deterministic_across_a_checkpoint() -> None:
+    """Item 5: between refits the old fit is kept, and a restored engine keeps (and later refits)
+    it at the same events as an uninterrupted one: decisions are identical."""
+    s = load_stream("digits", noise=0.2, seed=0)
+    n0 = 150
+
+    def fresh() -> InfluenceEngine:
+        return engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
+
+    engine = fresh()
+    engine.add_reference_events(batch_of(s.X_ref[:n0], s.y_ref[:n0]))
+    engine.process_events(batch_of(s.X_events[:64], s.y_events[:64]))
+    first = _trickle(engine, s, n0, range(8))
+    state = copy.deepcopy(engine.state_dict())
+    assert engine.reference_model.version != engine.reference.version  # a kept, older fit
+    expected = _trickle(engine, s, n0, range(8, 30))
+    restored = fresh()
+    restored.load_state_dict(state)
+    again = _trickle(restored, s, n0, range(8, 30))
+    np.testing.assert_array_equal(np.concatenate(again), np.concatenate(expected))
+    np.testing.assert_array_equal(restored.reference_model.theta, engine.reference_model.theta)
+    assert sum(q.sum() for q in first + expected) > 0
