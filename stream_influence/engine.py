@@ -20,6 +20,7 @@ chunk is scored and learned in micro-batches of ``influence.micro_batch`` events
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from .curvature import Curvature, make_curvature
-from .errors import CurvatureError
+from .errors import CurvatureError, NotWarmError
 from .events import EventBatch, Reject, Schema
 from .influence import InfluenceScorer, ReferenceBuffer, Scores
 from .learner import DriftMonitor, HeadLearner
@@ -281,14 +282,42 @@ class InfluenceEngine:
         return p.mode == "calibrated" and p.evidence != "influence"
 
     def _reference_losses(self, F: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
-        """``ℓ_ref`` of a micro-batch, (re)fitting the reference model when the trusted set changed."""
+        """``ℓ_ref`` of a micro-batch, (re)fitting the reference model when the trusted set has
+        changed by ``reference_model_refit_fraction``."""
         if not self.uses_reference_model or self.reference.size < 2 or self.routed is None:
             return None
-        if self.reference_model.version != self.reference.version:
-            Fr, yr = self.reference.arrays()
-            self.reference_model.fit(Fr, yr, self.routed.theta.shape[0], self.reference.version)
+        r, added = self.reference, self.counters.reference_events
+        fraction = self.settings.influence.reference_model_refit_fraction
+        if self.reference_model.stale(r.version, r.size, added, fraction):
+            Fr, yr = r.arrays()
+            self.reference_model.fit(Fr, yr, self.routed.theta.shape[0], r.version, added)
             self._calibrate()
         return self.reference_model.loss(F, labels)
+
+    def rescore(self, batch: EventBatch) -> tuple[Scores, RoutingDecision]:
+        """What routing would decide for ``batch`` now — the full policy (every evidence, the
+        floor, the disagreement gate) with the quarantine-rate cap off — learning nothing.
+
+        Scores are the configured kind (positive: learning the event would raise the trusted
+        reference loss).  Learners, curvature, counters and the policy's windows are untouched;
+        the scorer's cache is refreshed against the current head (and the reference model fitted
+        if stale), so call it on a copy whose state is not saved.  Needs a warm engine.
+        """
+        if self.routed is None or self.curvature is None or not self.warm:
+            raise NotWarmError(f"rescore needs a warm engine ({self.not_warm_reason()})")
+        F = self.extractor.transform(batch.features)
+        X, labels = self._inputs(F), batch.labels
+        P = self.routed.predict_proba(X)
+        Fr, yr = self.reference.arrays()
+        self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
+        self._calibrate()
+        reference_loss = self._reference_losses(F, labels)  # before the copy: it may recalibrate
+        scores = self.scorer.score(P, one_hot(labels, self.routed.theta.shape[0]), X, self.curvature)
+        policy = copy.deepcopy(self.policy)  # its windows must not see these events
+        policy.settings = policy.settings.model_copy(update={"max_quarantine_rate": 1.0})
+        score = scores.get(policy.settings.score)
+        decision = policy.decide(score, True, labels, P.argmax(axis=1) != labels, reference_loss)
+        return scores, decision
 
     def process(self, raws: Sequence[bytes | str | None]) -> BatchResult:
         """Decode, score, route and learn one polled batch of raw messages."""

@@ -89,3 +89,7 @@ class OutputError(StreamInfluenceError):
 
 class ReplayLimitError(StreamInfluenceError):
     """The same un-checkpointed window failed more than ``kafka.max_window_replays`` times."""
+
+
+class NotWarmError(StreamInfluenceError):
+    """An operation that needs routing to be calibrated (a warm engine) was asked of a cold one."""

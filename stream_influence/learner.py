@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from river import drift, metrics
+from river import drift
 
 from .model import one_hot, softmax
 from .settings import DriftSettings, LearnerSettings
@@ -31,21 +31,34 @@ WIDTH = 64.0  # ‖x̃‖² up to which sgd takes the full learning rate (normal
 
 
 class Prequential:
-    """Cumulative accuracy (``river.metrics.Accuracy``) plus rolling accuracy and log-loss."""
+    """Cumulative accuracy (a confusion matrix of counts) plus rolling accuracy and log-loss.
+
+    All counters are numpy arrays updated with one vectorised call per batch: this runs for every
+    event of both learners, so no per-event Python.
+    """
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.accuracy = metrics.Accuracy()
+        self.confusion = np.zeros((0, 0))  # [true, predicted] counts (weights of restored cells)
         self._correct = np.zeros(window)
         self._loss = np.zeros(window)
         self.n = 0
         self.filled = 0  # newest events held in the window (fewer than n after a resize)
 
+    def _count(self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | float = 1.0) -> None:
+        k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1
+        if k > len(self.confusion):
+            grown = np.zeros((k, k))
+            grown[: len(self.confusion), : len(self.confusion)] = self.confusion
+            self.confusion = grown
+        k = len(self.confusion)
+        w = np.broadcast_to(np.asarray(w, dtype=np.float64), y.shape)
+        self.confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
+
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
         pred = P.argmax(axis=1)
-        for yt, yp in zip(y.tolist(), pred.tolist(), strict=True):
-            self.accuracy.update(yt, yp)
+        self._count(y, pred)
         correct = (pred == y).astype(np.float64)
         loss = -np.log(np.clip(P[np.arange(len(y)), y], 1e-15, None))
         idx = (self.n + np.arange(len(y))) % self.window
@@ -62,7 +75,8 @@ class Prequential:
 
     @property
     def cumulative_accuracy(self) -> float:
-        return float(self.accuracy.get()) if self.n else float("nan")
+        total = float(self.confusion.sum())
+        return float(np.trace(self.confusion)) / total if self.n and total else float("nan")
 
     @property
     def rolling_accuracy(self) -> float:
@@ -73,14 +87,11 @@ class Prequential:
         return self._recent(self._loss)
 
     def state_dict(self) -> dict[str, Any]:
-        # River's own confusion matrix is the state of its Accuracy: save its cells.
-        pairs = sorted(((t, q), c) for t, row in self.accuracy.cm.data.items() for q, c in row.items())
-        return {
-            "n": self.n,
-            "correct": self._correct,
-            "loss": self._loss,
-            "confusion": np.array([[a, b, c] for (a, b), c in pairs], dtype=np.float64).reshape(-1, 3),
-        }
+        # Saved as (true, predicted, count) rows of the non-zero cells, the format of earlier
+        # releases (which kept river's confusion matrix): old and new checkpoints load alike.
+        t, q = np.nonzero(self.confusion)
+        cells = np.column_stack([t, q, self.confusion[t, q]]).astype(np.float64)
+        return {"n": self.n, "correct": self._correct, "loss": self._loss, "confusion": cells.reshape(-1, 3)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n = int(state["n"])
@@ -94,9 +105,9 @@ class Prequential:
         self._correct[events % self.window] = saved_c[events % len(saved_c)]
         self._loss[events % self.window] = saved_l[events % len(saved_l)]
         self.filled = k
-        self.accuracy = metrics.Accuracy()
-        for a, b, c in np.asarray(state["confusion"]).tolist():
-            self.accuracy.update(int(a), int(b), w=c)
+        cells = np.asarray(state["confusion"], dtype=np.float64).reshape(-1, 3)
+        self.confusion = np.zeros((0, 0))
+        self._count(cells[:, 0].astype(np.int64), cells[:, 1].astype(np.int64), cells[:, 2])
 
 
 class HeadLearner:

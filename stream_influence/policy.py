@@ -25,8 +25,9 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    :mod:`~stream_influence.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
    the cross-fitted trusted losses of class ``y`` (``reference_loss``), or ``hybrid``: either test,
    α split between them by ``hybrid_split`` (Bonferroni: the union still quarantines a clean
-   event with probability ≤ α), the reference-loss test only for a score above
-   ``quarantine_threshold`` (learning the event would raise the trusted loss);
+   event with probability ≤ α).  With every evidence the floor holds: the reference-loss test
+   fires only for a score above ``quarantine_threshold`` (learning the event would raise the
+   trusted loss);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned;
 5. otherwise accept, reason ``within_band``.
@@ -268,10 +269,13 @@ class RoutingPolicy:
         thresholds = self.thresholds_for(labels, n)
         harmful = score > thresholds
         surprise = self._reference_excess(labels, reference_loss, n)
+        # The floor holds for every evidence: an event whose learning would lower the trusted
+        # loss (score ≤ quarantine_threshold) is never quarantined, however surprising its label.
+        loss_test = (surprise > 1.0) & (score > s.quarantine_threshold)
         if s.mode == "calibrated" and s.evidence == "reference_loss":
-            harmful = surprise > 1.0
+            harmful = loss_test
         elif s.mode == "calibrated" and s.evidence == "hybrid":
-            harmful |= (surprise > 1.0) & (score > s.quarantine_threshold)
+            harmful |= loss_test
         # The alarm's pre-gate share counts every test that fires (all evidence).
         self._above.push(harmful.astype(np.float64))
         reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)

@@ -392,3 +392,23 @@ def test_a_checkpoint_written_by_the_previous_release_still_restores(
     ck.engine.process(events(20, seed=9)[0])
     new = store.save(ck.engine, {("events", 0): 80}, {0: 10}, ck.outputs)
     assert manifest_path(new).exists() and store.latest().path == new  # type: ignore[union-attr]
+
+
+def test_the_previous_release_checkpoint_restores_its_prequential_accuracy(tmp_path: Path) -> None:
+    """Item 12: the fixture's river confusion cells load into the numpy counters: 60 events,
+    cumulative accuracy = the diagonal share of the saved cells, and counting goes on from there."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    path = tmp_path / "checkpoint-000000000001.safetensors"
+    shutil.copyfile(PREVIOUS_RELEASE, path)
+    ck = CheckpointStore(tmp_path).latest()
+    assert ck is not None and ck.engine.routed is not None
+    saved = {k: v for k, v in load_file(str(PREVIOUS_RELEASE)).items() if "metrics_confusion" in k}
+    cells = next(v for k, v in saved.items() if k.startswith("routed"))
+    expected = cells[cells[:, 0] == cells[:, 1], 2].sum() / cells[:, 2].sum()
+    m = ck.engine.routed.metrics
+    assert m.confusion.sum() == 60 and m.cumulative_accuracy == pytest.approx(expected, abs=1e-12)
+    ck.engine.process(events(20, seed=9)[0])
+    assert m.confusion.sum() == 80

@@ -212,3 +212,32 @@ def test_prequential_metrics_survive_a_round_trip() -> None:
     saved.update(P, y)
     restored.update(P, y)
     assert restored.cumulative_accuracy == saved.cumulative_accuracy
+
+
+def test_prequential_counts_are_numpy_and_match_river_accuracy() -> None:
+    """Item 12: the cumulative accuracy is a numpy confusion matrix (no per-event river loop) with
+    the value river's Accuracy gives, and its saved cells load into river's format and back."""
+    from river import metrics
+
+    from stream_influence.learner import Prequential
+
+    rng = np.random.default_rng(5)
+    P, y = rng.dirichlet(np.ones(4), size=500), rng.integers(0, 4, 500)
+    p = Prequential(50)
+    p.update(P[:300], y[:300])
+    p.update(P[300:], y[300:])
+    assert isinstance(p.confusion, np.ndarray) and p.confusion.sum() == 500
+    np.testing.assert_array_equal(
+        p.confusion, np.bincount(y * 4 + P.argmax(axis=1), minlength=16).reshape(4, 4)
+    )
+    river = metrics.Accuracy()
+    for t, q in zip(y.tolist(), P.argmax(axis=1).tolist(), strict=True):
+        river.update(t, q)
+    assert p.cumulative_accuracy == pytest.approx(river.get(), abs=1e-15)
+    # A state saved by the release that kept river's matrix: (true, predicted, count) rows.
+    cells = sorted(((t, q), c) for t, row in river.cm.data.items() for q, c in row.items())
+    old = {**p.state_dict(), "confusion": np.array([[a, b, c] for (a, b), c in cells], dtype=np.float64)}
+    restored = Prequential(50)
+    restored.load_state_dict(old)
+    np.testing.assert_array_equal(restored.confusion, p.confusion)
+    assert restored.cumulative_accuracy == p.cumulative_accuracy

@@ -2,7 +2,8 @@
 
 Reads the whole quarantine topic (all partitions, outside any consumer group), re-scores every
 event against the model of the **latest checkpoint** (without changing it) and re-publishes the
-ones that now pass — score ≤ the quarantine threshold in force — to the training-events topic
+ones that now pass — the routing policy in force (its evidence, floor and disagreement gate; the
+rate cap off) would accept them — to the training-events topic
 (or ``--to TOPIC``), keyed by event id, with a ``requeued_from`` header
 (``topic:partition:offset``).  Nothing is deleted: events that still do not pass stay in the
 quarantine topic for a later run.
@@ -93,9 +94,8 @@ def _read_all(cfg: AppSettings, topic: str, timeout: float) -> list[Any]:
 
 
 def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """``(valid, passes)`` per raw message under the engine's model, without changing it."""
-    from ..model import one_hot
-
+    """``(valid, passes)`` per raw message: passes = the engine's routing policy (its evidence,
+    floor and disagreement gate, rate cap off) would accept it now; the engine is not changed."""
     eng = copy.deepcopy(engine)  # a scorer refresh must not leak into anything we save
     batch, _ = eng.decode(raws, learn=False)
     valid = np.zeros(len(raws), dtype=bool)
@@ -103,17 +103,8 @@ def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     if len(batch) == 0 or eng.routed is None or eng.reference.size == 0:
         return valid, passes
     valid[batch.index] = True
-    X = eng._inputs(eng.extractor.transform(batch.features))
-    Y = one_hot(batch.labels, eng.routed.theta.shape[0])
-    P = eng.routed.predict_proba(X)
-    Fr, yr = eng.reference.arrays()
-    eng.scorer.refresh(eng.routed.theta, eng.curvature, eng._inputs(Fr), yr)
-    eng.set_policy(eng.policy.settings)  # re-calibrate against the refreshed reference scores
-    score = eng.scorer.score(P, Y, X, eng.curvature).get(eng.policy.settings.score)
-    ok = np.isfinite(score) & (score <= eng.policy.thresholds_for(batch.labels, len(score)))
-    if eng.policy.settings.require_disagreement:
-        ok |= np.isfinite(score) & (P.argmax(axis=1) == batch.labels)  # the model now agrees
-    passes[batch.index] = ok
+    scores, decision = eng.rescore(batch)
+    passes[batch.index] = np.isfinite(scores.get(eng.policy.settings.score)) & ~decision.quarantine
     return valid, passes
 
 
