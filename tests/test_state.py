@@ -212,3 +212,33 @@ def test_prequential_metrics_survive_a_round_trip() -> None:
     saved.update(P, y)
     restored.update(P, y)
     assert restored.cumulative_accuracy == saved.cumulative_accuracy
+
+
+@pytest.mark.parametrize("how", ["one_trusted_point", "seeded_from_one_event"])
+def test_a_one_point_reference_set_checkpoints_and_restores(tmp_path: Path, how: str) -> None:
+    """Review item 1: with a single reference point no held-out score exists; the checkpoint
+    must still be finite (the loader refuses NaN) and restore to the same state."""
+    from stream_influence.settings import SchemaSettings
+
+    def ev(i: int, y: int) -> bytes:
+        return json.dumps({"id": str(i), "features": [float(i % 3), 1.0], "label": y}).encode()
+
+    schema = SchemaSettings(classes=[0, 1], n_features=2)
+    if how == "one_trusted_point":
+        settings = EngineSettings(schema=schema)
+        engine = InfluenceEngine(settings)
+        engine.add_reference([ev(0, 0)])
+        engine.process([ev(1, 1)])
+    else:
+        settings = EngineSettings(schema=schema, reference=ReferenceSettings(seed_from_stream=50))
+        engine = InfluenceEngine(settings)
+        engine.process([ev(1, 1)])
+    assert engine.scorer.s is not None  # a refresh ran with one reference point
+    path = tmp_path / "e.safetensors"
+    save_engine(engine, path)
+    restored, _ = load_engine(path, settings)
+    assert_same_state(engine.state_dict(), restored.state_dict())
+    nxt = [ev(i, i % 2) for i in range(2, 6)]
+    a, b = engine.process(nxt), restored.process(nxt)
+    assert np.array_equal(a.quarantine, b.quarantine)
+    assert_same_state(engine.state_dict(), restored.state_dict())
