@@ -372,3 +372,29 @@ def test_debug_logs_of_kafka_python_mask_the_password(capsys: pytest.CaptureFixt
     assert "'sasl_plain_password': '**********'" in err
     assert "login failed for **********" in err
     assert SECRET not in err
+
+
+def test_json_logs_mask_secrets_in_tracebacks_and_extra_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """Review item 2: the JSON formatter used to re-format the traceback itself (ignoring the
+    masked text) and to copy ``extra=`` fields unmasked."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging(LoggingSettings(json_format=True), secrets=[SECRET])
+        log = logging.getLogger("stream_influence.test")
+        try:
+            raise RuntimeError(f"SASL authentication failed with password {SECRET}")
+        except RuntimeError:
+            log.exception("final checkpoint failed")
+        log.warning("done", extra={"detail": f"token {SECRET}", "count": 3})
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 2
+    assert "RuntimeError: SASL authentication failed with password **********" in lines[0]["exc_info"]
+    assert lines[1]["detail"] == "token **********" and lines[1]["count"] == 3
+    assert SECRET not in json.dumps(lines)
