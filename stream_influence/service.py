@@ -208,12 +208,14 @@ class Service:
         if ck is None:
             log.info("no checkpoint in %s: starting with an empty model", self.store.directory)
             self.engine = InfluenceEngine(self.cfg.engine)
+            self._trust_reference()
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = defaultdict(int)
             return
         # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
         self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
         self.engine = ck.engine
+        self._trust_reference()
         if self.engine.policy.settings != self.reloader.current:
             # The configuration is the operator's word on the policy; the checkpoint keeps the rest.
             version = self.engine.set_policy(self.reloader.current)
@@ -227,6 +229,12 @@ class Service:
             self.engine.events_seen,
             {f"{t}-{p}": o for (t, p), o in sorted(ck.offsets.items())},
         )
+
+    def _trust_reference(self) -> None:
+        # Every engine installed (start-up or rollback, checkpoint or empty): with a reference
+        # topic the stream never defines a class, even before the trusted set arrives.
+        if self.k.reference_topic:
+            self.engine.trust_reference_labels()
 
     def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
@@ -242,7 +250,6 @@ class Service:
         if self.k.create_output_topics:
             kafka_io.ensure_topics(self.k, self._output_topics())
         if self.k.reference_topic:
-            self.engine.trust_reference_labels()  # the stream never defines a class, even before R arrives
             self.reader = kafka_io.ReferenceReader(self.k, self.k.reference_topic, self.reference_offsets)
             backlog = self.reader.read_backlog(self.k.reference_backlog_timeout_seconds)
             self._add_reference(backlog)

@@ -177,3 +177,28 @@ def test_an_id_with_a_lone_surrogate_is_an_output_error() -> None:
     assert kafka_io.encode_key("é-1") == "é-1".encode()
     with pytest.raises(OutputError, match="UTF-8"):
         kafka_io.encode_key("\ud800x")
+
+
+def test_a_rollback_before_the_first_checkpoint_keeps_the_reference_labels_trusted(tmp_path: Path) -> None:
+    """Review item 3: with a reference topic the stream never defines a class — also after a
+    rollback that finds no checkpoint yet and so starts again from an empty model."""
+    import json
+
+    from stream_influence.service import Service
+
+    cfg = AppSettings.model_validate(
+        {
+            "kafka": {"reference_topic": "trusted"},
+            "checkpoint": {"directory": str(tmp_path / "ck")},
+            "metrics": {"enabled": False},
+        }
+    )
+    service = Service(cfg, install_signals=False)
+    service._restore()  # start-up: no checkpoint
+    assert service.engine.schema.trusted
+    service._rollback()  # a failed window before any checkpoint exists
+    assert service.engine.schema.trusted
+    raws = [json.dumps({"id": str(i), "features": [1.0, 2.0], "label": y}).encode() for i, y in enumerate("ab")]
+    result = service.engine.process(raws)
+    assert [r.reason for r in result.rejects] == ["unknown_label", "unknown_label"]
+    assert service.engine.schema.n_classes == 0
