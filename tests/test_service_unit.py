@@ -198,7 +198,9 @@ def test_a_rollback_before_the_first_checkpoint_keeps_the_reference_labels_trust
     assert service.engine.schema.trusted
     service._rollback()  # a failed window before any checkpoint exists
     assert service.engine.schema.trusted
-    raws = [json.dumps({"id": str(i), "features": [1.0, 2.0], "label": y}).encode() for i, y in enumerate("ab")]
+    raws = [
+        json.dumps({"id": str(i), "features": [1.0, 2.0], "label": y}).encode() for i, y in enumerate("ab")
+    ]
     result = service.engine.process(raws)
     assert [r.reason for r in result.rejects] == ["unknown_label", "unknown_label"]
     assert service.engine.schema.n_classes == 0
