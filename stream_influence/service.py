@@ -282,8 +282,13 @@ class Service:
     def _shutdown(self) -> int:
         code = 0
         try:
-            if self.consumer is not None and not self.crashed:
-                self._checkpoint(force=True, reason="shutdown")
+            final = self.consumer is not None and not self.crashed
+            if final and not self._checkpoint(force=True, reason="shutdown"):
+                log.error(
+                    "final checkpoint not written: the next start replays the window since the last one"
+                )
+                self.crashed = True  # closing the consumer must not try again from the same state
+                code = 1
         except Exception:
             log.exception("final checkpoint failed")
             self.crashed = True  # closing the consumer must not try again from the same state
@@ -826,7 +831,8 @@ class Service:
             if not self.dirty and not force:
                 return True
             if self.dirty and not self._flush_and_save(reason):
-                self._rollback()
+                if not self.stop_event.is_set():  # stopping: the next start replays it from disk
+                    self._rollback()
                 return False
             offsets = self._commit_offsets()
             polls, self.uncommitted_polls = self.uncommitted_polls, []

@@ -204,3 +204,28 @@ def test_a_rollback_before_the_first_checkpoint_keeps_the_reference_labels_trust
     result = service.engine.process(raws)
     assert [r.reason for r in result.rejects] == ["unknown_label", "unknown_label"]
     assert service.engine.schema.n_classes == 0
+
+
+def test_a_failed_final_checkpoint_exits_1_without_a_pointless_rollback(tmp_path: Path) -> None:
+    """Review item 9: outputs not acknowledged at SIGTERM (broker down) → no checkpoint; the exit
+    status says so, and the window is not reloaded from disk on the way out."""
+    from stream_influence.service import Service
+
+    class _Closable:
+        def close(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    cfg = AppSettings.model_validate(
+        {"checkpoint": {"directory": str(tmp_path / "ck")}, "metrics": {"enabled": False}}
+    )
+    service = Service(cfg, install_signals=False)
+    service.consumer = _Closable()
+    service.producer = None
+    engine = service.engine
+    engine.process(events(20, seed=1)[0])
+    service.dirty = True
+    service.send_error = RuntimeError("broker down")  # what a failed send leaves behind
+    service.request_stop("SIGTERM")
+    assert service._shutdown() == 1
+    assert CheckpointStore(tmp_path / "ck").latest() is None
+    assert service.replays == 0 and service.engine is engine  # no rollback while stopping
