@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,8 @@ class Service:
         self.outputs: dict[str, int] = defaultdict(int)
         self.pending: dict[TopicPartition, list[Any]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
-        self.owned: set[TopicPartition] = set()
+        # Replaced, never changed in place: ready() reads it on the metrics thread without the lock.
+        self.owned: frozenset[TopicPartition] = frozenset()
         self.newly_assigned: set[TopicPartition] = set()
         self.dirty = False
         # True while a chunk (or reference batch) is being applied: an exception then leaves the
@@ -334,7 +335,7 @@ class Service:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """/readyz: partitions assigned, broker reachable, model warm."""
-        owned = sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)
+        owned = sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)  # a snapshot: see __init__
         detail: dict[str, Any] = {
             "assigned_partitions": owned,
             "broker_reachable": self.broker_up,
@@ -384,7 +385,7 @@ class Service:
                 self.pending.pop(tp, None)
                 self.pending_t0.pop(tp, None)
                 self.newly_assigned.discard(tp)
-            self.owned -= revoked
+            self.owned = self.owned - revoked
             for tp in revoked:
                 self._metric("remove_lag", tp.topic, tp.partition)
             log.info("partitions revoked: %s", sorted(f"{t.topic}-{t.partition}" for t in revoked))
@@ -392,7 +393,7 @@ class Service:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         with self.lock:
-            self.owned |= assigned
+            self.owned = self.owned | assigned
             self.newly_assigned |= assigned
             log.info("partitions assigned: %s", sorted(f"{t.topic}-{t.partition}" for t in assigned))
 
@@ -816,7 +817,7 @@ class Service:
         self._send_minimal_dead_letter(f.tp, f.message, f"{was}: {why}")
 
     def _commit_offsets(
-        self, tps: set[TopicPartition] | None = None
+        self, tps: Set[TopicPartition] | None = None
     ) -> dict[TopicPartition, OffsetAndMetadata]:
         tps = self.owned if tps is None else tps
         return {

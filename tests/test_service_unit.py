@@ -229,3 +229,50 @@ def test_a_failed_final_checkpoint_exits_1_without_a_pointless_rollback(tmp_path
     assert service._shutdown() == 1
     assert CheckpointStore(tmp_path / "ck").latest() is None
     assert service.replays == 0 and service.engine is engine  # no rollback while stopping
+
+
+def test_readyz_reads_the_assignment_while_a_rebalance_changes_it(tmp_path: Path) -> None:
+    """Review item 10: ready() runs on the metrics thread without the lock while the IO thread's
+    rebalance hooks change the assignment; it must read a snapshot, never a set changing under it."""
+    import sys
+    import threading
+
+    from kafka import TopicPartition
+
+    from stream_influence.service import Service
+
+    cfg = AppSettings.model_validate(
+        {"checkpoint": {"directory": str(tmp_path / "ck")}, "metrics": {"enabled": False}}
+    )
+    service = Service(cfg, install_signals=False)
+    base = {TopicPartition("t", p) for p in range(2000)}
+    moving = {TopicPartition("u", p) for p in range(2000)}
+    service._on_assigned(base)
+    snapshot = service.owned
+    service._on_assigned(moving)
+    assert len(snapshot) == len(base)  # what a reader held is not changed under it
+
+    stop = threading.Event()
+
+    def rebalance() -> None:
+        while not stop.is_set():
+            service._on_revoked(moving, commit=False)
+            service._on_assigned(moving)
+
+    errors: list[BaseException] = []
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to expose the race
+    io = threading.Thread(target=rebalance, daemon=True)
+    io.start()
+    try:
+        for _ in range(300):
+            try:
+                _, detail = service.ready()
+                assert len(detail["assigned_partitions"]) in (len(base), len(base) + len(moving))
+            except RuntimeError as exc:  # "Set changed size during iteration"
+                errors.append(exc)
+    finally:
+        stop.set()
+        io.join(timeout=10)
+        sys.setswitchinterval(old_interval)
+    assert not errors, errors[:1]
