@@ -136,6 +136,7 @@ class ReferenceBuffer:
         self.labels = np.zeros(self.capacity, dtype=np.int64)
         self.labels[: len(order)] = labels[order]
         self.size, self.pos = len(order), len(order) % self.capacity
+        self.version += 1  # other points than the saved set: whatever was fitted on it is stale
         self.features = None
         if "features" in state:
             features = np.array(state["features"], dtype=np.float64)

@@ -242,3 +242,36 @@ def test_a_one_point_reference_set_checkpoints_and_restores(tmp_path: Path, how:
     a, b = engine.process(nxt), restored.process(nxt)
     assert np.array_equal(a.quarantine, b.quarantine)
     assert_same_state(engine.state_dict(), restored.state_dict())
+
+
+def test_a_smaller_reference_capacity_on_restore_refits_on_the_kept_points(tmp_path: Path) -> None:
+    """Review item 7: after a restore with a smaller reference.capacity the reference model and
+    the held-out calibration must follow the points kept, not the evicted ones."""
+    from stream_influence.settings import SchemaSettings
+
+    rng = np.random.default_rng(0)
+
+    def raws(n: int, start: int) -> list[bytes]:
+        X = rng.normal(size=(n, 2))
+        return [
+            json.dumps({"id": str(start + i), "features": x.tolist(), "label": int(x[0] > 0)}).encode()
+            for i, x in enumerate(X)
+        ]
+
+    base = EngineSettings(
+        schema=SchemaSettings(classes=[0, 1], n_features=2),
+        policy=PolicySettings(evidence="hybrid"),
+    )
+    engine = InfluenceEngine(base)
+    engine.add_reference(raws(120, 0))
+    engine.process(raws(64, 1000))
+    assert len(engine.reference_model.calibration_losses) == 120
+    path = tmp_path / "state.safetensors"
+    save_engine(engine, path)
+    smaller = base.model_copy(update={"reference": base.reference.model_copy(update={"capacity": 50})})
+    restored, _ = load_engine(path, smaller)
+    restored.process(raws(64, 2000))
+    assert restored.reference.size == 50
+    assert len(restored.reference_model.calibration_losses) == 50
+    assert restored.reference_model.version == restored.reference.version
+    assert restored.scorer.calibration is not None and len(restored.scorer.calibration.labels) == 50
