@@ -123,6 +123,9 @@ class Service:
         self.outputs: dict[str, int] = defaultdict(int)
         self.pending: dict[TopicPartition, list[Any]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
+        # Ends of the tail chunks cut short (partition caught up) since the last checkpoint: a
+        # replay of the window cuts there again, so it batches — and decides — as the first try.
+        self.cuts: dict[TopicPartition, set[int]] = defaultdict(set)
         # Replaced, never changed in place: ready() reads it on the metrics thread without the lock.
         self.owned: frozenset[TopicPartition] = frozenset()
         self.newly_assigned: set[TopicPartition] = set()
@@ -384,6 +387,7 @@ class Service:
             for tp in revoked:
                 self.pending.pop(tp, None)
                 self.pending_t0.pop(tp, None)
+                self.cuts.pop(tp, None)
                 self.newly_assigned.discard(tp)
             self.owned = self.owned - revoked
             for tp in revoked:
@@ -512,6 +516,7 @@ class Service:
             and self._ensure_producer()
         ):
             end = (buf[0].offset // B + 1) * B
+            end = min([c for c in self.cuts.get(tp, ()) if c > buf[0].offset] + [end])
             k = 0
             while k < len(buf) and buf[k].offset < end:
                 k += 1
@@ -531,6 +536,8 @@ class Service:
                 return
             chunk = buf[:k]
             del buf[:k]
+            if chunk[-1].offset + 1 < end:
+                self.cuts[tp].add(chunk[-1].offset + 1)
             self._process(tp, chunk, self.pending_t0.get(tp, t_poll))
             self.pending_t0[tp] = t_poll
         if not buf:
@@ -776,6 +783,7 @@ class Service:
             extra={"group_id": self.k.group_id, "topic": self.k.topic, "reason": reason},
         )
         self.dirty = False
+        self.cuts.clear()  # the window is durable: it is never replayed
         self.replays = 0
         self.last_failure = ""
         self.events_since_checkpoint = 0
@@ -959,6 +967,7 @@ class Service:
         )
         with self.lock:
             self.pending.pop(tp, None)
+            self.cuts.pop(tp, None)
             # The old offsets mean nothing in the new partition; the model keeps what it learned.
             self.next_offsets.pop((tp.topic, tp.partition), None)
             self.start_offsets.pop((tp.topic, tp.partition), None)

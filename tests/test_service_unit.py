@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -276,3 +277,79 @@ def test_readyz_reads_the_assignment_while_a_rebalance_changes_it(tmp_path: Path
         io.join(timeout=10)
         sys.setswitchinterval(old_interval)
     assert not errors, errors[:1]
+
+
+def test_a_replayed_window_follows_the_original_cut_of_a_partial_tail_chunk(tmp_path: Path) -> None:
+    """Review item 11: a tail chunk cut short because the partition was caught up must be cut the
+    same way when its window is rolled back and replayed, although more records have arrived —
+    else the replay batches differently and may decide an event differently from the outputs
+    already sent (the event would end in two places)."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from stream_influence.service import Service
+
+    tp = TopicPartition("t", 0)
+
+    class _Consumer:
+        hw = 0
+
+        def highwater(self, _tp: TopicPartition) -> int:
+            return self.hw
+
+        def position(self, _tp: TopicPartition, timeout_ms: int = 0) -> int:
+            return self.hw
+
+        def seek(self, _tp: TopicPartition, _offset: int) -> None:
+            pass
+
+        def commit(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    class _Producer:
+        def flush(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def close(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    cfg = AppSettings.model_validate(
+        {
+            "kafka": {"process_batch_size": 8},
+            "checkpoint": {"directory": str(tmp_path / "ck")},
+            "metrics": {"enabled": False},
+        }
+    )
+    service = Service(cfg, install_signals=False)
+    service.consumer = consumer = _Consumer()
+    service.producer = _Producer()  # outputs are producible (no chunk runs without a producer)
+    chunks: list[tuple[int, int]] = []
+
+    def process(_tp: TopicPartition, msgs: list[Any], _t: float) -> None:
+        chunks.append((msgs[0].offset, msgs[-1].offset + 1))
+        service.next_offsets[(_tp.topic, _tp.partition)] = msgs[-1].offset + 1
+        service.dirty = True
+
+    service._process = process  # type: ignore[method-assign]
+    service._on_assigned({tp})
+    service.newly_assigned.clear()
+
+    def arrive(first: int, last: int) -> None:
+        consumer.hw = last
+        service.pending[tp].extend(SimpleNamespace(offset=o, value=b"") for o in range(first, last))
+        service._drain(tp, 0.0)
+
+    arrive(0, 5)  # caught up at 5: the tail chunk [0, 5) is processed at once
+    arrive(5, 11)  # [5, 8) completes chunk 0; 8..10 wait (caught up again: [8, 11))
+    assert chunks == [(0, 5), (5, 8), (8, 11)]
+    service._rollback()  # outputs not acknowledged: back to the empty model, offsets forgotten
+    service._resume_at, service.producer = 0.0, _Producer()
+    chunks.clear()
+    arrive(0, 16)  # the replay finds the whole backlog in the topic
+    assert chunks == [(0, 5), (5, 8), (8, 11), (11, 16)]
+    assert service._checkpoint(force=True)  # a durable window: its cuts are no longer needed
+    service.next_offsets.clear()
+    chunks.clear()
+    arrive(0, 16)
+    assert chunks == [(0, 8), (8, 16)]
