@@ -467,6 +467,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -513,6 +515,19 @@ def check_environment(cfg: AppSettings) -> list[ConfigProblem]:
 
 def _checkpoint_problems(c: CheckpointSettings) -> list[ConfigProblem]:
     path = Path(c.directory).expanduser().absolute()
+    try:
+        return _checkpoint_dir_problems(path)
+    except OSError as exc:  # e.g. under a directory the service's user cannot traverse
+        return [
+            ConfigProblem(
+                "checkpoint.directory",
+                f"cannot inspect {path}: {exc.strerror or exc}",
+                "give the service's user access to the path, or choose another directory",
+            )
+        ]
+
+
+def _checkpoint_dir_problems(path: Path) -> list[ConfigProblem]:
     if path.exists() and not path.is_dir():
         return [
             ConfigProblem("checkpoint.directory", f"{path} is not a directory", "point it at a directory")

@@ -592,6 +592,8 @@ class InfluenceEngine:
         self.policy.load_state_dict(state["policy"])
         self.scorer.load_state_dict(state["scorer"])
         self.reference.load_state_dict(state["reference"])
+        if self.reference.version != int(state["reference"]["version"]):  # resized: other points
+            self.scorer.invalidate()
         self.drift.load_state_dict(state["drift"])
         # Checkpoints from before the reference model existed: refit it when it is next needed.
         self.reference_model = ReferenceModel(self.settings.influence, self.settings.seed)

@@ -136,6 +136,7 @@ class ReferenceBuffer:
         self.labels = np.zeros(self.capacity, dtype=np.int64)
         self.labels[: len(order)] = labels[order]
         self.size, self.pos = len(order), len(order) % self.capacity
+        self.version += 1  # other points than the saved set: whatever was fitted on it is stale
         self.features = None
         if "features" in state:
             features = np.array(state["features"], dtype=np.float64)
@@ -196,8 +197,9 @@ class InfluenceScorer:
         """Scores of the reference points, each against the objective without its own term."""
         assert self.s is not None
         n = len(Xr)
-        if n < 2:  # nothing is left once the point is removed
-            return Calibration(Scores.missing(n), yr.copy())
+        if n < 2:  # nothing is left once the point is removed: no held-out score (kept finite,
+            # so the checkpoint loader's finiteness check accepts it)
+            return Calibration(Scores.missing(0), yr[:0].copy())
         sg = np.einsum("bd,bd->b", R @ self.s, Xr)
         q = np.maximum(curvature.quad(R, Xr), 1e-300)
         if self.settings.objective == "loss":

@@ -34,8 +34,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 out[key] = value
-        if record.exc_info:
-            out["exc_info"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:  # exc_text: the traceback RedactFilter masked
+            out["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(out, default=str)
 
 
@@ -104,6 +104,9 @@ class RedactFilter(logging.Filter):
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
             record.exc_text = self._mask(record.exc_text)
+        for key, value in list(vars(record).items()):  # extra= fields, printed by JsonFormatter
+            if key not in _RESERVED and isinstance(value, str):
+                setattr(record, key, self._mask(value))
         return True
 
 

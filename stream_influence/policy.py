@@ -318,10 +318,13 @@ class RoutingPolicy:
         return reference_loss / np.maximum(rho[labels], 1e-300)
 
     def state_dict(self) -> dict[str, Any]:
+        # An infinite threshold (calibrated mode, no finite held-out score yet) is left out: the
+        # loader refuses non-finite numbers, and calibrate() re-derives it on restore.
+        threshold = {"threshold": self.threshold} if np.isfinite(self.threshold) else {}
         return {
             "version": self.version,
             "alarm": self.alarm,
-            "threshold": self.threshold,
+            **threshold,
             **self._scores.state("scores"),
             **self._flags.state("flags"),
             **self._above.state("above"),
@@ -330,7 +333,7 @@ class RoutingPolicy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.version = int(state["version"])
         self.alarm = bool(state["alarm"])
-        self.threshold = float(state["threshold"])
+        self.threshold = float(state.get("threshold", self.settings.quarantine_threshold))
         self._scores.load(state, "scores")
         self._flags.load(state, "flags")
         if "above_data" in state:  # absent from checkpoints of the previous release

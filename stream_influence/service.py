@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,11 @@ class Service:
         self.outputs: dict[str, int] = defaultdict(int)
         self.pending: dict[TopicPartition, list[Any]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
-        self.owned: set[TopicPartition] = set()
+        # Ends of the tail chunks cut short (partition caught up) since the last checkpoint: a
+        # replay of the window cuts there again, so it batches — and decides — as the first try.
+        self.cuts: dict[TopicPartition, set[int]] = defaultdict(set)
+        # Replaced, never changed in place: ready() reads it on the metrics thread without the lock.
+        self.owned: frozenset[TopicPartition] = frozenset()
         self.newly_assigned: set[TopicPartition] = set()
         self.dirty = False
         # True while a chunk (or reference batch) is being applied: an exception then leaves the
@@ -208,12 +212,14 @@ class Service:
         if ck is None:
             log.info("no checkpoint in %s: starting with an empty model", self.store.directory)
             self.engine = InfluenceEngine(self.cfg.engine)
+            self._trust_reference()
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = defaultdict(int)
             return
         # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
         self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
         self.engine = ck.engine
+        self._trust_reference()
         if self.engine.policy.settings != self.reloader.current:
             # The configuration is the operator's word on the policy; the checkpoint keeps the rest.
             version = self.engine.set_policy(self.reloader.current)
@@ -227,6 +233,12 @@ class Service:
             self.engine.events_seen,
             {f"{t}-{p}": o for (t, p), o in sorted(ck.offsets.items())},
         )
+
+    def _trust_reference(self) -> None:
+        # Every engine installed (start-up or rollback, checkpoint or empty): with a reference
+        # topic the stream never defines a class, even before the trusted set arrives.
+        if self.k.reference_topic:
+            self.engine.trust_reference_labels()
 
     def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
@@ -242,7 +254,6 @@ class Service:
         if self.k.create_output_topics:
             kafka_io.ensure_topics(self.k, self._output_topics())
         if self.k.reference_topic:
-            self.engine.trust_reference_labels()  # the stream never defines a class, even before R arrives
             self.reader = kafka_io.ReferenceReader(self.k, self.k.reference_topic, self.reference_offsets)
             backlog = self.reader.read_backlog(self.k.reference_backlog_timeout_seconds)
             self._add_reference(backlog)
@@ -275,8 +286,13 @@ class Service:
     def _shutdown(self) -> int:
         code = 0
         try:
-            if self.consumer is not None and not self.crashed:
-                self._checkpoint(force=True, reason="shutdown")
+            final = self.consumer is not None and not self.crashed
+            if final and not self._checkpoint(force=True, reason="shutdown"):
+                log.error(
+                    "final checkpoint not written: the next start replays the window since the last one"
+                )
+                self.crashed = True  # closing the consumer must not try again from the same state
+                code = 1
         except Exception:
             log.exception("final checkpoint failed")
             self.crashed = True  # closing the consumer must not try again from the same state
@@ -322,7 +338,7 @@ class Service:
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
         """/readyz: partitions assigned, broker reachable, model warm."""
-        owned = sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)
+        owned = sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)  # a snapshot: see __init__
         detail: dict[str, Any] = {
             "assigned_partitions": owned,
             "broker_reachable": self.broker_up,
@@ -371,8 +387,9 @@ class Service:
             for tp in revoked:
                 self.pending.pop(tp, None)
                 self.pending_t0.pop(tp, None)
+                self.cuts.pop(tp, None)
                 self.newly_assigned.discard(tp)
-            self.owned -= revoked
+            self.owned = self.owned - revoked
             for tp in revoked:
                 self._metric("remove_lag", tp.topic, tp.partition)
             log.info("partitions revoked: %s", sorted(f"{t.topic}-{t.partition}" for t in revoked))
@@ -380,7 +397,7 @@ class Service:
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         with self.lock:
-            self.owned |= assigned
+            self.owned = self.owned | assigned
             self.newly_assigned |= assigned
             log.info("partitions assigned: %s", sorted(f"{t.topic}-{t.partition}" for t in assigned))
 
@@ -499,6 +516,7 @@ class Service:
             and self._ensure_producer()
         ):
             end = (buf[0].offset // B + 1) * B
+            end = min([c for c in self.cuts.get(tp, ()) if c > buf[0].offset] + [end])
             k = 0
             while k < len(buf) and buf[k].offset < end:
                 k += 1
@@ -518,6 +536,8 @@ class Service:
                 return
             chunk = buf[:k]
             del buf[:k]
+            if chunk[-1].offset + 1 < end:
+                self.cuts[tp].add(chunk[-1].offset + 1)
             self._process(tp, chunk, self.pending_t0.get(tp, t_poll))
             self.pending_t0[tp] = t_poll
         if not buf:
@@ -763,6 +783,7 @@ class Service:
             extra={"group_id": self.k.group_id, "topic": self.k.topic, "reason": reason},
         )
         self.dirty = False
+        self.cuts.clear()  # the window is durable: it is never replayed
         self.replays = 0
         self.last_failure = ""
         self.events_since_checkpoint = 0
@@ -804,7 +825,7 @@ class Service:
         self._send_minimal_dead_letter(f.tp, f.message, f"{was}: {why}")
 
     def _commit_offsets(
-        self, tps: set[TopicPartition] | None = None
+        self, tps: Set[TopicPartition] | None = None
     ) -> dict[TopicPartition, OffsetAndMetadata]:
         tps = self.owned if tps is None else tps
         return {
@@ -819,7 +840,8 @@ class Service:
             if not self.dirty and not force:
                 return True
             if self.dirty and not self._flush_and_save(reason):
-                self._rollback()
+                if not self.stop_event.is_set():  # stopping: the next start replays it from disk
+                    self._rollback()
                 return False
             offsets = self._commit_offsets()
             polls, self.uncommitted_polls = self.uncommitted_polls, []
@@ -945,6 +967,7 @@ class Service:
         )
         with self.lock:
             self.pending.pop(tp, None)
+            self.cuts.pop(tp, None)
             # The old offsets mean nothing in the new partition; the model keeps what it learned.
             self.next_offsets.pop((tp.topic, tp.partition), None)
             self.start_offsets.pop((tp.topic, tp.partition), None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -372,3 +373,68 @@ def test_debug_logs_of_kafka_python_mask_the_password(capsys: pytest.CaptureFixt
     assert "'sasl_plain_password': '**********'" in err
     assert "login failed for **********" in err
     assert SECRET not in err
+
+
+def test_json_logs_mask_secrets_in_tracebacks_and_extra_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    """Review item 2: the JSON formatter used to re-format the traceback itself (ignoring the
+    masked text) and to copy ``extra=`` fields unmasked."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        setup_logging(LoggingSettings(json_format=True), secrets=[SECRET])
+        log = logging.getLogger("stream_influence.test")
+        try:
+            raise RuntimeError(f"SASL authentication failed with password {SECRET}")
+        except RuntimeError:
+            log.exception("final checkpoint failed")
+        log.warning("done", extra={"detail": f"token {SECRET}", "count": 3})
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 2
+    assert "RuntimeError: SASL authentication failed with password **********" in lines[0]["exc_info"]
+    assert lines[1]["detail"] == "token **********" and lines[1]["count"] == 3
+    assert SECRET not in json.dumps(lines)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review item 8: a binary config file used to end in a UnicodeDecodeError traceback."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(b"kafka:\n  topic: \xff\xfe\x04\xd0\x8c\n")
+    assert main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(cfg) in err and "UTF-8" in err
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert str(cfg) in capsys.readouterr().err
+
+
+def test_a_checkpoint_directory_that_cannot_be_inspected_is_a_problem_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review item 8: a checkpoint directory under a directory the user cannot traverse (root
+    cannot be denied by mode bits, so the denial is injected at ``stat``) used to end in a
+    PermissionError traceback from ``Path.exists``."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_stat = Path.stat
+
+    def stat(self: Path, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(self).startswith(str(locked) + os.sep):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    cfg = _write(
+        tmp_path / "c.yaml", {"checkpoint": {"directory": str(locked / "ck")}, "metrics": {"port": 0}}
+    )
+    assert main(["config", "check", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert f"checkpoint.directory: cannot inspect {locked / 'ck'}: Permission denied" in err
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert "checkpoint.directory" in capsys.readouterr().err

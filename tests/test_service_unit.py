@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -177,3 +178,178 @@ def test_an_id_with_a_lone_surrogate_is_an_output_error() -> None:
     assert kafka_io.encode_key("é-1") == "é-1".encode()
     with pytest.raises(OutputError, match="UTF-8"):
         kafka_io.encode_key("\ud800x")
+
+
+def test_a_rollback_before_the_first_checkpoint_keeps_the_reference_labels_trusted(tmp_path: Path) -> None:
+    """Review item 3: with a reference topic the stream never defines a class — also after a
+    rollback that finds no checkpoint yet and so starts again from an empty model."""
+    import json
+
+    from stream_influence.service import Service
+
+    cfg = AppSettings.model_validate(
+        {
+            "kafka": {"reference_topic": "trusted"},
+            "checkpoint": {"directory": str(tmp_path / "ck")},
+            "metrics": {"enabled": False},
+        }
+    )
+    service = Service(cfg, install_signals=False)
+    service._restore()  # start-up: no checkpoint
+    assert service.engine.schema.trusted
+    service._rollback()  # a failed window before any checkpoint exists
+    assert service.engine.schema.trusted
+    raws = [
+        json.dumps({"id": str(i), "features": [1.0, 2.0], "label": y}).encode() for i, y in enumerate("ab")
+    ]
+    result = service.engine.process(raws)
+    assert [r.reason for r in result.rejects] == ["unknown_label", "unknown_label"]
+    assert service.engine.schema.n_classes == 0
+
+
+def test_a_failed_final_checkpoint_exits_1_without_a_pointless_rollback(tmp_path: Path) -> None:
+    """Review item 9: outputs not acknowledged at SIGTERM (broker down) → no checkpoint; the exit
+    status says so, and the window is not reloaded from disk on the way out."""
+    from stream_influence.service import Service
+
+    class _Closable:
+        def close(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    cfg = AppSettings.model_validate(
+        {"checkpoint": {"directory": str(tmp_path / "ck")}, "metrics": {"enabled": False}}
+    )
+    service = Service(cfg, install_signals=False)
+    service.consumer = _Closable()
+    service.producer = None
+    engine = service.engine
+    engine.process(events(20, seed=1)[0])
+    service.dirty = True
+    service.send_error = RuntimeError("broker down")  # what a failed send leaves behind
+    service.request_stop("SIGTERM")
+    assert service._shutdown() == 1
+    assert CheckpointStore(tmp_path / "ck").latest() is None
+    assert service.replays == 0 and service.engine is engine  # no rollback while stopping
+
+
+def test_readyz_reads_the_assignment_while_a_rebalance_changes_it(tmp_path: Path) -> None:
+    """Review item 10: ready() runs on the metrics thread without the lock while the IO thread's
+    rebalance hooks change the assignment; it must read a snapshot, never a set changing under it."""
+    import sys
+    import threading
+
+    from kafka import TopicPartition
+
+    from stream_influence.service import Service
+
+    cfg = AppSettings.model_validate(
+        {"checkpoint": {"directory": str(tmp_path / "ck")}, "metrics": {"enabled": False}}
+    )
+    service = Service(cfg, install_signals=False)
+    base = {TopicPartition("t", p) for p in range(2000)}
+    moving = {TopicPartition("u", p) for p in range(2000)}
+    service._on_assigned(base)
+    snapshot = service.owned
+    service._on_assigned(moving)
+    assert len(snapshot) == len(base)  # what a reader held is not changed under it
+
+    stop = threading.Event()
+
+    def rebalance() -> None:
+        while not stop.is_set():
+            service._on_revoked(moving, commit=False)
+            service._on_assigned(moving)
+
+    errors: list[BaseException] = []
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible, to expose the race
+    io = threading.Thread(target=rebalance, daemon=True)
+    io.start()
+    try:
+        for _ in range(300):
+            try:
+                _, detail = service.ready()
+                assert len(detail["assigned_partitions"]) in (len(base), len(base) + len(moving))
+            except RuntimeError as exc:  # "Set changed size during iteration"
+                errors.append(exc)
+    finally:
+        stop.set()
+        io.join(timeout=10)
+        sys.setswitchinterval(old_interval)
+    assert not errors, errors[:1]
+
+
+def test_a_replayed_window_follows_the_original_cut_of_a_partial_tail_chunk(tmp_path: Path) -> None:
+    """Review item 11: a tail chunk cut short because the partition was caught up must be cut the
+    same way when its window is rolled back and replayed, although more records have arrived —
+    else the replay batches differently and may decide an event differently from the outputs
+    already sent (the event would end in two places)."""
+    from types import SimpleNamespace
+
+    from kafka import TopicPartition
+
+    from stream_influence.service import Service
+
+    tp = TopicPartition("t", 0)
+
+    class _Consumer:
+        hw = 0
+
+        def highwater(self, _tp: TopicPartition) -> int:
+            return self.hw
+
+        def position(self, _tp: TopicPartition, timeout_ms: int = 0) -> int:
+            return self.hw
+
+        def seek(self, _tp: TopicPartition, _offset: int) -> None:
+            pass
+
+        def commit(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    class _Producer:
+        def flush(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def close(self, *args: object, **kwargs: object) -> None:
+            pass
+
+    cfg = AppSettings.model_validate(
+        {
+            "kafka": {"process_batch_size": 8},
+            "checkpoint": {"directory": str(tmp_path / "ck")},
+            "metrics": {"enabled": False},
+        }
+    )
+    service = Service(cfg, install_signals=False)
+    service.consumer = consumer = _Consumer()
+    service.producer = _Producer()  # outputs are producible (no chunk runs without a producer)
+    chunks: list[tuple[int, int]] = []
+
+    def process(_tp: TopicPartition, msgs: list[Any], _t: float) -> None:
+        chunks.append((msgs[0].offset, msgs[-1].offset + 1))
+        service.next_offsets[(_tp.topic, _tp.partition)] = msgs[-1].offset + 1
+        service.dirty = True
+
+    service._process = process  # type: ignore[method-assign]
+    service._on_assigned({tp})
+    service.newly_assigned.clear()
+
+    def arrive(first: int, last: int) -> None:
+        consumer.hw = last
+        service.pending[tp].extend(SimpleNamespace(offset=o, value=b"") for o in range(first, last))
+        service._drain(tp, 0.0)
+
+    arrive(0, 5)  # caught up at 5: the tail chunk [0, 5) is processed at once
+    arrive(5, 11)  # [5, 8) completes chunk 0; 8..10 wait (caught up again: [8, 11))
+    assert chunks == [(0, 5), (5, 8), (8, 11)]
+    service._rollback()  # outputs not acknowledged: back to the empty model, offsets forgotten
+    service._resume_at, service.producer = 0.0, _Producer()
+    chunks.clear()
+    arrive(0, 16)  # the replay finds the whole backlog in the topic
+    assert chunks == [(0, 5), (5, 8), (8, 11), (11, 16)]
+    assert service._checkpoint(force=True)  # a durable window: its cuts are no longer needed
+    service.next_offsets.clear()
+    chunks.clear()
+    arrive(0, 16)
+    assert chunks == [(0, 8), (8, 16)]

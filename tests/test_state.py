@@ -241,3 +241,66 @@ def test_prequential_counts_are_numpy_and_match_river_accuracy() -> None:
     restored.load_state_dict(old)
     np.testing.assert_array_equal(restored.confusion, p.confusion)
     assert restored.cumulative_accuracy == p.cumulative_accuracy
+
+
+@pytest.mark.parametrize("how", ["one_trusted_point", "seeded_from_one_event"])
+def test_a_one_point_reference_set_checkpoints_and_restores(tmp_path: Path, how: str) -> None:
+    """Review item 1: with a single reference point no held-out score exists; the checkpoint
+    must still be finite (the loader refuses NaN) and restore to the same state."""
+    from stream_influence.settings import SchemaSettings
+
+    def ev(i: int, y: int) -> bytes:
+        return json.dumps({"id": str(i), "features": [float(i % 3), 1.0], "label": y}).encode()
+
+    schema = SchemaSettings(classes=[0, 1], n_features=2)
+    if how == "one_trusted_point":
+        settings = EngineSettings(schema=schema)
+        engine = InfluenceEngine(settings)
+        engine.add_reference([ev(0, 0)])
+        engine.process([ev(1, 1)])
+    else:
+        settings = EngineSettings(schema=schema, reference=ReferenceSettings(seed_from_stream=50))
+        engine = InfluenceEngine(settings)
+        engine.process([ev(1, 1)])
+    assert engine.scorer.s is not None  # a refresh ran with one reference point
+    path = tmp_path / "e.safetensors"
+    save_engine(engine, path)
+    restored, _ = load_engine(path, settings)
+    assert_same_state(engine.state_dict(), restored.state_dict())
+    nxt = [ev(i, i % 2) for i in range(2, 6)]
+    a, b = engine.process(nxt), restored.process(nxt)
+    assert np.array_equal(a.quarantine, b.quarantine)
+    assert_same_state(engine.state_dict(), restored.state_dict())
+
+
+def test_a_smaller_reference_capacity_on_restore_refits_on_the_kept_points(tmp_path: Path) -> None:
+    """Review item 7: after a restore with a smaller reference.capacity the reference model and
+    the held-out calibration must follow the points kept, not the evicted ones."""
+    from stream_influence.settings import SchemaSettings
+
+    rng = np.random.default_rng(0)
+
+    def raws(n: int, start: int) -> list[bytes]:
+        X = rng.normal(size=(n, 2))
+        return [
+            json.dumps({"id": str(start + i), "features": x.tolist(), "label": int(x[0] > 0)}).encode()
+            for i, x in enumerate(X)
+        ]
+
+    base = EngineSettings(
+        schema=SchemaSettings(classes=[0, 1], n_features=2),
+        policy=PolicySettings(evidence="hybrid"),
+    )
+    engine = InfluenceEngine(base)
+    engine.add_reference(raws(120, 0))
+    engine.process(raws(64, 1000))
+    assert len(engine.reference_model.calibration_losses) == 120
+    path = tmp_path / "state.safetensors"
+    save_engine(engine, path)
+    smaller = base.model_copy(update={"reference": base.reference.model_copy(update={"capacity": 50})})
+    restored, _ = load_engine(path, smaller)
+    restored.process(raws(64, 2000))
+    assert restored.reference.size == 50
+    assert len(restored.reference_model.calibration_losses) == 50
+    assert restored.reference_model.version == restored.reference.version
+    assert restored.scorer.calibration is not None and len(restored.scorer.calibration.labels) == 50
