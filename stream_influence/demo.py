@@ -339,18 +339,22 @@ def run_demo(opts: DemoOptions, *, quiet: bool = False, verbose: bool = False) -
     """
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    # The live table is the progress report; the service's and clients' logs would tear it.
+    # Restored afterwards: the demo may run inside another program (or a test session).
+    quieted = [] if verbose else [logging.getLogger(name) for name in ("stream_influence", "kafka")]
+    levels = [lg.level for lg in quieted]
+    for lg in quieted:
+        lg.setLevel(logging.ERROR)
     try:
         return _run_demo(opts, quiet=quiet, verbose=verbose)
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
+        for lg, level in zip(quieted, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _run_demo(opts: DemoOptions, *, quiet: bool, verbose: bool) -> dict[str, Any]:
-    if not verbose:
-        # The live table is the progress report; the service's and clients' logs would tear it.
-        for name in ("stream_influence", "kafka"):
-            logging.getLogger(name).setLevel(logging.ERROR)
     from .plots import _pyplot, rolling_ratio
 
     if opts.out.exists():
