@@ -414,6 +414,43 @@ def audit_task(task: tuple[str, float, str, int]) -> list[dict[str, Any]]:
     return out
 
 
+def loo_fidelity(l2: float, seed: int = 0, picks: int = 60) -> dict[str, Any]:
+    """Spearman of the audit's exact influence against real leave-one-out refits on digits
+    (clean labels, 1 200 training points, 300 reference), at ``l2``: the audit must stay faithful."""
+    from scipy import stats
+    from sklearn.datasets import load_digits
+
+    from stream_influence.offline import objective, prepare_inputs
+
+    X_all, y_all = load_digits(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(y_all))
+    tr, ref = perm[:1200], perm[1200:1500]
+    audit = score_dataset(X_all[tr], y_all[tr], X_all[ref], y_all[ref], n_classes=10, l2=l2)
+    X, (Xr,) = prepare_inputs(X_all[tr], [X_all[ref]], standardize=True)
+    y, yr, n, theta = y_all[tr], y_all[ref], len(tr), audit.fit.theta
+
+    def ref_loss(th: np.ndarray) -> float:
+        P = softmax(Xr @ th.T)
+        return float(-np.log(P[np.arange(len(yr)), yr]).mean())
+
+    base = ref_loss(theta)
+    precond = np.linalg.inv(audit.curvature.dense_hessian())  # a few Newton steps per refit
+    picked = np.argsort(audit.scores.influence)[np.linspace(0, n - 1, picks).astype(int)]
+    actual = []
+    for i in picked:
+        w = np.ones(n)
+        w[i] = 0.0
+        th = theta.copy()
+        for _ in range(100):
+            _, g = objective(th, X, y, w, l2)
+            if np.linalg.norm(g) <= 1e-11:
+                break
+            th -= (g.ravel() @ precond).reshape(th.shape)
+        actual.append(ref_loss(th) - base)
+    rho = float(stats.spearmanr(-audit.scores.influence[picked] / n, actual)[0])
+    return {"l2": l2, "spearman": rho}
+
+
 def audit_names() -> list[str]:
     # Raw-pixel MNIST needs a dense 7 850² Hessian per fit (the audit's exact default), too slow for
     # a sweep here; the same images are audited through the frozen CNN (mnist_cnn).
@@ -508,8 +545,11 @@ def tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(acc), "\n".join(det)
 
 
-def audit_table(audit: list[dict[str, Any]]) -> tuple[str, list[str], float | None]:
-    """Mean ROC-AUC per dataset × noise × L2 (rows: dataset/noise; columns: L2) and a verdict."""
+def audit_table(
+    audit: list[dict[str, Any]], fidelity: list[dict[str, Any]]
+) -> tuple[str, list[str], float | None]:
+    """Mean ROC-AUC per dataset × noise × L2 (rows: dataset/noise; columns: L2), the leave-one-out
+    fidelity row and the choice: the best worst-case ROC-AUC among L2s whose LOO Spearman ≥ 0.95."""
     if not audit:
         return "", [], None
     cells: dict[tuple[str, str], dict[float, list[float]]] = {}
@@ -528,15 +568,23 @@ def audit_table(audit: list[dict[str, Any]]) -> tuple[str, list[str], float | No
         lines.append(f"| {name} | {label} | " + " | ".join(f"{np.mean(c[v]):.3f}" for v in l2s) + " |")
     lines.append("| **worst cell** | | " + " | ".join(f"**{worst[v]:.3f}**" for v in l2s) + " |")
     lines.append("| **mean** | | " + " | ".join(f"**{mean[v]:.3f}**" for v in l2s) + " |")
-    # The default: the best worst case (ties to the better mean).
-    best = max(l2s, key=lambda v: (round(worst[v], 3), mean[v]))
+    loo = {f["l2"]: f["spearman"] for f in fidelity}
+    if loo:
+        lines.append(
+            "| digits, clean | Spearman vs leave-one-out | " + " | ".join(_f(loo.get(v)) for v in l2s) + " |"
+        )
+    # The default: most cells meeting the 0.9 target, then the best mean, among the faithful L2s.
+    faithful = [v for v in l2s if loo.get(v, 1.0) >= 0.95] or l2s
+    met = {v: sum(np.mean(c[v]) >= 0.9 for c in cells.values()) for v in l2s}
+    best = max(faithful, key=lambda v: (met[v], round(mean[v], 3)))
     below = [
         f"{n} {lab} {np.mean(c[DEFAULT_L2]):.3f}"
         for (n, lab), c in cells.items()
         if DEFAULT_L2 in c and np.mean(c[DEFAULT_L2]) < 0.9
     ]
     notes = [
-        f"- Best worst-case ROC-AUC at l2 = {best:g} ({worst[best]:.3f}; mean {mean[best]:.3f}); the shipped "
+        f"- Rule: among L2s with leave-one-out Spearman ≥ 0.95, the most cells at ROC-AUC ≥ 0.9, then the best "
+        f"mean: l2 = {best:g} ({met[best]} of {len(cells)} cells, worst {worst[best]:.3f}, mean {mean[best]:.3f}); the shipped "
         f"default `DEFAULT_L2` is {DEFAULT_L2:g}"
         + (f" (worst {worst[DEFAULT_L2]:.3f}, mean {mean[DEFAULT_L2]:.3f})." if DEFAULT_L2 in worst else "."),
         "- Target ROC-AUC ≥ 0.9 on every bundled stream, pair flips included, at the default: "
@@ -737,9 +785,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
     audit: list[dict[str, Any]] = []
+    fidelity: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=min(args.jobs, 2)) as pool:
         futs = [pool.submit(one, t) for t in tasks]
         afuts = [pool.submit(audit_task, t) for t in audit_tasks]
+        ffuts = [] if args.no_audit else [pool.submit(loo_fidelity, v) for v in AUDIT_L2]
         for f in futs:
             r = f.result()
             results.append(r)
@@ -752,16 +802,18 @@ def main(argv: list[str] | None = None) -> int:
             )
         for f in afuts:
             audit.extend(f.result())
+        fidelity = [f.result() for f in ffuts]
     wall = time.perf_counter() - t0
     extra = list(sys.argv[1:] if argv is None else argv)
     cmd = " ".join(["OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py", *extra])
-    return render(args, results, audit, wall, cmd, overrides)
+    return render(args, results, audit, fidelity, wall, cmd, overrides)
 
 
 def render(
     args: argparse.Namespace,
     results: list[dict[str, Any]],
     audit: list[dict[str, Any]],
+    fidelity: list[dict[str, Any]],
     wall: float,
     cmd: str,
     overrides: dict[str, Any],
@@ -778,7 +830,7 @@ def render(
     )
     rows = summarize(results)
     acc, det = tables(rows)
-    atable, anotes, _ = audit_table(audit)
+    atable, anotes, _ = audit_table(audit, fidelity)
     lines = verdicts(rows, anotes)
     print(acc, det, atable, "\n".join(lines), sep="\n\n")
     if args.no_doc:
