@@ -253,7 +253,7 @@ class Data:
                     kept[i + drop] = False
                 idx = np.flatnonzero(kept[sl]) + i
                 m.learn(self.F_ev[idx], y[idx])
-        return {"test": m.accuracy(self.F_test, s.y_test), "quarantine": ~kept}
+        return {"test": m.accuracy(self.F_test, s.y_test), "quarantine": ~kept, "model": m}
 
 
 def reference_model_losses(data: Data, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -303,19 +303,22 @@ def run_river(data: Data) -> float:
     return hits / len(s.y_test)
 
 
-def detection(quarantine: np.ndarray, corrupted: np.ndarray) -> dict[str, float | None]:
+def detection(quarantine: np.ndarray, corrupted: np.ndarray, hard: np.ndarray) -> dict[str, float | None]:
+    """Precision/recall of the removed events against the corruption flags; clean events removed, and
+    *hard* clean events removed (clean events whose true label the clean-trained oracle gives < 0.5)."""
     q, c = quarantine.astype(bool), corrupted
     tp = int((q & c).sum())
     return {
         "precision": tp / q.sum() if q.sum() and c.sum() else None,
         "recall": tp / c.sum() if c.sum() else None,
         "clean_quarantined": float((q & ~c).sum() / max((~c).sum(), 1)),
+        "hard_clean_quarantined": float((q & hard).sum() / hard.sum()) if hard.sum() else None,
         "quarantined": float(q.mean()),
     }
 
 
-def one(task: tuple[Grid, float, str, str, int, dict[str, Any]]) -> dict[str, Any]:
-    grid, noise, kind, trusted, seed, overrides = task
+def one(task: tuple[Grid, float, str, str, int, dict[str, Any], dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    grid, noise, kind, trusted, seed, overrides, variants = task
     t0 = time.perf_counter()
     stream = load_stream(
         grid.name,
@@ -352,11 +355,8 @@ def one(task: tuple[Grid, float, str, str, int, dict[str, Any]]) -> dict[str, An
     }
     masks: dict[str, np.ndarray] = {}
     routed = run_engine(stream, raws, ref_raws, settings)
-    out["routed"], masks["routed"], out["routed_seconds"] = (
-        routed["test"],
-        routed["quarantine"],
-        routed["seconds"],
-    )
+    out["routed"], masks["routed"] = routed["test"], routed["quarantine"]
+    out["routed_events_per_s"] = len(raws) / routed["seconds"]
     ident = run_engine(stream, raws, ref_raws, identity_settings(settings))
     out["identity"], masks["identity"] = ident["test"], ident["quarantine"]
     out["unfiltered"] = data.run(warm=False)["test"]
@@ -364,7 +364,10 @@ def one(task: tuple[Grid, float, str, str, int, dict[str, Any]]) -> dict[str, An
     out["reference_only"] = data.run(
         stream=False, ref_epochs=max(1, math.ceil(len(raws) / len(stream.y_ref)))
     )["test"]
-    out["oracle"] = data.run(labels=stream.y_clean)["test"]
+    oracle = data.run(labels=stream.y_clean)
+    out["oracle"] = oracle["test"]
+    hard = ~stream.corrupted & (np.exp(-oracle["model"].loss(data.F_ev, stream.y_clean)) < 0.5)
+    out["hard_clean"] = float(hard.mean())
     sl = data.run(small_loss=noise)
     out["small_loss"], masks["small_loss"] = sl["test"], sl["quarantine"]
     ev_loss, ref_loss = reference_model_losses(data)
@@ -378,8 +381,16 @@ def one(task: tuple[Grid, float, str, str, int, dict[str, Any]]) -> dict[str, An
     out["refloss_alpha"], masks["refloss_alpha"] = ra["test"], ra["quarantine"]
     out["river_linear"] = run_river(data)
     for f in FILTERS:
-        for k, v in detection(masks[f], stream.corrupted).items():
+        for k, v in detection(masks[f], stream.corrupted, hard).items():
             out[f"{f}.{k}"] = v
+    out["variants"] = {}
+    for name, over in variants.items():  # other routed configurations, side by side
+        v = run_engine(stream, raws, ref_raws, routed_settings(_merge(overrides, over), grid))
+        out["variants"][name] = {
+            "test": v["test"],
+            "events_per_s": len(raws) / v["seconds"],
+            **detection(v["quarantine"], stream.corrupted, hard),
+        }
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -486,6 +497,18 @@ def _mean(rs: list[dict[str, Any]], key: str) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
+DET_KEYS = ("precision", "recall", "clean_quarantined", "hard_clean_quarantined", "quarantined")
+
+
+def _det(r: dict[str, Any], prefix: str) -> str:
+    """clean-q % / hard-clean-q % / precision / recall of one filter in one row."""
+    g = (lambda k: r[prefix][k]) if isinstance(r.get(prefix), dict) else (lambda k: r[f"{prefix}.{k}"])
+    return (
+        f"{_pct(g('clean_quarantined'))} / {_pct(g('hard_clean_quarantined'))} / "
+        f"{_f(g('precision'), 2)} / {_f(g('recall'), 2)}"
+    )
+
+
 def benign(name: str) -> bool:
     return DATASETS[name].benign
 
@@ -510,9 +533,17 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         }
         for key in ACCURACY_COLUMNS:
             row[key] = _mean(rs, key)
+        row["hard_clean"] = _mean(rs, "hard_clean")
+        row["routed_events_per_s"] = _mean(rs, "routed_events_per_s")
         for f in FILTERS:
-            for sub in ("precision", "recall", "clean_quarantined", "quarantined"):
+            for sub in DET_KEYS:
                 row[f"{f}.{sub}"] = _mean(rs, f"{f}.{sub}")
+        row["variants"] = {
+            name: {
+                k: _mean([r["variants"][name] for r in rs], k) for k in ("test", "events_per_s", *DET_KEYS)
+            }
+            for name in rs[0].get("variants", {})
+        }
         gap = row["oracle"] - row["unfiltered"]
         row["gap_recovered"] = (row["routed"] - row["unfiltered"]) / gap if gap > 0.005 else None
         rows.append(row)
@@ -540,18 +571,36 @@ def tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
             + f" | {'–' if gap is None else f'{100 * gap:.0f} %'} |"
         )
     det = [
-        "| dataset (trusted) | noise | "
-        + " | ".join(f"{HEADERS[f]} clean-q % / P / R" for f in FILTERS)
-        + " |",
-        "|---" * (len(FILTERS) + 2) + "|",
+        "| dataset (trusted) | noise | hard clean % | "
+        + " | ".join(f"{HEADERS[f]}" for f in FILTERS)
+        + " | routed events/s |",
+        "|---" * (len(FILTERS) + 4) + "|",
     ]
     for r in rows:
-        cells = [
-            f"{_pct(r[f + '.clean_quarantined'])} / {_f(r[f + '.precision'], 2)} / {_f(r[f + '.recall'], 2)}"
-            for f in FILTERS
-        ]
-        det.append(f"| {r['dataset']} ({r['n_reference']}) | {r['label']} | " + " | ".join(cells) + " |")
+        det.append(
+            f"| {r['dataset']} ({r['n_reference']}) | {r['label']} | {_pct(r['hard_clean'])} | "
+            + " | ".join(_det(r, f) for f in FILTERS)
+            + f" | {_f(r['routed_events_per_s'], 0)} |"
+        )
     return "\n".join(acc), "\n".join(det)
+
+
+def variants_table(rows: list[dict[str, Any]]) -> str:
+    names = list(rows[0].get("variants", {})) if rows else []
+    if not names:
+        return ""
+    lines = [
+        "| dataset (trusted) | noise | routed | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for r in rows:
+        cells = [f"{_f(r['routed'])} ({_det(r, 'routed')}; {_f(r['routed_events_per_s'], 0)}/s)"]
+        cells += [
+            f"{_f(v['test'])} ({_det(r['variants'], n)}; {_f(v['events_per_s'], 0)}/s)"
+            for n, v in r["variants"].items()
+        ]
+        lines.append(f"| {r['dataset']} ({r['n_reference']}) | {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def audit_table(
@@ -613,7 +662,7 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
 
     miss = [
         f"{cell(r)}: {_f(r['routed'])} vs unfiltered {_f(r['unfiltered'])}, clean quarantined "
-        f"{_pct(r['routed.clean_quarantined'])} %"
+        f"{_pct(r['routed.clean_quarantined'])} %, hard clean quarantined {_pct(r['routed.hard_clean_quarantined'])} %"
         for r in quiet
         if r["routed"] < r["unfiltered"] - 0.005 or r["routed.clean_quarantined"] > alpha + 0.01
     ]
@@ -622,6 +671,17 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
         f"(α = {alpha:g})* — {len(quiet) - len(miss)} of {len(quiet)} cells met"
         + (f"; missed: {'; '.join(miss)}." if miss else ".")
     )
+    ben = [r for r in quiet if benign(r["dataset"])]
+    if ben:
+        out.append(
+            "   Hard-but-correct events quarantined on the benign stream (routed vs ref-loss α): "
+            + "; ".join(
+                f"{cell(r)} {_pct(r['routed.hard_clean_quarantined'])} % vs "
+                f"{_pct(r['refloss_alpha.hard_clean_quarantined'])} % (hard events: {_pct(r['hard_clean'])} %)"
+                for r in ben
+            )
+            + "."
+        )
     miss = [
         f"{cell(r)} ({_f(r['routed'])} vs {_f(r['unfiltered'])})"
         for r in noisy
@@ -670,17 +730,16 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
     )
     # What the inverse Hessian buys over H = I, in this run.
     d = [r["routed"] - r["identity"] for r in noisy]
+    uc = [
+        f"{cell(r)} {r['routed'] - r['identity']:+.3f}"
+        for r in noisy
+        if r["dataset"] == "unscaled_correlated"
+    ]
     if d:
         out.append(
             f"- Inverse Hessian vs H = I (same routing): routed − identity test accuracy over noisy cells: mean "
-            f"{np.mean(d):+.3f}, min {min(d):+.3f}, max {max(d):+.3f}; on unscaled_correlated (unscaled, "
-            "correlated features): "
-            + "; ".join(
-                f"{cell(r)} {r['routed'] - r['identity']:+.3f}"
-                for r in noisy
-                if r["dataset"] == "unscaled_correlated"
-            )
-            + "."
+            f"{np.mean(d):+.3f}, min {min(d):+.3f}, max {max(d):+.3f}"
+            + (f"; on unscaled, correlated features: {'; '.join(uc)}." if uc else ".")
         )
     best_rival = []
     for r in rows:
@@ -752,6 +811,13 @@ def main(argv: list[str] | None = None) -> int:
         default="{}",
         help="JSON overrides of the engine settings for the routed learner (default: engine defaults)",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="another routed configuration run side by side (overrides on top of --routed); repeatable",
+    )
     p.add_argument("--datasets", nargs="*", help="subset of the grid's datasets")
     p.add_argument("--no-audit", action="store_true", help="skip the score-audit L2 sweep")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -768,8 +834,10 @@ def main(argv: list[str] | None = None) -> int:
             saved["wall_seconds"],
             saved["command"],
             saved["routed"],
+            saved.get("variants", {}),
         )
     overrides = json.loads(args.routed)
+    variants = {n: json.loads(j) for n, _, j in (v.partition("=") for v in args.variant)}
     grid = QUICK if args.quick else FULL
     grid = [
         g for g in grid if DATASETS[g.name].available() and (not args.datasets or g.name in args.datasets)
@@ -777,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = 1 if args.quick else args.seeds
     trusted = ["10/class"] if args.quick else list(TRUSTED)
     tasks = [
-        (g, noise, kind, t, s, overrides)
+        (g, noise, kind, t, s, overrides, variants)
         for g in grid
         for noise, kind in ([NOISES[0]] if g.benign else NOISES)
         for t in trusted
@@ -819,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(
         ["OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py", *map(shlex.quote, extra)]
     )
-    return render(args, results, audit, fidelity, wall, cmd, overrides)
+    return render(args, results, audit, fidelity, wall, cmd, overrides, variants)
 
 
 def render(
@@ -830,7 +898,9 @@ def render(
     wall: float,
     cmd: str,
     overrides: dict[str, Any],
+    variant_overrides: dict[str, Any] | None = None,
 ) -> int:
+    variant_overrides = variant_overrides or {}
     order = list(DATASETS)
     nkey = {nk: i for i, nk in enumerate(NOISES)}
     results.sort(
@@ -843,9 +913,20 @@ def render(
     )
     rows = summarize(results)
     acc, det = tables(rows)
+    vt = variants_table(rows)
+    variants = (
+        "\nRouted variants on the same streams (test accuracy; clean-q % / hard-q % / P / R; events/s), "
+        "each the routed settings plus: "
+        + "; ".join(f"*{n}* `{json.dumps(v)}`" for n, v in variant_overrides.items())
+        + "\n\n"
+        + vt
+        + "\n"
+        if vt
+        else ""
+    )
     atable, anotes, _ = audit_table(audit, fidelity)
     lines = verdicts(rows, anotes)
-    print(acc, det, atable, "\n".join(lines), sep="\n\n")
+    print(acc, det, vt, atable, "\n".join(lines), sep="\n\n")
     if args.no_doc:
         return 0
     out_json = ROOT / "benchmarks" / "results" / "quality.json"
@@ -860,6 +941,7 @@ def render(
                 "wall_seconds": wall,
                 "command": cmd,
                 "routed": overrides,
+                "variants": variant_overrides,
             },
             indent=1,
             default=float,
@@ -895,11 +977,14 @@ ref-loss) learn the trusted set first, then the events they keep.  Bold: best le
 
 {acc}
 
-Detection against the true corruption flags, over all events (clean events quarantined %, precision,
-recall of what each filter removed):
+Detection against the true corruption flags, over all events.  Per filter: clean events removed % /
+*hard* clean events removed % / precision / recall, where *hard* = clean events whose true label the
+clean-trained oracle learner gives probability < 0.5 (their share of all events is the *hard clean %*
+column; on the benign stream these are the hard-but-correct events that must stay).  Routed
+events/s: the whole engine (decode, score, route, learn) on one core of this shared machine.
 
 {det}
-
+{variants}
 ### `score` audit: ROC-AUC of `cosine_influence` for flipped labels against the L2
 
 `stream-influence score`'s computation (`offline.score_dataset`: full-batch fit on the noisy events,
