@@ -721,7 +721,8 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
             + "."
         )
     out.append(
-        "6. *`score` audit: ROC-AUC ≥ 0.9 for flipped labels on every bundled stream* — see the audit table:"
+        "6. *`score` audit: ROC-AUC ≥ 0.9 for flipped labels on every bundled stream, pair flips included* — "
+        + ("see the audit table:" if audit_notes else "not run (--no-audit).")
     )
     out.extend("   " + n for n in audit_notes)
     out.append(
