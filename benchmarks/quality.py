@@ -61,7 +61,7 @@ from stream_influence.datasets import DATASETS, Stream, load_stream  # noqa: E40
 from stream_influence.engine import InfluenceEngine  # noqa: E402
 from stream_influence.learner import HeadLearner  # noqa: E402
 from stream_influence.model import Standardizer, augment, make_extractor, softmax  # noqa: E402
-from stream_influence.offline import DEFAULT_L2, fit_head, score_dataset  # noqa: E402
+from stream_influence.offline import SCORE_L2, fit_head, score_dataset  # noqa: E402
 from stream_influence.settings import EngineSettings, LearnerSettings, ModelSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -643,15 +643,15 @@ def audit_table(
     met = {v: sum(np.mean(c[v]) >= 0.9 for c in cells.values()) for v in l2s}
     best = max(faithful, key=lambda v: (met[v], round(mean[v], 3)))
     below = [
-        f"{n} {lab} {np.mean(c[DEFAULT_L2]):.3f}"
+        f"{n} {lab} {np.mean(c[SCORE_L2]):.3f}"
         for (n, lab), c in cells.items()
-        if DEFAULT_L2 in c and np.mean(c[DEFAULT_L2]) < 0.9
+        if SCORE_L2 in c and np.mean(c[SCORE_L2]) < 0.9
     ]
     notes = [
         f"- Rule: among L2s with leave-one-out Spearman ≥ 0.95, the most cells at ROC-AUC ≥ 0.9, then the best "
         f"mean: l2 = {best:g} ({met[best]} of {len(cells)} cells, worst {worst[best]:.3f}, mean {mean[best]:.3f}); the shipped "
-        f"default `DEFAULT_L2` is {DEFAULT_L2:g}"
-        + (f" (worst {worst[DEFAULT_L2]:.3f}, mean {mean[DEFAULT_L2]:.3f})." if DEFAULT_L2 in worst else "."),
+        f"default `SCORE_L2` is {SCORE_L2:g}"
+        + (f" (worst {worst[SCORE_L2]:.3f}, mean {mean[SCORE_L2]:.3f})." if SCORE_L2 in worst else "."),
         "- Target ROC-AUC ≥ 0.9 on every bundled stream, pair flips included, at the default: "
         + ("met." if not below else "missed at " + "; ".join(below) + "."),
     ]

@@ -48,16 +48,16 @@ def _reference_loss(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray) -> float:
     return float(-np.log(P[np.arange(len(yr)), yr]).mean())
 
 
-def _loo_check(
-    X_train: np.ndarray, y: np.ndarray, X_ref: np.ndarray, yr: np.ndarray, l2: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted (−I(z)/n) and actual leave-one-out changes of the reference loss for 60 points
-    spread over the whole influence range."""
-    audit = score_dataset(X_train, y, X_ref, yr, n_classes=10, l2=l2)
+def test_exact_influence_predicts_leave_one_out(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    X_all, y_all = digits
+    train, ref, _ = _split(y_all, 0)
+    l2 = DEFAULT_L2
+    audit = score_dataset(X_all[train], y_all[train], X_all[ref], y_all[ref], n_classes=10, l2=l2)
     assert audit.fit.grad_norm <= 1e-10
 
     # Independent oracle: the same objective, retrained without z from the optimum.
-    X, (Xr,) = prepare_inputs(X_train, [X_ref], standardize=True)
+    X, (Xr,) = prepare_inputs(X_all[train], [X_all[ref]], standardize=True)
+    y, yr = y_all[train], y_all[ref]
     n, theta = len(X), audit.fit.theta
     base = _reference_loss(theta, Xr, yr)
     assert base == pytest.approx(audit.reference_loss, rel=1e-12)
@@ -79,40 +79,14 @@ def _loo_check(
             th -= (g.ravel() @ precond).reshape(th.shape)
         assert np.linalg.norm(g) <= 1e-10  # ‖Δθ‖ ≤ 1e-10 / l2: far below the LOO effects
         actual.append(_reference_loss(th, Xr, yr) - base)
-    return -influence[picked] / n, np.array(actual)
-
-
-def test_exact_influence_predicts_leave_one_out(digits: tuple[np.ndarray, np.ndarray]) -> None:
-    X_all, y_all = digits
-    train, ref, _ = _split(y_all, 0)
-    # The L2 this clean-label check was calibrated at: under the heavier default (0.3) almost no
-    # clean digit raises the reference loss, so the sign spread below needs noisy labels (next test).
-    predicted, actual_arr = _loo_check(X_all[train], y_all[train], X_all[ref], y_all[ref], 0.03)
+    actual_arr = np.array(actual)
+    predicted = -influence[picked] / n
     rho = stats.spearmanr(predicted, actual_arr)[0]
     same_sign = float(np.mean(np.sign(predicted) == np.sign(actual_arr)))
     assert rho >= 0.9, rho
     assert same_sign >= 0.9, same_sign
     # Not a degenerate pick: the LOO effects span both signs.
     assert (actual_arr > 0).sum() >= 5 and (actual_arr < 0).sum() >= 5  # most clean points help
-
-
-def test_exact_influence_at_the_default_l2_predicts_leave_one_out_and_flags_flips(
-    digits: tuple[np.ndarray, np.ndarray],
-) -> None:
-    """The audit's default L2: faithful to leave-one-out refits on a 20 %-flipped training set, where
-    removing a flipped point lowers the reference loss (positive influence) and a clean one raises it."""
-    X_all, y_all = digits
-    train, ref, _ = _split(y_all, 1)
-    rng = np.random.default_rng(1)
-    y = y_all[train].copy()
-    flip = rng.permutation(len(y))[: len(y) // 5]
-    y[flip] = (y[flip] + rng.integers(1, 10, size=len(flip))) % 10
-    predicted, actual = _loo_check(X_all[train], y, X_all[ref], y_all[ref], DEFAULT_L2)
-    rho = stats.spearmanr(predicted, actual)[0]
-    same_sign = float(np.mean(np.sign(predicted) == np.sign(actual)))
-    assert rho >= 0.95, rho
-    assert same_sign >= 0.9, same_sign
-    assert (actual > 0).sum() >= 5 and (actual < 0).sum() >= 5
 
 
 @pytest.mark.parametrize("seed", [0, 1])
