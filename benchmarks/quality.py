@@ -698,6 +698,12 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
         f"2. *Every noisy cell: beats unfiltered* — {len(noisy) - len(miss)} of {len(noisy)}"
         + (f"; not at {'; '.join(miss)}." if miss else ".")
     )
+    # The routed learner may start from the trusted set (warm start): say what filtering adds beyond that.
+    warm = sum(r["routed"] > r["unfiltered_plus_ref"] for r in noisy)
+    out.append(
+        f"   Against *unfiltered + ref* (the same trusted-set start, no filtering): better in {warm} of {len(noisy)} "
+        "noisy cells."
+    )
     for key, what in (("refloss_matched", "matched-budget"), ("refloss_alpha", "α-calibrated")):
         miss = [
             f"{cell(r)} ({_f(r['routed'])} vs {_f(r[key])})" for r in noisy if r["routed"] < r[key] - 0.005
