@@ -10,8 +10,12 @@ No I/O happens here; the Kafka service, offline replay and the benchmarks all dr
 >>> result = engine.process(raws)
 >>> result.counts()
 {'accepted': 8, 'quarantined': 0, 'dead_lettered': 0}
->>> result.reasons[0]
-'warmup'
+>>> result.reasons[0], engine.not_warm_reason()
+('warmup', 'reference set has 0/4 points')
+
+With a trusted reference set the engine routes from the first event: the routed learner (and its
+unfiltered shadow) first learn the trusted points (``learner.warm_start_epochs``), and each polled
+chunk is scored and learned in micro-batches of ``influence.micro_batch`` events.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from .events import EventBatch, Reject, Schema
 from .influence import InfluenceScorer, ReferenceBuffer, Scores
 from .learner import DriftMonitor, HeadLearner
 from .model import FeatureExtractor, Standardizer, augment, make_extractor, one_hot
-from .policy import RoutingPolicy
+from .policy import RoutingDecision, RoutingPolicy
 from .settings import EngineSettings, PolicySettings
 
 __all__ = ["BatchResult", "InfluenceEngine"]
@@ -56,6 +60,8 @@ class BatchResult:
     alarm: bool
     n_input: int = 0
     drift: bool = False
+    # Per valid event: the threshold its score was compared with (per class when calibrated).
+    thresholds: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def counts(self) -> dict[str, int]:
         q = int(self.quarantine.sum())
@@ -129,7 +135,9 @@ class InfluenceEngine:
         self.curvature: Curvature | None = None
         self.routed: HeadLearner | None = None
         self.shadow: HeadLearner | None = None
+        self.warm_started = False  # both learners have learned the trusted set (warm start)
         self._dim = 0  # D = φ width + 1
+        self._warned_small_reference = False
 
     # -- schema and model construction ---------------------------------------------------
     @property
@@ -190,25 +198,51 @@ class InfluenceEngine:
         self.scorer.invalidate()
 
     @property
+    def trusted_reference(self) -> bool:
+        """The reference set comes from a trusted source (not seeded from the stream itself)."""
+        return self.settings.reference.seed_from_stream == 0
+
+    def _reference_shortfall(self) -> str | None:
+        """Why the reference set cannot calibrate routing yet (None: it can)."""
+        r = self.settings.reference
+        if self.reference.size < r.min_size:
+            return f"reference set has {self.reference.size}/{r.min_size} points"
+        _, yr = self.reference.arrays()
+        counts = np.bincount(yr)
+        if int((counts >= r.min_per_class).sum()) < 2:
+            return f"reference set needs {r.min_per_class} points in at least two classes (has {counts.tolist()})"
+        return None
+
+    @property
     def warm(self) -> bool:
-        return (
-            self.routed is not None
-            and self.events_seen >= self.settings.policy.warmup_events
-            and self.reference.size >= self.settings.reference.min_size
-        )
+        return self.not_warm_reason() is None
 
     def not_warm_reason(self) -> str | None:
+        """Why events are not routed yet (None: they are).
+
+        A trusted reference routes from the first event; only a reference seeded from the
+        stream (``seed_from_stream``) also waits for ``policy.warmup_events`` events.
+        """
         if self.routed is None:
             return "no valid event seen yet"
-        if self.events_seen < self.settings.policy.warmup_events:
-            return f"warm-up: {self.events_seen}/{self.settings.policy.warmup_events} events"
-        if self.reference.size < self.settings.reference.min_size:
-            return f"reference set has {self.reference.size}/{self.settings.reference.min_size} points"
-        return None
+        warmup = self.settings.policy.warmup_events
+        if not self.trusted_reference and self.events_seen < warmup:
+            return f"warm-up: {self.events_seen}/{warmup} events"
+        return self._reference_shortfall()
 
     def set_policy(self, settings: PolicySettings) -> int:
         """Swap the routing policy at run time; returns the new policy version."""
-        return self.policy.swap(settings)
+        version = self.policy.swap(settings)
+        self._calibrate()
+        return version
+
+    def _calibrate(self) -> None:
+        """Per-class thresholds of the calibrated policy from the scorer's held-out reference scores."""
+        cal = self.scorer.calibration
+        if cal is not None and self.routed is not None:
+            self.policy.calibrate(
+                cal.scores.get(self.policy.settings.score), cal.labels, self.routed.theta.shape[0]
+            )
 
     def process(self, raws: Sequence[bytes | str | None]) -> BatchResult:
         """Decode, score, route and learn one polled batch of raw messages."""
@@ -217,8 +251,63 @@ class InfluenceEngine:
         result.n_input = len(raws)
         return result
 
+    def _warm_start(self) -> None:
+        """Both learners learn the trusted set before the first routed event (see LearnerSettings).
+
+        The trusted points also enter the standardiser and the curvature, so the first micro-batch
+        is scored by a fitted head under a Hessian with evidence, not by zeros under ``λI``.
+        """
+        assert self.routed and self.shadow and self.curvature and self.standardizer
+        self.warm_started = True
+        epochs = self.settings.learner.warm_start_epochs
+        if epochs == 0:
+            return
+        Fr, yr = self.reference.arrays()
+        self.standardizer.update(Fr)
+        Xr = self._inputs(Fr)
+        w = np.ones(len(yr))
+        solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
+        rng = np.random.default_rng(self.settings.seed)
+        for _ in range(epochs):
+            order = rng.permutation(len(yr))
+            self.routed.learn(Xr[order], yr[order], w, solve, trusted=True)
+            self.shadow.learn(Xr[order], yr[order], w, solve, trusted=True)
+        self._update_curvature(Xr, self.routed.predict_proba(Xr), w)
+        self.scorer.invalidate()
+        self.model_version += 1
+
+    def _update_curvature(self, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
+        assert self.curvature is not None
+        try:
+            self.curvature.update(X, P, w)
+        except CurvatureError as exc:
+            # Recover rather than stop the stream: forget the curvature (H = λI) and rebuild it.
+            log.warning("curvature update failed, resetting it: %s", exc)
+            self.curvature.reset()
+            self.scorer.invalidate()
+            self.counters.refactor_failures += 1
+
+    def _warn_small_reference(self) -> None:
+        if self._warned_small_reference or self.routed is None:
+            return
+        self._warned_small_reference = True
+        _, yr = self.reference.arrays()
+        counts = np.bincount(yr, minlength=self.routed.theta.shape[0])
+        if counts.min() < 10:
+            log.warning(
+                "routing with a small reference set (points per class: %s): the calibrated "
+                "thresholds of classes under %d points are pooled, and scores are noisier below "
+                "~10 points per class",
+                counts.tolist(),
+                self.settings.policy.min_class_calibration,
+            )
+
     def process_events(self, batch: EventBatch, rejects: Sequence[Reject] = ()) -> BatchResult:
-        """Score, route and learn already-decoded events."""
+        """Score, route and learn already-decoded events, in micro-batches of ``influence.micro_batch``.
+
+        Results depend only on the engine state and the chunk (micro-batches start at the chunk's
+        first event), so a replay of the same chunks is bit-for-bit the same.
+        """
         c = self.counters
         c.consumed += len(batch) + len(rejects)
         c.dead_lettered += len(rejects)
@@ -233,47 +322,22 @@ class InfluenceEngine:
         seed = self.settings.reference.seed_from_stream - self.counters.reference_events
         if seed > 0 and self.events_seen < self.settings.reference.seed_from_stream:
             self.add_reference_events(batch.subset(np.arange(min(seed, n))))
-        self.standardizer.update(F)
-        X = self._inputs(F)
-        Y = one_hot(batch.labels, self.routed.theta.shape[0])
-        P = self.routed.predict_proba(X)
-        P_shadow = self.shadow.predict_proba(X)
 
-        # Test, then train.
-        errors = self.routed.metrics.update(P, batch.labels)
-        self.shadow.metrics.update(P_shadow, batch.labels)
+        mb = self.settings.influence.micro_batch
+        parts = [self._route_micro_batch(F[i : i + mb], batch, i) for i in range(0, n, mb)]
+        scores = Scores.concat([p[0] for p in parts])
+        decisions = [p[1] for p in parts]
+        last = decisions[-1]
+        decision = RoutingDecision(
+            np.concatenate([d.quarantine for d in decisions]),
+            [r for d in decisions for r in d.reasons],
+            last.threshold,
+            any(d.alarm for d in decisions),
+            last.policy_version,
+            np.concatenate([d.thresholds for d in decisions]),
+        )
+        drifted = any(p[2] for p in parts)
 
-        scores = Scores.missing(n)
-        if self.reference.size > 0:
-            if self.scorer.needs_refresh():
-                Fr, yr = self.reference.arrays()
-                self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
-            scores = self.scorer.score(P, Y, X, self.curvature)
-        decision = self.policy.decide(scores.get(self.policy.settings.score), self.warm)
-
-        # The CE Hessian does not depend on labels, so every valid event informs the curvature.
-        try:
-            self.curvature.update(X, P, batch.weights)
-        except CurvatureError as exc:
-            # Recover rather than stop the stream: forget the curvature (H = λI) and rebuild it.
-            log.warning("curvature update failed, resetting it: %s", exc)
-            self.curvature.reset()
-            self.scorer.invalidate()
-            c.refactor_failures += 1
-        accept = ~decision.quarantine
-        solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        if accept.any():
-            self.routed.learn(X[accept], batch.labels[accept], batch.weights[accept], solve)
-            self.model_version += 1
-        self.shadow.learn(X, batch.labels, batch.weights, solve)
-
-        drifted = self.drift.update(errors)
-        if drifted:
-            self.curvature.forget(self.settings.drift.keep)
-            self.scorer.invalidate()
-            c.drift_resets += 1
-
-        self.events_seen += n
         q = int(decision.quarantine.sum())
         c.accepted += n - q
         c.quarantined += q
@@ -294,6 +358,57 @@ class InfluenceEngine:
             )
         return self._result(batch, list(rejects), scores, decision, drifted)
 
+    def _route_micro_batch(
+        self, F: np.ndarray, chunk: EventBatch, start: int
+    ) -> tuple[Scores, RoutingDecision, bool]:
+        """Test, score, route, then learn one micro-batch (matrix products, no per-event loop)."""
+        assert self.routed and self.shadow and self.curvature and self.standardizer
+        m = len(F)
+        labels = chunk.labels[start : start + m]
+        weights = chunk.weights[start : start + m]
+        warm = self.warm
+        if warm and not self.warm_started and self.trusted_reference:
+            self._warm_start()
+        self.standardizer.update(F)
+        X = self._inputs(F)
+        Y = one_hot(labels, self.routed.theta.shape[0])
+        P = self.routed.predict_proba(X)
+        P_shadow = self.shadow.predict_proba(X)
+
+        # Test, then train.
+        errors = self.routed.metrics.update(P, labels)
+        self.shadow.metrics.update(P_shadow, labels)
+
+        scores = Scores.missing(m)
+        if self.reference.size > 0:
+            if self.scorer.needs_refresh():
+                Fr, yr = self.reference.arrays()
+                self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
+                self._calibrate()
+            scores = self.scorer.score(P, Y, X, self.curvature)
+        if warm:
+            self._warn_small_reference()
+        decision = self.policy.decide(
+            scores.get(self.policy.settings.score), warm, labels, P.argmax(axis=1) != labels
+        )
+
+        # The CE Hessian does not depend on labels, so every valid event informs the curvature.
+        self._update_curvature(X, P, weights)
+        accept = ~decision.quarantine
+        solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
+        if accept.any():
+            self.routed.learn(X[accept], labels[accept], weights[accept], solve)
+            self.model_version += 1
+        self.shadow.learn(X, labels, weights, solve)
+
+        drifted = self.drift.update(errors)
+        if drifted:
+            self.curvature.forget(self.settings.drift.keep)
+            self.scorer.invalidate()
+            self.counters.drift_resets += 1
+        self.events_seen += m
+        return scores, decision, drifted
+
     def _result(
         self, batch: EventBatch, rejects: list[Reject], scores: Scores, decision: Any, drifted: bool
     ) -> BatchResult:
@@ -312,6 +427,7 @@ class InfluenceEngine:
             alarm=decision.alarm,
             n_input=n + len(rejects),
             drift=drifted,
+            thresholds=decision.thresholds,
         )
 
     # -- introspection -------------------------------------------------------------------
@@ -328,6 +444,8 @@ class InfluenceEngine:
             "alarm": self.policy.alarm,
             "quarantine_rate": self.policy.quarantine_rate,
             "threshold": self.policy.threshold,
+            "class_thresholds": self.policy.class_thresholds.tolist(),
+            "warm_started": self.warm_started,
             "reference_size": self.reference.size,
             "reference_loss": self.scorer.reference_loss,
         }
@@ -369,6 +487,7 @@ class InfluenceEngine:
             "scorer": self.scorer.state_dict(),
             "reference": self.reference.state_dict(),
             "drift": self.drift.state_dict(),
+            "warm_started": self.warm_started,
         }
         if self.routed is not None:
             assert self.shadow and self.curvature and self.standardizer
@@ -393,6 +512,8 @@ class InfluenceEngine:
         self.scorer.load_state_dict(state["scorer"])
         self.reference.load_state_dict(state["reference"])
         self.drift.load_state_dict(state["drift"])
+        # Checkpoints from before the warm start existed: their learners are past any warm start.
+        self.warm_started = bool(state.get("warm_started", True))
         self.routed = self.shadow = self.curvature = self.standardizer = None
         if "routed" in state:
             self._ensure_model()
@@ -401,3 +522,4 @@ class InfluenceEngine:
             self.shadow.load_state_dict(state["shadow"])
             self.curvature.load_state_dict(state["curvature"])
             self.standardizer.load_state_dict(state["standardizer"])
+            self._calibrate()

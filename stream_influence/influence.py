@@ -24,11 +24,25 @@ For the softmax head ``Θ = [W b]`` (``K × D``) with cross-entropy ``ℓ`` and 
 
 ``s = H⁻¹∇L_R`` is cached and refreshed every ``refresh_every`` events, so scoring a batch is one
 matrix product: ``I = −((R s) ∘ X̃)·1`` with ``R = P − Y``.
+
+**Held-out scores of the reference points** (the calibration of the ``calibrated`` policy): each
+trusted point ``i`` is scored as if it arrived on the stream, against the reference objective
+with its own term removed, ``∇L_R^{(−i)} = (n ∇L_R − m_i) / (n − 1)`` (``m_i`` its term of the
+objective's gradient: ``g_i`` for ``loss``, its margin gradient for ``margin``).  In closed form,
+with ``q_i = g_iᵀH⁻¹g_i``, ``c_i = m_iᵀH⁻¹g_i``, ``e_i = m_iᵀH⁻¹m_i``, ``S = ∇L_Rᵀ H⁻¹ ∇L_R``:
+
+* ``I^{(−i)} = −(n sᵀg_i − c_i) / (n − 1)`` (same quantity and sign as ``I(z)``);
+* relative ``I^{(−i)} / sqrt(q_i)``; cosine divides further by
+  ``sqrt(n² S − 2n sᵀm_i + e_i) / (n − 1)``, the held-out objective's ``H⁻¹`` norm.
+
+Without the removal a point would partly score against itself (self-influence is negative), so
+clean reference points would look more helpful than fresh clean events and the threshold would
+sit too low.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -37,7 +51,7 @@ from .curvature import Curvature
 from .model import one_hot, softmax
 from .settings import InfluenceSettings, ReferenceSettings
 
-__all__ = ["InfluenceScorer", "ReferenceBuffer", "Scores", "reference_gradient"]
+__all__ = ["Calibration", "InfluenceScorer", "ReferenceBuffer", "Scores", "reference_gradient"]
 
 
 @dataclass(slots=True)
@@ -56,6 +70,18 @@ class Scores:
 
     def get(self, name: str) -> np.ndarray:
         return getattr(self, name)
+
+    @classmethod
+    def concat(cls, parts: list[Scores]) -> Scores:
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(cls)))
+
+
+@dataclass(slots=True)
+class Calibration:
+    """Held-out scores of the reference points (see the module docstring) and their classes."""
+
+    scores: Scores
+    labels: np.ndarray
 
 
 class ReferenceBuffer:
@@ -117,17 +143,20 @@ class ReferenceBuffer:
             self.features[: len(order)] = features[order]
 
 
-def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
-    """``∇L_R`` at ``Θ`` (``K × D``) for the mean reference ``loss`` or negative ``margin``."""
+def objective_residuals(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
+    """Per-point ``M`` (``n × K``) with ``m_i = M_i ⊗ x̃_i`` the gradient of point i's objective term."""
     Z = Xr @ theta.T
     K = theta.shape[0]
     Y = one_hot(yr, K)
     if objective == "loss":
-        R = softmax(Z) - Y
-    else:
-        rival = np.where(Y > 0, -np.inf, Z).argmax(axis=1)
-        R = one_hot(rival, K) - Y
-    return R.T @ Xr / len(Xr)
+        return softmax(Z) - Y
+    rival = np.where(Y > 0, -np.inf, Z).argmax(axis=1)
+    return one_hot(rival, K) - Y
+
+
+def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
+    """``∇L_R`` at ``Θ`` (``K × D``) for the mean reference ``loss`` or negative ``margin``."""
+    return objective_residuals(theta, Xr, yr, objective).T @ Xr / len(Xr)
 
 
 class InfluenceScorer:
@@ -140,6 +169,7 @@ class InfluenceScorer:
         self.events_since_refresh = 0
         self.refreshes = 0
         self.reference_loss = float("nan")
+        self.calibration: Calibration | None = None
 
     def invalidate(self) -> None:
         self.s = None
@@ -148,14 +178,38 @@ class InfluenceScorer:
         return self.s is None or self.events_since_refresh >= self.settings.refresh_every
 
     def refresh(self, theta: np.ndarray, curvature: Curvature, Xr: np.ndarray, yr: np.ndarray) -> None:
-        """Recompute ``s = H⁻¹∇L_R`` from the reference points (augmented, standardised)."""
-        grad = reference_gradient(theta, Xr, yr, self.settings.objective)
+        """Recompute ``s = H⁻¹∇L_R`` and the held-out reference scores (inputs augmented, standardised)."""
+        M = objective_residuals(theta, Xr, yr, self.settings.objective)
+        grad = M.T @ Xr / len(Xr)
         self.s = curvature.solve(grad)
-        self.s_norm = float(np.sqrt(max(float(np.vdot(grad, self.s)), 1e-300)))
+        S = max(float(np.vdot(grad, self.s)), 1e-300)
+        self.s_norm = float(np.sqrt(S))
         P = softmax(Xr @ theta.T)
         self.reference_loss = float(-np.log(np.clip(P[np.arange(len(yr)), yr], 1e-300, None)).mean())
+        self.calibration = self._held_out(P - one_hot(yr, theta.shape[0]), M, Xr, yr, S, curvature)
         self.events_since_refresh = 0
         self.refreshes += 1
+
+    def _held_out(
+        self, R: np.ndarray, M: np.ndarray, Xr: np.ndarray, yr: np.ndarray, S: float, curvature: Curvature
+    ) -> Calibration:
+        """Scores of the reference points, each against the objective without its own term."""
+        assert self.s is not None
+        n = len(Xr)
+        if n < 2:  # nothing is left once the point is removed
+            return Calibration(Scores.missing(n), yr.copy())
+        sg = np.einsum("bd,bd->b", R @ self.s, Xr)
+        q = np.maximum(curvature.quad(R, Xr), 1e-300)
+        if self.settings.objective == "loss":
+            sm, c, e = sg, q, q
+        else:  # cross term by polarisation: quad is a quadratic form in the residual
+            sm = np.einsum("bd,bd->b", M @ self.s, Xr)
+            c = (curvature.quad(R + M, Xr) - curvature.quad(R - M, Xr)) / 4.0
+            e = curvature.quad(M, Xr)
+        influence = -(n * sg - c) / (n - 1)
+        relative = influence / np.sqrt(q)
+        norm = np.sqrt(np.maximum(n * n * S - 2.0 * n * sm + e, 1e-300)) / (n - 1)
+        return Calibration(Scores(influence, relative, relative / norm, -q), yr.copy())
 
     def score(self, P: np.ndarray, Y: np.ndarray, X: np.ndarray, curvature: Curvature) -> Scores:
         """Scores for points with probabilities ``P``, one-hot labels ``Y``, inputs ``X``."""
@@ -176,6 +230,12 @@ class InfluenceScorer:
         }
         if self.s is not None:
             state["s"] = self.s
+        if self.calibration is not None:
+            cal = self.calibration.scores
+            state["calibration_labels"] = self.calibration.labels
+            state["calibration_scores"] = np.stack(
+                [cal.influence, cal.relative_influence, cal.cosine_influence, cal.self_influence]
+            )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -184,3 +244,10 @@ class InfluenceScorer:
         self.reference_loss = float(state["reference_loss"])
         self.s_norm = float(state["s_norm"])
         self.s = np.array(state["s"], dtype=np.float64) if "s" in state else None
+        self.calibration = None
+        if "calibration_scores" in state:
+            rows = np.array(state["calibration_scores"], dtype=np.float64)
+            labels = np.array(state["calibration_labels"], dtype=np.int64)
+            self.calibration = Calibration(Scores(*rows), labels)
+        elif self.s is not None:
+            self.s = None  # saved before calibration existed: refresh on the next batch

@@ -112,7 +112,8 @@ class HeadLearner:
         self._m = np.zeros_like(self.theta)
         self._v = np.zeros_like(self.theta)
         self.steps = 0
-        self.updates = 0  # events applied
+        self.updates = 0  # stream events applied
+        self.trusted_updates = 0  # trusted reference points learned (warm start), not stream events
         self.sq_norm = 0.0  # running mean of ‖x̃‖² over learned events (normalised sgd)
         self.metrics = Prequential(settings.metrics_window)
 
@@ -134,25 +135,30 @@ class HeadLearner:
         y: np.ndarray,
         w: np.ndarray,
         solve: Callable[[np.ndarray], np.ndarray] | None = None,
+        *,
+        trusted: bool = False,
     ) -> None:
         """Learn augmented inputs ``X`` with labels ``y`` and weights ``w``.
 
-        ``solve`` (``v ↦ H⁻¹v``) is required by the ``newton`` optimizer.
+        ``solve`` (``v ↦ H⁻¹v``) is required by the ``newton`` optimizer.  ``trusted`` points
+        (the warm start on the reference set) are not counted as stream updates.
         """
         s = self.settings
         K = self.theta.shape[0]
         mb = s.minibatch
         if len(X):
-            self.sq_norm += (float(np.einsum("bd,bd->", X, X)) - len(X) * self.sq_norm) / (
-                self.updates + len(X)
-            )
+            seen = self.updates + self.trusted_updates
+            self.sq_norm += (float(np.einsum("bd,bd->", X, X)) - len(X) * self.sq_norm) / (seen + len(X))
         for start in range(0, len(X), mb):
             Xc, yc, wc = X[start : start + mb], y[start : start + mb], w[start : start + mb]
             R = (softmax(Xc @ self.theta.T) - one_hot(yc, K)) * wc[:, None]
             grad = R.T @ Xc / len(Xc)
             grad[:, :-1] += s.l2 * self.theta[:, :-1]
             self._step(grad, solve)
-        self.updates += len(X)
+        if trusted:
+            self.trusted_updates += len(X)
+        else:
+            self.updates += len(X)
 
     def _step(self, grad: np.ndarray, solve: Callable[[np.ndarray], np.ndarray] | None) -> None:
         s = self.settings
@@ -180,6 +186,7 @@ class HeadLearner:
             "v": self._v,
             "steps": self.steps,
             "updates": self.updates,
+            "trusted_updates": self.trusted_updates,
             "sq_norm": self.sq_norm,
             **{f"metrics_{k}": v for k, v in self.metrics.state_dict().items()},
         }
@@ -189,6 +196,7 @@ class HeadLearner:
         self._m = np.array(state["m"], dtype=np.float64)
         self._v = np.array(state["v"], dtype=np.float64)
         self.steps, self.updates = int(state["steps"]), int(state["updates"])
+        self.trusted_updates = int(state.get("trusted_updates", 0))
         self.sq_norm = float(state["sq_norm"])
         self.metrics.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("metrics_")})
 

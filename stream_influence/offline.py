@@ -1,4 +1,4 @@
-"""Offline audit of a data set: full-batch fit of the softmax head, exact (or K-FAC) influence.
+"""Offline audit of a data set: full-batch fit of the softmax head, exact (or approximate) influence.
 
 This is the oracle for the streaming scores.  The head is the engine's: ``Θ = [W b]``
 (``K × D``), augmented features ``x̃ = [φ(x); 1]`` (standardised with the training set's
@@ -12,6 +12,10 @@ tolerance when ``K·D`` is too large for a dense Hessian).  At the optimum the c
 
     H = (1/n) Σᵢ wᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ + l2·I      (``exact``)
     H ≈ G ⊗ A + l2·I,  A = mean τx̃x̃ᵀ / mean τ,  G = mean (diag p − ppᵀ)  (``kfac``)
+    H ≈ Q (diag Λ + l2) Qᵀ, Q = Q_G ⊗ Q_A, Λ = diag(Qᵀ H Q) exactly   (``ekfac``)
+    H ≈ blockdiag_k (mean (p_k − p_k²) x̃x̃ᵀ) + l2·I                       (``classblock``)
+    H ≈ diag(H) + l2·I                                                    (``diagonal``)
+    H ≈ l2·I                                                              (``identity``)
 
 served through the engine's own curvature estimators, and the scores come from
 :class:`~stream_influence.influence.InfluenceScorer` — the one statement of the math and its
@@ -38,7 +42,15 @@ from typing import Literal
 import numpy as np
 from scipy import linalg, optimize
 
-from .curvature import Curvature, ExactCurvature, KFACCurvature, softmax_hessian
+from .curvature import (
+    ClassBlockCurvature,
+    Curvature,
+    DiagonalCurvature,
+    EKFACCurvature,
+    ExactCurvature,
+    KFACCurvature,
+    softmax_hessian,
+)
 from .errors import StreamInfluenceError
 from .influence import InfluenceScorer, Scores
 from .model import Standardizer, augment, one_hot, softmax
@@ -46,17 +58,24 @@ from .policy import RoutingPolicy
 from .settings import CurvatureSettings, InfluenceSettings, PolicySettings
 
 __all__ = [
+    "CURVATURE_AT_OPTIMUM",
     "DEFAULT_L2",
     "MAX_EXACT_PARAMS",
     "SCORE_L2",
     "Audit",
     "HeadFit",
+    "classblock_curvature",
+    "diagonal_curvature",
+    "ekfac_curvature",
     "exact_curvature",
     "fit_head",
+    "identity_curvature",
     "kfac_curvature",
+    "leave_one_out_changes",
     "mean_hessian",
     "objective",
     "prepare_inputs",
+    "reference_loss",
     "score_dataset",
 ]
 
@@ -212,16 +231,64 @@ def exact_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> E
 
 def kfac_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> KFACCurvature:
     """The engine's ``kfac`` estimator holding ``G ⊗ A + l2·I`` of the same data."""
-    K, D = P.shape[1], X.shape[1]
+    est = KFACCurvature(CurvatureSettings(kind="kfac", damping=l2, forgetting=1.0), P.shape[1], X.shape[1])
+    _set_kfac_factors(est, X, P, w)
+    est.refactorize()
+    return est
+
+
+def ekfac_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> EKFACCurvature:
+    """The engine's ``ekfac`` estimator: K-FAC's eigenbasis of the same data, with the exact
+    diagonal of the mean Hessian in that basis (every point re-projected: the buffer holds all)."""
     n = len(X)
-    est = KFACCurvature(CurvatureSettings(kind="kfac", damping=l2, forgetting=1.0), K, D)
+    settings = CurvatureSettings(kind="ekfac", damping=l2, forgetting=1.0, ekfac_buffer=n)
+    est = EKFACCurvature(settings, P.shape[1], X.shape[1])
+    _set_kfac_factors(est, X, P, w)
+    est.buf_X, est.buf_P, est.buf_c = X.copy(), P.copy(), w / n
+    est.refactorize()
+    return est
+
+
+def _set_kfac_factors(est: KFACCurvature, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
+    n = len(X)
     tau = w * (1.0 - np.einsum("bk,bk->b", P, P))
     est.A = (X * tau[:, None]).T @ X / n
     est.tau = float(tau.sum()) / n
     est.G = np.einsum("b,bkl->kl", w, softmax_hessian(P)) / n
     est.n_seen = float(n)
+
+
+def diagonal_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> DiagonalCurvature:
+    """The engine's ``diagonal`` estimator: the exact diagonal of the mean Hessian, + l2."""
+    est = DiagonalCurvature(CurvatureSettings(kind="diagonal", damping=l2), P.shape[1], X.shape[1])
+    est.Dg = (P * (1.0 - P) * w[:, None]).T @ np.square(X) / len(X)
+    est.n_seen = float(len(X))
+    return est
+
+
+def classblock_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> ClassBlockCurvature:
+    """The engine's ``classblock`` estimator: the mean Hessian's ``K`` per-class blocks, + l2."""
+    K, D = P.shape[1], X.shape[1]
+    est = ClassBlockCurvature(CurvatureSettings(kind="classblock", damping=l2), K, D)
+    est.B = np.stack([(X * (w * P[:, k] * (1.0 - P[:, k]))[:, None]).T @ X for k in range(K)]) / len(X)
+    est.n_seen = float(len(X))
     est.refactorize()
     return est
+
+
+def identity_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> DiagonalCurvature:
+    """``H = l2·I``: influence becomes plain gradient alignment (the no-curvature ablation)."""
+    return DiagonalCurvature(CurvatureSettings(kind="diagonal", damping=l2), P.shape[1], X.shape[1])
+
+
+CURVATURE_AT_OPTIMUM = {
+    "exact": exact_curvature,
+    "kfac": kfac_curvature,
+    "ekfac": ekfac_curvature,
+    "classblock": classblock_curvature,
+    "diagonal": diagonal_curvature,
+    "identity": identity_curvature,
+}
 
 
 @dataclass(slots=True)
@@ -245,7 +312,7 @@ def score_dataset(
     n_classes: int,
     l2: float = SCORE_L2,
     weights: np.ndarray | None = None,
-    curvature: Literal["exact", "kfac"] = "exact",
+    curvature: Literal["exact", "kfac", "ekfac", "classblock", "diagonal", "identity"] = "exact",
     objective_kind: Literal["loss", "margin"] = "loss",
     standardize: bool = True,
     policy: PolicySettings | None = None,
@@ -259,7 +326,7 @@ def score_dataset(
     w = np.ones(len(X)) if weights is None else np.asarray(weights, dtype=np.float64)
     fit = fit_head(X, y_train, n_classes, l2, weights=w, augmented=True, tol=tol)
     P = softmax(X @ fit.theta.T)
-    est = (exact_curvature if curvature == "exact" else kfac_curvature)(X, P, w, l2)
+    est = CURVATURE_AT_OPTIMUM[curvature](X, P, w, l2)
     scorer = InfluenceScorer(InfluenceSettings(objective=objective_kind))
     scorer.refresh(fit.theta, est, Xr, y_ref)
     scores = scorer.score(P, one_hot(y_train, n_classes), X, est)
@@ -270,8 +337,58 @@ def score_dataset(
         update={"warmup_events": 0, "max_quarantine_rate": 1.0, "rate_window": n, "quantile_window": n}
     )
     router = RoutingPolicy(policy)
+    if scorer.calibration is not None:  # calibrated mode: held-out scores of the reference points
+        router.calibrate(scorer.calibration.scores.get(policy.score), scorer.calibration.labels, n_classes)
     score = scores.get(policy.score)
     if policy.mode == "quantile":
         router.decide(score, warm=False)  # fills the score window only
-    decision = router.decide(score, warm=True)
+    decision = router.decide(score, warm=True, labels=y_train, disagree=P.argmax(axis=1) != y_train)
     return Audit(fit, est, scores, decision.quarantine, decision.reasons, scorer.reference_loss)
+
+
+def reference_loss(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray) -> float:
+    """Mean cross-entropy of the head ``theta`` on augmented reference inputs."""
+    P = softmax(Xr @ theta.T)
+    return float(-np.log(P[np.arange(len(yr)), yr]).mean())
+
+
+def leave_one_out_changes(
+    fit: HeadFit,
+    X: np.ndarray,
+    y: np.ndarray,
+    Xr: np.ndarray,
+    yr: np.ndarray,
+    picked: np.ndarray,
+    *,
+    tol: float = 1e-11,
+    max_iter: int = 100,
+) -> np.ndarray:
+    """``L_R(Θ₋ᵢ) − L_R(Θ)`` for every ``i`` in ``picked``: the head actually retrained without
+    point ``i`` (the same objective, weight 0, still divided by ``n``), from the optimum.
+
+    This is what ``−I(zᵢ)/n`` predicts.  Each refit preconditions with the leave-one-out Hessian
+    at the full-data optimum (full Hessian minus the point's own term), which is a handful of cheap
+    steps even for high-leverage points; convergence is judged by the leave-one-out gradient
+    alone, and a refit that does not reach ``10·tol`` raises (its effect would be noise).
+    """
+    n, K = len(X), fit.theta.shape[0]
+    P = softmax(X @ fit.theta.T)
+    H = mean_hessian(X, P, np.ones(n))
+    H[np.diag_indices_from(H)] += fit.l2
+    S = softmax_hessian(P[picked])
+    base = reference_loss(fit.theta, Xr, yr)
+    out = np.empty(len(picked))
+    for k, i in enumerate(picked):
+        w = np.ones(n)
+        w[i] = 0.0
+        precond = linalg.cho_factor(H - np.kron(S[k], np.outer(X[i], X[i])) / n)
+        th = fit.theta.copy()
+        for _ in range(max_iter):
+            _, g = objective(th, X, y, w, fit.l2)
+            if np.linalg.norm(g) <= tol:
+                break
+            th -= linalg.cho_solve(precond, g.ravel()).reshape(K, -1)
+        if np.linalg.norm(g) > 10 * tol:
+            raise StreamInfluenceError(f"leave-one-out refit of point {i} did not converge")
+        out[k] = reference_loss(th, Xr, yr) - base
+    return out

@@ -1,12 +1,28 @@
 """Routing policy: accept a point for the online updater, or quarantine it.
 
-Rules, in order, for a point with score ``x`` (the configured score kind; positive = harmful):
+Rules, in order, for a point with label ``y`` and score ``x`` (the configured score kind; positive =
+learning it raises the trusted reference loss, i.e. the model would memorise it):
 
-1. warm-up (too few events, or too small a reference set): accept, reason ``warmup``;
+1. warm-up (no usable reference yet, or the ``warmup_events`` of a stream-seeded reference):
+   accept, reason ``warmup``;
 2. ``x ≤ accept_threshold``: accept, reason ``helpful``;
-3. ``x > threshold`` where threshold is ``quarantine_threshold`` (absolute mode) or the larger of
-   it and the ``1 − quantile`` quantile of recent scores (quantile mode): quarantine, ``harmful``;
-4. otherwise accept, reason ``within_band``.
+3. ``x > τ`` — quarantine, reason ``harmful`` — where ``τ`` is
+
+   * ``calibrated`` (default): ``τ_y``, the split-conformal ``(1 − α)`` quantile (``α`` =
+     ``false_quarantine_rate``) of the *held-out* scores of the clean reference points of class
+     ``y`` (each scored against the reference objective with its own term left out, see
+     :class:`~stream_influence.influence.Calibration`), so a clean event of class ``y`` scores
+     above ``τ_y`` with probability ≤ α whatever the data set, dimension or score scale.  A class
+     with fewer than ``min_class_calibration`` reference points uses the quantile pooled over all
+     classes;
+   * ``absolute``: ``quarantine_threshold``;
+   * ``quantile``: the ``1 − quantile`` quantile of recent scores;
+
+   calibrated and quantile never go below ``quarantine_threshold`` (default 0: an event whose
+   learning lowers the reference loss is never quarantined);
+4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
+   (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned;
+5. otherwise accept, reason ``within_band``.
 
 The quarantine-rate cap: when step 3 would push the rolling quarantine rate above
 ``max_quarantine_rate``, only the highest-scoring points up to the cap are quarantined, the rest
@@ -14,7 +30,9 @@ are accepted with reason ``rate_cap``, and the alarm is raised — a stream that
 harmful is drift or a broken reference, not noise, and an operator must look.
 
 >>> import numpy as np
->>> policy = RoutingPolicy(PolicySettings(warmup_events=0, max_quarantine_rate=0.5))
+>>> policy = RoutingPolicy(
+...     PolicySettings(mode="absolute", quarantine_threshold=0.02, max_quarantine_rate=0.5)
+... )
 >>> d = policy.decide(np.array([-1.0, 2.0, 3.0, 4.0]), warm=True)
 >>> d.quarantine.tolist(), d.reasons, d.alarm
 ([False, False, True, True], ['helpful', 'rate_cap', 'harmful', 'harmful'], True)
@@ -29,18 +47,33 @@ import numpy as np
 
 from .settings import PolicySettings
 
-__all__ = ["REASONS", "RoutingDecision", "RoutingPolicy"]
+__all__ = ["REASONS", "RoutingDecision", "RoutingPolicy", "conformal_quantile"]
 
-REASONS = ("warmup", "helpful", "within_band", "rate_cap", "harmful")
+REASONS = ("warmup", "helpful", "within_band", "model_agrees", "rate_cap", "harmful")
 
 
 @dataclass(slots=True)
 class RoutingDecision:
     quarantine: np.ndarray  # bool per point
     reasons: list[str]
-    threshold: float
+    threshold: float  # the pooled threshold in force (calibrated: over all classes)
     alarm: bool
     policy_version: int
+    thresholds: np.ndarray  # the threshold each point was compared with (per class when calibrated)
+
+
+def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
+    """The split-conformal ``(1 − α)`` quantile: the ``⌈(n + 1)(1 − α)⌉``-th smallest score.
+
+    A fresh score exchangeable with ``scores`` exceeds it with probability ≤ α.  When the rank
+    exceeds ``n`` (fewer than ``1/α − 1`` points) the largest score is used: the bound then holds
+    only approximately, which is why tiny classes borrow the pooled quantile.
+    """
+    x = np.sort(scores[np.isfinite(scores)])
+    if len(x) == 0:
+        return float("nan")
+    k = min(len(x), int(np.ceil((len(x) + 1) * (1.0 - alpha))))
+    return float(x[max(k, 1) - 1])
 
 
 class _Ring:
@@ -90,9 +123,15 @@ class RoutingPolicy:
         self._scores = _Ring(settings.quantile_window)
         self._flags = _Ring(settings.rate_window)
         self.threshold = settings.quarantine_threshold
+        # Calibrated mode: per-class thresholds, derived from the scorer's calibration scores
+        # (recomputed by calibrate(), never saved: the calibration scores are).
+        self.class_thresholds = np.zeros(0)
 
     def swap(self, settings: PolicySettings) -> int:
-        """Replace the settings; windows restart only if their sizes changed.  Returns the version."""
+        """Replace the settings; windows restart only if their sizes changed.  Returns the version.
+
+        The caller re-runs :meth:`calibrate` (the engine does) since α may have changed.
+        """
         old_scores, old_flags = self._scores, self._flags
         self._install(settings)
         if len(old_scores.data) == settings.quantile_window:
@@ -107,8 +146,48 @@ class RoutingPolicy:
         flags = self._flags.values()
         return float(flags.mean()) if len(flags) else 0.0
 
-    def decide(self, score: np.ndarray, warm: bool) -> RoutingDecision:
-        """Decide for a batch of scores (NaN scores are only allowed while not warm)."""
+    def calibrate(self, scores: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+        """Per-class thresholds from held-out scores of clean points (``calibrated`` mode).
+
+        ``scores`` are the configured score kind of the reference points, each computed with the
+        point left out of the reference objective; ``labels`` their classes.
+        """
+        s = self.settings
+        pooled = conformal_quantile(scores, s.false_quarantine_rate)
+        out = np.full(n_classes, pooled)
+        for c in range(n_classes):
+            mine = scores[labels == c]
+            if len(mine) >= s.min_class_calibration:
+                out[c] = conformal_quantile(mine, s.false_quarantine_rate)
+        # The floor: calibrated thresholds never fall below quarantine_threshold.
+        self.class_thresholds = np.maximum(np.nan_to_num(out, nan=np.inf), s.quarantine_threshold)
+        self.threshold = max(float(np.nan_to_num(pooled, nan=np.inf)), s.quarantine_threshold)
+
+    def thresholds_for(self, labels: np.ndarray | None, n: int) -> np.ndarray:
+        """The threshold each of ``n`` points (with class indices ``labels``) is compared with."""
+        s = self.settings
+        if s.mode == "calibrated":
+            if labels is not None and len(self.class_thresholds) > int(labels.max(initial=-1)):
+                return self.class_thresholds[labels]
+            return np.full(n, self.threshold)
+        threshold = s.quarantine_threshold
+        if s.mode == "quantile" and self._scores.n >= 10:
+            threshold = max(threshold, float(np.quantile(self._scores.values(), 1.0 - s.quantile)))
+        self.threshold = threshold
+        return np.full(n, threshold)
+
+    def decide(
+        self,
+        score: np.ndarray,
+        warm: bool,
+        labels: np.ndarray | None = None,
+        disagree: np.ndarray | None = None,
+    ) -> RoutingDecision:
+        """Decide for a batch of scores (NaN scores are only allowed while not warm).
+
+        ``labels`` (class indices) pick the per-class threshold in calibrated mode; ``disagree``
+        (argmax ≠ label, per point) gates quarantines when ``require_disagreement`` is on.
+        """
         s = self.settings
         n = len(score)
         if not warm or n == 0:
@@ -116,15 +195,21 @@ class RoutingPolicy:
             finite = score[np.isfinite(score)]
             self._scores.push(finite)
             return RoutingDecision(
-                np.zeros(n, bool), ["warmup"] * n, self.threshold, self.alarm, self.version
+                np.zeros(n, bool),
+                ["warmup"] * n,
+                self.threshold,
+                self.alarm,
+                self.version,
+                np.full(n, self.threshold),
             )
 
-        threshold = s.quarantine_threshold
-        if s.mode == "quantile" and self._scores.n >= 10:
-            threshold = max(threshold, float(np.quantile(self._scores.values(), 1.0 - s.quantile)))
-        self.threshold = threshold
-        harmful = score > threshold
+        thresholds = self.thresholds_for(labels, n)
+        harmful = score > thresholds
         reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)
+        if s.require_disagreement and disagree is not None:
+            agrees = harmful & ~disagree
+            reasons[agrees] = "model_agrees"
+            harmful &= disagree
         reasons[harmful] = "harmful"
 
         # How many quarantines keep the rolling rate ≤ cap once this batch enters the window.
@@ -143,7 +228,9 @@ class RoutingPolicy:
 
         self._flags.push(harmful.astype(np.float64))
         self._scores.push(score)
-        return RoutingDecision(harmful, reasons.tolist(), threshold, self.alarm, self.version)
+        return RoutingDecision(
+            harmful, reasons.tolist(), self.threshold, self.alarm, self.version, thresholds
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {

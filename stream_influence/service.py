@@ -535,7 +535,7 @@ class Service:
                     influence=float(s.influence[j]),
                     relative_influence=float(s.relative_influence[j]),
                     cosine_influence=float(s.cosine_influence[j]),
-                    threshold=r.threshold,
+                    threshold=float(r.thresholds[j]),
                     policy_version=r.policy_version,
                     model_version=r.model_version,
                 ),

@@ -110,9 +110,13 @@ class ModelSettings(_Frozen):
 class CurvatureSettings(_Frozen):
     """Running estimate of the output-layer Hessian ``H = E[(diag p − ppᵀ) ⊗ φφᵀ] + λI``."""
 
-    kind: Literal["exact", "kfac", "diagonal"] = Field(
+    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal"] = Field(
         default="kfac",
-        description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; diagonal.",
+        description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; ekfac: "
+        "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); "
+        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal. "
+        "kfac is the default for speed; classblock is the most faithful after exact on 10-class "
+        "heads at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
     )
     damping: float = Field(
         default=0.1,
@@ -131,6 +135,13 @@ class CurvatureSettings(_Frozen):
         ge=1,
         description="Events between re-factorisations from the running Hessian (stops drift).",
     )
+    ekfac_buffer: int = Field(
+        default=256,
+        ge=0,
+        description="ekfac: most recent points kept (features, probabilities, weight) to re-project "
+        "the corrected eigenvalues exactly when the eigenbasis is refreshed; older evidence is "
+        "estimated from its K-FAC factors (0: K-FAC eigenvalues as the prior after every refresh).",
+    )
     damping_floor: float = Field(
         default=0.5,
         gt=0,
@@ -145,13 +156,22 @@ class ReferenceSettings(_Frozen):
 
     capacity: int = Field(default=2000, ge=1, description="Bounded buffer size (newest kept).")
     min_size: int = Field(
-        default=100, ge=1, description="Routing stays in warm-up until R holds this many points."
+        default=4,
+        ge=1,
+        description="Routing waits until R holds this many points in all (with min_per_class: a "
+        "couple of points per class is what the held-out calibration needs).",
+    )
+    min_per_class: int = Field(
+        default=2,
+        ge=1,
+        description="Routing waits until at least two classes each have this many points in R; "
+        "classes with fewer borrow the pooled calibration (a warning is logged under 10 per class).",
     )
     seed_from_stream: int = Field(
         default=0,
         ge=0,
         description="When no reference stream exists: the first N valid events seed R "
-        "(they are also applied to the model).",
+        "(they are also applied to the model, and policy.warmup_events applies).",
     )
 
 
@@ -164,7 +184,17 @@ class InfluenceSettings(_Frozen):
         "(classification influence).",
     )
     refresh_every: int = Field(
-        default=256, ge=1, description="Events between refreshes of the cached s = H⁻¹∇L_R."
+        default=256,
+        ge=1,
+        description="Events between refreshes of the cached s = H⁻¹∇L_R (and of the calibration "
+        "scores of the reference points).",
+    )
+    micro_batch: int = Field(
+        default=64,
+        ge=1,
+        description="Events scored, routed and learned together inside a polled chunk: later "
+        "micro-batches are scored by the model that learned the earlier ones (the poll/commit "
+        "chunk size stays a Kafka setting).",
     )
 
 
@@ -180,23 +210,48 @@ class PolicySettings(_Frozen):
         description="Score the thresholds apply to (all share the sign; cosine_influence is in "
         "[−1, 1] and keeps its scale over the whole stream).",
     )
-    mode: Literal["absolute", "quantile"] = Field(
-        default="absolute",
-        description="absolute: fixed thresholds; quantile: quarantine the top `quantile` of "
-        "recent scores (never a score ≤ quarantine_threshold).",
+    mode: Literal["calibrated", "absolute", "quantile"] = Field(
+        default="calibrated",
+        description="calibrated: quarantine above the (1 − false_quarantine_rate) quantile of the "
+        "held-out scores of the clean reference points of the event's class; absolute: fixed "
+        "thresholds; quantile: quarantine the top `quantile` of recent scores. calibrated and "
+        "quantile never quarantine a score ≤ quarantine_threshold.",
     )
-    accept_threshold: float = Field(default=0.0, description="Accept if score ≤ this.")
+    false_quarantine_rate: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="calibrated mode: α, the share of clean events of each class allowed to score "
+        "above the threshold (the disagreement gate lowers the quarantined share further).",
+    )
+    min_class_calibration: int = Field(
+        default=10,
+        ge=1,
+        description="calibrated mode: a class with fewer reference points than this uses the "
+        "threshold pooled over all classes instead of its own.",
+    )
+    require_disagreement: bool = Field(
+        default=True,
+        description="Quarantine only events whose label the model does not predict (argmax ≠ "
+        "label); hard-but-correct events the model already gets right are learned.",
+    )
+    accept_threshold: float = Field(default=0.0, description="Accept (reason helpful) if score ≤ this.")
     quarantine_threshold: float = Field(
-        default=0.02,
-        description="Quarantine if score > this (a small positive margin on cosine_influence trades "
-        "a little recall for much higher precision).",
+        default=0.0,
+        description="absolute mode: quarantine if score > this; calibrated/quantile: a floor under "
+        "the data-driven threshold (0: never quarantine an event whose learning lowers the "
+        "reference loss).",
     )
     quantile: float = Field(
         default=0.1, gt=0, lt=1, description="quantile mode: fraction of recent scores quarantined."
     )
     quantile_window: int = Field(default=5000, ge=10, description="Recent scores the quantile is taken over.")
     warmup_events: int = Field(
-        default=500, ge=0, description="Accept everything until this many valid events were seen."
+        default=500,
+        ge=0,
+        description="Only without a trusted reference (reference.seed_from_stream): accept "
+        "everything until this many valid events were seen. A trusted reference routes from the "
+        "first event.",
     )
     max_quarantine_rate: float = Field(
         default=0.5,
@@ -236,6 +291,13 @@ class LearnerSettings(_Frozen):
     )
     l2: float = Field(default=1e-4, ge=0, description="L2 penalty on the weights (not the bias).")
     minibatch: int = Field(default=8, ge=1, description="Events per optimizer step inside a polled batch.")
+    warm_start_epochs: int = Field(
+        default=10,
+        ge=0,
+        description="Passes over the trusted reference set that both learners make before the "
+        "first routed event (0: cold start). Not with seed_from_stream, whose points are learned "
+        "as stream events.",
+    )
     metrics_window: int = Field(default=1000, ge=1, description="Rolling prequential window.")
 
 

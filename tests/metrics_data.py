@@ -12,7 +12,7 @@ import numpy as np
 
 from stream_influence.engine import BatchResult, InfluenceEngine
 from stream_influence.metrics import ServiceMetrics
-from stream_influence.settings import EngineSettings
+from stream_influence.settings import EngineSettings, PolicySettings
 
 # Malformed messages of several kinds, so dead letters carry several reasons.
 BAD = [b"not json", b"", b'{"id": "x", "features": [1, 2], "label": 0}', b"[1, 2]", b'{"id": "y"}']
@@ -60,7 +60,10 @@ def run_stream(
 ) -> Stream:
     """Process a noisy stream batch by batch, feeding ``metrics`` like the service does."""
     rng = np.random.default_rng(seed)
-    engine = InfluenceEngine(EngineSettings())
+    # A fixed threshold on a histogram bucket bound, so a test can read "nothing quarantined at or
+    # below it" straight off the buckets (the calibrated default sets per-class thresholds).
+    policy = PolicySettings(mode="absolute", quarantine_threshold=0.02)
+    engine = InfluenceEngine(EngineSettings(policy=policy))
     engine.add_reference([_event(rng, -i - 1, 0.0) for i in range(300)])
     stream = Stream(engine)
     n = 0

@@ -155,6 +155,25 @@ def test_kfac_is_not_the_exact_hessian() -> None:
     assert _rel(np.kron(oracle.G, oracle.A_served), oracle.C) > 0.02
 
 
+@pytest.mark.parametrize("b", [1, 16])
+def test_classblock_matches_dense_class_blocks(b: int) -> None:
+    """The K diagonal D × D blocks of the running C exactly; the cross-class blocks dropped."""
+    settings = CurvatureSettings(kind="classblock", refactor_every=300)
+    est = make_curvature(settings, K, D)
+    oracle = _Oracle(settings.forgetting)
+    rng = np.random.default_rng(50 + b)
+    for _ in range(3000 // b):
+        X, P, w = _stream(rng, b)
+        est.update(X, P, w)
+        oracle.update(X, P, w)
+    est.refactorize()
+    mask = np.kron(np.eye(K), np.ones((D, D)))
+    expected = oracle.C * mask + settings.damping * np.eye(K * D)
+    np.testing.assert_allclose(est.dense_hessian(), expected, rtol=1e-9, atol=1e-12)
+    assert _rel(est.dense_inverse(), np.linalg.inv(expected)) <= 1e-9
+    assert _rel(oracle.C * mask, oracle.C) > 0.05  # the dropped blocks are not negligible here
+
+
 def test_diagonal_matches_dense_diagonal() -> None:
     settings = CurvatureSettings(kind="diagonal")
     est = make_curvature(settings, K, D)
@@ -169,7 +188,7 @@ def test_diagonal_matches_dense_diagonal() -> None:
     np.testing.assert_allclose(est.dense_inverse(), np.linalg.inv(expected), rtol=1e-9)
 
 
-@pytest.mark.parametrize("kind", ["exact", "kfac", "diagonal"])
+@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "classblock", "diagonal"])
 def test_solve_and_quad_match_dense_inverse(kind: str) -> None:
     est = make_curvature(CurvatureSettings(kind=kind), K, D)
     rng = np.random.default_rng(7)
@@ -188,7 +207,7 @@ def test_solve_and_quad_match_dense_inverse(kind: str) -> None:
     np.testing.assert_allclose(est.quad(R, X), expected, rtol=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["exact", "kfac", "diagonal"])
+@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "classblock", "diagonal"])
 def test_state_round_trip_continues_identically(kind: str) -> None:
     settings = CurvatureSettings(kind=kind, refactor_every=50)
     a = make_curvature(settings, K, D)
@@ -244,3 +263,129 @@ def test_kfac_is_exact_for_binary_heads() -> None:
         )
         C = (1 - alpha) * C + alpha * hbar / m
     assert _rel(est.dense_hessian(), C + settings.damping * np.eye(2 * D)) <= 1e-10
+
+
+def _kron_diag(est, C: np.ndarray) -> np.ndarray:
+    """diag(Qᵀ C Q) in the estimator's Kronecker eigenbasis Q = Q_G ⊗ Q_A, as K × D."""
+    Q = np.kron(est.QG, est.QA)
+    return np.einsum("ia,ij,ja->a", Q, C, Q).reshape(K, D)
+
+
+@pytest.mark.parametrize("b", [1, 16])
+def test_ekfac_eigenvalues_are_the_exact_diagonal_in_its_basis(b: int) -> None:
+    """With the whole stream in the buffer, Λ = diag(Qᵀ C Q) after every batch and refresh,
+    and EK-FAC is closer to C than K-FAC (the best diagonal in the same basis)."""
+    updates = 3000 // b
+    settings = CurvatureSettings(kind="ekfac", refactor_every=500, ekfac_buffer=3000)
+    est = make_curvature(settings, K, D)
+    oracle = _Oracle(settings.forgetting)
+    rng = np.random.default_rng(30 + b)
+    for t in range(updates):
+        X, P, w = _stream(rng, b)
+        est.update(X, P, w)
+        oracle.update(X, P, w)
+        if t % (updates // 7) == 0:  # between refreshes too: the basis is stale, Λ is not
+            np.testing.assert_allclose(est.Lam, _kron_diag(est, oracle.C), rtol=1e-8, atol=1e-12)
+    assert est.refactorizations >= 6
+    np.testing.assert_allclose(est.Lam, _kron_diag(est, oracle.C), rtol=1e-8, atol=1e-12)
+    est.refactorize()
+    np.testing.assert_allclose(est.Lam, _kron_diag(est, oracle.C), rtol=1e-8, atol=1e-12)
+    served = est.dense_hessian() - settings.damping * np.eye(K * D)
+    assert _rel(served, oracle.C) < 0.99 * _rel(np.kron(oracle.G, oracle.A_served), oracle.C)
+
+
+def test_ekfac_without_buffer_restarts_from_kfac_eigenvalues() -> None:
+    """ekfac_buffer = 0: a refresh sets Λ to K-FAC's eigenvalues, then Λ accumulates exactly."""
+    settings = CurvatureSettings(kind="ekfac", refactor_every=10**9, ekfac_buffer=0)
+    est = make_curvature(settings, K, D)
+    rng = np.random.default_rng(41)
+    for _ in range(200):
+        est.update(*_stream(rng, 4))
+    est.refactorize()
+    np.testing.assert_allclose(est.Lam, np.outer(est.eG, est.eA), rtol=1e-10, atol=1e-14)
+    kfac_inv = est.dense_inverse()
+    X, P, w = _stream(rng, 4)
+    alpha = est.batch_weight(float(w.sum()))
+    expected = (1 - alpha) * est.Lam + _kron_diag(
+        est, sum(wi * _point_hessian(x, p) for x, p, wi in zip(X, P, w, strict=True)) * alpha / w.sum()
+    )
+    est.update(X, P, w)
+    np.testing.assert_allclose(est.Lam, expected, rtol=1e-10, atol=1e-14)
+    assert _rel(est.dense_inverse(), kfac_inv) > 1e-6  # the served inverse followed Λ
+
+
+def test_ekfac_refresh_with_small_buffer_uses_old_kfac_remainder() -> None:
+    """A refresh re-projects the buffer exactly and estimates the rest by its own K-FAC factors."""
+    settings = CurvatureSettings(kind="ekfac", refactor_every=10**9, ekfac_buffer=50, forgetting=0.99)
+    est = make_curvature(settings, K, D)
+    rng = np.random.default_rng(43)
+    batches = [_stream(rng, 5) for _ in range(60)]
+    for X, P, w in batches:
+        est.update(X, P, w)
+    # The weight each point still carries in C, replayed from the documented rule.
+    n, coef = 0.0, []
+    for _, _, w in batches:
+        m = float(w.sum())
+        alpha = max(1.0 - settings.forgetting**m, m / (n + m))
+        n += m
+        coef = [c * (1 - alpha) for c in coef] + list(w * alpha / m)
+    coef_arr = np.array(coef)
+    Xs = np.vstack([b[0] for b in batches])
+    Ps = np.vstack([b[1] for b in batches])
+    old, new = slice(0, len(Xs) - 50), slice(len(Xs) - 50, None)
+    est.refactorize()
+    C_buf = sum(c * _point_hessian(x, p) for x, p, c in zip(Xs[new], Ps[new], coef_arr[new], strict=True))
+    c_old = coef_arr[old]
+    G_old = sum(c * (np.diag(p) - np.outer(p, p)) for p, c in zip(Ps[old], c_old, strict=True))
+    tau_old = c_old * (1 - (Ps[old] ** 2).sum(1))
+    A_old = sum(t * np.outer(x, x) for x, t in zip(Xs[old], tau_old, strict=True)) / tau_old.sum()
+    expected = _kron_diag(est, C_buf + np.kron(G_old, A_old))
+    np.testing.assert_allclose(est.Lam, expected, rtol=1e-8, atol=1e-12)
+
+
+def test_ekfac_is_exact_for_binary_heads_after_a_refresh() -> None:
+    """K = 2: C = G ⊗ A is diagonal in the Kronecker eigenbasis, so even a small buffer gives C."""
+    settings = CurvatureSettings(kind="ekfac", refactor_every=37, ekfac_buffer=16)
+    est = make_curvature(settings, 2, D)
+    rng = np.random.default_rng(22)
+    C, n = np.zeros((2 * D, 2 * D)), 0.0
+    for _ in range(300):
+        X, _, w = _stream(rng, 5)
+        p1 = rng.uniform(0.01, 0.99, size=5)
+        P = np.stack([1 - p1, p1], axis=1)
+        est.update(X, P, w)
+        m = float(w.sum())
+        alpha = max(1.0 - settings.forgetting**m, m / (n + m))
+        n += m
+        C = (1 - alpha) * C + alpha * sum(
+            wi * _point_hessian(x, p) for x, p, wi in zip(X, P, w, strict=True)
+        ) / m
+    est.refactorize()
+    dense = C + settings.damping * np.eye(2 * D)
+    assert _rel(est.dense_hessian(), dense) <= 1e-10
+    assert _rel(est.dense_inverse(), np.linalg.inv(dense)) <= 1e-9
+
+
+def test_ekfac_survives_forget_and_reset() -> None:
+    settings = CurvatureSettings(kind="ekfac", refactor_every=100, ekfac_buffer=64)
+    est = make_curvature(settings, K, D)
+    rng = np.random.default_rng(44)
+    for _ in range(200):
+        est.update(*_stream(rng, 3))
+    n_before = est.n_seen
+    est.forget(0.1)
+    assert est.n_seen == pytest.approx(0.1 * n_before)
+    for _ in range(100):
+        est.update(*_stream(rng, 3))
+    assert np.isfinite(est.Lam).all() and (est.Lam >= 0).all()
+    assert _rel(est.dense_inverse() @ est.dense_hessian(), np.eye(K * D)) <= 1e-9
+    est.reset()
+    fresh = make_curvature(settings, K, D)
+    for key, value in fresh.state_dict().items():
+        got = est.state_dict()[key]
+        assert np.array_equal(got, value) if isinstance(value, np.ndarray) else got == value, key
+    batches = [_stream(rng, 3) for _ in range(50)]
+    for batch in batches:
+        est.update(*batch)
+        fresh.update(*batch)
+    assert np.array_equal(est.dense_inverse(), fresh.dense_inverse())

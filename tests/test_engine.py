@@ -12,6 +12,7 @@ from stream_influence.settings import (
     CurvatureSettings,
     DriftSettings,
     EngineSettings,
+    InfluenceSettings,
     PolicySettings,
     ReferenceSettings,
     SchemaSettings,
@@ -115,19 +116,22 @@ def test_quarantined_events_do_not_reach_the_routed_learner() -> None:
 
 
 def test_warmup_accepts_everything_until_events_and_reference_suffice() -> None:
+    """A reference seeded from the stream: the event warm-up and the reference size both gate."""
     rng = np.random.default_rng(2)
-    s = settings(policy=PolicySettings(warmup_events=200), reference=ReferenceSettings(min_size=120))
+    s = settings(
+        policy=PolicySettings(warmup_events=200),
+        reference=ReferenceSettings(min_size=120, seed_from_stream=90),
+    )
     engine = InfluenceEngine(s)
     assert not engine.warm and engine.not_warm_reason() == "no valid event seen yet"
     X, y, _ = blobs(rng, 250, noise=0.5)
     result = engine.process(encode(X[:150], y[:150]))
     assert set(result.reasons) == {"warmup"} and not result.quarantine.any()
-    assert np.isnan(result.scores.influence).all()  # no reference yet: no scores
     assert "warm-up: 150/200" in (engine.not_warm_reason() or "")
     result = engine.process(encode(X[150:], y[150:]))
     assert set(result.reasons) == {"warmup"}
-    assert engine.not_warm_reason() == "reference set has 0/120 points"
-    Xr, yr, _ = blobs(rng, 100)
+    assert engine.not_warm_reason() == "reference set has 90/120 points"
+    Xr, yr, _ = blobs(rng, 10)
     engine.add_reference(encode(Xr, yr, "r"))
     assert not engine.warm and engine.not_warm_reason() == "reference set has 100/120 points"
     engine.add_reference(encode(*blobs(rng, 20)[:2], "s"))
@@ -137,6 +141,23 @@ def test_warmup_accepts_everything_until_events_and_reference_suffice() -> None:
     assert "warmup" not in result.reasons
     assert np.isfinite(result.scores.influence).all()
     assert result.quarantine.any() and {"helpful", "harmful"} <= set(result.reasons)
+
+
+def test_trusted_reference_routes_from_the_first_event_without_warmup() -> None:
+    """A trusted reference: no event warm-up, only the reference's per-class minimum gates."""
+    rng = np.random.default_rng(2)
+    engine = InfluenceEngine(settings(policy=PolicySettings(warmup_events=10_000)))
+    X, y, _ = blobs(rng, 100, noise=0.5)
+    result = engine.process(encode(X, y))
+    assert set(result.reasons) == {"warmup"}
+    assert np.isnan(result.scores.influence).all()  # no reference yet: no scores
+    assert engine.not_warm_reason() == "reference set has 0/4 points"
+    engine.add_reference(encode(CENTERS[[0, 0, 0, 0]], np.zeros(4, dtype=int), "r"))
+    assert not engine.warm and "at least two classes" in (engine.not_warm_reason() or "")
+    engine.add_reference(encode(CENTERS[[1, 1]], np.ones(2, dtype=int), "s"))
+    assert engine.warm and engine.not_warm_reason() is None
+    result = engine.process(encode(X, y))
+    assert "warmup" not in result.reasons and np.isfinite(result.scores.influence).all()
 
 
 def test_scores_share_the_sign_and_self_influence_is_negative() -> None:
@@ -215,6 +236,8 @@ def test_drift_resets_curvature_evidence() -> None:
         policy=PolicySettings(warmup_events=100),
         curvature=CurvatureSettings(kind="exact", forgetting=1.0),
         drift=DriftSettings(keep=0.1),
+        # One micro-batch per chunk, so a detection forgets the evidence of the whole chunk.
+        influence=InfluenceSettings(micro_batch=100),
     )
     engine = warm_engine(rng, s)
     # ADWIN reacts to any change of the error rate, including the fall while the head learns,
@@ -271,7 +294,7 @@ def test_predict_before_any_event_raises() -> None:
         InfluenceEngine().predict_proba(np.zeros((1, 3)))
 
 
-@pytest.mark.parametrize("kind", ["exact", "kfac", "diagonal"])
+@pytest.mark.parametrize("kind", ["exact", "kfac", "ekfac", "classblock", "diagonal"])
 def test_every_estimator_routes_noise(kind: str) -> None:
     rng = np.random.default_rng(10)
     engine = warm_engine(

@@ -3,6 +3,8 @@
 * offline fidelity: the exact influence predicts the change of the reference loss after
   leave-one-out retraining (removing z from n points changes L_R by about −I(z)/n);
 * K-FAC agrees with exact;
+* every estimator (exact, kfac, ekfac, classblock, diagonal, identity) against leave-one-out
+  refits and exact on a 16×10 and a 64×10 head; EK-FAC (and K-FAC) equal exact on binary heads;
 * streaming: routing by influence on a 30 % label-noise stream quarantines mostly corrupted
   events and the routed learner beats the unfiltered shadow on a clean test split.
 """
@@ -19,17 +21,21 @@ from sklearn.datasets import load_digits
 
 from stream_influence.cli import main
 from stream_influence.engine import InfluenceEngine
-from stream_influence.model import softmax
+from stream_influence.influence import InfluenceScorer
+from stream_influence.model import one_hot, softmax
 from stream_influence.offline import (
+    CURVATURE_AT_OPTIMUM,
     DEFAULT_L2,
+    HeadFit,
     exact_curvature,
     fit_head,
+    leave_one_out_changes,
     mean_hessian,
     objective,
     prepare_inputs,
     score_dataset,
 )
-from stream_influence.settings import EngineSettings, SchemaSettings
+from stream_influence.settings import EngineSettings, InfluenceSettings, SchemaSettings
 
 
 @pytest.fixture(scope="module")
@@ -55,31 +61,15 @@ def test_exact_influence_predicts_leave_one_out(digits: tuple[np.ndarray, np.nda
     audit = score_dataset(X_all[train], y_all[train], X_all[ref], y_all[ref], n_classes=10, l2=l2)
     assert audit.fit.grad_norm <= 1e-10
 
-    # Independent oracle: the same objective, retrained without z from the optimum.
+    # Independent oracle: the same objective, retrained without z from the optimum, each refit
+    # to a leave-one-out gradient ≤ 1e-10 (‖Δθ‖ ≤ 1e-10 / l2: far below the LOO effects).
     X, (Xr,) = prepare_inputs(X_all[train], [X_all[ref]], standardize=True)
     y, yr = y_all[train], y_all[ref]
-    n, theta = len(X), audit.fit.theta
-    base = _reference_loss(theta, Xr, yr)
-    assert base == pytest.approx(audit.reference_loss, rel=1e-12)
-    # A fixed preconditioner (the full-data Hessian) makes each retraining a handful of cheap
-    # steps; convergence is judged by the leave-one-out gradient alone.
-    precond = np.linalg.inv(audit.curvature.dense_hessian())
-
+    n = len(X)
+    assert _reference_loss(audit.fit.theta, Xr, yr) == pytest.approx(audit.reference_loss, rel=1e-12)
     influence = audit.scores.influence
     picked = np.argsort(influence)[np.linspace(0, n - 1, 60).astype(int)]  # the whole range
-    actual = []
-    for i in picked:
-        w = np.ones(n)
-        w[i] = 0.0
-        th = theta.copy()
-        for _ in range(100):
-            _, g = objective(th, X, y, w, l2)
-            if np.linalg.norm(g) <= 1e-11:
-                break
-            th -= (g.ravel() @ precond).reshape(th.shape)
-        assert np.linalg.norm(g) <= 1e-10  # ‖Δθ‖ ≤ 1e-10 / l2: far below the LOO effects
-        actual.append(_reference_loss(th, Xr, yr) - base)
-    actual_arr = np.array(actual)
+    actual_arr = leave_one_out_changes(audit.fit, X, y, Xr, yr, picked, tol=1e-11)
     predicted = -influence[picked] / n
     rho = stats.spearmanr(predicted, actual_arr)[0]
     same_sign = float(np.mean(np.sign(predicted) == np.sign(actual_arr)))
@@ -99,6 +89,91 @@ def test_kfac_influence_agrees_with_exact(digits: tuple[np.ndarray, np.ndarray],
     assert np.array_equal(exact.fit.theta, kfac.fit.theta)
     rho = stats.spearmanr(exact.scores.influence, kfac.scores.influence)[0]
     assert rho >= 0.8, rho
+
+
+ESTIMATORS = tuple(CURVATURE_AT_OPTIMUM)  # exact, kfac, ekfac, classblock, diagonal, identity
+
+
+def _influence(
+    kind: str, fit: HeadFit, X: np.ndarray, y: np.ndarray, Xr: np.ndarray, yr: np.ndarray
+) -> np.ndarray:
+    """I(z) of every row with estimator ``kind`` built at the optimum, through the engine's scorer."""
+    P = softmax(X @ fit.theta.T)
+    est = CURVATURE_AT_OPTIMUM[kind](X, P, np.ones(len(X)), fit.l2)
+    scorer = InfluenceScorer(InfluenceSettings(objective="loss"))
+    scorer.refresh(fit.theta, est, Xr, yr)
+    return scorer.score(P, one_hot(y, fit.theta.shape[0]), X, est).influence
+
+
+# Head name → digits feature columns.  Seed 0 measured (vs LOO): 16×10 exact 0.999, classblock 0.994,
+# kfac 0.943, ekfac 0.941, diagonal 0.869, identity 0.868; 64×10 exact 0.999, classblock 0.945,
+# kfac 0.868, ekfac 0.864, diagonal 0.691, identity 0.668 (benchmarks/fidelity.py: more seeds).
+HEADS = {"16x10": slice(None, None, 4), "64x10": slice(None)}
+
+
+@pytest.fixture(scope="module", params=list(HEADS))
+def ten_class_head(request: pytest.FixtureRequest, digits: tuple[np.ndarray, np.ndarray]) -> dict:
+    """A 10-class head at its optimum: every estimator's influence and 60 leave-one-out refits."""
+    X_all, y_all = digits
+    train, ref, _ = _split(y_all, 0)
+    cols = HEADS[request.param]
+    X, (Xr,) = prepare_inputs(X_all[train][:, cols], [X_all[ref][:, cols]], standardize=True)
+    y, yr = y_all[train], y_all[ref]
+    fit = fit_head(X, y, 10, DEFAULT_L2, augmented=True)
+    scores = {k: _influence(k, fit, X, y, Xr, yr) for k in ESTIMATORS}
+    picked = np.argsort(scores["exact"])[np.linspace(0, len(X) - 1, 60).astype(int)]
+    actual = leave_one_out_changes(fit, X, y, Xr, yr, picked)
+    vs_loo = {k: float(stats.spearmanr(-s[picked], actual)[0]) for k, s in scores.items()}
+    vs_exact = {k: float(stats.spearmanr(s, scores["exact"])[0]) for k, s in scores.items()}
+    return {"head": request.param, "vs_loo": vs_loo, "vs_exact": vs_exact, "actual": actual}
+
+
+def test_every_estimator_against_leave_one_out(ten_class_head: dict) -> None:
+    """Each estimator's influence against real refits: bounds a few points under the measurement,
+    and the order that says which approximation loses what."""
+    loo, ex = ten_class_head["vs_loo"], ten_class_head["vs_exact"]
+    actual = ten_class_head["actual"]
+    assert (actual > 0).sum() >= 5 and (actual < 0).sum() >= 5  # both signs in the picked range
+    assert loo["exact"] >= 0.99, loo
+    assert loo["classblock"] >= 0.93 and ex["classblock"] >= 0.95, (loo, ex)
+    assert min(loo["kfac"], loo["ekfac"]) >= 0.84, loo
+    assert min(ex["kfac"], ex["ekfac"]) >= 0.87, ex
+    assert loo["diagonal"] >= 0.65, loo
+    # Curvature pays: every curvature-aware estimator beats H = λI by a margin; the per-class
+    # blocks beat both Kronecker forms; exact beats everything.
+    for kind in ("kfac", "ekfac", "classblock"):
+        assert loo[kind] >= loo["identity"] + 0.05, loo
+    assert loo["classblock"] >= max(loo["kfac"], loo["ekfac"]) + 0.03, loo
+    assert loo["exact"] >= max(v for k, v in loo.items() if k != "exact"), loo
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 9 target missed (docs/benchmarks.md, fidelity): EK-FAC vs LOO mean 0.91 (16x10) and "
+    "0.86 (64x10) over three seeds, like K-FAC; the Kronecker eigenbasis, not its eigenvalues, is what "
+    "misses on softmax heads (classblock: 0.99 / 0.94)",
+)
+def test_ekfac_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
+    assert ten_class_head["vs_loo"]["ekfac"] >= 0.95, ten_class_head["vs_loo"]
+
+
+def test_ekfac_equals_exact_on_binary_heads(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """K = 2: diag p − ppᵀ is rank one, the τ-weighted G ⊗ A is the Hessian, and EK-FAC's
+    eigenvalues are its exact eigenvalues — influence agrees with exact to rounding."""
+    X_all, y_all = digits
+    train, ref, _ = _split(y_all, 2)
+    y = y_all % 2
+    X, (Xr,) = prepare_inputs(X_all[train], [X_all[ref]], standardize=True)
+    fit = fit_head(X, y[train], 2, DEFAULT_L2, augmented=True)
+    exact = _influence("exact", fit, X, y[train], Xr, y[ref])
+    for kind in ("ekfac", "kfac"):
+        np.testing.assert_allclose(
+            _influence(kind, fit, X, y[train], Xr, y[ref]), exact, rtol=1e-7, atol=1e-12
+        )
+    # Not vacuous: the diagonal and the class blocks are not exact on the same head.
+    for kind in ("diagonal", "classblock"):
+        other = _influence(kind, fit, X, y[train], Xr, y[ref])
+        assert np.abs(other - exact).max() > 1e-3 * np.abs(exact).max(), kind
 
 
 def _event(i: int, x: np.ndarray, y: int) -> bytes:
@@ -216,7 +291,7 @@ def test_score_cli_writes_one_line_per_training_line(
     got = np.array([records[i]["influence"] for i in good])
     assert all(records[i]["id"] == str(train[i]) for i in good)
     np.testing.assert_allclose(got, audit.scores.influence, rtol=1e-6, atol=1e-12)
-    for r in (records[i] for i in good):
+    for k, r in enumerate(records[i] for i in good):
         assert set(r) == {
             "id",
             "influence",
@@ -226,5 +301,8 @@ def test_score_cli_writes_one_line_per_training_line(
             "decision",
             "reason",
         }
-        assert r["decision"] == ("quarantine" if r["cosine_influence"] > 0.02 else "accept")
+        # The default (calibrated) policy: the CLI decides as the library does, and never
+        # quarantines below the floor quarantine_threshold = 0.
+        assert r["decision"] == ("quarantine" if audit.quarantine[k] else "accept")
+        assert r["decision"] == "accept" or r["cosine_influence"] > 0.0
         assert np.sign(r["influence"]) == np.sign(r["relative_influence"]) and r["self_influence"] < 0

@@ -37,7 +37,10 @@ def test_policy_file_change_reloads_without_losing_events(broker: Broker, tmp_pa
             topic,
             tmp_path / "ck",
             kafka={"reference_topic": ref, "decisions_topic": decisions},
-            engine={"policy": {"warmup_events": 300, **policy}},
+            # The fixed-threshold mode, ungated: every decision follows the threshold in force.
+            engine={
+                "policy": {"warmup_events": 300, "mode": "absolute", "require_disagreement": False, **policy}
+            },
         )
 
     config({"quarantine_threshold": 0.0})

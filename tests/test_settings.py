@@ -61,7 +61,8 @@ def test_other_invalid_values_name_their_field(data: dict, loc: tuple) -> None:
 def test_defaults_and_schema_alias_round_trip() -> None:
     s = EngineSettings()
     assert s.curvature.kind == "kfac" and s.curvature.damping == 0.1
-    assert s.policy.score == "cosine_influence" and s.policy.quarantine_threshold == 0.02
+    assert s.policy.score == "cosine_influence" and s.policy.mode == "calibrated"
+    assert s.policy.quarantine_threshold == 0.0  # the floor: never quarantine a helpful event
     dumped = s.model_dump(mode="json", by_alias=True)
     assert "schema" in dumped and "schema_" not in dumped
     custom = EngineSettings(schema=SchemaSettings(classes=["x", "y"]))

@@ -56,6 +56,8 @@ CASES = [
     ("kfac", "adam"),
     ("diagonal", "sgd"),
     ("exact", "newton"),
+    ("ekfac", "sgd"),
+    ("classblock", "newton"),
 ]
 
 

@@ -108,8 +108,11 @@ def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     P = eng.routed.predict_proba(X)
     Fr, yr = eng.reference.arrays()
     eng.scorer.refresh(eng.routed.theta, eng.curvature, eng._inputs(Fr), yr)
+    eng.set_policy(eng.policy.settings)  # re-calibrate against the refreshed reference scores
     score = eng.scorer.score(P, Y, X, eng.curvature).get(eng.policy.settings.score)
-    ok = np.isfinite(score) & (score <= eng.policy.threshold)
+    ok = np.isfinite(score) & (score <= eng.policy.thresholds_for(batch.labels, len(score)))
+    if eng.policy.settings.require_disagreement:
+        ok |= np.isfinite(score) & (P.argmax(axis=1) == batch.labels)  # the model now agrees
     passes[batch.index] = ok
     return valid, passes
 

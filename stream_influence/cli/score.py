@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ConfigError, StreamInfluenceError
 from ..events import EventBatch, Reject, Schema
 from ..model import make_extractor
-from ..offline import SCORE_L2, score_dataset
+from ..offline import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
 from ..settings import EngineSettings
 from ..state import atomic_write
 
@@ -36,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", type=Path, required=True, help="trusted reference events (JSON Lines)")
     p.add_argument("--out", type=Path, required=True, help="scores, one JSON line per training line")
     p.add_argument("--l2", type=float, default=SCORE_L2, help=f"L2 on Θ = [W b] (default {SCORE_L2})")
-    p.add_argument("--curvature", choices=("exact", "kfac"), default="exact", help="Hessian at the optimum")
+    p.add_argument(
+        "--curvature", choices=tuple(CURVATURE_AT_OPTIMUM), default="exact", help="Hessian at the optimum"
+    )
     p.add_argument("--objective", choices=("loss", "margin"), default=None, help="default: engine setting")
     p.add_argument("--config", type=Path, help="YAML config: engine schema, model and policy settings apply")
     p.add_argument("--tol", type=float, default=1e-10, help="gradient-norm tolerance of the fit")
