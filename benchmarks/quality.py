@@ -445,34 +445,16 @@ def loo_fidelity(l2: float, seed: int = 0, picks: int = 60) -> dict[str, Any]:
     from scipy import stats
     from sklearn.datasets import load_digits
 
-    from stream_influence.offline import objective, prepare_inputs
+    from stream_influence.offline import leave_one_out_changes, prepare_inputs
 
     X_all, y_all = load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(y_all))
     tr, ref = perm[:1200], perm[1200:1500]
     audit = score_dataset(X_all[tr], y_all[tr], X_all[ref], y_all[ref], n_classes=10, l2=l2)
     X, (Xr,) = prepare_inputs(X_all[tr], [X_all[ref]], standardize=True)
-    y, yr, n, theta = y_all[tr], y_all[ref], len(tr), audit.fit.theta
-
-    def ref_loss(th: np.ndarray) -> float:
-        P = softmax(Xr @ th.T)
-        return float(-np.log(P[np.arange(len(yr)), yr]).mean())
-
-    base = ref_loss(theta)
-    precond = np.linalg.inv(audit.curvature.dense_hessian())  # a few Newton steps per refit
-    picked = np.argsort(audit.scores.influence)[np.linspace(0, n - 1, picks).astype(int)]
-    actual = []
-    for i in picked:
-        w = np.ones(n)
-        w[i] = 0.0
-        th = theta.copy()
-        for _ in range(100):
-            _, g = objective(th, X, y, w, l2)
-            if np.linalg.norm(g) <= 1e-11:
-                break
-            th -= (g.ravel() @ precond).reshape(th.shape)
-        actual.append(ref_loss(th) - base)
-    rho = float(stats.spearmanr(-audit.scores.influence[picked] / n, actual)[0])
+    picked = np.argsort(audit.scores.influence)[np.linspace(0, len(tr) - 1, picks).astype(int)]
+    actual = leave_one_out_changes(audit.fit, X, y_all[tr], Xr, y_all[ref], picked)
+    rho = float(stats.spearmanr(-audit.scores.influence[picked] / len(tr), actual)[0])
     return {"l2": l2, "spearman": rho}
 
 
