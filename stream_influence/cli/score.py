@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ConfigError, StreamInfluenceError
 from ..events import EventBatch, Reject, Schema
 from ..model import make_extractor
-from ..offline import CURVATURE_AT_OPTIMUM, DEFAULT_L2, score_dataset
+from ..offline import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
 from ..settings import EngineSettings
 from ..state import atomic_write
 
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", type=Path, required=True, help="training events (JSON Lines)")
     p.add_argument("--reference", type=Path, required=True, help="trusted reference events (JSON Lines)")
     p.add_argument("--out", type=Path, required=True, help="scores, one JSON line per training line")
-    p.add_argument("--l2", type=float, default=DEFAULT_L2, help=f"L2 on Θ = [W b] (default {DEFAULT_L2})")
+    p.add_argument("--l2", type=float, default=SCORE_L2, help=f"L2 on Θ = [W b] (default {SCORE_L2})")
     p.add_argument(
         "--curvature", choices=tuple(CURVATURE_AT_OPTIMUM), default="exact", help="Hessian at the optimum"
     )
