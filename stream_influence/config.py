@@ -134,6 +134,22 @@ class KafkaSettings(_Frozen):
         description="How long a checkpoint waits for outputs to be acknowledged; on timeout the "
         "un-checkpointed window is rolled back and replayed.",
     )
+    max_window_replays: int = Field(
+        default=10,
+        ge=0,
+        description="How many times in a row the same un-checkpointed window may be rolled back and "
+        "replayed (its outputs not acknowledged) before the service stops with an error naming the "
+        "topic, partition and offset, instead of looping for ever.",
+    )
+    replay_backoff_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="Pause before the first replay of a rolled-back window; doubled for every further "
+        "replay of the same window, up to replay_backoff_max_seconds.",
+    )
+    replay_backoff_max_seconds: float = Field(
+        default=30.0, ge=0, description="Longest pause between two replays of the same window."
+    )
     reference_backlog_timeout_seconds: float = Field(
         default=30.0,
         ge=0,

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -214,11 +215,26 @@ def _run_on_broker(
     total: int,
     quiet: bool,
 ) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
+    broker = EmbeddedBroker(log_path=opts.out / "broker.log").start()
+    try:  # the broker is our child in its own session: never leave it running as an orphan
+        return _run_service(opts, broker, settings, reference, events, total, quiet)
+    finally:
+        broker.stop()
+
+
+def _run_service(
+    opts: DemoOptions,
+    broker: EmbeddedBroker,
+    settings: EngineSettings,
+    reference: list[bytes],
+    events: list[bytes],
+    total: int,
+    quiet: bool,
+) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
     from .cli.produce import produce_lines
     from .kafka_io import ensure_topics
     from .service import Service
 
-    broker = EmbeddedBroker(log_path=opts.out / "broker.log").start()
     kafka = KafkaSettings(
         bootstrap_servers=broker.bootstrap,
         topic="demo.events",
@@ -258,13 +274,19 @@ def _run_on_broker(
     runner = threading.Thread(target=service.run, name="service", daemon=True)
     t0 = time.monotonic()
     runner.start()
-    view = _live(lambda: _table(summary(), progress, total), stop_view, quiet)
-    deadline = t0 + opts.timeout_seconds
-    while summary().get("consumed", 0) < total and runner.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    elapsed = time.monotonic() - t0
-    stop_view.set()
-    view.join()
+    try:
+        view = _live(lambda: _table(summary(), progress, total), stop_view, quiet)
+        deadline = t0 + opts.timeout_seconds
+        while summary().get("consumed", 0) < total and runner.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        elapsed = time.monotonic() - t0
+        stop_view.set()
+        view.join()
+    except BaseException:
+        stop_view.set()
+        service.request_stop("demo interrupted")
+        runner.join(timeout=60)
+        raise
     extra = {
         "bootstrap_servers": broker.bootstrap,
         "metrics_url": f"http://127.0.0.1:{port}/metrics",
@@ -278,14 +300,16 @@ def _run_on_broker(
         "service_seconds": elapsed,
     }
     if opts.keep_running:
-        print(f"\nbroker: {broker.bootstrap}   metrics: {extra['metrics_url']}   (Ctrl-C to stop)")
+        print(
+            f"\nbroker: {broker.bootstrap}   metrics: {extra['metrics_url']}   (Ctrl-C or SIGTERM stops)",
+            flush=True,
+        )
         with contextlib.suppress(KeyboardInterrupt):
             while runner.is_alive():
                 time.sleep(0.5)
     service.request_stop("demo finished")
     runner.join(timeout=60)
     decisions = _read_decisions(kafka, kafka.decisions_topic or "", total, timeout=30)
-    broker.stop()
     return service.engine, decisions, extra
 
 
@@ -303,8 +327,26 @@ def _run_in_process(
     return engine, decisions, {"service_seconds": time.monotonic() - t0}
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run_demo(opts: DemoOptions, *, quiet: bool = False, verbose: bool = False) -> dict[str, Any]:
-    """Run the demo; returns the report (also written to ``OUT/report.json``)."""
+    """Run the demo; returns the report (also written to ``OUT/report.json``).
+
+    SIGTERM (how a process manager stops ``--keep-running``) acts like Ctrl-C: the service stops,
+    the report is written and the embedded broker is stopped.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+    try:
+        return _run_demo(opts, quiet=quiet, verbose=verbose)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_demo(opts: DemoOptions, *, quiet: bool, verbose: bool) -> dict[str, Any]:
     if not verbose:
         # The live table is the progress report; the service's and clients' logs would tear it.
         for name in ("stream_influence", "kafka"):

@@ -7,6 +7,8 @@ __all__ = [
     "ConfigError",
     "CurvatureError",
     "ExtractorError",
+    "OutputError",
+    "ReplayLimitError",
     "SchemaError",
     "StreamInfluenceError",
 ]
@@ -34,3 +36,12 @@ class ExtractorError(StreamInfluenceError):
 
 class CheckpointError(StreamInfluenceError):
     """A checkpoint is missing, corrupt, or was written by incompatible settings."""
+
+
+class OutputError(StreamInfluenceError):
+    """One output message could not be built or sent (encoding, serialisation, size): that
+    message is dead-lettered, the stream goes on."""
+
+
+class ReplayLimitError(StreamInfluenceError):
+    """The same un-checkpointed window failed more than ``kafka.max_window_replays`` times."""

@@ -7,39 +7,57 @@ checkpoint protocol it implements.  Security settings (SASL/SSL) and ``client_op
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
+from kafka.record.default_records import DefaultRecordBatchBuilder
 
 from .config import KafkaSettings
+from .errors import OutputError
 
 __all__ = [
+    "OUTPUT_FAILED",
     "Headers",
+    "OutputRecord",
     "ReferenceReader",
     "broker_reachable",
     "build_admin",
     "build_consumer",
     "build_producer",
     "dead_letter_headers",
+    "encode_key",
     "ensure_topics",
+    "fit_record",
     "lag",
     "quarantine_headers",
+    "record_size",
     "source_headers",
+    "value_proof",
 ]
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[str, bytes]]
 
+# Dead-letter reason of a message whose own output (quarantine copy, …) could not be built or
+# sent: its key or a header cannot be encoded, serialisation failed, or the broker refused it.
+OUTPUT_FAILED = "output_failed"
+
 # Header names this service writes; an input header of the same name is replaced, not duplicated.
+# ``original_size`` / ``original_sha256`` appear only on a copy whose value was truncated to fit
+# the producer's ``max_request_size``: the original value's length in bytes and its SHA-256 (hex).
 OWN_HEADERS = frozenset(
     {
+        "original_size",
+        "original_sha256",
         "reason",
         "detail",
         "source_topic",
@@ -151,6 +169,66 @@ def ensure_topics(k: KafkaSettings, names: Sequence[str], partitions: int = 1) -
         admin.close()
 
 
+# -- output records -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputRecord:
+    """One message the service produces (dead letter, quarantine/accepted copy, decision)."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+
+
+def encode_key(text: str) -> bytes:
+    """UTF-8 bytes of an event id; :class:`OutputError` if it holds a lone surrogate."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise OutputError(f"the event id cannot be encoded as UTF-8: {exc}") from exc
+
+
+def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """Bytes the record takes in a batch, as the producer counts it against ``max_request_size``
+    (record format v2, every broker since Kafka 0.11)."""
+    return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
+
+
+def value_proof(value: bytes | None) -> Headers:
+    """``original_size`` and ``original_sha256`` headers of a value that is not sent whole."""
+    value = value or b""
+    return [
+        ("original_size", str(len(value)).encode()),
+        ("original_sha256", hashlib.sha256(value).hexdigest().encode()),
+    ]
+
+
+def fit_record(rec: OutputRecord, limit: int) -> OutputRecord:
+    """``rec``, or a copy that fits ``limit`` bytes: the value is truncated (then, if the rest is
+    still too big, the input's own headers dropped and the key cut), with the original value's size
+    and SHA-256 in ``original_size`` / ``original_sha256``.  Raises :class:`OutputError` if even
+    the service's own headers do not fit."""
+    if record_size(rec.key, rec.value, rec.headers) <= limit:
+        return rec
+    value = rec.value or b""
+    proof = value_proof(value)
+    own = [(n, v) for n, v in rec.headers if n in OWN_HEADERS]
+    for key, headers in (
+        (rec.key, [*rec.headers, *proof]),
+        (rec.key, [*own, *proof]),
+        ((rec.key or b"")[:64] or None, [*own, *proof]),
+    ):
+        room = limit - record_size(key, b"", headers)
+        if room < 0:
+            continue
+        cut = value[:room]
+        # Length varints grow with the value: shrink until the estimate fits.
+        while cut and record_size(key, cut, headers) > limit:
+            cut = cut[: len(cut) - max(1, record_size(key, cut, headers) - limit)]
+        return OutputRecord(rec.topic, key, cut, headers)
+    raise OutputError(f"an output to {rec.topic} cannot fit {limit} bytes even without its value")
+
+
 # -- headers ------------------------------------------------------------------------------
 def _keep(original: Sequence[tuple[str, bytes]] | None) -> Headers:
     return [(n, v) for n, v in (original or ()) if n not in OWN_HEADERS]
@@ -236,6 +314,7 @@ class ReferenceReader:
         self.consumer = build_consumer(k, group=False)
         self.offsets: dict[int, int] = dict(offsets or {})
         self._assigned: set[int] = set()
+        self._beyond_end: dict[int, int] = {}  # consecutive checks with position > high watermark
         self._max_records = k.max_poll_records
 
     def _assign(self) -> bool:
@@ -274,6 +353,37 @@ class ReferenceReader:
             out.extend(m.value for m in msgs)
             self.offsets[tp.partition] = msgs[-1].offset + 1
         return out
+
+    def check_recreated(self) -> list[int]:
+        """Re-read from the beginning every partition whose position has been past its high
+        watermark at two checks in a row: the topic was deleted and re-created (or truncated).
+        Apache Kafka answers OFFSET_OUT_OF_RANGE there; not every broker does.  Returns them."""
+        reset: list[int] = []
+        for p in sorted(self._assigned):
+            tp = TopicPartition(self.topic, p)
+            hw = self.consumer.highwater(tp)
+            try:
+                pos = self.consumer.position(tp, timeout_ms=0)
+            except Exception:
+                continue
+            if hw is None or pos is None or pos <= hw:
+                self._beyond_end.pop(p, None)
+                continue
+            self._beyond_end[p] = self._beyond_end.get(p, 0) + 1
+            if self._beyond_end[p] >= 2:
+                log.warning(
+                    "reference topic %s-%d: position %d is past the end (%d): topic re-created or "
+                    "truncated; reading it again from the beginning",
+                    self.topic,
+                    p,
+                    pos,
+                    hw,
+                )
+                self.consumer.seek_to_beginning(tp)
+                self.offsets[p] = 0
+                self._beyond_end.pop(p, None)
+                reset.append(p)
+        return reset
 
     def caught_up(self) -> bool:
         if not self._assigned:

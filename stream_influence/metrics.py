@@ -225,7 +225,10 @@ class ServiceMetrics:
 
         # -- throughput and decisions (process counters) ----------------------------------------
         self.consumed = Counter(
-            p + "events_consumed", "Messages consumed from the training-events topic.", registry=reg
+            p + "events_consumed",
+            "Messages consumed from the training-events topic (each input offset once: a replayed "
+            "window is not counted again).",
+            registry=reg,
         )
         self.decisions = Counter(
             p + "decisions",
@@ -382,21 +385,35 @@ class ServiceMetrics:
         self.build_info.clear()
         self.build_info.labels(__version__, platform.python_version(), curvature).set(1)
 
-    def observe_batch(self, result: BatchResult, summary: Mapping[str, Any], duration_s: float) -> None:
+    def observe_batch(
+        self,
+        result: BatchResult,
+        summary: Mapping[str, Any],
+        duration_s: float,
+        fresh: np.ndarray | None = None,
+    ) -> None:
         """Count one processed batch: decisions by reason, score histograms, duration, and the
-        engine's state from ``engine.summary()`` taken after the batch."""
+        engine's state from ``engine.summary()`` taken after the batch.  ``fresh`` (one flag per
+        input message) marks the messages not counted before: a replayed window is processed
+        again but counted once."""
         self.batches.inc()
         self.batch_duration.observe(duration_s)
         n_input = result.n_input or (len(result.events) + len(result.rejects))
-        self.consumed.inc(n_input)
+        if fresh is None:
+            fresh = np.ones(n_input, dtype=bool)
+        self.consumed.inc(int(fresh.sum()))
         if n_input:
             self.last_event.set(time.time())
 
         quarantine = np.asarray(result.quarantine, dtype=bool)
         if len(quarantine):
+            new_rows = fresh[np.asarray(result.events.index, dtype=np.intp)]
             # Count per (decision, reason) with numpy: reasons repeat a handful of values.
             reasons = np.asarray(result.reasons, dtype=object)
-            for decision, mask in (("accepted", ~quarantine), ("quarantined", quarantine)):
+            for decision, mask in (
+                ("accepted", ~quarantine & new_rows),
+                ("quarantined", quarantine & new_rows),
+            ):
                 if mask.any():
                     values, counts = np.unique(reasons[mask].astype(str), return_counts=True)
                     for reason, c in zip(values.tolist(), counts.tolist(), strict=True):
@@ -408,6 +425,8 @@ class ServiceMetrics:
         if result.rejects:
             per_reason: dict[str, int] = {}
             for r in result.rejects:
+                if not fresh[r.index]:
+                    continue
                 key = getattr(r.reason, "value", str(r.reason))
                 per_reason[key] = per_reason.get(key, 0) + 1
             for reason, c in per_reason.items():

@@ -28,26 +28,46 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import IllegalStateError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from . import kafka_io
 from .checkpoint import CheckpointStore
 from .config import AppSettings
 from .engine import BatchResult, InfluenceEngine
-from .errors import ConfigError
+from .errors import ConfigError, OutputError, ReplayLimitError
 from .metrics import MetricsServer, ServiceMetrics
 from .reload import PolicyReloader
 
 __all__ = ["Service"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """An output in flight, with the input message it stands for (to dead-letter it instead if
+    the broker refuses this one record)."""
+
+    future: Any
+    record: kafka_io.OutputRecord
+    tp: TopicPartition
+    message: Any
+    #: The event's one destination (dead letter / quarantine copy), not an audit copy.
+    destination: bool
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """Broker trouble (retry the window) rather than a refusal of this one record."""
+    return isinstance(exc, KafkaTimeoutError | IllegalStateError) or bool(getattr(exc, "retriable", False))
 
 
 class _Listener(AsyncConsumerRebalanceListener):
@@ -103,10 +123,18 @@ class Service:
         self.owned: set[TopicPartition] = set()
         self.newly_assigned: set[TopicPartition] = set()
         self.dirty = False
+        # True while a chunk (or reference batch) is being applied: an exception then leaves the
+        # engine half-updated, and such a state must never reach a checkpoint.
+        self.torn = False
+        self.replays = 0  # consecutive rollbacks of the current window
+        self._resume_at = 0.0  # back-off: no chunk is processed before this (monotonic) time
+        self.last_failure = ""  # the latest output failure, named by source topic-partition@offset
+        # First offset of each partition not yet counted in the metrics (a replay is not new input).
+        self.counted: dict[tuple[str, int], int] = {}
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.uncommitted_polls: list[float] = []  # poll times of chunks not committed yet
-        self.inflight: list[Any] = []
+        self.inflight: list[_Sent] = []
         self.needs_rollback = False
         self.broker_up = True
         self._beyond_end: dict[TopicPartition, int] = {}
@@ -123,6 +151,13 @@ class Service:
         self.batches = 0
         self.crashed = False
         self._stop_deadline = float("inf")
+
+    @contextlib.contextmanager
+    def _changing_model(self) -> Iterator[None]:
+        """Marks the engine torn until the block completes (an exception leaves it torn)."""
+        self.torn = True
+        yield
+        self.torn = False
 
     # -- lifecycle ---------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -208,9 +243,14 @@ class Service:
         self.consumer = kafka_io.build_consumer(self.k)
         self.consumer.subscribe([self.k.topic], listener=_Listener(self))
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
+        gave_up = False
         try:
             while not self.stop_event.is_set():
                 self._step()
+        except ReplayLimitError as exc:
+            self.crashed = True
+            log.error("stopping: %s", exc)  # one line, no traceback: the cause is in it
+            gave_up = True
         except BaseException:
             # The in-memory engine may hold half a batch: never checkpoint it.  The last durable
             # checkpoint plus a replay of the window is the consistent state.
@@ -218,7 +258,7 @@ class Service:
             raise
         finally:
             code = self._shutdown()
-        return code
+        return 1 if gave_up else code
 
     def _shutdown(self) -> int:
         code = 0
@@ -227,6 +267,7 @@ class Service:
                 self._checkpoint(force=True, reason="shutdown")
         except Exception:
             log.exception("final checkpoint failed")
+            self.crashed = True  # closing the consumer must not try again from the same state
             code = 1
         closers: list[tuple[str, Any, Callable[[Any], Any]]] = [
             # close() leaves the group, so the partitions move to other members at once.
@@ -298,8 +339,17 @@ class Service:
     ) -> dict[TopicPartition, OffsetAndMetadata]:
         with self.lock:
             offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-            if revoked and self.dirty:
-                if self._flush_and_save("revocation"):
+            if self.crashed:
+                # consumer.close() after a crash runs this hook: neither checkpoint nor commit
+                # anything; the next start replays from the last durable checkpoint.
+                commit = False
+            elif revoked and self.dirty:
+                try:
+                    saved = self._flush_and_save("revocation")
+                except Exception:
+                    log.exception("checkpoint on revocation failed")
+                    saved = False
+                if saved:
                     offsets = self._commit_offsets(revoked)
                 else:
                     self.needs_rollback = True
@@ -407,7 +457,8 @@ class Service:
 
     def _add_reference(self, raws: list[bytes | None]) -> None:
         if raws:
-            rejects = self.engine.add_reference(raws)
+            with self._changing_model():
+                rejects = self.engine.add_reference(raws)
             if rejects:
                 log.warning(
                     "reference topic: %d invalid events ignored (first: %s)",
@@ -423,7 +474,12 @@ class Service:
         buf = self.pending.get(tp)
         B = self.k.process_batch_size
         # Outputs must be producible before a chunk may change the model.
-        while buf and self.send_error is None and self._ensure_producer():
+        while (
+            buf
+            and self.send_error is None
+            and time.monotonic() >= self._resume_at
+            and self._ensure_producer()
+        ):
             end = (buf[0].offset // B + 1) * B
             k = 0
             while k < len(buf) and buf[k].offset < end:
@@ -451,9 +507,15 @@ class Service:
 
     def _process(self, tp: TopicPartition, msgs: list[Any], t_poll: float) -> None:
         t0 = time.perf_counter()
-        result = self.engine.process([m.value for m in msgs])
-        self._emit(tp, msgs, result)
-        self.next_offsets[(tp.topic, tp.partition)] = msgs[-1].offset + 1
+        key = (tp.topic, tp.partition)
+        with self._changing_model():
+            result = self.engine.process([m.value for m in msgs])
+            self._emit(tp, msgs, result)
+            self.next_offsets[key] = msgs[-1].offset + 1
+        # A replayed window is not new input: count every offset once in this process.
+        first_new = self.counted.get(key, -1)
+        fresh = np.fromiter((m.offset >= first_new for m in msgs), dtype=bool, count=len(msgs))
+        self.counted[key] = max(first_new, msgs[-1].offset + 1)
         self.events_since_checkpoint += len(msgs)
         self.dirty = True
         self.uncommitted_polls.append(t_poll)
@@ -477,7 +539,7 @@ class Service:
                 "quarantine rate above its cap (%.2f): drift or a broken producer?",
                 self.engine.policy.quarantine_rate,
             )
-        self._metric("observe_batch", result, self._summary_cached(), time.perf_counter() - t0)
+        self._metric("observe_batch", result, self._summary_cached(), time.perf_counter() - t0, fresh)
 
     def _ensure_producer(self) -> bool:
         """A producer to send outputs with, or False (retried at most once a second)."""
@@ -494,65 +556,108 @@ class Service:
             return False
         return True
 
-    def _send(self, topic: str, value: bytes | None, key: bytes | None, headers: kafka_io.Headers) -> None:
+    def _send(
+        self, rec: kafka_io.OutputRecord, tp: TopicPartition, m: Any, *, destination: bool
+    ) -> str | None:
+        """Queue ``rec`` (cut to the producer's size limit).  Returns why *this record* cannot be
+        sent (the caller dead-letters its message), or None: queued, or broker trouble that rolls
+        the whole window back."""
         if self.send_error is not None:
-            return  # this window is rolled back at the next checkpoint anyway
+            return None  # this window is rolled back at the next checkpoint anyway
         try:
-            self.inflight.append(self.producer.send(topic, value=value, key=key, headers=headers))
-        except Exception as exc:  # buffer full or metadata unknown for max_block_ms: broker trouble
-            log.error("cannot produce an output (%s): the window will be rolled back", exc)
+            # Cut before send: the producer must never raise for a size we can know.
+            rec = kafka_io.fit_record(rec, int(self.producer.config["max_request_size"]))
+            future = self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
+        except (KafkaTimeoutError, IllegalStateError) as exc:  # buffer full, metadata unknown
+            self.last_failure = f"{rec.topic} for {tp.topic}-{tp.partition}@{m.offset}: {exc!r}"
+            log.error("cannot produce an output (%s): the window will be rolled back", self.last_failure)
             self.send_error = exc
+            return None
+        except Exception as exc:  # this record only: encoding, serialisation, size
+            return f"{type(exc).__name__}: {exc}"
+        self.inflight.append(_Sent(future, rec, tp, m, destination))
+        return None
+
+    def _dead_letter(self, tp: TopicPartition, m: Any, reason: str, detail: str) -> None:
+        """The input message ``m`` to the dead-letter topic (original key, value and headers)."""
+        headers = kafka_io.dead_letter_headers(m.headers, reason, detail, tp.topic, tp.partition, m.offset)
+        rec = kafka_io.OutputRecord(self.k.dead_letter_topic, key=m.key, value=m.value, headers=headers)
+        why = self._send(rec, tp, m, destination=True)
+        if why is not None:  # e.g. an input header that cannot be re-encoded: keep only our own
+            self._send_minimal_dead_letter(tp, m, f"{detail}; dead letter refused: {why}")
+        self.outputs["dead_letter"] += 1
+        self._metric("observe_outputs", "dead_letter", 1)
+
+    def _send_minimal_dead_letter(self, tp: TopicPartition, m: Any, detail: str) -> None:
+        """The last resort for a message whose full dead letter cannot be sent: our own headers
+        only, an empty value, the original's size and SHA-256.  If even that fails, the window
+        is rolled back (bounded by ``kafka.max_window_replays``): nothing is dropped silently."""
+        headers = [
+            *kafka_io.dead_letter_headers(
+                None, kafka_io.OUTPUT_FAILED, detail, tp.topic, tp.partition, m.offset
+            ),
+            *kafka_io.value_proof(m.value),
+        ]
+        rec = kafka_io.OutputRecord(self.k.dead_letter_topic, key=None, value=b"", headers=headers)
+        why = self._send(rec, tp, m, destination=True)
+        if why is not None and self.send_error is None:
+            self.last_failure = f"dead letter for {tp.topic}-{tp.partition}@{m.offset}: {why}"
+            log.error("cannot produce even a minimal dead letter (%s)", self.last_failure)
+            self.send_error = OutputError(self.last_failure)
 
     def _emit(self, tp: TopicPartition, msgs: list[Any], r: BatchResult) -> None:
+        """Produce the chunk's outputs.  A record that cannot be built or sent dead-letters its
+        own message (reason ``output_failed``); only broker trouble rolls the window back."""
         k = self.k
         topic, part = tp.topic, tp.partition
         for rej in r.rejects:
-            m = msgs[rej.index]
-            self._send(
-                k.dead_letter_topic,
-                m.value,
-                m.key,
-                kafka_io.dead_letter_headers(m.headers, rej.reason.value, rej.detail, topic, part, m.offset),
-            )
-        if r.rejects:
-            self.outputs["dead_letter"] += len(r.rejects)
-            self._metric("observe_outputs", "dead_letter", len(r.rejects))
+            self._dead_letter(tp, msgs[rej.index], rej.reason.value, rej.detail)
         s = r.scores
-        q_rows = np.flatnonzero(r.quarantine).tolist()
         index = r.events.index.tolist()
-        for j in q_rows:
+        failed: dict[int, str] = {}  # input index → why its quarantine copy failed
+        n_q = 0
+        for j in np.flatnonzero(r.quarantine).tolist():
             m = msgs[index[j]]
-            self._send(
-                k.quarantine_topic,
-                m.value,
-                r.events.ids[j].encode(),
-                kafka_io.quarantine_headers(
-                    m.headers,
-                    topic,
-                    part,
-                    m.offset,
-                    reason=r.reasons[j],
-                    influence=float(s.influence[j]),
-                    relative_influence=float(s.relative_influence[j]),
-                    cosine_influence=float(s.cosine_influence[j]),
-                    threshold=r.threshold,
-                    policy_version=r.policy_version,
-                    model_version=r.model_version,
-                ),
+            headers = kafka_io.quarantine_headers(
+                m.headers,
+                topic,
+                part,
+                m.offset,
+                reason=r.reasons[j],
+                influence=float(s.influence[j]),
+                relative_influence=float(s.relative_influence[j]),
+                cosine_influence=float(s.cosine_influence[j]),
+                threshold=r.threshold,
+                policy_version=r.policy_version,
+                model_version=r.model_version,
             )
-        if q_rows:
-            self.outputs["quarantine"] += len(q_rows)
-            self._metric("observe_outputs", "quarantine", len(q_rows))
+            try:
+                key = kafka_io.encode_key(r.events.ids[j])
+                rec = kafka_io.OutputRecord(k.quarantine_topic, key=key, value=m.value, headers=headers)
+            except OutputError as exc:
+                why: str | None = str(exc)
+            else:
+                why = self._send(rec, tp, m, destination=True)
+            if why is None:
+                n_q += 1
+                continue
+            failed[index[j]] = f"quarantine copy: {why}"
+            log.warning("%s-%d@%d: %s; dead-lettered instead", topic, part, m.offset, failed[index[j]])
+            self._dead_letter(tp, m, kafka_io.OUTPUT_FAILED, failed[index[j]])
+        if n_q:
+            self.outputs["quarantine"] += n_q
+            self._metric("observe_outputs", "quarantine", n_q)
         if k.accepted_topic:
             n = 0
             for j in np.flatnonzero(~r.quarantine).tolist():
                 m = msgs[index[j]]
-                self._send(
+                rec = kafka_io.OutputRecord(
                     k.accepted_topic,
-                    m.value,
-                    r.events.ids[j].encode(),
-                    [*kafka_io.source_headers(topic, part, m.offset)],
+                    key=self._copy_key(r.events.ids[j], tp, m.offset),
+                    value=m.value,
+                    headers=kafka_io.source_headers(topic, part, m.offset),
                 )
+                self._send_copy(rec, tp, m)
                 n += 1
             if n:
                 self.outputs["accepted"] += n
@@ -560,10 +665,35 @@ class Service:
         if k.decisions_topic:
             for i, rec in enumerate(r.records()):
                 m = msgs[i]
-                key = rec["id"].encode() if rec["id"] is not None else f"{topic}-{part}-{m.offset}".encode()
-                self._send(k.decisions_topic, kafka_io.decision_value(rec, topic, part, m.offset), key, [])
+                if i in failed:  # the audit says where the event really went
+                    rec = {
+                        **rec,
+                        "decision": "dead_letter",
+                        "reason": kafka_io.OUTPUT_FAILED,
+                        "detail": failed[i],
+                    }
+                key = self._copy_key(rec["id"], tp, m.offset)
+                value = kafka_io.decision_value(rec, topic, part, m.offset)
+                self._send_copy(
+                    kafka_io.OutputRecord(k.decisions_topic, key=key, value=value, headers=[]), tp, m
+                )
             self.outputs["decisions"] += len(msgs)
             self._metric("observe_outputs", "decisions", len(msgs))
+
+    @staticmethod
+    def _copy_key(event_id: str | None, tp: TopicPartition, offset: int) -> bytes:
+        """Key of an audit copy: the event id, else (none, or not encodable) the source coordinates."""
+        if event_id is not None:
+            with contextlib.suppress(OutputError):
+                return kafka_io.encode_key(event_id)
+        return f"{tp.topic}-{tp.partition}-{offset}".encode()
+
+    def _send_copy(self, rec: kafka_io.OutputRecord, tp: TopicPartition, m: Any) -> None:
+        """An accepted copy or a decision record: an audit, not the event's destination, so a
+        refused one is logged (the event already is in its one place) rather than dead-lettered."""
+        why = self._send(rec, tp, m, destination=False)
+        if why is not None:
+            log.error("%s-%d@%d: no copy to %s: %s", tp.topic, tp.partition, m.offset, rec.topic, why)
 
     def _output_topics(self) -> list[str]:
         k = self.k
@@ -573,19 +703,36 @@ class Service:
 
     # -- checkpoint protocol ---------------------------------------------------------------
     def _flush_and_save(self, reason: str) -> bool:
-        """Steps 1–2 (lock held): outputs acknowledged, then the checkpoint made durable."""
+        """Steps 1–2 (lock held): outputs acknowledged, then the checkpoint made durable.  Returns
+        False (nothing written) if the outputs were not acknowledged or the engine is torn."""
+        if self.crashed or self.torn:
+            log.warning("no checkpoint at %s: the model holds a partly processed window", reason)
+            return False
         t0 = time.perf_counter()
         try:
             if self.send_error is not None:
                 raise RuntimeError(f"an output could not be sent: {self.send_error!r}")
-            if self.producer is not None:
-                self.producer.flush(timeout=self._grace_ms(int(self.k.flush_timeout_seconds * 1000)) / 1000)
-            elif self.inflight:
-                raise RuntimeError("no producer for the pending outputs")
-            failed = [f for f in self.inflight if f.failed()]
+            self._flush()
+            failed = [f for f in self.inflight if f.future.failed()]
+            if failed and not any(_transient(f.future.exception) for f in failed):
+                # The broker refused these records themselves (too large for its limit, invalid):
+                # their messages go to the dead-letter topic as a minimal record instead.
+                for f in failed:
+                    self._refused(f)
+                self.inflight = [f for f in self.inflight if not f.future.failed()]
+                if self.send_error is not None:
+                    raise RuntimeError(f"an output could not be sent: {self.send_error!r}")
+                self._flush()
+                failed = [f for f in self.inflight if f.future.failed()]
             if failed:
-                raise RuntimeError(f"{len(failed)} output message(s) failed: {failed[0].exception!r}")
+                f = failed[0]
+                self.last_failure = (
+                    f"{f.record.topic} for {f.tp.topic}-{f.tp.partition}@{f.message.offset}: "
+                    f"{f.future.exception!r}"
+                )
+                raise RuntimeError(f"{len(failed)} output message(s) failed, first {self.last_failure}")
         except Exception as exc:
+            self.last_failure = self.last_failure or repr(exc)
             log.error("outputs not acknowledged (%s): the window is rolled back to the last checkpoint", exc)
             self._set_broker_up(False)
             return False
@@ -598,6 +745,8 @@ class Service:
             extra={"group_id": self.k.group_id, "topic": self.k.topic, "reason": reason},
         )
         self.dirty = False
+        self.replays = 0
+        self.last_failure = ""
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self._metric("observe_checkpoint", time.perf_counter() - t0, time.time())
@@ -618,6 +767,22 @@ class Service:
             },
         )
         return True
+
+    def _flush(self) -> None:
+        if self.producer is not None:
+            self.producer.flush(timeout=self._grace_ms(int(self.k.flush_timeout_seconds * 1000)) / 1000)
+        elif self.inflight:
+            raise RuntimeError("no producer for the pending outputs")
+
+    def _refused(self, f: _Sent) -> None:
+        """The broker refused one output record (not broker trouble): dead-letter its message."""
+        where = f"{f.tp.topic}-{f.tp.partition}@{f.message.offset}"
+        why = f"{f.record.topic} refused the record: {f.future.exception!r}"
+        if not f.destination:
+            log.error("%s: no copy to %s", where, why)
+            return
+        log.warning("%s: %s; dead-lettered instead", where, why)
+        self._send_minimal_dead_letter(f.tp, f.message, why)
 
     def _commit_offsets(
         self, tps: set[TopicPartition] | None = None
@@ -654,14 +819,38 @@ class Service:
         return True
 
     def _rollback(self) -> None:
-        """Forget the un-checkpointed window: restore the latest checkpoint and replay from it."""
+        """Forget the un-checkpointed window: restore the latest checkpoint and replay it after a
+        back-off; more than ``kafka.max_window_replays`` replays in a row raise
+        :class:`ReplayLimitError` (the service stops rather than loop for ever)."""
         self.needs_rollback = False
+        self.replays += 1
         self._restore()
+        if self.replays > self.k.max_window_replays:
+            window = ", ".join(
+                f"{t}-{p}@{self.next_offsets.get((t, p), self.start_offsets.get((t, p), '?'))}"
+                for t, p in sorted((tp.topic, tp.partition) for tp in self.owned)
+            )
+            raise ReplayLimitError(
+                f"the window starting at {window or 'the last checkpoint'} was rolled back "
+                f"{self.replays} times in a row (kafka.max_window_replays = {self.k.max_window_replays}); "
+                f"last failure: {self.last_failure or repr(self.send_error)}"
+            )
+        delay = min(
+            self.k.replay_backoff_seconds * 2 ** (self.replays - 1), self.k.replay_backoff_max_seconds
+        )
+        self._resume_at = time.monotonic() + delay
+        log.warning(
+            "replaying the window in %.1fs (replay %d of at most %d)",
+            delay,
+            self.replays,
+            self.k.max_window_replays,
+        )
         self.pending.clear()
         self.pending_t0.clear()
         self.inflight.clear()
         self.uncommitted_polls.clear()
         self.dirty = False
+        self.torn = False  # the engine is the checkpoint's again
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         # The idempotent producer cannot survive a broker that lost its state; a fresh one always can.
@@ -689,6 +878,9 @@ class Service:
 
     def _housekeeping(self) -> None:
         self._set_broker_up(kafka_io.broker_reachable(self.consumer))
+        if self.reader is not None:
+            with self.lock:
+                self.reader.check_recreated()
         outcome = self.reloader.poll()
         if outcome is not None:
             if outcome.ok and outcome.policy is not None:
@@ -737,6 +929,7 @@ class Service:
             # The old offsets mean nothing in the new partition; the model keeps what it learned.
             self.next_offsets.pop((tp.topic, tp.partition), None)
             self.start_offsets.pop((tp.topic, tp.partition), None)
+            self.counted.pop((tp.topic, tp.partition), None)
             if self.k.auto_offset_reset == "earliest":
                 self.consumer.seek_to_beginning(tp)
             else:

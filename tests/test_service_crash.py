@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from stream_influence.config import load_config
@@ -26,6 +25,7 @@ from tests.fixtures.service_events import (
     events,
     latest_checkpoint,
     malformed,
+    max_abs_diff,
     produce,
     read_topic,
     start_service,
@@ -39,30 +39,6 @@ N_EVENTS = 50_000
 N_BAD = 100
 BATCH = 500
 KILLS = 5
-
-
-def _max_abs_diff(a: Any, b: Any, path: str = "") -> float:
-    """Largest absolute difference over every array of two nested states; scalars must match."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        return max((_max_abs_diff(a[k], b[k], f"{path}.{k}") for k in a), default=0.0)
-    if isinstance(a, np.ndarray):
-        assert a.shape == b.shape, path
-        return (
-            float(np.max(np.abs(a - b), initial=0.0))
-            if a.dtype.kind in "fiu"
-            else float(not np.array_equal(a, b))
-        )
-    if isinstance(a, list | tuple):
-        assert len(a) == len(b), path
-        return max(
-            (_max_abs_diff(x, y, f"{path}.{i}") for i, (x, y) in enumerate(zip(a, b, strict=True))),
-            default=0.0,
-        )
-    if isinstance(a, float) and isinstance(b, float) and np.isnan(a) and np.isnan(b):
-        return 0.0
-    assert a == b, f"{path}: {a!r} != {b!r}"
-    return 0.0
 
 
 def test_kill_minus_nine_five_times_equals_one_uninterrupted_run(broker: Broker, tmp_path: Path) -> None:
@@ -126,8 +102,8 @@ def test_kill_minus_nine_five_times_equals_one_uninterrupted_run(broker: Broker,
     assert ck.offsets == {(topic, 0): total}
     got, want = ck.engine.state_dict(), engine.state_dict()
     for part in ("routed", "shadow", "curvature"):
-        assert _max_abs_diff(got[part], want[part], part) <= 1e-9, part
-    assert _max_abs_diff(got, want) <= 1e-9, "the whole engine state"
+        assert max_abs_diff(got[part], want[part], part) <= 1e-9, part
+    assert max_abs_diff(got, want) <= 1e-9, "the whole engine state"
     assert ck.engine.counters.as_dict() == engine.counters.as_dict()
 
     # No event missing from the outputs; duplicates only as identical copies (same key, same
