@@ -134,11 +134,28 @@ class InfluenceEngine:
     # -- schema and model construction ---------------------------------------------------
     @property
     def learning_labels(self) -> bool:
+        """Whether *stream* events may still add labels.
+
+        The label space belongs to the trusted side: ``schema.classes``, else the reference
+        set's labels.  Only with neither does the warm-up learn labels from the stream.
+        """
         # Past the warm-up, labels are still learned until a second class shows up: a sorted or
         # very imbalanced stream must not freeze a one-class label space.
-        return not self.schema.frozen and (
-            self.events_seen < self.settings.policy.warmup_events or self.schema.n_classes < 2
+        return (
+            not self.schema.frozen
+            and not self.schema.trusted
+            and (self.events_seen < self.settings.policy.warmup_events or self.schema.n_classes < 2)
         )
+
+    def trust_reference_labels(self) -> None:
+        """Declare a trusted reference source (topic or file), even before its first event.
+
+        From then on stream labels outside the label space are dead-lettered ``unknown_label``
+        instead of being learned; an untrusted stream never defines a class.
+        """
+        if not self.schema.trusted:
+            self.schema.trusted = True
+            self.schema.frozen = True
 
     def _ensure_model(self) -> None:
         """Build (or grow, while labels are still being learned) the head for the schema."""
@@ -166,17 +183,24 @@ class InfluenceEngine:
 
     # -- public API ----------------------------------------------------------------------
     def decode(
-        self, raws: Sequence[bytes | str | None], *, learn: bool | None = None
+        self, raws: Sequence[bytes | str | None], *, learn: bool | None = None, trusted: bool = False
     ) -> tuple[EventBatch, list[Reject]]:
         batch, rejects = self.schema.decode_batch(
-            raws, learn=self.learning_labels if learn is None else learn
+            raws, learn=self.learning_labels if learn is None else learn, trusted=trusted
         )
         self._ensure_model()
         return batch, rejects
 
     def add_reference(self, raws: Sequence[bytes | str | None]) -> list[Reject]:
-        """Add trusted events to the reference buffer (labels may be learned from them)."""
-        batch, rejects = self.decode(raws, learn=not self.schema.frozen)
+        """Add trusted events to the reference buffer; they define the label space.
+
+        Unless ``schema.classes`` is configured, a reference label the schema lacks is added,
+        even after the freeze: the head grows a zero row for it (a logit of 0, so the existing
+        classes' predictions only rescale), the curvature restarts from ``λI`` for the new
+        ``K·D`` shape and the cached ``H⁻¹∇L_R`` is refreshed; routing is not re-warmed.
+        """
+        self.trust_reference_labels()
+        batch, rejects = self.decode(raws, trusted=True)
         self.add_reference_events(batch)
         return rejects
 

@@ -6,6 +6,19 @@ with optional ``"ts"`` (epoch seconds or ISO 8601), ``"weight"`` (finite, ≥ 0)
 bytes into one :class:`EventBatch` of valid events plus a :class:`Reject` per invalid one; it
 never raises on bad input.
 
+The decoder contract (both parsers — orjson, the fast path, and the standard library's ``json``,
+the reference — accept and reject exactly the same inputs with the same reasons and values):
+
+- the message is UTF-8 JSON text (RFC 8259): non-UTF-8 bytes, a byte-order mark, a lone
+  surrogate anywhere (raw or as a ``\\uD800`` escape, in any key or string), or containers nested
+  deeper than :data:`MAX_NESTING` are ``invalid_json``; NaN/Infinity and numbers beyond float64
+  are read (so they get their precise reason, e.g. ``non_finite``) but never accepted;
+- an object holding the same key twice, at any depth, is ``duplicate_key`` (orjson would keep the
+  last value silently);
+- ``id`` is a non-empty string; ``label`` a non-empty string or an integer of magnitude at most
+  :data:`MAX_LABEL_INT` (2⁵³ − 1: exact in every JSON implementation) — else ``invalid_label``.
+  So every accepted id and label round-trips through ``.encode("utf-8")`` and ``str()``.
+
 >>> schema = Schema(SchemaSettings(classes=["cat", "dog"], n_features=2))
 >>> batch, rejects = schema.decode_batch([
 ...     b'{"id": "a", "features": [1, 2], "label": "dog"}',
@@ -22,11 +35,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -34,7 +48,14 @@ import orjson
 from .errors import SchemaError
 from .settings import SchemaSettings
 
-__all__ = ["EventBatch", "Reject", "RejectReason", "Schema"]
+__all__ = ["MAX_LABEL_INT", "MAX_NESTING", "EventBatch", "Reject", "RejectReason", "Schema"]
+
+# An event needs three levels (object → meta → a list in meta); 32 leaves room and keeps both
+# parsers far from their recursion limits (orjson raises RecursionError at 1024, json earlier).
+MAX_NESTING = 32
+# Integer labels beyond 2⁵³ − 1 are not exact in JavaScript or as float64, and orjson turns
+# integers beyond 64 bits into floats while json keeps them exact: reject them in both.
+MAX_LABEL_INT = 2**53 - 1
 
 
 class RejectReason(StrEnum):
@@ -42,7 +63,8 @@ class RejectReason(StrEnum):
 
     EMPTY = "empty"
     TOO_LARGE = "too_large"
-    INVALID_JSON = "invalid_json"
+    INVALID_JSON = "invalid_json"  # incl. non-UTF-8, lone surrogates, nesting > MAX_NESTING
+    DUPLICATE_KEY = "duplicate_key"  # an object holds the same key twice
     NOT_AN_OBJECT = "not_an_object"
     MISSING_FIELD = "missing_field"
     INVALID_ID = "invalid_id"
@@ -131,20 +153,194 @@ def _parse_ts(value: Any) -> float | None:
     return None
 
 
+class _Invalid(Exception):
+    """A message that breaks the decoder contract before field validation."""
+
+    def __init__(self, reason: RejectReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _Invalid(RejectReason.DUPLICATE_KEY, f"duplicate key {dup!r}"[:200])
+    return obj
+
+
+# A surrogate code point written as an escape (\uD800–\uDFFF); pairs are fine, lone ones are not.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _depth(obj: Any) -> int:
+    """Container nesting depth (a scalar is 0), level by level without recursion."""
+    depth, level = 0, [obj]
+    while level := [c for c in level if isinstance(c, dict | list)]:
+        depth += 1
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c)]
+    return depth
+
+
+def _strings_encodable(obj: Any) -> bool:
+    stack = [obj]
+    try:
+        while stack:
+            c = stack.pop()
+            if isinstance(c, str):
+                c.encode("utf-8")
+            elif isinstance(c, dict):
+                for k, v in c.items():
+                    k.encode("utf-8")
+                    stack.append(v)
+            elif isinstance(c, list):
+                stack.extend(c)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_standard(raw: bytes | str) -> Any:
+    """The reference decoder: ``json`` plus the contract's rules; raises :class:`_Invalid`.
+
+    The order of the checks is part of the contract (the first broken rule names the reason):
+    UTF-8, syntax and duplicate keys (as the parser meets them), nesting, lone surrogates.
+    """
+    if isinstance(raw, bytes):
+        try:
+            text = raw.decode("utf-8")  # strict: json.loads(bytes) would also take UTF-16/32
+        except UnicodeDecodeError as exc:
+            raise _Invalid(RejectReason.INVALID_JSON, f"not valid UTF-8: {exc}"[:200]) from None
+    else:
+        text = raw
+        if not _strings_encodable(text):
+            raise _Invalid(RejectReason.INVALID_JSON, "text holds a lone surrogate (not valid Unicode)")
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique_pairs)
+    except RecursionError:
+        raise _Invalid(RejectReason.INVALID_JSON, f"nested deeper than {MAX_NESTING}") from None
+    except ValueError as exc:  # JSONDecodeError, and ints over sys.get_int_max_str_digits()
+        raise _Invalid(RejectReason.INVALID_JSON, str(exc)[:200]) from None
+    if text.count("[") + text.count("{") > MAX_NESTING and _depth(obj) > MAX_NESTING:
+        raise _Invalid(RejectReason.INVALID_JSON, f"nested deeper than {MAX_NESTING}")
+    if _SURROGATE_ESCAPE.search(text) and not _strings_encodable(obj):
+        raise _Invalid(RejectReason.INVALID_JSON, "a string holds a lone surrogate (not valid Unicode)")
+    return obj
+
+
+def _shape(obj: Any) -> tuple[int, int, int]:
+    """``(quotes, brackets, depth)`` of a parsed value, walking objects but not into lists.
+
+    ``quotes`` counts the quote characters of its keys and string values, ``brackets`` its
+    containers (a list counts, its items are not visited).  The source text of a value holds at
+    least as many of each; exactly as many only when no key was repeated (a repeat is lost in
+    parsing), no list holds a string or a container, and, without a backslash, no string holds
+    a quote.  Then ``depth`` is the exact nesting depth.
+    """
+    tp = type(obj)  # exact types: the hot path, and orjson/json only make these
+    if tp is dict:
+        quotes, brackets, depth = 2 * len(obj), 1, 0
+        for v in obj.values():
+            tv = type(v)
+            if tv is str:
+                quotes += 2
+            elif tv is list:
+                brackets += 1
+                depth = depth or 1
+            elif tv is dict:
+                q, b, d = _shape(v)
+                quotes, brackets, depth = quotes + q, brackets + b, max(depth, d)
+        return quotes, brackets, depth + 1
+    if tp is list:
+        return 0, 1, 1
+    return (2, 0, 0) if tp is str else (0, 0, 0)
+
+
+# Deleting every other byte leaves a short string to count the structural characters in.
+_NOT_STRUCTURAL = bytes(sorted(set(range(256)) - set(b'"[{\\')))
+
+
+def _counts(raw: bytes | str) -> tuple[int, int, bool]:
+    """``(quotes, brackets, has_backslash)`` of a message's text."""
+    if isinstance(raw, bytes):
+        k = raw.translate(None, _NOT_STRUCTURAL)
+        return k.count(b'"'), k.count(b"[") + k.count(b"{"), b"\\" in k
+    return raw.count('"'), raw.count("[") + raw.count("{"), "\\" in raw
+
+
+def load_fast(raws: Sequence[bytes | str]) -> list[Any]:
+    """orjson, with :func:`load_standard` wherever orjson cannot prove the same answer.
+
+    orjson already rejects what the contract rejects for Unicode, NaN and numbers beyond float64
+    (those go to the standard decoder for their reason).  What it does not check — repeated keys
+    and nesting up to its own limit — is ruled out by counting quotes and brackets (see
+    :func:`_shape`), once over the whole batch; only a batch whose counts disagree is counted
+    message by message, and only those messages (rare) take the standard decoder.  Returns one
+    parsed value or :class:`_Invalid` per message.
+    """
+    out: list[Any]
+    try:
+        out = list(map(orjson.loads, raws))
+        fast = list(range(len(raws)))
+    except (orjson.JSONDecodeError, RecursionError):
+        out, fast = [], []
+        for i, raw in enumerate(raws):
+            try:
+                out.append(orjson.loads(raw))
+                fast.append(i)
+            except (orjson.JSONDecodeError, RecursionError):
+                out.append(_standard_or_invalid(raw))
+    shapes = [_shape(out[i]) for i in fast]
+    if all(type(raws[i]) is bytes for i in fast) and all(d <= MAX_NESTING for _, _, d in shapes):
+        q, b, backslash = _counts(b"".join([raws[i] for i in fast]))  # type: ignore[misc]
+        if not backslash and q == sum(s[0] for s in shapes) and b == sum(s[1] for s in shapes):
+            return out  # every message's counts match (none can fall below its own)
+    for i, (q, b, d) in zip(fast, shapes, strict=True):
+        if d > MAX_NESTING or _counts(raws[i]) != (q, b, False):
+            out[i] = _standard_or_invalid(raws[i])
+    return out
+
+
+def _standard_or_invalid(raw: bytes | str) -> Any:
+    try:
+        return load_standard(raw)
+    except _Invalid as exc:
+        return exc
+
+
+def load_standard_batch(raws: Sequence[bytes | str]) -> list[Any]:
+    """:func:`load_standard` per message: the reference the fast path is tested against."""
+    return [_standard_or_invalid(raw) for raw in raws]
+
+
+_LOADERS = {"orjson": load_fast, "json": load_standard_batch}
+
+
 class Schema:
     """The label space and feature width, configured or learned, and the batch decoder.
 
     Labels are matched as strings (``1`` and ``"1"`` are the same class).  Until the schema is
     frozen, ``decode_batch(..., learn=True)`` adds new labels in order of first appearance and
     takes the feature width from the first valid event.
+
+    The label space belongs to the trusted side: configured ``classes`` are final; otherwise
+    ``decode_batch(..., trusted=True)`` (reference events) adds labels even once frozen, and
+    sets :attr:`trusted` — from then on untrusted calls never add one (``learn`` is ignored).
+
+    ``parser`` picks the JSON parser: ``"orjson"`` (the fast path) or ``"json"`` (the standard
+    library, the reference the fast path is tested against); both give identical results.
     """
 
-    def __init__(self, settings: SchemaSettings) -> None:
+    def __init__(self, settings: SchemaSettings, *, parser: Literal["orjson", "json"] = "orjson") -> None:
         self.settings = settings
         self.classes: list[int | str] = list(settings.classes or [])
         self._index = {str(c): i for i, c in enumerate(self.classes)}
         self.n_features: int | None = settings.n_features
         self.frozen = settings.classes is not None
+        # True once a trusted source (configured classes, a reference set) defines the labels.
+        self.trusted = settings.classes is not None
+        self._loads = _LOADERS[parser]
 
     @property
     def n_classes(self) -> int:
@@ -160,34 +356,54 @@ class Schema:
         self.frozen = True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"classes": self.classes, "n_features": self.n_features, "frozen": self.frozen}
+        return {
+            "classes": self.classes,
+            "n_features": self.n_features,
+            "frozen": self.frozen,
+            "trusted": self.trusted,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.classes = list(state["classes"])
         self._index = {str(c): i for i, c in enumerate(self.classes)}
         self.n_features = state["n_features"]
         self.frozen = bool(state["frozen"])
+        # Older checkpoints: configured classes were the only trusted label source.
+        self.trusted = bool(state.get("trusted", self.settings.classes is not None))
+
+    def may_learn(self, learn: bool, trusted: bool = False) -> bool:
+        """Whether a decode call with these flags may add labels (and set the width)."""
+        if self.settings.classes is not None:
+            return False
+        return trusted or (learn and not self.frozen and not self.trusted)
 
     def _label_index(self, label: Any, learn: bool) -> tuple[int, Reject | None]:
         if isinstance(label, bool) or not isinstance(label, int | str) or label == "":
             return -1, Reject(-1, RejectReason.INVALID_LABEL, f"label must be int or str, got {label!r}")
+        if isinstance(label, int) and abs(label) > MAX_LABEL_INT:
+            return -1, Reject(-1, RejectReason.INVALID_LABEL, f"integer label beyond ±{MAX_LABEL_INT}")
         key = str(label)
         idx = self._index.get(key)
         if idx is not None:
             return idx, None
-        if learn and not self.frozen and len(self.classes) < self.settings.max_classes:
+        if learn and len(self.classes) < self.settings.max_classes:
             self.classes.append(label)
             self._index[key] = len(self.classes) - 1
             return len(self.classes) - 1, None
         return -1, Reject(-1, RejectReason.UNKNOWN_LABEL, f"label {label!r} not in {self.classes!r}")
 
     def decode_batch(
-        self, raws: Sequence[bytes | str | None], *, learn: bool = False
+        self, raws: Sequence[bytes | str | None], *, learn: bool = False, trusted: bool = False
     ) -> tuple[EventBatch, list[Reject]]:
         """Decode raw messages; valid events become an :class:`EventBatch`, the rest rejects.
 
-        ``learn`` lets this call add labels (and set the width) while the schema is not frozen.
+        ``learn`` lets this call add labels (and set the width) while the schema is neither
+        frozen nor trusted; ``trusted`` (reference events) adds labels unless they are
+        configured, and makes the label space trusted.  See :meth:`may_learn`.
         """
+        learn = self.may_learn(learn, trusted)
+        if trusted:
+            self.trusted = True
         max_bytes = self.settings.max_event_bytes
         max_abs = self.settings.max_abs_feature
         ids: list[str] = []
@@ -201,23 +417,22 @@ class Schema:
         def reject(i: int, reason: RejectReason, detail: str) -> None:
             rejects.append(Reject(i, reason, detail))
 
+        parse: list[int] = []
         for i, raw in enumerate(raws):
             if raw is None or len(raw) == 0 or (isinstance(raw, bytes | str) and not raw.strip()):
                 reject(i, RejectReason.EMPTY, "empty message")
-                continue
-            if len(raw) > max_bytes:
+            elif len(raw) > max_bytes:
                 reject(i, RejectReason.TOO_LARGE, f"{len(raw)} bytes > max_event_bytes={max_bytes}")
+            else:
+                parse.append(i)
+        # The standard parser also reads NaN/Infinity and out-of-range numbers, so such events
+        # get their precise reason (non_finite) below instead of invalid_json.
+        parsed = self._loads([raws[i] for i in parse])  # type: ignore[misc]
+        for i, obj in zip(parse, parsed, strict=True):
+            raw = raws[i]
+            if isinstance(obj, _Invalid):
+                reject(i, obj.reason, obj.detail)
                 continue
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                # The standard parser also reads NaN/Infinity and out-of-range numbers, so such
-                # events get their precise reason (non_finite) below instead of invalid_json.
-                try:
-                    obj = json.loads(raw)
-                except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # deep nesting recurses
-                    reject(i, RejectReason.INVALID_JSON, str(exc)[:200])
-                    continue
             if not isinstance(obj, dict):
                 reject(i, RejectReason.NOT_AN_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
                 continue
@@ -263,12 +478,7 @@ class Schema:
             # Label last: a valid label may be *learned*, so only learn from otherwise-valid events.
             # Features are checked by the vectorised pass below, which can still reject the row,
             # so that check is repeated here cheaply before a label is learned.
-            if (
-                learn
-                and not self.frozen
-                and str(obj["label"]) not in self._index
-                and not _numeric_finite(feats, max_abs)
-            ):
+            if learn and str(obj["label"]) not in self._index and not _numeric_finite(feats, max_abs):
                 reason = _feature_problem(feats, max_abs)
                 reject(i, reason, _FEATURE_DETAIL[reason])
                 continue

@@ -215,6 +215,7 @@ def replay(
         if not Path(reference).is_file():
             raise StreamInfluenceError(f"reference file not found: {reference}")
         n_ref = rejected = 0
+        engine.trust_reference_labels()  # stream labels outside the reference's are unknown_label
         for lines, _ in iter_batches(Path(reference), 4096):
             rej = engine.add_reference(lines)
             rejected += len(rej)

@@ -231,6 +231,7 @@ class Service:
         if self.k.create_output_topics:
             kafka_io.ensure_topics(self.k, self._output_topics())
         if self.k.reference_topic:
+            self.engine.trust_reference_labels()  # the stream never defines a class, even before R arrives
             self.reader = kafka_io.ReferenceReader(self.k, self.k.reference_topic, self.reference_offsets)
             backlog = self.reader.read_backlog(self.k.reference_backlog_timeout_seconds)
             self._add_reference(backlog)

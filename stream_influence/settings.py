@@ -47,8 +47,9 @@ class SchemaSettings(_Frozen):
 
     classes: list[int | str] | None = Field(
         default=None,
-        description="Class labels in index order. None: learned from the reference set, failing "
-        "that from the warm-up events, then frozen.",
+        description="Class labels in index order. None: the reference set's labels (the trusted side "
+        "owns the label space: stream labels outside it are dead-lettered unknown_label); only "
+        "without a reference set are they learned from the warm-up events, then frozen.",
     )
     n_features: int | None = Field(
         default=None, gt=0, description="Feature width. None: taken from the first valid event."

@@ -143,7 +143,9 @@ def test_mixed_batch_keeps_order_and_accounts_for_every_message() -> None:
     assert batch.ids == [shuffled[i] and json.loads(shuffled[i])["id"] for i in batch.index.tolist()]
 
 
-def test_labels_and_width_learned_from_reference_then_warmup() -> None:
+def test_labels_and_width_come_from_the_reference_never_from_the_stream() -> None:
+    """Defect 6: with a reference set, a stream label outside it is ``unknown_label`` even during
+    warm-up; a *reference* label grows the label space and the head, even after the warm-up."""
     settings = EngineSettings(policy=PolicySettings(warmup_events=4), reference=ReferenceSettings(min_size=1))
     engine = InfluenceEngine(settings)
     ref = [
@@ -153,21 +155,31 @@ def test_labels_and_width_learned_from_reference_then_warmup() -> None:
     assert engine.add_reference(ref) == []
     assert engine.schema.classes == ["b", "a"] and engine.schema.n_features == 2
     assert engine.routed is not None and engine.routed.theta.shape == (2, 3)
-    # During warm-up a new label grows the head; a wrong width is rejected.
+    assert not engine.learning_labels
     warm = [
         json.dumps({"id": "w1", "features": [1.0, 2.0], "label": "c"}).encode(),
         json.dumps({"id": "w2", "features": [1.0, 2.0, 3.0], "label": "a"}).encode(),
         json.dumps({"id": "w3", "features": [1.0, 2.0], "label": "a"}).encode(),
     ]
     result = engine.process(warm)
-    assert [r.reason for r in result.rejects] == [R.WRONG_DIMENSION]
-    assert engine.schema.classes == ["b", "a", "c"] and not engine.schema.frozen
-    assert engine.routed.theta.shape == (3, 3)
-    assert engine.events_seen == 2
-    engine.process([json.dumps({"id": "w4", "features": [0.0, 0.0], "label": "b"}).encode()])
-    assert not engine.schema.frozen
-    engine.process([json.dumps({"id": "w5", "features": [0.0, 1.0], "label": "c"}).encode()])
-    assert engine.schema.frozen  # warm-up over: the label space is frozen
+    assert [(r.index, r.reason) for r in result.rejects] == [(0, R.UNKNOWN_LABEL), (1, R.WRONG_DIMENSION)]
+    assert engine.schema.classes == ["b", "a"] and engine.routed.theta.shape == (2, 3)
+    assert engine.events_seen == 1
+    engine.process(
+        [json.dumps({"id": f"w{i}", "features": [0.0, 1.0], "label": "b"}).encode() for i in range(4)]
+    )
+    assert engine.events_seen == 5  # past the warm-up
+    # A trusted label grows the space and the head (a zero row), the curvature follows.
+    assert (
+        engine.add_reference([json.dumps({"id": "r9", "features": [0.0, 2.0], "label": "c"}).encode()]) == []
+    )
+    assert engine.schema.classes == ["b", "a", "c"]
+    assert engine.routed.theta.shape == (3, 3) and engine.shadow is not None
+    assert engine.shadow.theta.shape == (3, 3)
+    assert engine.curvature is not None and engine.curvature.n_classes == 3
+    assert engine.routed.theta[2].tolist() == [0.0, 0.0, 0.0]
+    result = engine.process([json.dumps({"id": "x", "features": [0.0, 0.0], "label": "c"}).encode()])
+    assert result.rejects == [] and np.isfinite(result.scores.influence).all()
     late = [json.dumps({"id": "x", "features": [0.0, 0.0], "label": "d"}).encode()]
     result = engine.process(late)
     assert [(r.index, r.reason) for r in result.rejects] == [(0, R.UNKNOWN_LABEL)]

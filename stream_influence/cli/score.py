@@ -73,10 +73,11 @@ def _score(args: argparse.Namespace) -> int:
         print("error: --l2 must be > 0", file=sys.stderr)
         return 2
     schema = Schema(settings.schema_)
-    # Labels and width: configured, else learned from the reference set, then the training set.
+    # Labels and width: configured, else the (trusted) reference set's.  A label only the training
+    # file has is dead-lettered unknown_label: it must not become a one-point class.
     ref_raws, train_raws = _read_lines(args.reference), _read_lines(args.train)
-    ref, ref_rejects = schema.decode_batch(ref_raws, learn=not schema.frozen)
-    train, train_rejects = schema.decode_batch(train_raws, learn=not schema.frozen)
+    ref, ref_rejects = schema.decode_batch(ref_raws, trusted=True)
+    train, train_rejects = schema.decode_batch(train_raws)
     _report_rejects(str(args.reference), ref_rejects)
     _report_rejects(str(args.train), train_rejects)
     if len(train) == 0 or len(ref) == 0:
