@@ -28,13 +28,13 @@ from tests.fixtures.service_events import (
     events,
     latest_checkpoint,
     malformed,
+    max_abs_diff,
     produce,
     read_topic,
     start_service,
     wait_for,
     write_config,
 )
-from tests.test_service_crash import _max_abs_diff
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -126,7 +126,7 @@ def test_service_resumes_by_itself_after_a_30s_outage_nothing_lost_nothing_learn
     assert c.accepted + c.quarantined + c.dead_lettered == total
     assert ck.engine.events_seen == N_EVENTS, "each valid event learned once"
     assert ck.engine.counters.as_dict() == engine.counters.as_dict()
-    assert _max_abs_diff(ck.engine.state_dict(), engine.state_dict()) <= 1e-9, "model = uninterrupted run"
+    assert max_abs_diff(ck.engine.state_dict(), engine.state_dict()) <= 1e-9, "model = uninterrupted run"
 
     # Per offset, exactly one place.  Replayed windows may repeat an output, as identical copies.
     by_offset: dict[int, set[tuple[bytes | None, bytes]]] = {}

@@ -32,7 +32,6 @@ import pytest
 from hypothesis import strategies as st
 
 from stream_influence.config import load_config
-from stream_influence.engine import InfluenceEngine
 from stream_influence.events import RejectReason
 from stream_influence.kafka_io import header_dict
 from tests.fixtures.bad_events import CLASSES, WIDTH, bad_message, generate, oversized_message
@@ -41,13 +40,14 @@ from tests.fixtures.service_events import (
     consumed,
     events,
     latest_checkpoint,
+    max_abs_diff,
     produce,
     read_topic,
     start_service,
+    uninterrupted,
     wait_for,
     write_config,
 )
-from tests.test_service_crash import _max_abs_diff
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -158,18 +158,14 @@ def test_fuzzed_bad_messages_and_two_kill_minus_nine_each_offset_decided_once(
     assert quarantined == {o for o, d in decided.items() if d == "quarantine"}
 
     # Each valid event learned exactly once: the model of one uninterrupted run, no Kafka.
-    cfg = load_config(cfg_path)
-    engine = InfluenceEngine(cfg.engine)
-    engine.add_reference(refs)
-    for start in range(0, total, BATCH):
-        engine.process(messages[start : start + BATCH])
+    engine = uninterrupted(load_config(cfg_path), refs, messages, BATCH)
     ck = latest_checkpoint(ckdir)
     assert ck.offsets == {(topic, 0): total}
     assert ck.engine.events_seen == N_GOOD
     c = ck.engine.counters
     assert (c.consumed, c.dead_lettered, c.accepted + c.quarantined) == (total, len(bad_offsets), N_GOOD)
     assert c.as_dict() == engine.counters.as_dict()
-    assert _max_abs_diff(ck.engine.state_dict(), engine.state_dict()) <= 1e-9
+    assert max_abs_diff(ck.engine.state_dict(), engine.state_dict()) <= 1e-9
     text = log.read_text(errors="replace")
     print(
         f"{len(bad)} bad + {N_GOOD} valid; kills at consumed={kills}; {text.count('rolled back')} rollbacks"
