@@ -46,6 +46,20 @@ STOP_AFTER = 6_000  # checkpointed events before the broker goes down: the middl
 TIMEOUT = 90.0  # generous: the machine is shared
 
 
+def _committed(bootstrap: str, group: str, topic: str) -> int | None:
+    """The group's committed offset of partition 0, as the broker reports it."""
+    from kafka import KafkaAdminClient, TopicPartition
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        got = admin.list_group_offsets({group: [TopicPartition(topic, 0)]})[group].get(
+            TopicPartition(topic, 0)
+        )
+    finally:
+        admin.close()
+    return None if got is None or got.offset < 0 else got.offset
+
+
 def _source_offsets(messages: list[Any]) -> Counter[int]:
     return Counter(int(header_dict(m.headers)["source_offset"]) for m in messages)
 
@@ -106,6 +120,8 @@ def test_service_resumes_by_itself_after_a_30s_outage_nothing_lost_nothing_learn
             time.sleep(0.5)
         broker.start()
         t_up = time.monotonic()
+        kept = _committed(broker.bootstrap, f"{topic}-group", topic)
+        assert kept is not None and 0 < kept <= at_stop, f"the broker lost the group's commit: {kept}"
         # No restart of the service: it must re-join and go on from its committed offsets.
         wait_for(lambda: consumed(ckdir) >= total, TIMEOUT, what="the whole stream after the outage")
         resumed_s = time.monotonic() - t_up
