@@ -783,7 +783,8 @@ class Service:
             log.error("%s: no copy to %s", where, why)
             return
         log.warning("%s: %s; dead-lettered instead", where, why)
-        self._send_minimal_dead_letter(f.tp, f.message, why)
+        was = kafka_io.header_dict(f.record.headers).get("reason", "quarantine")
+        self._send_minimal_dead_letter(f.tp, f.message, f"{was}: {why}")
 
     def _commit_offsets(
         self, tps: set[TopicPartition] | None = None

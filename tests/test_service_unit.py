@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from stream_influence.checkpoint import CheckpointStore
 from stream_influence.cli import build_parser
 from stream_influence.config import AppSettings, KafkaSettings
 from stream_influence.engine import InfluenceEngine
-from stream_influence.errors import CheckpointError
+from stream_influence.errors import CheckpointError, OutputError
 from stream_influence.settings import EngineSettings
 from tests.fixtures.service_events import events
 
@@ -136,3 +137,43 @@ def test_a_crashed_service_never_checkpoints_its_half_applied_state(tmp_path: Pa
     service.producer = None
     service._shutdown()
     assert CheckpointStore(tmp_path / "ck").latest() is not None
+
+
+def test_an_oversized_output_is_cut_to_the_limit_with_proof_of_the_original() -> None:
+    value = bytes(range(256)) * 5000  # 1,280,000 bytes
+    original = [("trace", b"t" * 100)]
+    headers = kafka_io.dead_letter_headers(original, "too_large", "d", "events", 0, 7)
+    rec = kafka_io.OutputRecord("dl", key=b"k", value=value, headers=headers)
+    for limit in (1_048_576, 10_000, 300):
+        cut = kafka_io.fit_record(rec, limit)
+        size = kafka_io.record_size(cut.key, cut.value, cut.headers)
+        assert size <= limit and size > limit - 16, (limit, size)  # cut to fit, not far below
+        assert cut.value is not None and value.startswith(cut.value)
+        h = kafka_io.header_dict(cut.headers)
+        assert h["original_size"] == str(len(value))
+        assert h["original_sha256"] == hashlib.sha256(value).hexdigest()
+        assert (h["reason"], h["source_offset"]) == ("too_large", "7")
+    # Too small even for the input's headers: they go, the service's own stay.
+    assert "trace" not in kafka_io.header_dict(kafka_io.fit_record(rec, 300).headers)
+    assert "trace" in kafka_io.header_dict(kafka_io.fit_record(rec, 10_000).headers)
+    # What fits is left alone; what cannot fit at all is an OutputError, not a producer crash.
+    small = kafka_io.OutputRecord("dl", key=b"k", value=b"v", headers=headers)
+    assert kafka_io.fit_record(small, 1_048_576) is small
+    with pytest.raises(OutputError):
+        kafka_io.fit_record(rec, 50)
+
+
+def test_record_size_is_what_the_producer_checks() -> None:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer.__new__(KafkaProducer)
+    p.config = {**KafkaProducer.DEFAULT_CONFIG, "api_version": (2, 8)}
+    headers = [("a", b"x" * 10), ("reason", b"r")]
+    for key, value in ((None, b""), (b"k", b"v" * 1000), (b"k" * 300, b"v" * 100_000)):
+        assert kafka_io.record_size(key, value, headers) == p._estimate_size_in_bytes(key, value, headers)
+
+
+def test_an_id_with_a_lone_surrogate_is_an_output_error() -> None:
+    assert kafka_io.encode_key("é-1") == "é-1".encode()
+    with pytest.raises(OutputError, match="UTF-8"):
+        kafka_io.encode_key("\ud800x")
