@@ -51,7 +51,7 @@ from .settings import SchemaSettings
 __all__ = ["MAX_LABEL_INT", "MAX_NESTING", "EventBatch", "Reject", "RejectReason", "Schema"]
 
 # An event needs three levels (object → meta → a list in meta); 32 leaves room and keeps both
-# parsers far from their recursion limits (orjson raises RecursionError at 1024, json earlier).
+# parsers far from their recursion limits (orjson refuses 1024 levels, json recurses ~1000 deep).
 MAX_NESTING = 32
 # Integer labels beyond 2⁵³ − 1 are not exact in JavaScript or as float64, and orjson turns
 # integers beyond 64 bits into floats while json keeps them exact: reject them in both.
@@ -162,11 +162,14 @@ class _Invalid(Exception):
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for ``json``: an object, or :class:`_Invalid` on a repeated key."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        dup = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise _Invalid(RejectReason.DUPLICATE_KEY, f"duplicate key {dup!r}"[:200])
+        for k, _ in pairs:
+            if k in seen:
+                raise _Invalid(RejectReason.DUPLICATE_KEY, f"duplicate key {k!r}"[:200])
+            seen.add(k)
     return obj
 
 
@@ -229,15 +232,18 @@ def load_standard(raw: bytes | str) -> Any:
     return obj
 
 
-def _shape(obj: Any) -> tuple[int, int, int]:
+def _shape(obj: Any, level: int = 1) -> tuple[int, int, int]:
     """``(quotes, brackets, depth)`` of a parsed value, walking objects but not into lists.
 
     ``quotes`` counts the quote characters of its keys and string values, ``brackets`` its
     containers (a list counts, its items are not visited).  The source text of a value holds at
     least as many of each; exactly as many only when no key was repeated (a repeat is lost in
     parsing), no list holds a string or a container, and, without a backslash, no string holds
-    a quote.  Then ``depth`` is the exact nesting depth.
+    a quote.  Then ``depth`` is the exact nesting depth.  The walk stops below ``MAX_NESTING``
+    (orjson reads 1023 levels, far beyond Python's recursion limit).
     """
+    if level > MAX_NESTING:
+        return 0, 0, level  # too deep already: the standard decoder rejects it
     tp = type(obj)  # exact types: the hot path, and orjson/json only make these
     if tp is dict:
         quotes, brackets, depth = 2 * len(obj), 1, 0
@@ -249,7 +255,7 @@ def _shape(obj: Any) -> tuple[int, int, int]:
                 brackets += 1
                 depth = depth or 1
             elif tv is dict:
-                q, b, d = _shape(v)
+                q, b, d = _shape(v, level + 1)
                 quotes, brackets, depth = quotes + q, brackets + b, max(depth, d)
         return quotes, brackets, depth + 1
     if tp is list:
@@ -293,7 +299,10 @@ def load_fast(raws: Sequence[bytes | str]) -> list[Any]:
                 out.append(_standard_or_invalid(raw))
     shapes = [_shape(out[i]) for i in fast]
     if all(type(raws[i]) is bytes for i in fast) and all(d <= MAX_NESTING for _, _, d in shapes):
-        q, b, backslash = _counts(b"".join([raws[i] for i in fast]))  # type: ignore[misc]
+        text = np.frombuffer(b"".join([raws[i] for i in fast]), np.uint8)  # type: ignore[misc]
+        q = int(np.count_nonzero(text == ord('"')))
+        b = int(np.count_nonzero(text == ord("["))) + int(np.count_nonzero(text == ord("{")))
+        backslash = bool(np.count_nonzero(text == ord("\\")))
         if not backslash and q == sum(s[0] for s in shapes) and b == sum(s[1] for s in shapes):
             return out  # every message's counts match (none can fall below its own)
     for i, (q, b, d) in zip(fast, shapes, strict=True):
@@ -415,7 +424,8 @@ class Schema:
         rejects: list[Reject] = []
 
         def reject(i: int, reason: RejectReason, detail: str) -> None:
-            rejects.append(Reject(i, reason, detail))
+            # Details quote the offending value (an id may be a megabyte-long list): keep them short.
+            rejects.append(Reject(i, reason, detail if len(detail) <= 300 else detail[:297] + "..."))
 
         parse: list[int] = []
         for i, raw in enumerate(raws):

@@ -136,7 +136,13 @@ def _dead_letter_id(raw: bytes) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     eid = obj.get("id") if isinstance(obj, dict) else None
-    return eid if isinstance(eid, str) and eid else None
+    if not isinstance(eid, str) or not eid:
+        return None
+    try:
+        eid.encode("utf-8")  # a lone surrogate is not text an operator (or jq) can match
+    except UnicodeEncodeError:
+        return None
+    return eid
 
 
 def _clean(x: Any) -> Any:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +21,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stream_influence.events import MAX_LABEL_INT, MAX_NESTING, RejectReason, Schema
-from stream_influence.settings import SchemaSettings
+from stream_influence.replay import replay
+from stream_influence.settings import EngineSettings, SchemaSettings
+from tests.fixtures.broker import Broker, fresh_topic
+from tests.fixtures.service_events import (
+    events,
+    latest_checkpoint,
+    produce,
+    read_topic,
+    start_service,
+    wait_for,
+    write_config,
+)
 
 R = RejectReason
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "400"))
@@ -246,6 +260,11 @@ EV = '"features": [1, 2, 3], "label": 1'
             R.INVALID_JSON,
         ),
         (b"[" * 1023 + b"]" * 1023, R.INVALID_JSON),  # orjson parses it, json recursed too deep
+        (b'{"a":' * 1000 + b"1" + b"}" * 1000, R.INVALID_JSON),  # walking it once recursed too deep
+        (
+            b'{"id": "a", ' + EV.encode() + b', "meta": ' + b'{"a":' * 1020 + b"1" + b"}" * 1021,
+            R.INVALID_JSON,
+        ),
         (b'{"id": "a", "features": [1, 2, 3], "label": 9007199254740992}', R.INVALID_LABEL),
         (b'{"id": "a", "features": [1, 2, 3], "label": 18446744073709551616}', R.INVALID_LABEL),
         (b'{"id": "a", "features": [1, 2, 3], "label": -1' + b"0" * 400 + b"}", R.INVALID_LABEL),
@@ -314,3 +333,81 @@ def test_fast_path_stays_fast_on_typical_events() -> None:
         events.load_standard = real  # type: ignore[assignment]
     assert len(batch) == 200 and rejects == []
     assert calls == 0
+
+
+def test_replay_reports_no_unencodable_id_for_a_dead_letter(tmp_path: Path) -> None:
+    lines = [b'{"id": "ok%d", "features": [1, 2], "label": %d}' % (i, i % 2) for i in range(4)]
+    lines.insert(2, b'{"id": "\\ud800x", "features": [1, 2], "label": 0}')
+    (tmp_path / "ev.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    replay(tmp_path / "ev.jsonl", EngineSettings(), decisions=tmp_path / "dec.jsonl")
+    dec = [json.loads(x) for x in (tmp_path / "dec.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert (dec[2]["decision"], dec[2]["reason"], dec[2]["id"]) == ("dead_letter", "invalid_json", None)
+    assert [d["decision"] for d in dec].count("dead_letter") == 1
+
+
+@pytest.mark.integration
+def test_service_dead_letters_contract_breakers_and_keeps_running(broker: Broker, tmp_path: Path) -> None:
+    """Defect 2 on the real broker: a lone-surrogate id used to be accepted by the json fallback and
+    crash the service when its key was encoded (every restart, same offset).  Now it and the other
+    contract breakers are dead-lettered with their original bytes; every output key is UTF-8."""
+    topic = fresh_topic(broker, "contract")
+    ref = fresh_topic(broker, "contract-ref")
+    produce(broker.bootstrap, ref, events(150, k=3, seed=7, prefix="ref")[0])
+    bad = {
+        b'{"id": "\\ud800x", "features": [0,0,0,0,0,0,0,0], "label": 1}': "invalid_json",
+        b'{"id": "s2", "features": [0,0,0,0,0,0,0,0], "label": "\\udfff"}': "invalid_json",
+        b'{"id": "d1", "features": [0,0,0,0,0,0,0,0], "label": 1, "label": 2}': "duplicate_key",
+        b'{"id": "u\xff", "features": [0,0,0,0,0,0,0,0], "label": 1}': "invalid_json",
+        b'{"id": "n1", "features": [0,0,0,0,0,0,0,0], "label": 1, "meta": {"a": '
+        + b"[" * 40
+        + b"]" * 40
+        + b"}}": "invalid_json",
+        b'{"id": "h1", "features": [0,0,0,0,0,0,0,0], "label": 18446744073709551616}': "invalid_label",
+    }
+    good = events(600, k=3, seed=8)[0]
+    messages = list(good)
+    for j, b in enumerate(bad):
+        messages.insert(50 + 97 * j, b)
+    produce(broker.bootstrap, topic, messages)
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        broker.bootstrap,
+        topic,
+        tmp_path / "ck",
+        kafka={
+            "reference_topic": ref,
+            "accepted_topic": f"{topic}.accepted",
+            "decisions_topic": f"{topic}.dec",
+        },
+    )
+    log = tmp_path / "svc.log"
+    proc = start_service(cfg, log)
+    try:
+
+        def done() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError("the service exited:\n" + log.read_text(errors="replace")[-3000:])
+            ck = latest_checkpoint(tmp_path / "ck")
+            return ck is not None and ck.engine.counters.consumed >= len(messages)
+
+        wait_for(done, 120, what="all consumed")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = -9
+    assert rc == 0, log.read_text(errors="replace")[-3000:]
+    dead = read_topic(broker.bootstrap, f"{topic}.dead-letter", at_least=len(bad))
+    assert {m.value: dict(m.headers)["reason"].decode() for m in dead} == bad
+    for out in (f"{topic}.accepted", f"{topic}.dec"):
+        for m in read_topic(broker.bootstrap, out, at_least=1):
+            assert m.key is not None and m.key.decode("utf-8")
+
+
+def test_reject_details_stay_short() -> None:
+    huge = json.dumps({"id": list(range(50_000)), "features": [1, 2, 3], "label": 1}).encode()
+    _, rejects = Schema(SchemaSettings()).decode_batch([huge])
+    assert [r.reason for r in rejects] == [R.INVALID_ID] and len(rejects[0].detail) <= 300
