@@ -244,7 +244,12 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=5_000_000)
     ap.add_argument("--interval", type=float, default=2.0, help="seconds between RSS samples")
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--save-json", type=Path, help="also write the result to this file")
+    ap.add_argument("--from-json", type=Path, help="re-render the docs section from a saved result")
     args = ap.parse_args()
+    if args.from_json:
+        write_docs(json.loads(args.from_json.read_text()))
+        return 0
     n = args.events
     with tempfile.TemporaryDirectory() as tmp:
         broker = Broker().start()
@@ -268,6 +273,7 @@ def main() -> int:
         finally:
             broker.stop()
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "events": n,
         "event_bytes": float(np.mean(sizes)),
         "produce_rate": n / produce_s,
@@ -278,6 +284,8 @@ def main() -> int:
         "stop_seconds": stop_s,
     }
     print(json.dumps(result, indent=2))
+    if args.save_json:
+        args.save_json.write_text(json.dumps(result, indent=2))
     if args.write_docs:
         write_docs(result)
     return 0
@@ -293,7 +301,7 @@ def write_docs(r: dict) -> None:
     section = f"""<!-- soak:start -->
 ## soak
 
-`{cmd} --write-docs` ({platform.machine()}, {os.cpu_count()} CPUs shared with other work while it ran;
+`{cmd} --write-docs`, {r.get("date", "")} ({platform.machine()}, {os.cpu_count()} CPUs shared with other work while it ran;
 Python {platform.python_version()}, kafka-python with crc32c, local Tansu broker (memory storage);
 one input partition; d={D}, K={K}, ~{r["event_bytes"]:.0f} bytes per event, 30 % label noise, 300 clean
 reference events; `stream-influence run` as a subprocess with default batch and checkpoint settings
@@ -309,7 +317,7 @@ group, no engine, no outputs) reading the same topic in the same run.
 | RSS when the first event was consumed, MiB | {s["rss_first_mib"]:.1f} | {b["rss_first_mib"]:.1f} |
 | RSS after warm-up, MiB | {s["rss_warm_mib"]:.1f} | {b["rss_warm_mib"]:.1f} |
 | RSS at the end, MiB | {s["rss_end_mib"]:.1f} | {b["rss_end_mib"]:.1f} |
-| change end vs after warm-up | **{s["change"]:+.1%}** | {b["change"]:+.1%} |
+| change end vs after warm-up | **{s["change"] * 100:+.1f} %** | {b["change"] * 100:+.1f} % |
 | RSS slope after warm-up (least squares), MiB per million events | {s["slope_mib_per_million"]:+.2f} | {b["slope_mib_per_million"]:+.2f} |
 | peak RSS, MiB | {s["rss_peak_mib"]:.1f} | {b["rss_peak_mib"]:.1f} |
 | events/s (first consumed → last consumed) | {s["rate"]:,.0f} | {b["rate"]:,.0f} |
@@ -321,7 +329,12 @@ The service's RSS along the stream:
 |---|---|---|
 {rows}
 
-**Verdict: RSS {"flat" if ok else "not flat"} — {s["change"]:+.1%} between warm-up and end (target within
+The two rates are not like for like: the baseline only reads and parses, while the service also
+scores, learns, produces the ~30 % quarantined copies and checkpoints; the baseline shows the
+client's ceiling and a plain consumer's memory, next to which the service's extra ~{s["rss_warm_mib"] - b["rss_warm_mib"]:.0f} MiB
+(torch, the engine, the producer) stays constant.
+
+**Verdict: RSS {"flat" if ok else "not flat"} — {s["change"] * 100:+.1f} % between warm-up and end (target within
 ±{TARGET * 100:.0f} %: {"met" if ok else "missed"}).**  SIGTERM → exit 0 took {r["stop_seconds"]:.1f} s (final flush,
 checkpoint, commit).  For context, the broker (memory storage, holding the topic and the outputs)
 grew from {s["broker_rss_warm_mib"]:.0f} MiB to {s["broker_rss_end_mib"]:.0f} MiB during the service run; the test
