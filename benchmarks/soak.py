@@ -1,6 +1,7 @@
 """Soak: millions of events through ``stream-influence run``; is the service's memory flat?
 
-    nice .venv/bin/python benchmarks/soak.py [--events 5000000] [--write-docs]
+    nice .venv/bin/python benchmarks/soak.py [--events 5000000] [--write-docs] [--save-json FILE]
+    .venv/bin/python benchmarks/soak.py --from-json benchmarks/results/soak.json   # re-render the docs
 
 Steps (one fresh embedded broker, fresh topics):
 1. produce N events (d=8, K=3, 30 % label noise, ~170 bytes each) in chunks, + 300 clean
