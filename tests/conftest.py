@@ -2,4 +2,8 @@
 
 from __future__ import annotations
 
-pytest_plugins: list[str] = ["tests.fixtures.prometheus", "tests.fixtures.broker"]
+pytest_plugins: list[str] = [
+    "tests.fixtures.prometheus",
+    "tests.fixtures.broker",
+    "tests.fixtures.persistent_broker",
+]
