@@ -203,6 +203,13 @@ class KafkaSettings(_Frozen):
     request_timeout_ms: int = Field(
         default=30_000, ge=1000, description="Timeout of one broker request (consumer, producer, admin)."
     )
+    reconnect_backoff_max_ms: int = Field(
+        default=1000,
+        ge=50,
+        description="Longest back-off between reconnection attempts to a broker (Apache Kafka's Java "
+        "client default; kafka-python's own 30 s would leave the service idle up to 30 s after the "
+        "broker is back).",
+    )
     process_batch_size: int = Field(
         default=512,
         ge=1,

@@ -88,6 +88,7 @@ def common_options(k: KafkaSettings) -> dict[str, Any]:
         "security_protocol": k.security_protocol,
         "client_id": k.client_id,
         "ssl_check_hostname": k.ssl_check_hostname,
+        "reconnect_backoff_max_ms": k.reconnect_backoff_max_ms,
     }
     if k.sasl_mechanism:
         opts["sasl_mechanism"] = k.sasl_mechanism

@@ -92,9 +92,6 @@ def test_service_resumes_by_itself_after_a_30s_outage_nothing_lost_nothing_learn
             "reference_topic": ref,
             "decisions_topic": decisions,
             "process_batch_size": BATCH,
-            # kafka-python backs off reconnecting up to 30 s by default: after a 30 s outage the
-            # clients would idle up to 30 s more before they notice the broker is back.
-            "client_options": {"reconnect_backoff_max_ms": 1000},
         },
         checkpoint={"every_events": 2000, "every_seconds": 1.0},
         logging={"level": "DEBUG"},  # one line per processed batch

@@ -197,6 +197,16 @@ def test_secret_client_option_reaches_client_unwrapped() -> None:
     assert "key_deserializer" in opts and opts["key_deserializer"] is None
 
 
+def test_reconnect_backoff_reaches_every_client_and_client_options_still_win() -> None:
+    """Resuming after an outage waits for the reconnect back-off: ours (1 s) must reach every
+    client, not kafka-python's 30 s default; an explicit client option still overrides it."""
+    k = KafkaSettings()
+    for build in (kafka_io.consumer_options, kafka_io.producer_options, kafka_io.admin_options):
+        assert build(k)["reconnect_backoff_max_ms"] == 1000, build.__name__
+    k = KafkaSettings(client_options={"reconnect_backoff_max_ms": 250})
+    assert kafka_io.consumer_options(k)["reconnect_backoff_max_ms"] == 250
+
+
 # -- validation of the security settings ----------------------------------------------------------
 def test_sasl_protocol_needs_mechanism_and_credentials() -> None:
     with pytest.raises(ConfigError) as info:
