@@ -17,20 +17,18 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from docs_section import write_section  # benchmarks/ is on sys.path as the script directory
 from threadpoolctl import threadpool_limits
 
 from stream_influence.engine import InfluenceEngine
 from stream_influence.settings import CurvatureSettings, EngineSettings, SchemaSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- engine:start -->", "<!-- engine:end -->"
 TARGET = (64, 10, EngineSettings().curvature.kind, 512)  # d, K, default estimator, batch: ≥ 10× River
 RAW_TARGET = 150_000  # issue 11: events/s with decoding at d=64, K=10, batch 512
 KINDS = ("exact", "kfac", "ekfac", "classblock", "diagonal")
@@ -168,7 +166,7 @@ def main() -> int:
     section = render(rows, args, elapsed)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("engine", section)
     return 0
 
 
@@ -254,20 +252,6 @@ def render(rows: list[dict], args: argparse.Namespace, elapsed: float) -> str:
         "is one timed measurement, not repeated.",
     ]
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    block = f"{START}\n{section}\n{END}"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else text.rstrip("\n") + "\n\n" + block + "\n"
-    )
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
-    print(f"wrote the engine section of {DOC}")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from docs_section import write_section  # benchmarks/ is on sys.path as the script directory
 from scipy import stats
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
@@ -49,8 +49,6 @@ from stream_influence.offline import (
 from stream_influence.settings import CurvatureSettings, InfluenceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 KINDS = ("exact", "kfac", "ekfac", "classblock", "diagonal", "identity")
 # (name, feature columns of digits, label map)
 HEADS = [
@@ -197,7 +195,7 @@ def main() -> int:
     section = render(rows, streams, args, time.perf_counter() - t0)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("fidelity", section)
     return 0
 
 
@@ -270,19 +268,6 @@ def render(rows: list[Row], streams: dict, args: argparse.Namespace, elapsed: fl
     for name in next(iter(streams.values())):
         lines.append(f"| {name} | " + " | ".join(_cell(s[name]) for s in streams.values()) + " |")
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    block = f"{START}\n{section}\n{END}"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else text.rstrip("\n") + "\n\n" + block + "\n"
-    )
-    DOC.write_text(text)
-    print(f"wrote the fidelity section of {DOC}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # one BLAS thread per worker: the workers are the parallelism
 
 import numpy as np  # noqa: E402
+from docs_section import write_section  # noqa: E402  (benchmarks/ is on sys.path as the script directory)
 
 from stream_influence.datasets import DATASETS, Stream, load_stream  # noqa: E402
 from stream_influence.engine import InfluenceEngine  # noqa: E402
@@ -807,17 +808,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_section(doc: Path, body: str) -> None:
-    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small streams, one seed, one trusted size")
@@ -1016,7 +1006,7 @@ makes a sweep too slow here.
 
 {chr(10).join(lines)}
 """
-    write_section(args.doc, body)
+    write_section("quality", body, args.doc)
     print(f"wrote {args.doc} ({wall:.0f} s)", file=sys.stderr)
     return 0
 

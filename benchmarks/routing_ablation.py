@@ -49,7 +49,6 @@ import itertools
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -59,6 +58,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 import numpy as np  # noqa: E402
+from docs_section import write_section  # noqa: E402  (benchmarks/ is on sys.path as the script directory)
 
 from stream_influence.datasets import Stream, load_stream  # noqa: E402
 from stream_influence.engine import InfluenceEngine  # noqa: E402
@@ -69,9 +69,7 @@ from stream_influence.offline import fit_head  # noqa: E402
 from stream_influence.settings import EngineSettings, SchemaSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
 RESULTS = ROOT / "benchmarks" / "results" / "routing_ablation.json"
-START, END = "<!-- routing_ablation:start -->", "<!-- routing_ablation:end -->"
 POLL = 512  # the service's default poll (kafka.max_poll_records)
 NOISES = [(0.0, "symmetric"), (0.2, "symmetric"), (0.4, "symmetric"), (0.3, "pairflip")]
 SIZES = {"hyperplane": 5000, "mnist": 3000}
@@ -114,18 +112,6 @@ def trusted_subset(stream: Stream, kind: str, seed: int) -> tuple[np.ndarray, np
     return stream.X_ref[np.sort(idx)], stream.y_ref[np.sort(idx)]
 
 
-def batch_of(X: np.ndarray, y: np.ndarray) -> EventBatch:
-    n = len(y)
-    return EventBatch(
-        ids=[str(i) for i in range(n)],
-        features=np.asarray(X, dtype=np.float64),
-        labels=np.asarray(y, dtype=np.int64),
-        weights=np.ones(n),
-        timestamps=np.full(n, np.nan),
-        index=np.arange(n),
-    )
-
-
 def settings_for(stream: Stream, variant: str) -> EngineSettings:
     base = EngineSettings(
         schema=SchemaSettings(classes=list(range(stream.n_classes)), n_features=stream.n_features)
@@ -148,11 +134,13 @@ class _WarmupRule(InfluenceEngine):
 def run_engine(stream: Stream, Xr: np.ndarray, yr: np.ndarray, variant: str) -> dict[str, Any]:
     cls = _WarmupRule if variant == "absolute" else InfluenceEngine
     eng = cls(settings_for(stream, variant))
-    eng.add_reference_events(batch_of(Xr, yr))
+    eng.add_reference_events(EventBatch.from_arrays(Xr, yr))
     q, above = [], []
     t0 = time.perf_counter()
     for i in range(0, len(stream.y_events), POLL):
-        r = eng.process_events(batch_of(stream.X_events[i : i + POLL], stream.y_events[i : i + POLL]))
+        r = eng.process_events(
+            EventBatch.from_arrays(stream.X_events[i : i + POLL], stream.y_events[i : i + POLL])
+        )
         q.append(r.quarantine)
         # Above the influence threshold, before the gate: what the calibration alone bounds by α.
         above.append(r.scores.get(eng.policy.settings.score) > r.thresholds)
@@ -529,11 +517,13 @@ def throughput(seconds: float = 3.0) -> list[dict[str, Any]]:
             base = EngineSettings(schema=SchemaSettings(classes=list(range(K)), n_features=d))
             s = base.model_copy(update={"influence": base.influence.model_copy(update={"micro_batch": mb})})
             eng = InfluenceEngine(s)
-            eng.add_reference_events(batch_of(X[:300], y[:300]))
-            eng.process_events(batch_of(X[300:1324], y[300:1324]))  # untimed: warm start, first refresh
+            eng.add_reference_events(EventBatch.from_arrays(X[:300], y[:300]))
+            eng.process_events(
+                EventBatch.from_arrays(X[300:1324], y[300:1324])
+            )  # untimed: warm start, first refresh
             done, t0 = 0, time.perf_counter()
             for i in range(1324, n, POLL):
-                eng.process_events(batch_of(X[i : i + POLL], y[i : i + POLL]))
+                eng.process_events(EventBatch.from_arrays(X[i : i + POLL], y[i : i + POLL]))
                 done += len(y[i : i + POLL])
                 if time.perf_counter() - t0 > seconds:
                     break
@@ -542,19 +532,6 @@ def throughput(seconds: float = 3.0) -> list[dict[str, Any]]:
             )
             print(out[-1], flush=True)
     return out
-
-
-def write_section(section: str) -> None:
-    block = f"{START}\n{section}\n{END}"
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else text.rstrip("\n") + "\n\n" + block + "\n"
-    )
-    DOC.write_text(text)
-    print(f"wrote the routing_ablation section of {DOC}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         section = render(saved["rows"], saved.get("seconds", float("nan")), saved["throughput"], cmd)
         print(section)
         if a.write_docs:
-            write_section(section)
+            write_section("routing_ablation", section)
         return 0
     t0 = time.perf_counter()
     rows = []
@@ -594,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rows, seconds, tp, cmd)
     print(section)
     if a.write_docs:
-        write_section(section)
+        write_section("routing_ablation", section)
     return 0
 
 

@@ -115,6 +115,20 @@ class EventBatch:
         )
 
     @classmethod
+    def from_arrays(cls, features: np.ndarray, labels: np.ndarray) -> EventBatch:
+        """Already-valid events from arrays (class indices, weight 1, no timestamps; ids are the
+        row numbers), for offline code and tests that need no JSON."""
+        n = len(labels)
+        return cls(
+            ids=[str(i) for i in range(n)],
+            features=np.asarray(features, dtype=np.float64),
+            labels=np.asarray(labels, dtype=np.int64),
+            weights=np.ones(n),
+            timestamps=np.full(n, np.nan),
+            index=np.arange(n),
+        )
+
+    @classmethod
     def empty(cls, n_features: int) -> EventBatch:
         return cls([], np.zeros((0, n_features)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
 

@@ -28,18 +28,6 @@ from stream_influence.settings import (
 from stream_influence.state import load_engine, save_engine
 
 
-def batch_of(X: np.ndarray, y: np.ndarray) -> EventBatch:
-    n = len(y)
-    return EventBatch(
-        ids=[str(i) for i in range(n)],
-        features=np.asarray(X, dtype=np.float64),
-        labels=np.asarray(y, dtype=np.int64),
-        weights=np.ones(n),
-        timestamps=np.full(n, np.nan),
-        index=np.arange(n),
-    )
-
-
 def engine_for(K: int, d: int, **parts: Any) -> InfluenceEngine:
     base = EngineSettings(schema=SchemaSettings(classes=list(range(K)), n_features=d))
     update = {k: getattr(base, k).model_copy(update=v) for k, v in parts.items()}
@@ -51,7 +39,7 @@ def run(
 ) -> tuple[np.ndarray, list[str]]:
     q, reasons = [], []
     for i in range(0, len(y), poll):
-        r = engine.process_events(batch_of(X[i : i + poll], y[i : i + poll]))
+        r = engine.process_events(EventBatch.from_arrays(X[i : i + poll], y[i : i + poll]))
         q.append(r.quarantine)
         reasons += r.reasons
     return np.concatenate(q), reasons
@@ -112,8 +100,8 @@ def test_a_30_point_trusted_set_routes_from_the_first_batch_and_quarantines_flip
     flip = rng.random(400) < 0.3
     y = np.where(flip, (y_true + rng.integers(1, K, 400)) % K, y_true)
     engine = engine_for(K, d)
-    engine.add_reference_events(batch_of(Xr, yr))
-    result = engine.process_events(batch_of(X, y))  # the first batch
+    engine.add_reference_events(EventBatch.from_arrays(Xr, yr))
+    result = engine.process_events(EventBatch.from_arrays(X, y))  # the first batch
     assert "warmup" not in result.reasons and np.isfinite(result.scores.cosine_influence).all()
     q = result.quarantine
     assert flip[q].mean() >= 0.9, "the quarantine route is the flipped events"
@@ -128,7 +116,7 @@ def _per_class_clean_rates(alpha: float, gate: bool) -> np.ndarray:
         s.n_features,
         policy={"false_quarantine_rate": alpha, "require_disagreement": gate},
     )
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     q, _ = run(engine, s.X_events, s.y_events)
     return np.array([q[s.y_events == c].mean() for c in range(s.n_classes)])
 
@@ -163,7 +151,7 @@ def _imbalanced_rates(gate: bool, min_class_calibration: int = 10) -> np.ndarray
     engine = engine_for(
         2, d, policy={"require_disagreement": gate, "min_class_calibration": min_class_calibration}
     )
-    engine.add_reference_events(batch_of(Xr, yr))
+    engine.add_reference_events(EventBatch.from_arrays(Xr, yr))
     q, _ = run(engine, X, y)
     return np.array([q[y == 0].mean(), q[y == 1].mean()])
 
@@ -216,7 +204,7 @@ def _correlated_routing(noise: float, kind: str, identity: bool) -> tuple[float,
     """(precision, recall) of the quarantine route on correlated, unscaled features."""
     s = load_stream("digits_correlated", noise=noise, noise_kind=kind, seed=0)  # type: ignore[arg-type]
     engine = engine_for(s.n_classes, s.n_features)  # default curvature
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     if identity:
         engine.curvature = IdentityCurvature(engine.settings.curvature, s.n_classes, s.n_features + 1)
     q, _ = run(engine, s.X_events, s.y_events)
@@ -301,7 +289,7 @@ def _hybrid_clean_rates(alpha: float) -> np.ndarray:
     engine = engine_for(
         s.n_classes, s.n_features, policy={"false_quarantine_rate": alpha, "evidence": "hybrid"}
     )
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     q, _ = run(engine, s.X_events, s.y_events)
     return np.array([q[s.y_events == c].mean() for c in range(s.n_classes)])
 
@@ -318,7 +306,7 @@ def test_hybrid_catches_flips_the_influence_test_misses() -> None:
     out = {}
     for evidence in ("influence", "hybrid"):
         engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
-        engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+        engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
         q, _ = run(engine, s.X_events, s.y_events)
         out[evidence] = (float(s.corrupted[q].mean()), float(q[s.corrupted].mean()))
     r_inf, (p_hyb, r_hyb) = out["influence"][1], out["hybrid"]
@@ -328,10 +316,10 @@ def test_hybrid_catches_flips_the_influence_test_misses() -> None:
 def test_reference_model_survives_a_checkpoint_and_is_refit_without_one() -> None:
     s = load_stream("digits", noise=0.2, seed=0)
     engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
-    engine.process_events(batch_of(s.X_events[:512], s.y_events[:512]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
+    engine.process_events(EventBatch.from_arrays(s.X_events[:512], s.y_events[:512]))
     state = copy.deepcopy(engine.state_dict())  # the live arrays move on
-    rest = batch_of(s.X_events[512:], s.y_events[512:])
+    rest = EventBatch.from_arrays(s.X_events[512:], s.y_events[512:])
     expected = engine.process_events(rest).quarantine
     for drop in (False, True):
         saved = {k: v for k, v in state.items() if not (drop and k == "reference_model")}
@@ -344,12 +332,12 @@ def test_reference_model_survives_a_checkpoint_and_is_refit_without_one() -> Non
 def test_reference_model_refits_when_the_trusted_set_grows() -> None:
     s = load_stream("digits", seed=0)
     engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
-    engine.add_reference_events(batch_of(s.X_ref[:100], s.y_ref[:100]))
-    engine.process_events(batch_of(s.X_events[:64], s.y_events[:64]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref[:100], s.y_ref[:100]))
+    engine.process_events(EventBatch.from_arrays(s.X_events[:64], s.y_events[:64]))
     first = engine.reference_model.theta.copy()
     assert engine.reference_model.version == engine.reference.version
-    engine.add_reference_events(batch_of(s.X_ref[100:], s.y_ref[100:]))
-    engine.process_events(batch_of(s.X_events[64:128], s.y_events[64:128]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref[100:], s.y_ref[100:]))
+    engine.process_events(EventBatch.from_arrays(s.X_events[64:128], s.y_events[64:128]))
     assert engine.reference_model.version == engine.reference.version
     assert len(engine.reference_model.calibration_losses) == len(s.y_ref)
     assert not np.allclose(engine.reference_model.theta, first)
@@ -358,12 +346,12 @@ def test_reference_model_refits_when_the_trusted_set_grows() -> None:
 def test_a_hybrid_engine_checkpoint_file_restores_bit_for_bit(tmp_path: Path) -> None:
     s = load_stream("digits", noise=0.2, seed=0)
     engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
-    engine.process_events(batch_of(s.X_events[:512], s.y_events[:512]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
+    engine.process_events(EventBatch.from_arrays(s.X_events[:512], s.y_events[:512]))
     save_engine(engine, tmp_path / "engine.safetensors")
     restored, _ = load_engine(tmp_path / "engine.safetensors")
     assert restored.reference_model.fitted
-    rest = batch_of(s.X_events[512:], s.y_events[512:])
+    rest = EventBatch.from_arrays(s.X_events[512:], s.y_events[512:])
     np.testing.assert_array_equal(
         restored.process_events(rest).quarantine, engine.process_events(rest).quarantine
     )
@@ -375,11 +363,11 @@ def test_no_evidence_quarantines_a_helpful_event(evidence: str) -> None:
     holds with reference-loss evidence too, on a noisy stream where that test fires often."""
     s = load_stream("digits", noise=0.2, seed=0)
     engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     floor = engine.policy.settings.quarantine_threshold
     n_q = n_helpful = 0
     for i in range(0, len(s.y_events), 512):
-        r = engine.process_events(batch_of(s.X_events[i : i + 512], s.y_events[i : i + 512]))
+        r = engine.process_events(EventBatch.from_arrays(s.X_events[i : i + 512], s.y_events[i : i + 512]))
         score = r.scores.get(engine.policy.settings.score)
         n_q += int(r.quarantine.sum())
         n_helpful += int((r.quarantine & (score <= floor)).sum())
@@ -404,8 +392,8 @@ def test_requeue_decides_as_the_live_policy_would(evidence: str) -> None:
         influence={"refresh_every": 1},
         model={"standardize_freeze_after": 256},
     )
-    engine.add_reference_events(batch_of(s.X_ref, s.y_ref))
-    engine.process_events(batch_of(s.X_events[:512], s.y_events[:512]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
+    engine.process_events(EventBatch.from_arrays(s.X_events[:512], s.y_events[:512]))
     n_q = 0
     for i in range(512, 512 + 64 * 8, 64):
         X, y = s.X_events[i : i + 64], s.y_events[i : i + 64]
@@ -414,7 +402,7 @@ def test_requeue_decides_as_the_live_policy_would(evidence: str) -> None:
             for j, (x, c) in enumerate(zip(X, y, strict=True))
         ]
         before = copy.deepcopy(engine)
-        live = engine.process_events(batch_of(X, y)).quarantine
+        live = engine.process_events(EventBatch.from_arrays(X, y)).quarantine
         valid, passes = pass_mask(before, raws)
         assert valid.all()
         np.testing.assert_array_equal(passes, ~live)
@@ -426,10 +414,16 @@ def _trickle(engine: InfluenceEngine, s: Any, n0: int, chunks: range) -> list[np
     """One trusted point arrives with each chunk of 32 events (the review's trickle)."""
     out = []
     for j in chunks:
-        engine.add_reference_events(batch_of(s.X_ref[n0 + j : n0 + j + 1], s.y_ref[n0 + j : n0 + j + 1]))
+        engine.add_reference_events(
+            EventBatch.from_arrays(s.X_ref[n0 + j : n0 + j + 1], s.y_ref[n0 + j : n0 + j + 1])
+        )
         i = 32 * (j + 2)
         assert i + 32 <= len(s.y_events)
-        out.append(engine.process_events(batch_of(s.X_events[i : i + 32], s.y_events[i : i + 32])).quarantine)
+        out.append(
+            engine.process_events(
+                EventBatch.from_arrays(s.X_events[i : i + 32], s.y_events[i : i + 32])
+            ).quarantine
+        )
     return out
 
 
@@ -445,8 +439,8 @@ def test_reference_model_refits_after_a_fraction_of_the_trusted_set_changed(frac
         policy={"evidence": "hybrid"},
         influence={"reference_model_refit_fraction": fraction},
     )
-    engine.add_reference_events(batch_of(s.X_ref[:n0], s.y_ref[:n0]))
-    engine.process_events(batch_of(s.X_events[:64], s.y_events[:64]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref[:n0], s.y_ref[:n0]))
+    engine.process_events(EventBatch.from_arrays(s.X_events[:64], s.y_events[:64]))
     fits: list[int] = []
     fit = engine.reference_model.fit
     engine.reference_model.fit = lambda *a, **k: (fits.append(engine.reference.size), fit(*a, **k))  # type: ignore[method-assign]
@@ -467,8 +461,8 @@ def test_a_kept_reference_fit_is_deterministic_across_a_checkpoint() -> None:
         return engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
 
     engine = fresh()
-    engine.add_reference_events(batch_of(s.X_ref[:n0], s.y_ref[:n0]))
-    engine.process_events(batch_of(s.X_events[:64], s.y_events[:64]))
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref[:n0], s.y_ref[:n0]))
+    engine.process_events(EventBatch.from_arrays(s.X_events[:64], s.y_events[:64]))
     first = _trickle(engine, s, n0, range(8))
     state = copy.deepcopy(engine.state_dict())
     assert engine.reference_model.version != engine.reference.version  # a kept, older fit
