@@ -61,12 +61,17 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         log_path: Path | None = None,
         advertised_listener: str | None = None,
+        storage_engine: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.log_path = log_path
         # Where metadata sends clients, e.g. a TLS proxy in front of the broker (default: itself).
         self.advertised_listener = advertised_listener
+        # Default: memory (data is lost on restart); e.g. "s3://bucket/" keeps it (env: credentials).
+        self.storage_engine = storage_engine
+        self.env = env or {}
         self.process: subprocess.Popen[bytes] | None = None
 
     @staticmethod
@@ -95,10 +100,12 @@ class EmbeddedBroker:
                     url,
                     "--advertised-listener-url",
                     self.advertised_listener or url,
+                    *(["--storage-engine", self.storage_engine] if self.storage_engine else []),
                 ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env={**os.environ, **self.env} if self.env else None,
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot start {binary}: {exc}") from exc
