@@ -38,6 +38,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from docs_section import write_section  # noqa: E402  (benchmarks/ is on sys.path as the script directory)
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 from stream_influence.config import AppSettings  # noqa: E402
@@ -188,8 +189,6 @@ def main() -> int:
 
 
 def write_docs(r: dict[str, float]) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
 
     def verdict(x: float) -> str:
         return "meets the target" if x >= 0.5 else "misses the target"
@@ -205,8 +204,7 @@ def write_docs(r: dict[str, float]) -> None:
         if r["ratio"] >= 0.5
         else "met against the `orjson.loads` baseline, missed against the issue's `json.loads` one"
     )
-    section = f"""<!-- service:start -->
-## service
+    section = f"""## service
 
 `nice .venv/bin/python benchmarks/service.py --events {r["events"]} --write-docs`
 ({platform.machine()}, {os.cpu_count()} CPUs, no other benchmark running; Python {platform.python_version()},
@@ -247,13 +245,8 @@ event, outside the benchmark's clock) is the rest.  No cheap win is left in `ser
 `kafka_io.py`; the baselines do neither the engine's work nor any producing, so the levers are the
 Python Kafka client (confluent-kafka reads ~1 M/s and writes ~600 k/s on these machines, see the
 test-broker notes) and the engine's per-event validation.
-<!-- service:end -->"""
-    start, end = "<!-- service:start -->", "<!-- service:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+"""
+    write_section("service", section)
 
 
 if __name__ == "__main__":

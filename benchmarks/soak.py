@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from docs_section import write_section  # benchmarks/ is on sys.path as the script directory
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -299,8 +300,7 @@ def write_docs(r: dict) -> None:
     cmd = "nice .venv/bin/python benchmarks/soak.py" + (
         f" --events {r['events']}" if r["events"] != 5_000_000 else ""
     )
-    section = f"""<!-- soak:start -->
-## soak
+    section = f"""## soak
 
 `{cmd} --write-docs`, {r.get("date", "")} ({platform.machine()}, {os.cpu_count()} CPUs shared with other work while it ran;
 Python {platform.python_version()}, kafka-python with crc32c, local Tansu broker (memory storage);
@@ -340,15 +340,8 @@ client's ceiling and a plain consumer's memory, next to which the service's extr
 checkpoint, commit).  For context, the broker (memory storage, holding the topic and the outputs)
 grew from {s["broker_rss_warm_mib"]:.0f} MiB to {s["broker_rss_end_mib"]:.0f} MiB during the service run; the test
 producer loaded the topic at {r["produce_rate"]:,.0f} events/s before it.
-<!-- soak:end -->"""
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    start, end = "<!-- soak:start -->", "<!-- soak:end -->"
-    if start in text and end in text:
-        text = text[: text.index(start)] + section + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
+"""
+    write_section("soak", section)
 
 
 if __name__ == "__main__":
