@@ -30,6 +30,7 @@ __all__ = [
     "OUTPUT_FAILED",
     "Headers",
     "OutputRecord",
+    "PastEnd",
     "ReferenceReader",
     "admin_options",
     "broker_reachable",
@@ -42,12 +43,12 @@ __all__ = [
     "encode_key",
     "ensure_topics",
     "fit_record",
-    "lag",
     "producer_options",
     "quarantine_headers",
     "record_size",
     "source_headers",
     "value_proof",
+    "watermarks",
 ]
 
 log = logging.getLogger(__name__)
@@ -406,7 +407,7 @@ class ReferenceReader:
         self.consumer = build_consumer(k, group=False)
         self.offsets: dict[int, int] = dict(offsets or {})
         self._assigned: set[int] = set()
-        self._beyond_end: dict[int, int] = {}  # consecutive checks with position > high watermark
+        self._past_end = PastEnd()
         self._max_records = k.max_poll_records
 
     def _assign(self) -> bool:
@@ -453,27 +454,17 @@ class ReferenceReader:
         reset: list[int] = []
         for p in sorted(self._assigned):
             tp = TopicPartition(self.topic, p)
-            hw = self.consumer.highwater(tp)
-            try:
-                pos = self.consumer.position(tp, timeout_ms=0)
-            except Exception:
-                continue
-            if hw is None or pos is None or pos <= hw:
-                self._beyond_end.pop(p, None)
-                continue
-            self._beyond_end[p] = self._beyond_end.get(p, 0) + 1
-            if self._beyond_end[p] >= 2:
+            wm = watermarks(self.consumer, tp)
+            if wm is not None and self._past_end.check(p, *wm):
                 log.warning(
                     "reference topic %s-%d: position %d is past the end (%d): topic re-created or "
                     "truncated; reading it again from the beginning",
                     self.topic,
                     p,
-                    pos,
-                    hw,
+                    *wm,
                 )
                 self.consumer.seek_to_beginning(tp)
                 self.offsets[p] = 0
-                self._beyond_end.pop(p, None)
                 reset.append(p)
         return reset
 
@@ -507,20 +498,39 @@ class ReferenceReader:
 
 
 # -- lag and health -----------------------------------------------------------------------
-def lag(consumer: KafkaConsumer, tp: TopicPartition) -> int | None:
-    """``highwater − position`` (``end_offsets`` is not reliable on every broker)."""
+def watermarks(consumer: KafkaConsumer, tp: TopicPartition) -> tuple[int, int] | None:
+    """``(position, high watermark)`` of ``tp`` without blocking, or None while either is unknown.
+
+    Lag is ``high watermark − position``: ``end_offsets`` is not reliable on every broker."""
     hw = consumer.highwater(tp)
     if hw is None:
         return None
     try:
         pos = consumer.position(tp, timeout_ms=0)
-    except TypeError:  # older kafka-python without timeout_ms
-        pos = consumer.position(tp)
     except Exception:
         return None
-    if pos is None:
-        return None
-    return max(0, hw - pos)
+    return None if pos is None else (pos, hw)
+
+
+class PastEnd:
+    """Notices a partition whose position stays past its high watermark: the topic was deleted
+    and re-created (or truncated).  Apache Kafka answers OFFSET_OUT_OF_RANGE there; not every
+    broker does.  Two checks in a row, so a watermark that lags one fetch is not mistaken."""
+
+    def __init__(self) -> None:
+        self._count: dict[Any, int] = {}
+
+    def check(self, key: Any, pos: int, hw: int) -> bool:
+        """True when ``key`` must be reset (its count then starts again)."""
+        if pos <= hw:
+            self._count.pop(key, None)
+            return False
+        n = self._count.get(key, 0) + 1
+        if n >= 2:
+            self._count.pop(key, None)
+            return True
+        self._count[key] = n
+        return False
 
 
 def broker_reachable(consumer: KafkaConsumer) -> bool:

@@ -144,7 +144,7 @@ class Service:
         self.inflight: list[_Sent] = []
         self.needs_rollback = False
         self.broker_up = True
-        self._beyond_end: dict[TopicPartition, int] = {}
+        self._past_end = kafka_io.PastEnd()
         self._summary: dict[str, Any] = {}
         self._summary_at = 0.0
         self._last_housekeeping = 0.0
@@ -934,21 +934,14 @@ class Service:
         with self.lock:
             owned = list(self.owned)
         for tp in owned:
-            hw = self.consumer.highwater(tp)
-            try:
-                pos = self.consumer.position(tp, timeout_ms=0)
-            except Exception:
+            wm = kafka_io.watermarks(self.consumer, tp)
+            if wm is None:
                 continue
-            if hw is None or pos is None:
-                continue
+            pos, hw = wm
+            if self._past_end.check(tp, pos, hw):
+                self._reset_partition(tp, pos, hw)
             if pos > hw:
-                # Position past the end: the topic was deleted and re-created (or truncated).
-                # Apache Kafka answers OFFSET_OUT_OF_RANGE here; not every broker does.
-                self._beyond_end[tp] = self._beyond_end.get(tp, 0) + 1
-                if self._beyond_end[tp] >= 2:
-                    self._reset_partition(tp, pos, hw)
                 continue
-            self._beyond_end.pop(tp, None)
             self._metric("set_lag", tp.topic, tp.partition, hw - pos)
         # Model gauges must follow the model while the stream is idle too, not only per batch.
         with self.lock:
@@ -976,7 +969,6 @@ class Service:
                 self.consumer.seek_to_beginning(tp)
             else:
                 self.consumer.seek(tp, hw)
-            self._beyond_end.pop(tp, None)
 
 
 def run_service(cfg: AppSettings, config_path: Path | None = None) -> int:

@@ -353,3 +353,17 @@ def test_a_replayed_window_follows_the_original_cut_of_a_partial_tail_chunk(tmp_
     chunks.clear()
     arrive(0, 16)
     assert chunks == [(0, 8), (8, 16)]
+
+
+def test_past_end_needs_two_checks_in_a_row_then_starts_again() -> None:
+    """A position past the high watermark once may be a watermark one fetch behind; twice in a
+    row means the topic was re-created (or truncated).  One rule for the input and the reference."""
+    from stream_influence.kafka_io import PastEnd
+
+    seen = PastEnd()
+    assert not seen.check("t-0", 120, 100)
+    assert not seen.check("t-0", 100, 100)  # caught up again: the count restarts
+    assert not seen.check("t-0", 120, 100)
+    assert seen.check("t-0", 120, 100)
+    assert not seen.check("t-0", 120, 100)  # reset: counting starts again after a positive
+    assert not seen.check("t-1", 5, 3)  # partitions are counted apart
