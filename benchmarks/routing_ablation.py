@@ -18,6 +18,9 @@ through the engine with the default routing and with one part changed at a time:
 * ``union``: both tests at α/2, no sign condition;
 * ``ref_loss``: ``policy.evidence: reference_loss`` — the reference-loss test alone at α: the
   loss filter built from the engine's own calibrated machinery (what influence must beat);
+* ``margin``: the margin objective (classification influence, ``influence.objective: margin``);
+* ``relative``: ``relative_influence`` as the calibrated score;
+* ``hybrid_25``: the hybrid with a quarter of α for the reference-loss test (``hybrid_split: 0.25``);
 * ``absolute``: the old rule (absolute cosine threshold 0.02, no gate, cold start, a warm-up of
   min(500, events / 3) events, micro-batch 512);
 
@@ -91,6 +94,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         }
     },
     "ref_loss": {"policy": {"evidence": "reference_loss"}},
+    "margin": {"influence": {"objective": "margin"}},
+    "relative": {"policy": {"score": "relative_influence"}},
+    "hybrid_25": {"policy": {"evidence": "hybrid", "hybrid_split": 0.25}},
     "absolute": {
         "policy": {"mode": "absolute", "quarantine_threshold": 0.02, "require_disagreement": False},
         "learner": {"warm_start_epochs": 0},
