@@ -23,9 +23,11 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    ``evidence`` picks what quarantines: the score (``influence``), the event's *reference loss*
    ``ℓ_ref`` (its label's loss under the head fitted on the trusted set alone, see
    :mod:`~stream_influence.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
-   the cross-fitted trusted losses of class ``y`` (``reference_loss``), or ``hybrid``: either test,
-   α split between them by ``hybrid_split`` (Bonferroni: the union still quarantines a clean
-   event with probability ≤ α).  With every evidence the floor holds: the reference-loss test
+   the cross-fitted trusted losses of class ``y`` — calibrated jointly with the floor below: a
+   trusted point whose held-out score does not pass the floor counts as loss 0 — (``reference_loss``),
+   or ``hybrid``: either test, α split between them by ``hybrid_split`` (Bonferroni: the union still
+   quarantines a clean event with probability ≤ α; a class too small for the conformal rank at its
+   share of α uses the pooled quantile).  With every evidence the floor holds: the reference-loss test
    fires only for a score above ``quarantine_threshold`` (learning the event would raise the
    trusted loss);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
