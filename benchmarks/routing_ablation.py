@@ -480,8 +480,9 @@ def decisions(rows: list[dict[str, Any]], tp: list[dict[str, Any]] | None) -> li
         f"{100 * max(r['margin']['clean_q'] for r in clean):.1f} % of clean events (target α + 1 = 11 %); "
         f"`relative_influence` as the calibrated score (*relative*) is {gap('relative', 'default', noisy):+.1f} "
         "on noisy runs: the margin objective buys recall with clean quarantines, the relative score "
-        "buys nothing; neither is the default. Influence under the "
-        "reference-model head was not built.",
+        "buys nothing; neither is the default. Influence under the reference-model head was not built: "
+        "at that head's optimum the trusted loss's gradient is only the L2 term (−λΘ_ref), so a "
+        "first-order influence on it measures alignment with the weights, not with the trusted data.",
         "",
         "**Does influence earn its place?** Not measurably on these streams. Against the loss filter built from the same "
         f"machinery (*ref loss*), the hybrid is {gap('hybrid', 'ref_loss', noisy):+.1f} points on noisy runs "
