@@ -268,12 +268,21 @@ class InfluenceEngine:
         cal = self.scorer.calibration
         if cal is not None and self.routed is not None:
             ref = self.reference_model if self.reference_model.fitted else None
+            scores = cal.scores.get(self.policy.settings.score)
+            # The reference-loss test is calibrated jointly with the floor when the reference model
+            # was fitted on the very trusted points the held-out scores belong to (same order).
+            aligned = (
+                ref is not None
+                and ref.version == self.reference.version
+                and len(scores) == len(ref.calibration_labels)
+            )
             self.policy.calibrate(
-                cal.scores.get(self.policy.settings.score),
+                scores,
                 cal.labels,
                 self.routed.theta.shape[0],
                 ref.calibration_losses if ref else None,
                 ref.calibration_labels if ref else None,
+                scores if aligned else None,
             )
 
     @property

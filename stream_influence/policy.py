@@ -23,9 +23,11 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    ``evidence`` picks what quarantines: the score (``influence``), the event's *reference loss*
    ``ℓ_ref`` (its label's loss under the head fitted on the trusted set alone, see
    :mod:`~stream_influence.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
-   the cross-fitted trusted losses of class ``y`` (``reference_loss``), or ``hybrid``: either test,
-   α split between them by ``hybrid_split`` (Bonferroni: the union still quarantines a clean
-   event with probability ≤ α).  With every evidence the floor holds: the reference-loss test
+   the cross-fitted trusted losses of class ``y`` — calibrated jointly with the floor below: a
+   trusted point whose held-out score does not pass the floor counts as loss 0 — (``reference_loss``),
+   or ``hybrid``: either test, α split between them by ``hybrid_split`` (Bonferroni: the union still
+   quarantines a clean event with probability ≤ α; a class too small for the conformal rank at its
+   share of α uses the pooled quantile).  With every evidence the floor holds: the reference-loss test
    fires only for a score above ``quarantine_threshold`` (learning the event would raise the
    trusted loss);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
@@ -175,16 +177,25 @@ class RoutingPolicy:
         return s.false_quarantine_rate * share
 
     def _class_quantiles(
-        self, scores: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float
+        self, scores: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float, split: bool = False
     ) -> tuple[np.ndarray, float]:
-        """Per-class conformal quantiles (pooled for classes under ``min_class_calibration``)."""
+        """Per-class conformal quantiles (pooled for classes under ``min_class_calibration``).
+
+        ``split``: a test of the hybrid, at a share of α.  There a class whose conformal rank
+        ``⌈(n + 1)(1 − α)⌉`` exceeds ``n`` also borrows the pooled quantile: its own would be its
+        maximum, which a fresh clean event exceeds with probability ``1/(n + 1)`` — above the
+        share (10 trusted points per class at α/2: 9 % instead of 5 %).
+        """
         if alpha <= 0.0:  # the test is off
             return np.full(n_classes, np.inf), float("inf")
         pooled = conformal_quantile(scores, alpha)
         out = np.full(n_classes, pooled)
+        needed = self.settings.min_class_calibration
+        if split:
+            needed = max(needed, int(np.ceil((1.0 - alpha) / alpha - 1e-9)))
         for c in range(n_classes):  # a loop over classes, not events
             mine = scores[labels == c]
-            if len(mine) >= self.settings.min_class_calibration:
+            if len(mine) >= needed:
                 out[c] = conformal_quantile(mine, alpha)
         return np.nan_to_num(out, nan=np.inf), float(np.nan_to_num(pooled, nan=np.inf))
 
@@ -195,13 +206,19 @@ class RoutingPolicy:
         n_classes: int,
         reference_losses: np.ndarray | None = None,
         reference_labels: np.ndarray | None = None,
+        reference_scores: np.ndarray | None = None,
     ) -> None:
         """Per-class thresholds from held-out scores of clean points (``calibrated`` mode).
 
         ``scores`` are the configured score kind of the reference points, each computed with the
         point left out of the reference objective; ``labels`` their classes.
         ``reference_losses`` (with their ``reference_labels``) are the trusted points'
-        cross-fitted reference losses, for the reference-loss test of ``evidence``.
+        cross-fitted reference losses, for the reference-loss test of ``evidence``;
+        ``reference_scores`` (optional) the held-out scores of the same points in the same order.
+        With them the reference-loss test is calibrated *jointly with the floor* it fires under:
+        its statistic is ``ℓ_ref`` where the score is above ``quarantine_threshold`` and 0
+        elsewhere, so ``ρ_y`` bounds the share of clean events of class ``y`` that pass both (the
+        floor alone passes a class-dependent share, which unbalanced the classes).
         """
         s = self.settings
         has_reference = (
@@ -212,15 +229,18 @@ class RoutingPolicy:
         # evidence, e.g. the offline audit, is the influence test alone).
         split = s.evidence == "hybrid" and has_reference
         alpha = self.alpha_of("influence") if split else s.false_quarantine_rate
-        out, pooled = self._class_quantiles(scores, labels, n_classes, alpha)
+        out, pooled = self._class_quantiles(scores, labels, n_classes, alpha, bool(split))
         # The floor: calibrated thresholds never fall below quarantine_threshold.
         self.class_thresholds = np.maximum(out, s.quarantine_threshold)
         self.threshold = max(pooled, s.quarantine_threshold)
         self.reference_thresholds = np.zeros(0)
         if has_reference:
             assert reference_losses is not None and reference_labels is not None
+            losses = reference_losses
+            if reference_scores is not None and len(reference_scores) == len(losses):
+                losses = np.where(reference_scores > s.quarantine_threshold, losses, 0.0)
             self.reference_thresholds = self._class_quantiles(
-                reference_losses, reference_labels, n_classes, self.alpha_of("reference_loss")
+                losses, reference_labels, n_classes, self.alpha_of("reference_loss"), bool(split)
             )[0]
 
     def thresholds_for(self, labels: np.ndarray | None, n: int) -> np.ndarray:
@@ -315,6 +335,8 @@ class RoutingPolicy:
         rho = self.reference_thresholds
         if reference_loss is None or labels is None or len(rho) <= int(labels.max(initial=-1)):
             return np.zeros(n)
+        # ρ_y = 0 (a jointly calibrated class whose held-out scores rarely pass the floor): any
+        # positive loss passes, the floor decides.
         return reference_loss / np.maximum(rho[labels], 1e-300)
 
     def state_dict(self) -> dict[str, Any]:

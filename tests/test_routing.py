@@ -284,6 +284,74 @@ def test_hybrid_floor_and_bonferroni_split() -> None:
     assert d.reasons[2] == "helpful"
 
 
+def test_hybrid_reference_loss_test_is_calibrated_jointly_with_the_floor() -> None:
+    """The reference-loss test fires only above the floor: its ρ_y is the quantile of the
+    statistic that actually fires — ℓ_ref where the held-out score passes the floor, 0 elsewhere —
+    so ρ_y bounds what the test quarantines, not a superset of it (which left a class whose clean
+    points rarely pass the floor far under its share of α, and unbalanced the classes)."""
+    policy = RoutingPolicy(
+        PolicySettings(evidence="hybrid", false_quarantine_rate=0.2, require_disagreement=False)
+    )
+    cal = np.arange(1.0, 20.0)
+    labels = np.zeros(19, np.int64)
+    scores = np.where(cal <= 10, 0.05, -0.05)  # the 9 largest losses belong to helpful points
+    policy.calibrate(scores, labels, 1, cal, labels, scores)
+    # Statistic sorted [0 × 9, 1..10], α/2 = 0.1: rank 18 of 19 → 9 (plain quantile: 18).
+    assert policy.reference_thresholds.tolist() == [9.0]
+    d = policy.decide(
+        np.array([0.01, 0.01, -0.01]),
+        True,
+        np.zeros(3, np.int64),
+        np.ones(3, bool),
+        np.array([9.5, 8.5, 30.0]),
+    )
+    assert d.quarantine.tolist() == [True, False, False]
+    # Without held-out scores aligned with the losses the plain quantile is kept.
+    policy.calibrate(scores, labels, 1, cal, labels)
+    assert policy.reference_thresholds.tolist() == [18.0]
+
+
+def test_engine_calibrates_the_reference_loss_jointly_only_when_aligned() -> None:
+    """The engine passes the held-out scores to the joint calibration when the reference model was
+    fitted on the trusted points they belong to; the thresholds then differ from the plain ones."""
+    s = load_stream("digits", noise=0.3, noise_kind="pairflip", seed=0)
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
+    engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
+    run(engine, s.X_events[:512], s.y_events[:512])
+    ref, cal = engine.reference_model, engine.scorer.calibration
+    assert cal is not None and ref.version == engine.reference.version
+    joint = engine.policy.reference_thresholds.copy()
+    plain = copy.deepcopy(engine.policy)
+    plain.calibrate(
+        cal.scores.get(plain.settings.score),
+        cal.labels,
+        s.n_classes,
+        ref.calibration_losses,
+        ref.calibration_labels,
+    )
+    assert (joint <= plain.reference_thresholds + 1e-12).all()
+    assert (joint < plain.reference_thresholds - 1e-9).any(), (joint, plain.reference_thresholds)
+
+
+def test_hybrid_small_classes_borrow_the_pooled_quantile() -> None:
+    """With 10 trusted points per class the α/2 = 0.05 rank ⌈11 · 0.95⌉ = 11 exceeds 10: the class
+    maximum would be exceeded by a fresh clean event with probability 1/11 > 0.05, so each class
+    uses the quantile pooled over classes; the unsplit test (influence alone, α = 0.1: rank 10)
+    keeps its own."""
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=30)
+    labels = np.repeat(np.arange(3), 10)
+    hybrid = RoutingPolicy(PolicySettings(evidence="hybrid", false_quarantine_rate=0.1))
+    hybrid.calibrate(scores, labels, 3, np.abs(scores), labels)
+    pooled = conformal_quantile(np.abs(scores), 0.05)
+    assert hybrid.reference_thresholds.tolist() == [pooled] * 3
+    assert hybrid.class_thresholds.tolist() == [max(conformal_quantile(scores, 0.05), 0.0)] * 3
+    alone = RoutingPolicy(PolicySettings(false_quarantine_rate=0.1))
+    alone.calibrate(scores, labels, 3)
+    own = [max(scores[labels == c].max(), 0.0) for c in range(3)]
+    assert alone.class_thresholds.tolist() == own
+
+
 def _hybrid_clean_rates(alpha: float) -> np.ndarray:
     s = load_stream("digits", seed=0)
     engine = engine_for(
