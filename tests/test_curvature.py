@@ -242,13 +242,10 @@ def test_forget_makes_new_evidence_weigh_more() -> None:
     assert est.batch_weight(1.0) > 5 * w1
 
 
-def test_kfac_is_exact_for_binary_heads() -> None:
-    """With the τ-weighted input factor, G ⊗ A equals E[S ⊗ x̃x̃ᵀ] when K = 2."""
-    settings = CurvatureSettings(kind="kfac", refactor_every=1)
-    est = make_curvature(settings, 2, D)
-    rng = np.random.default_rng(21)
-    C = np.zeros((2 * D, 2 * D))
-    n = 0.0
+def _feed_binary_stream(est, settings: CurvatureSettings, rng: np.random.Generator) -> np.ndarray:
+    """Feed ``est`` 300 weighted binary batches; return the running mean ``C`` of the exact
+    per-point Hessians with the same batch weights (the dense oracle, without damping)."""
+    C, n = np.zeros((2 * D, 2 * D)), 0.0
     for _ in range(300):
         X, _, w = _stream(rng, 5)
         p1 = rng.uniform(0.01, 0.99, size=5)
@@ -257,11 +254,16 @@ def test_kfac_is_exact_for_binary_heads() -> None:
         m = float(w.sum())
         alpha = max(1.0 - settings.forgetting**m, m / (n + m))
         n += m
-        hbar = sum(
-            wi * np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x))
-            for x, p, wi in zip(X, P, w, strict=True)
-        )
+        hbar = sum(wi * _point_hessian(x, p) for x, p, wi in zip(X, P, w, strict=True))
         C = (1 - alpha) * C + alpha * hbar / m
+    return C
+
+
+def test_kfac_is_exact_for_binary_heads() -> None:
+    """With the τ-weighted input factor, G ⊗ A equals E[S ⊗ x̃x̃ᵀ] when K = 2."""
+    settings = CurvatureSettings(kind="kfac", refactor_every=1)
+    est = make_curvature(settings, 2, D)
+    C = _feed_binary_stream(est, settings, np.random.default_rng(21))
     assert _rel(est.dense_hessian(), C + settings.damping * np.eye(2 * D)) <= 1e-10
 
 
@@ -347,19 +349,7 @@ def test_ekfac_is_exact_for_binary_heads_after_a_refresh() -> None:
     """K = 2: C = G ⊗ A is diagonal in the Kronecker eigenbasis, so even a small buffer gives C."""
     settings = CurvatureSettings(kind="ekfac", refactor_every=37, ekfac_buffer=16)
     est = make_curvature(settings, 2, D)
-    rng = np.random.default_rng(22)
-    C, n = np.zeros((2 * D, 2 * D)), 0.0
-    for _ in range(300):
-        X, _, w = _stream(rng, 5)
-        p1 = rng.uniform(0.01, 0.99, size=5)
-        P = np.stack([1 - p1, p1], axis=1)
-        est.update(X, P, w)
-        m = float(w.sum())
-        alpha = max(1.0 - settings.forgetting**m, m / (n + m))
-        n += m
-        C = (1 - alpha) * C + alpha * sum(
-            wi * _point_hessian(x, p) for x, p, wi in zip(X, P, w, strict=True)
-        ) / m
+    C = _feed_binary_stream(est, settings, np.random.default_rng(22))
     est.refactorize()
     dense = C + settings.damping * np.eye(2 * D)
     assert _rel(est.dense_hessian(), dense) <= 1e-10
