@@ -842,6 +842,7 @@ def main(argv: list[str] | None = None) -> int:
             saved["command"],
             saved["routed"],
             saved.get("variants", {}),
+            saved.get("described"),
         )
     overrides = json.loads(args.routed)
     variants = {n: json.loads(j) for n, _, j in (v.partition("=") for v in args.variant)}
@@ -906,8 +907,19 @@ def render(
     cmd: str,
     overrides: dict[str, Any],
     variant_overrides: dict[str, Any] | None = None,
+    described: dict[str, Any] | None = None,
 ) -> int:
+    """``described``: the routed settings the runs used, as saved with them (a re-render must
+    describe the run, not today's defaults); None for a fresh run."""
     variant_overrides = variant_overrides or {}
+    if described is None:
+        used = routed_settings(overrides, Grid("hyperplane", None))
+        described = {
+            "curvature": used.curvature.kind,
+            "policy": used.policy.model_dump(mode="json"),
+            "reference_min_size": used.reference.min_size,
+            "warm_start_epochs": warm_epochs(used),
+        }
     order = list(DATASETS)
     nkey = {nk: i for i, nk in enumerate(NOISES)}
     results.sort(
@@ -948,6 +960,7 @@ def render(
                 "wall_seconds": wall,
                 "command": cmd,
                 "routed": overrides,
+                "described": described,
                 "variants": variant_overrides,
             },
             indent=1,
@@ -957,14 +970,13 @@ def render(
     )
     plot(rows, ROOT / "docs" / "quality.png")
     seeds = len({r["seed"] for r in results})
-    settings = routed_settings(overrides, Grid("hyperplane", None))
     body = f"""## Learning quality (`quality`)
 
 Command: `{cmd}` ({seeds} seed(s), 2 worker processes; {wall / 60:.1f} min wall on {platform.machine()} /
 {os.cpu_count()} CPUs, Python {platform.python_version()}).  Raw numbers: `benchmarks/results/quality.json`;
 plot: `docs/quality.png`.  Routed engine settings: defaults{" + `" + json.dumps(overrides) + "`" if overrides else ""}
-(curvature `{settings.curvature.kind}`, policy `{settings.policy.model_dump_json()}`,
-reference min_size {settings.reference.min_size}).
+(curvature `{described["curvature"]}`, policy `{json.dumps(described["policy"], separators=(",", ":"))}`,
+reference min_size {described["reference_min_size"]}).
 
 Set-up: each stream is split (seeded) into a clean trusted set (10 per class, or 200 points), a clean
 test set and the noisy events (exactly the stated share corrupted; symmetric = uniformly to another
@@ -979,7 +991,7 @@ the benign-ambiguity stream).  Every number is the mean over seeds of clean test
 pass.  Columns are defined in the module docstring of `benchmarks/quality.py`: plain learners are the
 engine's own learner (running standardiser + softmax head, same settings); every one that uses the
 trusted set (unfiltered + ref, the filters, the oracle) first makes as many passes over it as the
-engine's warm start (`learner.warm_start_epochs` = {warm_epochs(settings)}), then learns the events it keeps.  Bold: best learner a user could run
+engine's warm start (`learner.warm_start_epochs` = {described["warm_start_epochs"]}), then learns the events it keeps.  Bold: best learner a user could run
 (routed or a rival; identity H is our ablation, the oracle needs clean labels).  *gap recovered* =
 (routed − unfiltered) / (oracle − unfiltered), when the gap exceeds half a point.
 
