@@ -42,7 +42,7 @@ def _tool(*names: str) -> str:
             return path
     if os.environ.get("CI"):
         pytest.fail(f"{names[0]} is not installed (.ci/run installs it)")
-    pytest.skip(f"{names[0]} is not installed (apt-get install -y stunnel4)")
+    pytest.skip(f"{names[0]} is not installed (apt-get install -y {names[0]})")
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
