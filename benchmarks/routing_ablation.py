@@ -63,13 +63,13 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from docs_section import write_section  # noqa: E402  (benchmarks/ is on sys.path as the script directory)
 
-from stream_influence.datasets import Stream, load_stream  # noqa: E402
-from stream_influence.engine import InfluenceEngine  # noqa: E402
-from stream_influence.events import EventBatch  # noqa: E402
-from stream_influence.learner import HeadLearner  # noqa: E402
-from stream_influence.model import Standardizer, augment, softmax  # noqa: E402
-from stream_influence.offline import fit_head  # noqa: E402
-from stream_influence.settings import EngineSettings, SchemaSettings  # noqa: E402
+from stream_influence.core.engine import InfluenceEngine  # noqa: E402
+from stream_influence.core.events import EventBatch  # noqa: E402
+from stream_influence.core.learner import HeadLearner  # noqa: E402
+from stream_influence.core.model import Standardizer, augment, softmax  # noqa: E402
+from stream_influence.core.settings import EngineSettings, SchemaSettings  # noqa: E402
+from stream_influence.offline.audit import fit_head  # noqa: E402
+from stream_influence.offline.datasets import Stream, load_stream  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "routing_ablation.json"

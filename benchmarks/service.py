@@ -42,7 +42,7 @@ from docs_section import write_section  # noqa: E402  (benchmarks/ is on sys.pat
 from kafka import KafkaConsumer, TopicPartition  # noqa: E402
 
 from stream_influence.config import AppSettings  # noqa: E402
-from stream_influence.service import Service  # noqa: E402
+from stream_influence.service.loop import Service  # noqa: E402
 from tests.fixtures.broker import Broker, fresh_topic  # noqa: E402
 from tests.fixtures.service_events import events, produce  # noqa: E402
 
@@ -73,7 +73,7 @@ def raw_consume(bootstrap: str, topic: str, n: int, loads: Callable[[bytes], Any
 
 def engine_only(refs: list[bytes], raws: list[bytes], batch: int) -> float:
     """Seconds for the engine alone (no Kafka) over the same events and batches."""
-    from stream_influence.engine import InfluenceEngine
+    from stream_influence.core.engine import InfluenceEngine
 
     engine = InfluenceEngine(AppSettings(engine=ENGINE).engine)
     engine.add_reference(refs)

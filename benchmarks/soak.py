@@ -45,7 +45,7 @@ from docs_section import write_section  # benchmarks/ is on sys.path as the scri
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stream_influence.embedded import free_port  # noqa: E402
+from stream_influence.tooling.embedded import free_port  # noqa: E402
 from tests.fixtures.broker import Broker, fresh_topic  # noqa: E402
 from tests.fixtures.service_events import events, produce  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Generate grafana/dashboards/stream-influence.json from stream_influence/dashboard.py.
 
-The panels and their PromQL live in ``stream_influence.dashboard`` (plain data, also used by the
+The panels and their PromQL live in ``stream_influence.observability.dashboard`` (plain data, also used by the
 tests and by ``stream-influence dashboard --snapshot``); this script only lays them out with
 Grafana's maintained SDK, ``grafana-foundation-sdk`` (a test extra, pinned in pyproject.toml).
 
@@ -32,7 +32,7 @@ from grafana_foundation_sdk.models import dashboard as dash_m
 from grafana_foundation_sdk.models import heatmap as heatmap_m
 from grafana_foundation_sdk.models import prometheus as prom_m
 
-from stream_influence.dashboard import ANNOTATIONS, ROWS, Panel
+from stream_influence.observability.dashboard import ANNOTATIONS, ROWS, Panel
 
 UID = "stream-influence"
 OUTPUT = Path(__file__).resolve().parent / "dashboards" / "stream-influence.json"

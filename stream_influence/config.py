@@ -38,8 +38,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .errors import ConfigError
-from .settings import EngineSettings
+from stream_influence.core.settings import EngineSettings
+from stream_influence.errors import ConfigError
 
 __all__ = [
     "AppSettings",

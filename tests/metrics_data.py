@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from stream_influence.engine import BatchResult, InfluenceEngine
-from stream_influence.metrics import ServiceMetrics
-from stream_influence.settings import EngineSettings, PolicySettings
+from stream_influence.core.engine import BatchResult, InfluenceEngine
+from stream_influence.core.settings import EngineSettings, PolicySettings
+from stream_influence.observability.metrics import ServiceMetrics
 
 # Malformed messages of several kinds, so dead letters carry several reasons.
 BAD = [b"not json", b"", b'{"id": "x", "features": [1, 2], "label": 0}', b"[1, 2]", b'{"id": "y"}']

@@ -32,8 +32,8 @@ import pytest
 from hypothesis import strategies as st
 
 from stream_influence.config import load_config
-from stream_influence.events import RejectReason
-from stream_influence.kafka_io import header_dict
+from stream_influence.core.events import RejectReason
+from stream_influence.io.kafka_io import header_dict
 from tests.fixtures.bad_events import CLASSES, WIDTH, bad_message, generate, oversized_message
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from stream_influence.checkpoint import CheckpointStore
 from stream_influence.config import load_config
-from stream_influence.engine import InfluenceEngine
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.service.checkpoint import CheckpointStore
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     consumed,

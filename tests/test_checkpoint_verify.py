@@ -20,12 +20,12 @@ import yaml
 from prometheus_client import CollectorRegistry
 from safetensors.numpy import load, save
 
-from stream_influence.checkpoint import CheckpointStore, manifest_path
 from stream_influence.config import AppSettings
-from stream_influence.engine import InfluenceEngine
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import EngineSettings
 from stream_influence.errors import CheckpointCorrupt, CheckpointIncompatible, NoUsableCheckpoint
-from stream_influence.metrics import ServiceMetrics
-from stream_influence.settings import EngineSettings
+from stream_influence.observability.metrics import ServiceMetrics
+from stream_influence.service.checkpoint import CheckpointStore, manifest_path
 from tests.fixtures.service_events import events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_each_corruption_falls_back_to_the_previous_good_checkpoint(
     with pytest.raises(CheckpointCorrupt) as info:
         store.load(newest)
     assert info.value.reason.value == reason and info.value.path == newest
-    with caplog.at_level(logging.ERROR, logger="stream_influence.checkpoint"):
+    with caplog.at_level(logging.ERROR, logger="stream_influence.service.checkpoint"):
         ck = store.latest(EngineSettings())
     assert ck is not None and ck.path == good and ck.seq == 1
     assert ck.offsets == {("t", 0): 100} and ck.reference_offsets == {0: 7}
@@ -260,7 +260,7 @@ def test_old_checkpoints_without_manifest_are_accepted_when_sound(
     for path in (good, newest):
         _edit_meta(path, lambda m: m["extra"].pop("format"))
         manifest_path(path).unlink()
-    with caplog.at_level(logging.WARNING, logger="stream_influence.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="stream_influence.service.checkpoint"):
         ck = store.latest()
     assert ck is not None and ck.path == newest and not ck.skipped
     assert any("no manifest" in r.getMessage() for r in caplog.records)
@@ -383,7 +383,7 @@ def test_a_checkpoint_written_by_the_previous_release_still_restores(
     path = tmp_path / "checkpoint-000000000001.safetensors"
     shutil.copyfile(PREVIOUS_RELEASE, path)
     store = CheckpointStore(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="stream_influence.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="stream_influence.service.checkpoint"):
         ck = store.latest()
     assert ck is not None and not ck.skipped
     assert ck.offsets == {("events", 0): 60} and ck.reference_offsets == {0: 10}

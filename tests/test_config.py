@@ -11,10 +11,10 @@ import pytest
 
 from stream_influence.cli import main
 from stream_influence.config import AppSettings, _walk, example_yaml, load_config, reference_markdown
+from stream_influence.core.settings import PolicySettings
 from stream_influence.errors import ConfigError
-from stream_influence.logs import JsonFormatter
-from stream_influence.reload import PolicyReloader
-from stream_influence.settings import PolicySettings
+from stream_influence.observability.logs import JsonFormatter
+from stream_influence.service.reload import PolicyReloader
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,9 @@ def test_policy_reload_applies_valid_and_rejects_broken_files(tmp_path: Path) ->
 
 
 def test_json_log_lines_parse_and_carry_extra_fields() -> None:
-    record = logging.LogRecord("stream_influence.service", logging.INFO, __file__, 1, "batch %d", (3,), None)
+    record = logging.LogRecord(
+        "stream_influence.service.loop", logging.INFO, __file__, 1, "batch %d", (3,), None
+    )
     record.accepted = 10
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "batch 3" and line["accepted"] == 10 and line["level"] == "INFO"

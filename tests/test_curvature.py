@@ -1,7 +1,7 @@
 """Curvature estimators against independently accumulated dense oracles (float64).
 
 The oracle re-implements only the documented accumulation rule (module docstring of
-``stream_influence.curvature``): a batch of total weight ``m`` enters with weight
+``stream_influence.core.curvature``): a batch of total weight ``m`` enters with weight
 ``α = max(1 − γᵐ, m / (n + m))`` as ``C ← (1 − α) C + α · (1/m) Σ wᵢ hᵢ`` with
 ``hᵢ = (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ`` built by ``np.kron``; the damping in force of ``exact`` is
 ``est.damping_in_use``.
@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_influence.curvature import make_curvature
-from stream_influence.settings import CurvatureSettings
+from stream_influence.core.curvature import make_curvature
+from stream_influence.core.settings import CurvatureSettings
 
 K, d = 3, 6
 D = d + 1

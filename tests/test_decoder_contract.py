@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_influence.events import MAX_LABEL_INT, MAX_NESTING, RejectReason, Schema
-from stream_influence.replay import replay
-from stream_influence.settings import EngineSettings, SchemaSettings
+from stream_influence.core.events import MAX_LABEL_INT, MAX_NESTING, RejectReason, Schema
+from stream_influence.core.settings import EngineSettings, SchemaSettings
+from stream_influence.offline.replay import replay
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     events,
@@ -303,7 +303,7 @@ def test_contract_accepts(raw: bytes) -> None:
 
 def test_fast_path_stays_fast_on_typical_events() -> None:
     """Typical events never leave the orjson path (a counter, not a timing)."""
-    import stream_influence.events as events
+    import stream_influence.core.events as events
 
     calls = 0
     real = events.load_standard

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stream_influence.cli import main
-from stream_influence.embedded import EmbeddedBroker
+from stream_influence.tooling.embedded import EmbeddedBroker
 from tests.fixtures.service_events import wait_for
 
 pytestmark = pytest.mark.integration

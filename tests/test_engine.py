@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from stream_influence.engine import InfluenceEngine
-from stream_influence.settings import (
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import (
     CurvatureSettings,
     DriftSettings,
     EngineSettings,
@@ -106,7 +106,7 @@ def test_quarantined_events_do_not_reach_the_routed_learner() -> None:
     result = engine.process(encode(X, y))
     assert result.quarantine.any()
     # Replay the accepted rows alone through a fresh learner copy: the same theta.
-    from stream_influence.learner import HeadLearner
+    from stream_influence.core.learner import HeadLearner
 
     check = HeadLearner(engine.settings.learner, K, d + 1)
     check.theta = theta_before
@@ -313,7 +313,7 @@ def test_every_estimator_routes_noise(kind: str) -> None:
 
 def test_a_one_class_warm_up_keeps_learning_labels() -> None:
     """A sorted or very imbalanced stream: the label space must not freeze with one class."""
-    from stream_influence.settings import EngineSettings, PolicySettings
+    from stream_influence.core.settings import EngineSettings, PolicySettings
 
     engine = InfluenceEngine(EngineSettings(policy=PolicySettings(warmup_events=50)))
     ones = [
@@ -331,8 +331,8 @@ def test_a_one_class_warm_up_keeps_learning_labels() -> None:
 
 
 def test_a_failed_curvature_update_resets_it_and_the_stream_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream_influence.core.settings import EngineSettings, PolicySettings, SchemaSettings
     from stream_influence.errors import CurvatureError
-    from stream_influence.settings import EngineSettings, PolicySettings, SchemaSettings
 
     engine = InfluenceEngine(
         EngineSettings(

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from stream_influence.engine import InfluenceEngine
-from stream_influence.events import RejectReason, Schema
-from stream_influence.settings import EngineSettings, PolicySettings, ReferenceSettings, SchemaSettings
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.events import RejectReason, Schema
+from stream_influence.core.settings import EngineSettings, PolicySettings, ReferenceSettings, SchemaSettings
 
 R = RejectReason
 

@@ -20,10 +20,11 @@ from scipy import stats
 from sklearn.datasets import load_digits
 
 from stream_influence.cli import main
-from stream_influence.engine import InfluenceEngine
-from stream_influence.influence import InfluenceScorer
-from stream_influence.model import one_hot, softmax
-from stream_influence.offline import (
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.influence import InfluenceScorer
+from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.settings import EngineSettings, InfluenceSettings, SchemaSettings
+from stream_influence.offline.audit import (
     CURVATURE_AT_OPTIMUM,
     DEFAULT_L2,
     HeadFit,
@@ -35,7 +36,6 @@ from stream_influence.offline import (
     prepare_inputs,
     score_dataset,
 )
-from stream_influence.settings import EngineSettings, InfluenceSettings, SchemaSettings
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_influence.dashboard import ANNOTATIONS, all_panels
-from stream_influence.metrics import ServiceMetrics
+from stream_influence.observability.dashboard import ANNOTATIONS, all_panels
+from stream_influence.observability.metrics import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "stream-influence.json"

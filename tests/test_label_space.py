@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from stream_influence.cli import main
-from stream_influence.engine import InfluenceEngine
-from stream_influence.events import RejectReason
-from stream_influence.replay import replay
-from stream_influence.settings import EngineSettings, PolicySettings, ReferenceSettings, SchemaSettings
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.events import RejectReason
+from stream_influence.core.settings import EngineSettings, PolicySettings, ReferenceSettings, SchemaSettings
+from stream_influence.offline.replay import replay
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     events,

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_influence.config import MetricsSettings
-from stream_influence.metrics import DECISIONS, MetricsServer, ServiceMetrics, _ArrayHistogram
-from stream_influence.settings import EngineSettings, PolicySettings
+from stream_influence.core.settings import EngineSettings, PolicySettings
+from stream_influence.observability.metrics import DECISIONS, MetricsServer, ServiceMetrics, _ArrayHistogram
 from tests.metrics_data import Stream, run_stream
 
 ROOT = Path(__file__).resolve().parents[1]

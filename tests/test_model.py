@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from stream_influence.engine import InfluenceEngine
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.influence import reference_gradient
+from stream_influence.core.model import Standardizer, TorchExtractor, augment, one_hot, softmax
+from stream_influence.core.settings import EngineSettings, ModelSettings, PolicySettings, SchemaSettings
 from stream_influence.errors import ExtractorError
-from stream_influence.influence import reference_gradient
-from stream_influence.model import Standardizer, TorchExtractor, augment, one_hot, softmax
-from stream_influence.settings import EngineSettings, ModelSettings, PolicySettings, SchemaSettings
 from tests.torch_phi import NotWeights, small_net
 
 

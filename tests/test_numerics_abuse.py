@@ -19,9 +19,9 @@ from typing import get_args
 import numpy as np
 import pytest
 
-from stream_influence.curvature import Curvature
-from stream_influence.engine import BatchResult, InfluenceEngine
-from stream_influence.settings import (
+from stream_influence.core.curvature import Curvature
+from stream_influence.core.engine import BatchResult, InfluenceEngine
+from stream_influence.core.settings import (
     CurvatureSettings,
     EngineSettings,
     ModelSettings,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from stream_influence.cli import main
-from stream_influence.dashboard import all_panels
-from stream_influence.metrics import MetricsServer, ServiceMetrics
-from stream_influence.settings import EngineSettings
+from stream_influence.core.settings import EngineSettings
+from stream_influence.observability.dashboard import all_panels
+from stream_influence.observability.metrics import MetricsServer, ServiceMetrics
 from tests.fixtures.prometheus import JOB, check_dashboard
 from tests.metrics_data import run_stream
 

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from stream_influence.checkpoint import CheckpointStore
 from stream_influence.cli import main
+from stream_influence.service.checkpoint import CheckpointStore
 from tests.fixtures.broker import Broker, free_port, fresh_topic
 from tests.fixtures.prometheus import JOB, check_dashboard
 

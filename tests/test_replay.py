@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from stream_influence.cli import main
-from stream_influence.datasets import export_stream, load_stream
-from stream_influence.replay import iter_lines, replay
-from stream_influence.settings import EngineSettings
+from stream_influence.core.settings import EngineSettings
+from stream_influence.offline.datasets import export_stream, load_stream
+from stream_influence.offline.replay import iter_lines, replay
 
 REPORT_KEYS = {
     "events",

@@ -10,22 +10,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_influence.curvature import Curvature, make_curvature
-from stream_influence.datasets import load_stream
-from stream_influence.engine import InfluenceEngine
-from stream_influence.events import EventBatch
-from stream_influence.influence import InfluenceScorer, reference_gradient
-from stream_influence.model import augment, softmax
-from stream_influence.policy import RoutingPolicy, conformal_quantile
-from stream_influence.reference_model import ReferenceModel
-from stream_influence.settings import (
+from stream_influence.core.curvature import Curvature, make_curvature
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.events import EventBatch
+from stream_influence.core.influence import InfluenceScorer, reference_gradient
+from stream_influence.core.model import augment, softmax
+from stream_influence.core.policy import RoutingPolicy, conformal_quantile
+from stream_influence.core.reference_model import ReferenceModel
+from stream_influence.core.settings import (
     CurvatureSettings,
     EngineSettings,
     InfluenceSettings,
     PolicySettings,
     SchemaSettings,
 )
-from stream_influence.state import load_engine, save_engine
+from stream_influence.core.state import load_engine, save_engine
+from stream_influence.offline.datasets import load_stream
 
 
 def engine_for(K: int, d: int, **parts: Any) -> InfluenceEngine:

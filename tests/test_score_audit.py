@@ -15,8 +15,8 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from stream_influence.cli import main
-from stream_influence.datasets import load_stream
-from stream_influence.offline import SCORE_L2, leave_one_out_changes, prepare_inputs, score_dataset
+from stream_influence.offline.audit import SCORE_L2, leave_one_out_changes, prepare_inputs, score_dataset
+from stream_influence.offline.datasets import load_stream
 
 
 def test_score_cli_default_finds_pair_flips_on_digits(

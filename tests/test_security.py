@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-import stream_influence.kafka_io as kafka_io
+import stream_influence.io.kafka_io as kafka_io
 from stream_influence.cli import main
 from stream_influence.config import AppSettings, KafkaSettings, LoggingSettings, is_secret_name, load_config
-from stream_influence.embedded import free_port
+from stream_influence.core.settings import EngineSettings, PolicySettings
 from stream_influence.errors import BrokerUnreachableError, ConfigError
-from stream_influence.logs import RateLimitFilter, setup_logging
-from stream_influence.settings import EngineSettings, PolicySettings
+from stream_influence.observability.logs import RateLimitFilter, setup_logging
+from stream_influence.tooling.embedded import free_port
 
 SECRET = "s3cr3t-Passw0rd"
 SASL = {
@@ -341,8 +341,8 @@ def test_rate_limit_filter_lets_a_few_through_then_a_summary() -> None:
     assert len(passed) == 3
     assert "held back" in passed[-1].getMessage()
     assert f.filter(rec("kafka.conn", "other kind %s", 1))  # another kind has its own budget
-    assert f.filter(rec("stream_influence.service", "x")) and all(
-        f.filter(rec("stream_influence.service", "x")) for _ in range(10)
+    assert f.filter(rec("stream_influence.service.loop", "x")) and all(
+        f.filter(rec("stream_influence.service.loop", "x")) for _ in range(10)
     )  # our own lines are never held back
     now[0] = 61.0
     nxt = rec("kafka.net.manager", "Connection failed: %s", 999)

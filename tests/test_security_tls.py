@@ -20,7 +20,7 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from stream_influence.embedded import EmbeddedBroker, free_port
+from stream_influence.tooling.embedded import EmbeddedBroker, free_port
 from tests.fixtures.service_events import (
     consumed,
     events,

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from stream_influence.config import load_config
-from stream_influence.engine import InfluenceEngine
+from stream_influence.core.engine import InfluenceEngine
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     consumed,

@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from stream_influence.checkpoint import CheckpointStore
 from stream_influence.config import load_config
-from stream_influence.engine import InfluenceEngine
-from stream_influence.influence import InfluenceScorer
-from stream_influence.learner import HeadLearner
-from stream_influence.service import Service
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.influence import InfluenceScorer
+from stream_influence.core.learner import HeadLearner
+from stream_influence.service.checkpoint import CheckpointStore
+from stream_influence.service.loop import Service
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     ServiceThread,
@@ -200,7 +200,7 @@ def test_commit_follows_flush_and_checkpoint(
 FAULTY_RUN = """
 import sys
 from stream_influence.cli import main
-from stream_influence.service import Service
+from stream_influence.service.loop import Service
 
 calls = 0
 original = Service._emit

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from stream_influence.events import RejectReason
+from stream_influence.core.events import RejectReason
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     consumed,

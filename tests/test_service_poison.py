@@ -30,9 +30,9 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 from kafka.future import Future
 
-from stream_influence import kafka_io
 from stream_influence.config import load_config
-from stream_influence.engine import InfluenceEngine
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.io import kafka_io
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
     ServiceThread,

@@ -9,13 +9,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_influence import kafka_io
-from stream_influence.checkpoint import CheckpointStore
 from stream_influence.cli import build_parser
 from stream_influence.config import AppSettings, KafkaSettings
-from stream_influence.engine import InfluenceEngine
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import EngineSettings
 from stream_influence.errors import CheckpointError, OutputError
-from stream_influence.settings import EngineSettings
+from stream_influence.io import kafka_io
+from stream_influence.service.checkpoint import CheckpointStore
 from tests.fixtures.service_events import events
 
 
@@ -117,7 +117,7 @@ def test_cli_has_run_produce_requeue() -> None:
 
 def test_a_crashed_service_never_checkpoints_its_half_applied_state(tmp_path: Path) -> None:
     """After an exception in the loop the engine may hold half a batch: shutdown must not save it."""
-    from stream_influence.service import Service
+    from stream_influence.service.loop import Service
 
     class _Closable:
         def close(self, *args: object, **kwargs: object) -> None:
@@ -185,7 +185,7 @@ def test_a_rollback_before_the_first_checkpoint_keeps_the_reference_labels_trust
     rollback that finds no checkpoint yet and so starts again from an empty model."""
     import json
 
-    from stream_influence.service import Service
+    from stream_influence.service.loop import Service
 
     cfg = AppSettings.model_validate(
         {
@@ -210,7 +210,7 @@ def test_a_rollback_before_the_first_checkpoint_keeps_the_reference_labels_trust
 def test_a_failed_final_checkpoint_exits_1_without_a_pointless_rollback(tmp_path: Path) -> None:
     """Review item 9: outputs not acknowledged at SIGTERM (broker down) → no checkpoint; the exit
     status says so, and the window is not reloaded from disk on the way out."""
-    from stream_influence.service import Service
+    from stream_influence.service.loop import Service
 
     class _Closable:
         def close(self, *args: object, **kwargs: object) -> None:
@@ -240,7 +240,7 @@ def test_readyz_reads_the_assignment_while_a_rebalance_changes_it(tmp_path: Path
 
     from kafka import TopicPartition
 
-    from stream_influence.service import Service
+    from stream_influence.service.loop import Service
 
     cfg = AppSettings.model_validate(
         {"checkpoint": {"directory": str(tmp_path / "ck")}, "metrics": {"enabled": False}}
@@ -288,7 +288,7 @@ def test_a_replayed_window_follows_the_original_cut_of_a_partial_tail_chunk(tmp_
 
     from kafka import TopicPartition
 
-    from stream_influence.service import Service
+    from stream_influence.service.loop import Service
 
     tp = TopicPartition("t", 0)
 
@@ -358,7 +358,7 @@ def test_a_replayed_window_follows_the_original_cut_of_a_partial_tail_chunk(tmp_
 def test_past_end_needs_two_checks_in_a_row_then_starts_again() -> None:
     """A position past the high watermark once may be a watermark one fetch behind; twice in a
     row means the topic was re-created (or truncated).  One rule for the input and the reference."""
-    from stream_influence.kafka_io import PastEnd
+    from stream_influence.io.kafka_io import PastEnd
 
     seen = PastEnd()
     assert not seen.check("t-0", 120, 100)

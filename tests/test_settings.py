@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from stream_influence.settings import (
+from stream_influence.core.settings import (
     CurvatureSettings,
     EngineSettings,
     PolicySettings,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_influence.embedded import free_port
+from stream_influence.tooling.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Interpreter and import time on a loaded machine come on top of the start-up timeout.

@@ -10,16 +10,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_influence.engine import InfluenceEngine
-from stream_influence.errors import CheckpointError
-from stream_influence.settings import (
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import (
     CurvatureSettings,
     EngineSettings,
     LearnerSettings,
     PolicySettings,
     ReferenceSettings,
 )
-from stream_influence.state import atomic_write, load_engine, save_engine
+from stream_influence.core.state import atomic_write, load_engine, save_engine
+from stream_influence.errors import CheckpointError
 
 K, d = 4, 6
 
@@ -154,7 +154,7 @@ def test_restore_with_resized_windows_keeps_the_newest_points(tmp_path: Path) ->
     """Changing reference.capacity or learner.metrics_window between runs must not break a restore."""
     import json as _json
 
-    from stream_influence.settings import LearnerSettings, ReferenceSettings, SchemaSettings
+    from stream_influence.core.settings import LearnerSettings, ReferenceSettings, SchemaSettings
 
     base = EngineSettings(
         schema=SchemaSettings(classes=[0, 1], n_features=2),
@@ -198,7 +198,7 @@ def test_restore_with_resized_windows_keeps_the_newest_points(tmp_path: Path) ->
 
 
 def test_prequential_metrics_survive_a_round_trip() -> None:
-    from stream_influence.learner import Prequential
+    from stream_influence.core.learner import Prequential
 
     rng = np.random.default_rng(3)
     saved = Prequential(7)
@@ -219,7 +219,7 @@ def test_prequential_counts_are_numpy_and_match_river_accuracy() -> None:
     the value river's Accuracy gives, and its saved cells load into river's format and back."""
     from river import metrics
 
-    from stream_influence.learner import Prequential
+    from stream_influence.core.learner import Prequential
 
     rng = np.random.default_rng(5)
     P, y = rng.dirichlet(np.ones(4), size=500), rng.integers(0, 4, 500)
@@ -247,7 +247,7 @@ def test_prequential_counts_are_numpy_and_match_river_accuracy() -> None:
 def test_a_one_point_reference_set_checkpoints_and_restores(tmp_path: Path, how: str) -> None:
     """Review item 1: with a single reference point no held-out score exists; the checkpoint
     must still be finite (the loader refuses NaN) and restore to the same state."""
-    from stream_influence.settings import SchemaSettings
+    from stream_influence.core.settings import SchemaSettings
 
     def ev(i: int, y: int) -> bytes:
         return json.dumps({"id": str(i), "features": [float(i % 3), 1.0], "label": y}).encode()
@@ -276,7 +276,7 @@ def test_a_one_point_reference_set_checkpoints_and_restores(tmp_path: Path, how:
 def test_a_smaller_reference_capacity_on_restore_refits_on_the_kept_points(tmp_path: Path) -> None:
     """Review item 7: after a restore with a smaller reference.capacity the reference model and
     the held-out calibration must follow the points kept, not the evicted ones."""
-    from stream_influence.settings import SchemaSettings
+    from stream_influence.core.settings import SchemaSettings
 
     rng = np.random.default_rng(0)
 

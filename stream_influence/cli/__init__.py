@@ -9,8 +9,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .. import __version__
-from ..errors import StreamInfluenceError
+from stream_influence import __version__
+from stream_influence.errors import StreamInfluenceError
 
 # Modules of this package that define sub-commands, in help order.
 COMMANDS = ("demo", "config_cmd", "score", "replay", "datasets", "run", "produce", "requeue", "dashboard")
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # kafka-python logs every connection at INFO; keep it to warnings unless debugging.
         logging.getLogger("kafka").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
         if not args.verbose:  # a dead broker would otherwise fill the terminal
-            from ..logs import RateLimitFilter
+            from stream_influence.observability.logs import RateLimitFilter
 
             for handler in logging.getLogger().handlers:
                 handler.addFilter(RateLimitFilter())

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..config import check_file, example_yaml, load_config, reference_markdown
-from ..errors import ConfigError
+from stream_influence.config import check_file, example_yaml, load_config, reference_markdown
+from stream_influence.errors import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..dashboard import Panel, all_panels, render
-from ..errors import StreamInfluenceError
+from stream_influence.errors import StreamInfluenceError
+from stream_influence.observability.dashboard import Panel, all_panels, render
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..datasets import export_stream, list_datasets, load_stream
-from ..errors import StreamInfluenceError
+from stream_influence.errors import StreamInfluenceError
+from stream_influence.offline.datasets import export_stream, list_datasets, load_stream
 
 
 def register(sub: argparse._SubParsersAction) -> None:

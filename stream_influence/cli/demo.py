@@ -1,4 +1,4 @@
-"""``stream-influence demo``: the main job on an embedded default (see stream_influence.demo)."""
+"""``stream-influence demo``: the main job on an embedded default (see stream_influence.tooling.demo)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..datasets import DATASETS
+from stream_influence.offline.datasets import DATASETS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ..demo import DemoOptions, format_report, run_demo
+    from stream_influence.tooling.demo import DemoOptions, format_report, run_demo
 
     if not 0.0 <= args.noise < 1.0:
         raise SystemExit("error: --noise must be in [0, 1)")

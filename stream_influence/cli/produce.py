@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from ..config import KafkaSettings, load_config
+from stream_influence.config import KafkaSettings, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,7 +59,7 @@ def produce_lines(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
     """Send every line as one message; returns ``(sent, failed)`` after a final flush."""
-    from ..kafka_io import build_producer
+    from stream_influence.io.kafka_io import build_producer
 
     producer = build_producer(k)
     failed = 0

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import load_config
-from ..replay import DEFAULT_SEED_REFERENCE, replay
+from stream_influence.config import load_config
+from stream_influence.offline.replay import DEFAULT_SEED_REFERENCE, replay
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,7 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         stop()
     report = result.report
     if args.plots is not None:
-        from ..plots import plot_replay
+        from stream_influence.offline.plots import plot_replay
 
         report["plots"] = [str(p) for p in plot_replay(result.trace, args.plots, args.events.name)]
     text = json.dumps(report, indent=2)

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ..config import AppSettings, load_config
-from ..errors import ConfigError
+from stream_influence.config import AppSettings, load_config
+from stream_influence.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class RequeueReport:
 
 
 def _read_all(cfg: AppSettings, topic: str, timeout: float) -> list[Any]:
-    from ..kafka_io import ReferenceReader
+    from stream_influence.io.kafka_io import ReferenceReader
 
     reader = ReferenceReader(cfg.kafka, topic)  # all partitions from the beginning, no group
     msgs: list[Any] = []
@@ -111,8 +111,8 @@ def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 def requeue(
     cfg: AppSettings, *, to: str | None, ledger: Path, dry_run: bool, timeout: float
 ) -> RequeueReport:
-    from ..checkpoint import CheckpointStore
-    from ..kafka_io import OWN_HEADERS, build_producer
+    from stream_influence.io.kafka_io import OWN_HEADERS, build_producer
+    from stream_influence.service.checkpoint import CheckpointStore
 
     ck = CheckpointStore(cfg.checkpoint.directory, cfg.checkpoint.keep).latest(cfg.engine)
     if ck is None:
@@ -159,7 +159,7 @@ def requeue(
         producer.close()
     report.published = len(ok)
     done.update(f"{m.topic}:{m.partition}:{m.offset}" for m in ok)
-    from ..state import atomic_write
+    from stream_influence.core.state import atomic_write
 
     atomic_write(ledger, json.dumps({"requeued": sorted(done)}).encode())
     return report

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..config import AppSettings
+    from stream_influence.config import AppSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..config import check_environment, load_config
-    from ..errors import ConfigError
-    from ..logs import setup_logging
+    from stream_influence.config import check_environment, load_config
+    from stream_influence.errors import ConfigError
+    from stream_influence.observability.logs import setup_logging
 
     cfg = load_config(args.config)
     problems = check_environment(cfg)
@@ -46,7 +46,9 @@ def _run(args: argparse.Namespace) -> int:
     setup_logging(cfg.logging, verbose=args.verbose, secrets=cfg.kafka.secret_values())
     if args.fresh:
         _set_aside_unusable(cfg)
-    from ..service import run_service  # imported after the check: it loads the whole engine
+    from stream_influence.service.loop import (
+        run_service,  # imported after the check: it loads the whole engine
+    )
 
     return run_service(cfg, config_path=args.config)
 
@@ -54,8 +56,8 @@ def _run(args: argparse.Namespace) -> int:
 def _set_aside_unusable(cfg: AppSettings) -> None:
     """``--fresh``: without a usable checkpoint, move the corrupt ones aside so the service starts
     with an empty model (resuming at the committed offsets).  Incompatible settings still stop it."""
-    from ..checkpoint import CheckpointStore
-    from ..errors import NoUsableCheckpoint
+    from stream_influence.errors import NoUsableCheckpoint
+    from stream_influence.service.checkpoint import CheckpointStore
 
     store = CheckpointStore(cfg.checkpoint.directory, cfg.checkpoint.keep)
     try:

@@ -3,7 +3,7 @@
 Fits the softmax head on the training events to convergence, then writes one JSON line per
 training line: ``{"id", "influence", "relative_influence", "cosine_influence",
 "self_influence", "decision", "reason"}``; invalid lines become ``{"id": null, "decision":
-"dead_letter", "reason", "detail", "line"}`` (never a crash).  See ``stream_influence.offline``.
+"dead_letter", "reason", "detail", "line"}`` (never a crash).  See ``stream_influence.offline.audit``.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, StreamInfluenceError
-from ..events import EventBatch, Reject, Schema
-from ..model import make_extractor
-from ..offline import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
-from ..settings import EngineSettings
-from ..state import atomic_write
+from stream_influence.core.events import EventBatch, Reject, Schema
+from stream_influence.core.model import make_extractor
+from stream_influence.core.settings import EngineSettings
+from stream_influence.core.state import atomic_write
+from stream_influence.errors import ConfigError, StreamInfluenceError
+from stream_influence.offline.audit import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def _report_rejects(name: str, rejects: list[Reject]) -> None:
 def _score(args: argparse.Namespace) -> int:
     settings = EngineSettings()
     if args.config is not None:
-        from ..config import load_config
+        from stream_influence.config import load_config
 
         settings = load_config(args.config).engine
     if args.l2 <= 0:

@@ -39,13 +39,13 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import IllegalStateError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
-from . import kafka_io
-from .checkpoint import Checkpoint, CheckpointStore
-from .config import AppSettings
-from .engine import BatchResult, InfluenceEngine
-from .errors import ConfigError, OutputError, ReplayLimitError
-from .metrics import MetricsServer, ServiceMetrics
-from .reload import PolicyReloader
+from stream_influence.config import AppSettings
+from stream_influence.core.engine import BatchResult, InfluenceEngine
+from stream_influence.errors import ConfigError, OutputError, ReplayLimitError
+from stream_influence.io import kafka_io
+from stream_influence.observability.metrics import MetricsServer, ServiceMetrics
+from stream_influence.service.checkpoint import Checkpoint, CheckpointStore
+from stream_influence.service.reload import PolicyReloader
 
 __all__ = ["Service"]
 

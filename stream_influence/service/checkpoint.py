@@ -2,7 +2,7 @@
 
 A checkpoint is two files in the checkpoint directory:
 
-- ``checkpoint-<seq>.safetensors``, written by :func:`stream_influence.state.encode_engine`
+- ``checkpoint-<seq>.safetensors``, written by :func:`stream_influence.core.state.encode_engine`
   (temporary file, fsync, rename, fsync of the directory), whose ``extra`` metadata holds
   ``offsets`` (``{topic: {partition: next_offset}}``: the first input offset *not* yet applied
   to the model in this file), ``reference_offsets`` (``{partition: next_offset}`` of the
@@ -27,7 +27,7 @@ count towards ``keep`` (they are renamed ``*.corrupt`` at the next save), so the
 checkpoint is never deleted in favour of a corrupt one.
 
 >>> import tempfile
->>> from stream_influence.engine import InfluenceEngine
+>>> from stream_influence.core.engine import InfluenceEngine
 >>> store = CheckpointStore(Path(tempfile.mkdtemp()))
 >>> engine = InfluenceEngine()
 >>> _ = engine.process([b'{"id": "a", "features": [1.0], "label": 0}'])
@@ -51,10 +51,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .engine import InfluenceEngine
-from .errors import CheckpointCorrupt, CorruptReason, NoUsableCheckpoint
-from .settings import EngineSettings
-from .state import atomic_write, decode_state, encode_engine, read_file, restore_engine
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import EngineSettings
+from stream_influence.core.state import atomic_write, decode_state, encode_engine, read_file, restore_engine
+from stream_influence.errors import CheckpointCorrupt, CorruptReason, NoUsableCheckpoint
 
 __all__ = ["FORMAT", "Checkpoint", "CheckpointStore"]
 

@@ -50,14 +50,14 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from . import __version__
-from .errors import CorruptReason
-from .events import RejectReason
-from .policy import REASONS
+from stream_influence import __version__
+from stream_influence.core.events import RejectReason
+from stream_influence.core.policy import REASONS
+from stream_influence.errors import CorruptReason
 
 if TYPE_CHECKING:
-    from .engine import BatchResult
-    from .settings import EngineSettings, PolicySettings
+    from stream_influence.core.engine import BatchResult
+    from stream_influence.core.settings import EngineSettings, PolicySettings
 
 __all__ = [
     "DECISIONS",

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import StreamInfluenceError
+from stream_influence.errors import StreamInfluenceError
 
 __all__ = ["BrokerUnavailable", "EmbeddedBroker", "free_port"]
 

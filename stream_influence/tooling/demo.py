@@ -3,7 +3,7 @@
 1. builds a bundled data set with injected label noise (plus a few malformed messages);
 2. starts the embedded Kafka-protocol broker, creates the topics, produces the trusted
    reference set and the noisy stream into them;
-3. runs the real service (:class:`~stream_influence.service.Service`) against it with its
+3. runs the real service (:class:`~stream_influence.service.loop.Service`) against it with its
    metrics endpoint up, showing live progress;
 4. reads the decisions audit topic back and reports: test accuracy of the routed learner vs
    the unfiltered (shadow) learner vs a clean-label oracle, quarantine precision and recall
@@ -28,12 +28,18 @@ from typing import Any
 
 import numpy as np
 
-from .config import AppSettings, CheckpointSettings, KafkaSettings, LoggingSettings, MetricsSettings
-from .datasets import Stream, load_stream
-from .embedded import EmbeddedBroker, free_port
-from .engine import InfluenceEngine
-from .events import EventBatch
-from .settings import EngineSettings, PolicySettings, SchemaSettings
+from stream_influence.config import (
+    AppSettings,
+    CheckpointSettings,
+    KafkaSettings,
+    LoggingSettings,
+    MetricsSettings,
+)
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.events import EventBatch
+from stream_influence.core.settings import EngineSettings, PolicySettings, SchemaSettings
+from stream_influence.offline.datasets import Stream, load_stream
+from stream_influence.tooling.embedded import EmbeddedBroker, free_port
 
 __all__ = ["DemoOptions", "run_demo"]
 
@@ -186,7 +192,7 @@ def _table(summary: dict[str, Any], progress: _Progress, total: int) -> Any:
 def _read_decisions(kafka: KafkaSettings, topic: str, expected: int, timeout: float) -> list[dict[str, Any]]:
     from kafka import TopicPartition
 
-    from .kafka_io import build_consumer
+    from stream_influence.io.kafka_io import build_consumer
 
     consumer = build_consumer(kafka, group=False)
     try:
@@ -231,9 +237,9 @@ def _run_service(
     total: int,
     quiet: bool,
 ) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
-    from .cli.produce import produce_lines
-    from .kafka_io import ensure_topics
-    from .service import Service
+    from stream_influence.cli.produce import produce_lines
+    from stream_influence.io.kafka_io import ensure_topics
+    from stream_influence.service.loop import Service
 
     kafka = KafkaSettings(
         bootstrap_servers=broker.bootstrap,
@@ -355,7 +361,7 @@ def run_demo(opts: DemoOptions, *, quiet: bool = False, verbose: bool = False) -
 
 
 def _run_demo(opts: DemoOptions, *, quiet: bool, verbose: bool) -> dict[str, Any]:
-    from .plots import _pyplot, rolling_ratio
+    from stream_influence.offline.plots import _pyplot, rolling_ratio
 
     if opts.out.exists():
         shutil.rmtree(opts.out / "checkpoints", ignore_errors=True)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .config import MASK, LoggingSettings
+from stream_influence.config import MASK, LoggingSettings
 
 __all__ = ["JsonFormatter", "RateLimitFilter", "RedactFilter", "setup_logging"]
 

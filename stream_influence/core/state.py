@@ -9,10 +9,10 @@ Loading checks what it reads (:func:`decode_state`, :func:`restore_engine`): hea
 referenced array present, dtypes, finite float arrays and scalars, non-negative counts, and shapes
 equal to those of a fresh engine with the same settings and schema.  Failures raise
 :class:`~stream_influence.errors.CheckpointCorrupt` with a reason; the checksum of the whole file
-lives in the checkpoint's manifest (:mod:`stream_influence.checkpoint`).
+lives in the checkpoint's manifest (:mod:`stream_influence.service.checkpoint`).
 
 >>> import tempfile, pathlib
->>> from stream_influence.engine import InfluenceEngine
+>>> from stream_influence.core.engine import InfluenceEngine
 >>> engine = InfluenceEngine()
 >>> _ = engine.process([b'{"id": "a", "features": [1.0], "label": 0}'])
 >>> path = pathlib.Path(tempfile.mkdtemp()) / "state.safetensors"
@@ -36,9 +36,9 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
-from .engine import InfluenceEngine
-from .errors import CheckpointCorrupt, CheckpointIncompatible, CorruptReason
-from .settings import EngineSettings
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.settings import EngineSettings
+from stream_influence.errors import CheckpointCorrupt, CheckpointIncompatible, CorruptReason
 
 __all__ = [
     "atomic_write",

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .config import format_validation_error, load_config
-from .errors import ConfigError
-from .settings import PolicySettings
+from stream_influence.config import format_validation_error, load_config
+from stream_influence.core.settings import PolicySettings
+from stream_influence.errors import ConfigError
 
 __all__ = ["PolicyReloader", "ReloadOutcome"]
 

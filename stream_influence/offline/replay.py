@@ -33,9 +33,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from .engine import BatchResult, InfluenceEngine
-from .errors import StreamInfluenceError
-from .settings import EngineSettings
+from stream_influence.core.engine import BatchResult, InfluenceEngine
+from stream_influence.core.settings import EngineSettings
+from stream_influence.errors import StreamInfluenceError
 
 __all__ = [
     "DEFAULT_SEED_REFERENCE",

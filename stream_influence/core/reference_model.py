@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .model import augment, softmax
-from .offline import fit_head
-from .settings import InfluenceSettings
+from stream_influence.core.fit import fit_head
+from stream_influence.core.model import augment, softmax
+from stream_influence.core.settings import InfluenceSettings
 
 __all__ = ["ReferenceModel"]
 

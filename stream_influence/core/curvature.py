@@ -46,7 +46,7 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
 * ``diagonal`` keeps the exact diagonal of ``C``.
 
 >>> import numpy as np
->>> from stream_influence.settings import CurvatureSettings
+>>> from stream_influence.core.settings import CurvatureSettings
 >>> rng = np.random.default_rng(0)
 >>> X = np.hstack([rng.normal(size=(64, 3)), np.ones((64, 1))])
 >>> P = rng.dirichlet(np.ones(4), size=64)
@@ -64,8 +64,8 @@ from typing import Any
 import numpy as np
 from scipy import linalg
 
-from .errors import CurvatureError
-from .settings import CurvatureSettings
+from stream_influence.core.settings import CurvatureSettings
+from stream_influence.errors import CurvatureError
 
 __all__ = [
     "ClassBlockCurvature",

@@ -1,6 +1,6 @@
 """kafka-python plumbing: client construction, output headers, the reference reader, lag.
 
-Everything that knows kafka-python lives here so :mod:`stream_influence.service` reads as the
+Everything that knows kafka-python lives here so :mod:`stream_influence.service.loop` reads as the
 checkpoint protocol it implements.  Security settings (SASL/SSL) and ``client_options`` from
 :class:`~stream_influence.config.KafkaSettings` reach every client unchanged; secrets stay
 :class:`~pydantic.SecretStr` everywhere else and are unwrapped only in the option dicts built here.
@@ -23,8 +23,8 @@ from kafka.admin import NewTopic
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import SecretStr
 
-from .config import KafkaSettings
-from .errors import BrokerUnreachableError, OutputError
+from stream_influence.config import KafkaSettings
+from stream_influence.errors import BrokerUnreachableError, OutputError
 
 __all__ = [
     "OUTPUT_FAILED",

@@ -11,7 +11,7 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    * ``calibrated`` (default): ``τ_y``, the split-conformal ``(1 − α)`` quantile (``α`` =
      ``false_quarantine_rate``) of the *held-out* scores of the clean reference points of class
      ``y`` (each scored against the reference objective with its own term left out, see
-     :class:`~stream_influence.influence.Calibration`), so a clean event of class ``y`` scores
+     :class:`~stream_influence.core.influence.Calibration`), so a clean event of class ``y`` scores
      above ``τ_y`` with probability ≤ α whatever the data set, dimension or score scale.  A class
      with fewer than ``min_class_calibration`` reference points uses the quantile pooled over all
      classes;
@@ -22,7 +22,7 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    learning lowers the reference loss is never quarantined).  In calibrated mode
    ``evidence`` picks what quarantines: the score (``influence``), the event's *reference loss*
    ``ℓ_ref`` (its label's loss under the head fitted on the trusted set alone, see
-   :mod:`~stream_influence.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
+   :mod:`~stream_influence.core.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
    the cross-fitted trusted losses of class ``y`` — calibrated jointly with the floor below: a
    trusted point whose held-out score does not pass the floor counts as loss 0 — (``reference_loss``),
    or ``hybrid``: either test, α split between them by ``hybrid_split`` (Bonferroni: the union still
@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 
-from .settings import PolicySettings
+from stream_influence.core.settings import PolicySettings
 
 __all__ = ["REASONS", "RoutingDecision", "RoutingPolicy", "conformal_quantile"]
 

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from river import drift
 
-from .model import one_hot, softmax
-from .settings import DriftSettings, LearnerSettings
+from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.settings import DriftSettings, LearnerSettings
 
 __all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
 

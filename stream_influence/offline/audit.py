@@ -18,7 +18,7 @@ tolerance when ``K·D`` is too large for a dense Hessian).  At the optimum the c
     H ≈ l2·I                                                              (``identity``)
 
 served through the engine's own curvature estimators, and the scores come from
-:class:`~stream_influence.influence.InfluenceScorer` — the one statement of the math and its
+:class:`~stream_influence.core.influence.InfluenceScorer` — the one statement of the math and its
 sign convention (positive influence = learning the point raises the reference loss).  The
 decision uses the routing policy's sign rule and thresholds, without warm-up or rate cap (an
 offline audit sees the whole data set at once).
@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import linalg, optimize
+from scipy import linalg
 
-from .curvature import (
+from stream_influence.core.curvature import (
     ClassBlockCurvature,
     Curvature,
     DiagonalCurvature,
@@ -51,11 +51,19 @@ from .curvature import (
     KFACCurvature,
     softmax_hessian,
 )
-from .errors import StreamInfluenceError
-from .influence import InfluenceScorer, Scores
-from .model import Standardizer, augment, one_hot, softmax
-from .policy import RoutingPolicy
-from .settings import CurvatureSettings, InfluenceSettings, PolicySettings
+from stream_influence.core.fit import (
+    MAX_EXACT_PARAMS,
+    HeadFit,
+    fit_head,
+    mean_hessian,
+    objective,
+    prepare_inputs,
+)
+from stream_influence.core.influence import InfluenceScorer, Scores
+from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.policy import RoutingPolicy
+from stream_influence.core.settings import CurvatureSettings, InfluenceSettings, PolicySettings
+from stream_influence.errors import StreamInfluenceError
 
 __all__ = [
     "CURVATURE_AT_OPTIMUM",
@@ -79,8 +87,6 @@ __all__ = [
     "score_dataset",
 ]
 
-# Above this many head parameters a dense (K·D)² Hessian (and Newton) is not attempted.
-MAX_EXACT_PARAMS = 8000
 # Default L2 on standardised features: LOO fidelity of the exact influence is ≥ 0.99 (Spearman) from
 # 1e-3 to 3e-2 on digits, while K-FAC agrees with exact only as the damping grows (≈0.75–0.83 at
 # 1e-2, 0.84–0.91 at 3e-2; see tests/test_fidelity.py).  The `score` audit defaults to SCORE_L2.
@@ -92,127 +98,6 @@ DEFAULT_L2 = 0.03
 # overlapping classes, stays below 0.9 at every L2), while the exact influence stays faithful to
 # leave-one-out refits (Spearman ≥ 0.998 on digits at every L2 swept).
 SCORE_L2 = 0.3
-
-
-@dataclass(slots=True)
-class HeadFit:
-    """A converged head: ``theta`` (``K × D``), the final gradient norm and the method used."""
-
-    theta: np.ndarray
-    l2: float
-    grad_norm: float
-    iterations: int
-    method: str
-    loss: float
-
-
-def prepare_inputs(
-    F_train: np.ndarray, others: list[np.ndarray], standardize: bool
-) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Augmented head inputs; standardised with the *training* mean/variance, as the engine's
-    running standardiser would be after the whole training set."""
-    if standardize:
-        st = Standardizer(F_train.shape[1])
-        st.update(F_train)
-        return augment(st.transform(F_train)), [augment(st.transform(F)) for F in others]
-    return augment(F_train), [augment(F) for F in others]
-
-
-def objective(
-    theta: np.ndarray, X: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float
-) -> tuple[float, np.ndarray]:
-    """``f(Θ)`` and its gradient (``K × D``); ``X`` augmented, mean over all ``len(X)`` rows."""
-    n, K = len(X), theta.shape[0]
-    Z = X @ theta.T
-    Z -= Z.max(axis=1, keepdims=True)
-    logsum = np.log(np.exp(Z).sum(axis=1))
-    nll = logsum - Z[np.arange(n), y]
-    P = softmax(Z)
-    R = (P - one_hot(y, K)) * w[:, None]
-    f = float(w @ nll) / n + 0.5 * l2 * float(np.vdot(theta, theta))
-    return f, R.T @ X / n + l2 * theta
-
-
-def mean_hessian(X: np.ndarray, P: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``(1/n) Σ wᵢ (diag pᵢ − pᵢpᵢᵀ) ⊗ x̃ᵢx̃ᵢᵀ`` (``KD × KD``, class-major), no damping."""
-    n, D = X.shape
-    K = P.shape[1]
-    # Block (k, l) = Xᵀ diag(w p_k δ_kl) X − (p_k x)ᵀ diag(w) (p_l x): one GEMM for the ppᵀ part.
-    Z = (P[:, :, None] * X[:, None, :]).reshape(n, K * D) * np.sqrt(w)[:, None]
-    H = -(Z.T @ Z)
-    H4 = H.reshape(K, D, K, D)
-    for k in range(K):
-        H4[k, :, k, :] += (X * (w * P[:, k])[:, None]).T @ X
-    H /= n
-    return 0.5 * (H + H.T)
-
-
-def fit_head(
-    X: np.ndarray,
-    y: np.ndarray,
-    n_classes: int,
-    l2: float,
-    *,
-    weights: np.ndarray | None = None,
-    theta0: np.ndarray | None = None,
-    augmented: bool = False,
-    tol: float = 1e-10,
-    max_iter: int = 200,
-    method: Literal["auto", "newton", "lbfgs"] = "auto",
-) -> HeadFit:
-    """Minimise ``f(Θ)`` to ``‖∇f‖ ≤ tol`` (Newton; L-BFGS for heads above ``MAX_EXACT_PARAMS``).
-
-    ``X`` are head inputs (augmented when ``augmented``, else a column of ones is appended).
-    """
-    if l2 <= 0:
-        raise StreamInfluenceError(f"l2 must be > 0 (it makes the optimum unique), got {l2}")
-    X = X if augmented else augment(X)
-    n, D = X.shape
-    K = n_classes
-    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
-    theta = np.zeros((K, D)) if theta0 is None else np.array(theta0, dtype=np.float64)
-    if method == "auto":
-        method = "newton" if K * D <= MAX_EXACT_PARAMS else "lbfgs"
-
-    if method == "lbfgs":
-
-        def fun(v: np.ndarray) -> tuple[float, np.ndarray]:
-            f, g = objective(v.reshape(K, D), X, y, w, l2)
-            return f, g.ravel()
-
-        res = optimize.minimize(
-            fun,
-            theta.ravel(),
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": 20 * max_iter, "gtol": tol, "ftol": 0.0, "maxcor": 30},
-        )
-        theta = res.x.reshape(K, D)
-        f, g = objective(theta, X, y, w, l2)
-        return HeadFit(theta, l2, float(np.linalg.norm(g)), int(res.nit), "lbfgs", f)
-
-    f, g = objective(theta, X, y, w, l2)
-    it = 0
-    for it in range(1, max_iter + 1):
-        if np.linalg.norm(g) <= tol:
-            it -= 1
-            break
-        P = softmax(X @ theta.T)
-        H = mean_hessian(X, P, w)
-        H[np.diag_indices_from(H)] += l2
-        step = linalg.cho_solve(linalg.cho_factor(H), g.ravel()).reshape(K, D)
-        # Backtracking (Armijo) keeps Newton globally convergent on this convex objective.
-        slope = float(np.vdot(g, step))
-        t = 1.0
-        while True:
-            f_new, g_new = objective(theta - t * step, X, y, w, l2)
-            if f_new <= f - 1e-4 * t * slope or t < 1e-10:
-                break
-            t *= 0.5
-        if f_new > f and np.linalg.norm(g_new) >= np.linalg.norm(g):
-            break  # rounding floor reached: no further progress possible
-        theta, f, g = theta - t * step, f_new, g_new
-    return HeadFit(theta, l2, float(np.linalg.norm(g)), it, "newton", f)
 
 
 def exact_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> ExactCurvature:

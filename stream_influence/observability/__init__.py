@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics and the HTTP endpoint, logging, the Grafana dashboard spec."""

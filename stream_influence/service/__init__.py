@@ -1,0 +1,1 @@
+"""The streaming service: the run loop, checkpoints and policy hot reload."""

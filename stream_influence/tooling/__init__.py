@@ -1,0 +1,1 @@
+"""Tooling around the service (it imports none of this): the demo and the embedded broker."""
