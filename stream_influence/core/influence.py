@@ -161,7 +161,9 @@ def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, object
 
 
 class InfluenceScorer:
-    """Scores a batch against the cached ``s = H⁻¹∇L_R`` (see the module docstring)."""
+    """The cached reference direction ``s = H⁻¹∇L_R`` (with its norm, the reference loss and the
+    held-out calibration scores) and the scoring of a batch against it (see the module
+    docstring).  The public, snapshot-level API is :class:`stream_influence.core.scorer.Scorer`."""
 
     def __init__(self, settings: InfluenceSettings) -> None:
         self.settings = settings
@@ -214,12 +216,13 @@ class InfluenceScorer:
         return Calibration(Scores(influence, relative, relative / norm, -q), yr.copy())
 
     def score(self, P: np.ndarray, Y: np.ndarray, X: np.ndarray, curvature: Curvature) -> Scores:
-        """Scores for points with probabilities ``P``, one-hot labels ``Y``, inputs ``X``."""
+        """Scores for points with probabilities ``P``, one-hot labels ``Y``, inputs ``X``.
+
+        Read-only (the owner counts scored events towards ``refresh_every``)."""
         assert self.s is not None, "refresh() first"
         R = P - Y
         influence = -np.einsum("bd,bd->b", R @ self.s, X)
         quad = np.maximum(curvature.quad(R, X), 1e-300)
-        self.events_since_refresh += len(X)
         relative = influence / np.sqrt(quad)
         return Scores(influence, relative, relative / self.s_norm, -quad)
 

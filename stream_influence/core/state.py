@@ -248,7 +248,7 @@ def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray],
     )
     template.schema.load_state_dict(engine.schema.state_dict())
     if engine.routed is not None:
-        template.schema.n_features = engine._dim - 1
+        template.schema.n_features = engine.updater.dim - 1
         template._ensure_model()
     expected: dict[str, np.ndarray] = {}
     actual: dict[str, np.ndarray] = {}

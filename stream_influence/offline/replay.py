@@ -281,10 +281,10 @@ def replay(
         "dead_lettered": c.dead_lettered,
         "dead_letter_reasons": dict(sorted(c.dead_letter_reasons.items())),
         "decision_reasons": dict(sorted(trace.reasons.items())),
-        "prequential_accuracy": summary.get("prequential_accuracy"),
-        "shadow_prequential_accuracy": summary.get("shadow_prequential_accuracy"),
-        "updates_applied": summary.get("updates_applied", 0),
-        "shadow_updates_applied": summary.get("shadow_updates_applied", 0),
+        "prequential_accuracy": summary.prequential_accuracy,
+        "shadow_prequential_accuracy": summary.shadow_prequential_accuracy,
+        "updates_applied": summary.updates_applied or 0,
+        "shadow_updates_applied": summary.shadow_updates_applied or 0,
         "events_per_second": n_input / elapsed if elapsed > 0 else None,
         "elapsed_seconds": elapsed,
         "batch_size": batch_size,
@@ -301,18 +301,15 @@ def replay(
             raise StreamInfluenceError(f"test file not found: {test}")
         report.update(evaluate_test_set(engine, Path(test)))
     report["engine"] = {
-        k: summary.get(k)
-        for k in (
-            "classes",
-            "n_features",
-            "reference_size",
-            "reference_loss",
-            "quarantine_rate",
-            "threshold",
-            "damping_in_use",
-            "condition_number",
-            "refactorizations",
-        )
+        "classes": summary.classes,
+        "n_features": summary.n_features,
+        "reference_size": summary.reference_size,
+        "reference_loss": summary.reference_loss,
+        "quarantine_rate": summary.quarantine_rate,
+        "threshold": summary.threshold,
+        "damping_in_use": summary.damping_in_use,
+        "condition_number": summary.condition_number,
+        "refactorizations": summary.refactorizations,
     }
     report["settings"] = engine.settings.model_dump(mode="json", by_alias=True)
     return ReplayResult(_clean(report), trace, engine)
