@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.curvature import Curvature
+from stream_influence.core.decisions import Decision, DecisionRecord
 from stream_influence.core.events import EventBatch, Reject, Schema
 from stream_influence.core.influence import InfluenceScorer, ReferenceBuffer, Scores
 from stream_influence.core.learner import DriftMonitor, HeadLearner
@@ -73,39 +74,24 @@ class BatchResult:
         q = int(self.quarantine.sum())
         return {"accepted": len(self.events) - q, "quarantined": q, "dead_lettered": len(self.rejects)}
 
-    def records(self) -> list[dict[str, Any]]:
+    def decisions(self) -> list[DecisionRecord]:
         """One record per input message, in input order: id, decision, reason and scores."""
-        out: list[dict[str, Any] | None] = [None] * self.n_input
+        out: list[DecisionRecord | None] = [None] * self.n_input
         inf = self.scores.influence.tolist()
         rel = self.scores.relative_influence.tolist()
         cos = self.scores.cosine_influence.tolist()
         slf = self.scores.self_influence.tolist()
+        quarantine = self.quarantine.tolist()
         for j, (i, eid) in enumerate(zip(self.events.index.tolist(), self.events.ids, strict=True)):
-            out[i] = {
-                "id": eid,
-                "decision": "quarantine" if self.quarantine[j] else "accept",
-                "reason": self.reasons[j],
-                "influence": _num(inf[j]),
-                "relative_influence": _num(rel[j]),
-                "cosine_influence": _num(cos[j]),
-                "self_influence": _num(slf[j]),
-            }
+            decision: Decision = "quarantine" if quarantine[j] else "accept"
+            out[i] = DecisionRecord(eid, decision, self.reasons[j], inf[j], rel[j], cos[j], slf[j])
         for r in self.rejects:
-            out[r.index] = {
-                "id": None,
-                "decision": "dead_letter",
-                "reason": r.reason.value,
-                "detail": r.detail,
-                "influence": None,
-                "relative_influence": None,
-                "cosine_influence": None,
-                "self_influence": None,
-            }
+            out[r.index] = DecisionRecord.dead_letter(r.reason.value, r.detail)
         return out  # type: ignore[return-value]
 
-
-def _num(x: float) -> float | None:
-    return None if x != x else x  # NaN → null
+    def records(self) -> list[dict[str, Any]]:
+        """:meth:`decisions` as JSON objects."""
+        return [d.to_dict() for d in self.decisions()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,6 @@ checkpoint protocol it implements.  Security settings (SASL/SSL) and ``client_op
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -24,6 +23,7 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from pydantic import SecretStr
 
 from stream_influence.config import KafkaSettings
+from stream_influence.core.decisions import DecisionRecord
 from stream_influence.errors import BrokerUnreachableError, OutputError
 
 __all__ = [
@@ -388,10 +388,8 @@ def header_dict(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
 
 
 def decision_value(record: dict[str, Any], topic: str, partition: int, offset: int) -> bytes:
-    return json.dumps(
-        {**record, "source_topic": topic, "source_partition": partition, "source_offset": offset},
-        separators=(",", ":"),
-    ).encode()
+    """The decisions-topic value of ``record`` (a :class:`DecisionRecord` as a JSON object)."""
+    return DecisionRecord.from_dict(record).with_source(topic, partition, offset).to_json().encode()
 
 
 # -- reference topic ------------------------------------------------------------------------

@@ -250,10 +250,10 @@ def replay(
             after_s = _correct(engine.shadow) if engine.shadow is not None else 0
             trace.add(result, after_r - before_r, after_s - before_s)
             if out is not None:
-                for rec, raw in zip(result.records(), lines, strict=True):
-                    if rec["decision"] == "dead_letter":
-                        rec["id"] = _dead_letter_id(raw)
-                    out.write(json.dumps(rec, separators=(",", ":")))
+                for rec, raw in zip(result.decisions(), lines, strict=True):
+                    if rec.decision == "dead_letter":
+                        rec = rec.replace(id=_dead_letter_id(raw))
+                    out.write(rec.to_json())
                     out.write("\n")
             if progress is not None:
                 c = engine.counters
