@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from stream_influence.config import KafkaSettings, load_config
+from stream_influence.offline.jsonl import iter_lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,15 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
-    f = sys.stdin.buffer if str(path) == "-" else path.open("rb")
-    try:
-        for line in f:
-            line = line.rstrip(b"\r\n")
-            if line.strip():
-                yield line
-    finally:
-        if f is not sys.stdin.buffer:
-            f.close()
+    """The file's events ("-": stdin); a blank line is not an event and is not sent."""
+    return iter_lines(path, skip_blank=True)
 
 
 def _key_of(line: bytes) -> bytes | None:

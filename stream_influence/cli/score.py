@@ -23,6 +23,7 @@ from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import atomic_write
 from stream_influence.errors import ConfigError, StreamInfluenceError
 from stream_influence.offline.audit import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
+from stream_influence.offline.jsonl import iter_lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,14 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_lines(path: Path) -> list[bytes]:
+    """Every line (a blank one too: it gets its own dead-letter record)."""
     try:
-        data = path.read_bytes()
+        return list(iter_lines(path))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
-    return [line.rstrip(b"\r") for line in lines]
 
 
 def _report_rejects(name: str, rejects: list[Reject]) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +36,7 @@ import numpy as np
 from stream_influence.core.engine import BatchResult, InfluenceEngine
 from stream_influence.core.settings import EngineSettings
 from stream_influence.errors import StreamInfluenceError
+from stream_influence.offline.jsonl import iter_batches, iter_lines
 
 __all__ = [
     "DEFAULT_SEED_REFERENCE",
@@ -52,28 +53,6 @@ __all__ = [
 # (100–200 clean points), while being a small slice of any realistic stream.
 DEFAULT_SEED_REFERENCE = 300
 HIST_BINS = np.linspace(-1.0, 1.0, 81)  # cosine_influence lives in [−1, 1]
-
-
-def iter_lines(path: Path) -> Iterator[bytes]:
-    """Raw lines without their line terminator; an empty line is yielded as ``b""``."""
-    with open(path, "rb") as f:
-        for line in f:
-            yield line.rstrip(b"\r\n")
-
-
-def iter_batches(path: Path, batch_size: int) -> Iterator[tuple[list[bytes], int]]:
-    """``(lines, bytes_read_so_far)`` in batches of at most ``batch_size`` lines."""
-    batch: list[bytes] = []
-    pos = 0
-    with open(path, "rb") as f:
-        for line in f:
-            pos += len(line)
-            batch.append(line.rstrip(b"\r\n"))
-            if len(batch) >= batch_size:
-                yield batch, pos
-                batch = []
-    if batch:
-        yield batch, pos
 
 
 @dataclass
