@@ -413,19 +413,14 @@ class InfluenceEngine:
         labels = chunk.labels[start : start + m]
         weights = chunk.weights[start : start + m]
         warm = self.warm
-        if warm and not up.warm_started and self.trusted_reference:
-            up.warm_start()
-        up.observe(F)
-        # The learned side first: s = H⁻¹∇L_R and the reference model are brought up to date,
-        # and the policy recalibrated against them, before the scorer reads them.
-        if up.refresh_direction():
+        # The learned side first (warm start, standardiser, s = H⁻¹∇L_R, reference model), the
+        # policy recalibrated against it, before the scorer reads it.
+        wanted = self.uses_reference_model
+        if up.begin(F, warm=warm, trusted_reference=self.trusted_reference, reference_evidence=wanted):
             self._calibrate()
-        if warm and self.uses_reference_model and up.fit_reference_model():
-            self._calibrate()
-        reference_model = up.usable_reference_model(self.uses_reference_model)
-        evidence = Scorer(up.view(self.schema, self.policy, reference_model)).evidence_of(F, labels)
-        if up.reference.size > 0:
-            up.count_scored(m)
+        view = up.view(self.schema, self.policy, up.usable_reference_model(wanted))
+        evidence = Scorer(view).evidence_of(F, labels)
+        up.count_scored(m)
         if warm:
             self._warn_small_reference()
         decision = self.router.decide(evidence, warm)

@@ -71,6 +71,15 @@ class Router:
             policy.settings = policy.settings.model_copy(update={"max_quarantine_rate": 1.0})
         return cls(policy)
 
+    def adopt(self, snapshot: ModelSnapshot) -> None:
+        """Take the snapshot's calibration (per-class thresholds, reference-loss thresholds, the
+        pooled threshold), keeping this router's own rolling windows and version: how a
+        long-lived router follows the models an updater publishes."""
+        theirs = snapshot.policy
+        self.policy.class_thresholds = theirs.class_thresholds.copy()
+        self.policy.reference_thresholds = theirs.reference_thresholds.copy()
+        self.policy.threshold = theirs.threshold
+
     @property
     def score_kind(self) -> str:
         """The score the policy compares with its thresholds (``policy.score``)."""

@@ -31,11 +31,16 @@ import numpy as np
 
 from stream_influence.core.events import EventBatch, Reject
 from stream_influence.core.influence import Scores
-from stream_influence.core.model import augment, one_hot, softmax
+from stream_influence.core.model import Standardizer, augment, one_hot, softmax
 from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import NotWarmError
 
-__all__ = ["Evidence", "Scorer"]
+__all__ = ["Evidence", "Scorer", "head_inputs"]
+
+
+def head_inputs(standardizer: Standardizer, features: np.ndarray, standardize: bool) -> np.ndarray:
+    """Standardised (when ``standardize``), augmented head inputs ``x̃ = [φ; 1]`` of φ-features."""
+    return augment(standardizer.transform(features) if standardize else features)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +81,7 @@ class Scorer:
         """Standardised, augmented head inputs ``x̃`` of φ-features ``features``."""
         snap = self.snapshot
         assert snap.standardizer is not None
-        standardize = snap.settings.model.standardize
-        return augment(snap.standardizer.transform(features) if standardize else features)
+        return head_inputs(snap.standardizer, features, snap.settings.model.standardize)
 
     def score(self, batch: EventBatch) -> Scores:
         """Influence scores of ``batch`` (positive: learning the event would raise the trusted

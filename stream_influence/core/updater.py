@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.curvature import Curvature, make_curvature
-from stream_influence.core.events import Schema
+from stream_influence.core.events import EventBatch, Schema
 from stream_influence.core.influence import InfluenceScorer, ReferenceBuffer
 from stream_influence.core.learner import DriftMonitor, HeadLearner
-from stream_influence.core.model import FeatureExtractor, Standardizer, augment
+from stream_influence.core.model import FeatureExtractor, Standardizer
 from stream_influence.core.policy import RoutingDecision, RoutingPolicy
 from stream_influence.core.reference_model import ReferenceModel
-from stream_influence.core.router import calibrate_policy
-from stream_influence.core.scorer import Evidence
+from stream_influence.core.router import Router, calibrate_policy
+from stream_influence.core.scorer import Evidence, Scorer, head_inputs
 from stream_influence.core.settings import EngineSettings
 from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import CurvatureError
@@ -111,7 +111,7 @@ class Updater:
     def inputs(self, F: np.ndarray) -> np.ndarray:
         """Standardised, augmented head inputs for φ-features ``F``."""
         assert self.standardizer is not None
-        return augment(self.standardizer.transform(F) if self.settings.model.standardize else F)
+        return head_inputs(self.standardizer, F, self.settings.model.standardize)
 
     # -- the trusted side ------------------------------------------------------------------
     def add_reference(self, F: np.ndarray, labels: np.ndarray) -> None:
@@ -214,15 +214,42 @@ class Updater:
         self.direction.invalidate()
         self.model_version += 1
 
-    def observe(self, F: np.ndarray) -> None:
-        """Every valid event enters the running standardiser before it is scored."""
+    def begin(self, F: np.ndarray, *, warm: bool, trusted_reference: bool, reference_evidence: bool) -> bool:
+        """Bring the learned side up to date for a micro-batch of φ-features ``F`` about to be
+        scored: the warm start (once, when routing starts with a trusted reference), the running
+        standardiser (every valid event), ``s = H⁻¹∇L_R`` when stale, and — while ``warm`` and
+        when the policy's evidence uses it — the reference model.  Returns whether the policy's
+        calibration must be recomputed (:meth:`calibrate`)."""
         assert self.standardizer is not None
+        if warm and not self.warm_started and trusted_reference:
+            self.warm_start()
         self.standardizer.update(F)
+        stale = self.refresh_direction()
+        if warm and reference_evidence and self.fit_reference_model():
+            stale = True
+        return stale
 
     def count_scored(self, n: int) -> None:
         """``n`` events were scored against the cached direction (it is refreshed every
         ``influence.refresh_every`` of them)."""
-        self.direction.events_since_refresh += n
+        if self.reference.size > 0:
+            self.direction.events_since_refresh += n
+
+    def update(
+        self, batch: EventBatch, decision: RoutingDecision, schema: Schema, policy: RoutingPolicy
+    ) -> bool:
+        """Learn a batch routed elsewhere (by a scorer process, from an older snapshot): the
+        same steps as the engine, the decisions taken as given; ``policy`` is recalibrated when
+        the learned side changed.  Returns whether the drift detector fired."""
+        F = self.extractor.transform(batch.features)
+        wanted = Router(policy).uses_reference_loss
+        warm = self.not_warm_reason() is None
+        if self.begin(F, warm=warm, trusted_reference=self.trusted_reference, reference_evidence=wanted):
+            self.calibrate(policy)
+        view = self.view(schema, policy, None)
+        evidence = Scorer(view).evidence_of(F, batch.labels)
+        self.count_scored(len(batch))
+        return self.learn(evidence, decision, batch.weights)
 
     def learn(self, evidence: Evidence, decision: RoutingDecision, weights: np.ndarray) -> bool:
         """Learn one routed batch; returns whether the drift detector fired.
@@ -303,8 +330,7 @@ class Updater:
         reason = self.not_warm_reason() if not_warm_reason is _UNSET else not_warm_reason
         twin = copy.deepcopy(self, {id(self.extractor): self.extractor})  # φ is stateless: shared
         pol = copy.deepcopy(policy) if policy is not None else RoutingPolicy(self.settings.policy)
-        p = pol.settings
-        wanted = p.mode == "calibrated" and p.evidence != "influence"
+        wanted = Router(pol).uses_reference_loss
         changed = twin.refresh_direction(force=refresh)
         if wanted and twin.fit_reference_model():
             changed = True
