@@ -77,6 +77,7 @@ SETTINGS = {
     ),
     "quantile_diagonal": EngineSettings(policy={"mode": "quantile"}, curvature={"kind": "diagonal"}),
     "margin_classblock": EngineSettings(influence={"objective": "margin"}, curvature={"kind": "classblock"}),
+    "exact_newton": EngineSettings(curvature={"kind": "exact"}, learner={"optimizer": "newton"}),
 }
 
 
