@@ -91,6 +91,9 @@ class Service:
         self.emitter = Emitter(self.k, lambda kind, n: self._metric("observe_outputs", kind, n))
         self.checkpointer = Checkpointer(self.store, self.emitter, self.k)
         self.health = Health()
+        #: The engine summary as of the end of the loop's last step: replaced, never changed, so
+        #: other threads (the demo's progress view) read it without a lock.
+        self.summary: dict[str, Any] = self.engine.summary()
         self.next_offsets: dict[tuple[str, int], int] = {}  # first offset not applied to the model
         # Where a partition unknown to checkpoints and commits started (auto_offset_reset), so a
         # rollback before its first checkpoint can go back there.
@@ -514,6 +517,7 @@ class Service:
         if t_poll - self._last_housekeeping >= 1.0:
             self._last_housekeeping = t_poll
             self._housekeeping()
+        self.summary = self.engine.summary()
 
     def _add_reference(self, raws: list[bytes | None]) -> None:
         if raws:
