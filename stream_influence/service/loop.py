@@ -287,7 +287,7 @@ class Service:
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
         self.consumer = self.broker.consumer()
-        self.consumer.subscribe([self.k.topic])
+        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         gave_up = False
         try:
