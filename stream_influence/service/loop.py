@@ -615,8 +615,9 @@ class Service:
         if now - self._producer_attempt < 1.0:
             return False
         self._producer_attempt = now
+        if self.broker is None:  # not started
+            return False
         try:
-            assert self.broker is not None
             self.producer = self.broker.producer()
         except Exception as exc:
             log.warning("cannot create the output producer (will retry): %s", exc)
