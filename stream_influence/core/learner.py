@@ -16,13 +16,13 @@ learner sees it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from river import drift
 
-from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.model import softmax
 from stream_influence.core.settings import DriftSettings, LearnerSettings
 
 __all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
@@ -148,37 +148,37 @@ class HeadLearner:
         solve: Callable[[np.ndarray], np.ndarray] | None = None,
         *,
         trusted: bool = False,
+        alongside: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.ndarray]] = (),
     ) -> None:
         """Learn augmented inputs ``X`` with labels ``y`` and weights ``w``.
 
         ``solve`` (``v ↦ H⁻¹v``) is required by the ``newton`` optimizer.  ``trusted`` points
-        (the warm start on the reference set) are not counted as stream updates.
+        (the warm start on the reference set) are not counted as stream updates.  ``alongside``:
+        other learners with the same settings and head shape, each with its own ``(X, y, w)``,
+        that learn in the same steps — every learner ends exactly where learning alone would
+        leave it, but each step is one batched product for all (the routed learner and its shadow).
         """
-        s = self.settings
-        K = self.theta.shape[0]
-        mb = s.minibatch
-        if len(X):
-            seen = self.updates + self.trusted_updates
-            self.sq_norm += (float(np.einsum("bd,bd->", X, X)) - len(X) * self.sq_norm) / (seen + len(X))
-        for start in range(0, len(X), mb):
-            Xc, yc, wc = X[start : start + mb], y[start : start + mb], w[start : start + mb]
-            R = (softmax(Xc @ self.theta.T) - one_hot(yc, K)) * wc[:, None]
-            grad = R.T @ Xc / len(Xc)
-            grad[:, :-1] += s.l2 * self.theta[:, :-1]
-            self._step(grad, solve)
-        if trusted:
-            self.trusted_updates += len(X)
-        else:
-            self.updates += len(X)
+        jobs = [(self, X, y, w), *alongside]
+        if any(j[0].settings != self.settings or j[0].theta.shape != self.theta.shape for j in jobs):
+            raise ValueError("learners that learn alongside share settings and head shape")
+        for learner, Xj, _, _ in jobs:
+            if len(Xj):
+                seen = learner.updates + learner.trusted_updates
+                learner.sq_norm += (float(np.einsum("bd,bd->", Xj, Xj)) - len(Xj) * learner.sq_norm) / (
+                    seen + len(Xj)
+                )
+        _lockstep([j for j in jobs if len(j[1])], solve)
+        for learner, Xj, _, _ in jobs:
+            if trusted:
+                learner.trusted_updates += len(Xj)
+            else:
+                learner.updates += len(Xj)
 
     def _step(self, grad: np.ndarray, solve: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """One adam or newton step (sgd steps are batched over learners in :func:`_lockstep`)."""
         s = self.settings
         self.steps += 1
-        if s.optimizer == "sgd":
-            # Wide inputs move every logit by ~lr·‖x̃‖² per step: keep that bounded (see settings).
-            scale = min(1.0, WIDTH / max(self.sq_norm, 1.0)) if s.normalize_step else 1.0
-            self.theta -= (s.learning_rate * scale) * grad
-        elif s.optimizer == "adam":
+        if s.optimizer == "adam":
             b1, b2 = 0.9, 0.999
             self._m = b1 * self._m + (1 - b1) * grad
             self._v = b2 * self._v + (1 - b2) * grad * grad
@@ -189,6 +189,11 @@ class HeadLearner:
             if solve is None:
                 raise ValueError("the newton optimizer needs the curvature's solve()")
             self.theta -= s.learning_rate * solve(grad)
+
+    @property
+    def step_scale(self) -> float:
+        """sgd: wide inputs move every logit by ~lr·‖x̃‖² per step; keep that bounded (see settings)."""
+        return min(1.0, WIDTH / max(self.sq_norm, 1.0)) if self.settings.normalize_step else 1.0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -210,6 +215,73 @@ class HeadLearner:
         self.trusted_updates = int(state.get("trusted_updates", 0))
         self.sq_norm = float(state["sq_norm"])
         self.metrics.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("metrics_")})
+
+
+def _lockstep(
+    jobs: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.ndarray]],
+    solve: Callable[[np.ndarray], np.ndarray] | None,
+) -> None:
+    """Steps of ``minibatch`` events for every learner at once (see :meth:`HeadLearner.learn`).
+
+    Step ``j`` of learner ``i`` is its ``j``-th chunk: the weighted mean cross-entropy gradient
+    ``Rᵀ X̃ / n`` plus ``l2`` on the weights (not the bias).  The learners' heads are stacked (each
+    ``theta`` becomes a view of the stack) and their chunks padded to a common shape with rows of
+    weight 0, so one step is a handful of batched products; a learner with no chunk left in a
+    step is not moved (its coefficient is 0, and ``steps`` does not count it).
+    """
+    if not jobs:
+        return
+    first = jobs[0][0]
+    s = first.settings
+    mb, L = s.minibatch, len(jobs)
+    K, D = first.theta.shape
+    n = np.array([len(j[1]) for j in jobs])
+    steps = int(-(-n.max() // mb))
+    Xp = np.zeros((L, steps * mb, D))
+    Yp = np.zeros((L, steps * mb, K))
+    Wp = np.zeros((L, steps * mb))
+    for i, (_, X, y, w) in enumerate(jobs):
+        Xp[i, : n[i]] = X
+        Yp[i, np.arange(n[i]), y] = 1.0
+        Wp[i, : n[i]] = w
+    # (steps, L, mb, ·): each step's chunks are one contiguous block.
+    Xp = Xp.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
+    Yp = Yp.reshape(L, steps, mb, K).transpose(1, 0, 2, 3).copy()
+    weigh = not ((n == steps * mb).all() and all(bool((j[3] == 1.0).all()) for j in jobs))
+    Wp = Wp.reshape(L, steps, mb, 1).transpose(1, 0, 2, 3).copy()
+    counts = np.clip(n[None, :] - mb * np.arange(steps)[:, None], 0, mb)  # (steps, L) rows per chunk
+    theta = np.stack([j[0].theta for j in jobs])
+    for i, job in enumerate(jobs):
+        job[0].theta = theta[i]
+    sgd = s.optimizer == "sgd"
+    if sgd:  # θ_w ← θ_w (1 − η l2) − η G_w / n, θ_b ← θ_b − η G_b / n with η = lr · step scale
+        eta = np.array([s.learning_rate * j[0].step_scale for j in jobs])
+        live = counts > 0
+        coef = np.where(live, eta / np.maximum(counts, 1), 0.0)[:, :, None, None]
+        decay = np.where(live, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
+    for t in range(steps):
+        Xc = Xp[t]
+        Z = np.matmul(Xc, theta.transpose(0, 2, 1))
+        Z -= Z.max(axis=2, keepdims=True)
+        np.exp(Z, out=Z)
+        Z /= Z.sum(axis=2, keepdims=True)
+        Z -= Yp[t]
+        if weigh:
+            Z *= Wp[t]
+        G = np.matmul(Z.transpose(0, 2, 1), Xc)
+        if sgd:
+            theta[:, :, :-1] *= decay[t]
+            G *= coef[t]
+            theta -= G
+            continue
+        for i, job in enumerate(jobs):
+            if counts[t, i]:
+                grad = G[i] / counts[t, i]
+                grad[:, :-1] += s.l2 * theta[i, :, :-1]
+                job[0]._step(grad, solve)
+    if sgd:
+        for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
+            job[0].steps += live_steps
 
 
 class DriftMonitor:
