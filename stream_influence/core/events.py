@@ -362,15 +362,8 @@ class _Floats:
 
 _BOM = b"\xef\xbb\xbf"
 _FIELDS = frozenset(("id", "features", "label", "ts", "weight"))
-_PLAIN = frozenset(("id", "features", "label"))
 _SCALARS = (str, int, float, bool, type(None))  # exact types; simdjson's containers are not these
 _local = threading.local()  # a simdjson.Parser serves one document at a time: one per thread
-
-
-def _plain_label(label: Any) -> bool:
-    """A label :meth:`Schema._label_index` cannot reject for its type or size."""
-    tp = type(label)
-    return (tp is str and label != "") or (tp is int and -MAX_LABEL_INT <= label <= MAX_LABEL_INT)
 
 
 def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict[str, Any] | None:
@@ -385,8 +378,8 @@ def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict
     A flat list of numbers comes back as :class:`_Floats`, read by simdjson straight into float64
     (correctly rounded, as ``float()`` does) without a Python float per element.
 
-    A *plain* event — exactly ``id``, ``features``, ``label``, a non-empty string id, a label of
-    a valid type and size — comes back as the tuple ``(id, label, features)`` (JSON never parses
+    A *plain* event — exactly ``id``, ``features``, ``label``, a non-empty string id, a label
+    :meth:`Schema._label_index` cannot reject for its type or size — comes back as the tuple ``(id, label, features)`` (JSON never parses
     to a tuple), which :meth:`Schema.decode_batch` accepts in a few steps once the label is known
     and the width matches; any other record is a dict for the full rules.
     """
@@ -396,20 +389,24 @@ def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict
         doc = parse(raw)
         if type(doc) is not simdjson.Object:
             return None
+        if len(doc) == 3:  # three entries holding the three names: exactly those keys, once each
+            try:
+                eid, label, feats = doc["id"], doc["label"], doc["features"]
+            except KeyError:
+                pass
+            else:
+                tl = type(label)
+                if (
+                    type(eid) is str
+                    and eid
+                    and ((tl is str and label) or (tl is int and -MAX_LABEL_INT <= label <= MAX_LABEL_INT))
+                    and type(feats) is simdjson.Array
+                    and raw.count(b"[") == 1
+                ):
+                    return eid, label, _Floats(feats.as_buffer(of_type="d"), len(feats))
         keys = list(doc.keys())
-        names = set(keys)
-        if len(names) != len(keys) or not names <= _FIELDS:
+        if len(set(keys)) != len(keys) or not _FIELDS.issuperset(keys):
             return None
-        if names == _PLAIN:
-            eid, label, feats = doc["id"], doc["label"], doc["features"]
-            if (
-                type(eid) is str
-                and eid
-                and _plain_label(label)
-                and type(feats) is simdjson.Array
-                and raw.count(b"[") == 1
-            ):
-                return eid, label, _Floats(feats.as_buffer(of_type="d"), len(feats))
         out: dict[str, Any] = {}
         for k in keys:
             v = doc[k]
@@ -545,12 +542,8 @@ class Schema:
             self.trusted = True
         max_bytes = self.settings.max_event_bytes
         max_abs = self.settings.max_abs_feature
-        ids: list[str] = []
-        rows: list[list[Any]] = []
-        labels: list[int] = []
-        weights: list[float] = []
-        stamps: list[float] = []
-        index: list[int] = []
+        # One (id, features, class, weight, timestamp, input index) per valid event, in input order.
+        valid: list[tuple[str, list[Any] | _Floats, int, float, float, int]] = []
         rejects: list[Reject] = []
 
         def reject(i: int, reason: RejectReason, detail: str) -> None:
@@ -574,12 +567,7 @@ class Schema:
                 eid, lab, feats = obj
                 code = known.get(lab if type(lab) is str else str(lab))
                 if code is not None and len(feats) == self.n_features:
-                    ids.append(eid)
-                    rows.append(feats)
-                    labels.append(code)
-                    weights.append(1.0)
-                    stamps.append(math.nan)
-                    index.append(i)
+                    valid.append((eid, feats, code, 1.0, math.nan, i))
                     continue
                 obj = {"id": eid, "features": feats, "label": lab}  # learn or reject: the full rules
             raw = raws[i]
@@ -645,13 +633,11 @@ class Schema:
                     reject(i, reason, _FEATURE_DETAIL[reason])
                     continue
                 self.n_features = len(feats)
-            ids.append(eid)
-            rows.append(feats)
-            labels.append(label)
-            weights.append(float(w))
-            stamps.append(ts)
-            index.append(i)
+            valid.append((eid, feats, label, float(w), ts, i))
 
+        ids, rows, labels, weights, stamps, index = (
+            (list(c) for c in zip(*valid, strict=True)) if valid else ([], [], [], [], [], [])
+        )
         width = self.n_features or 0
         X = _stack(rows, width)
         # NaN compares False, so this one test rejects non-finite and out-of-range rows alike.

@@ -224,10 +224,11 @@ def _lockstep(
     """Steps of ``minibatch`` events for every learner at once (see :meth:`HeadLearner.learn`).
 
     Step ``j`` of learner ``i`` is its ``j``-th chunk: the weighted mean cross-entropy gradient
-    ``Rᵀ X̃ / n`` plus ``l2`` on the weights (not the bias).  The learners' heads are stacked (each
-    ``theta`` becomes a view of the stack) and their chunks padded to a common shape with rows of
-    weight 0, so one step is a handful of batched products; a learner with no chunk left in a
-    step is not moved (its coefficient is 0, and ``steps`` does not count it).
+    ``Σ wᵣ (pᵣ − yᵣ) x̃ᵣᵀ / n`` plus ``l2`` on the weights (not the bias).  The learners' heads are
+    stacked (each ``theta`` becomes a view of the stack) and their chunks padded to one shape with
+    rows of weight 0, so a step is a few batched products: the label part ``Σ wᵣ yᵣ x̃ᵣᵀ / n`` of
+    every step is data only and computed before the loop, and each row of ``X̃`` is scaled once by
+    its weight and step size.  A learner with no chunk left in a step is not moved.
     """
     if not jobs:
         return
@@ -237,48 +238,44 @@ def _lockstep(
     K, D = first.theta.shape
     n = np.array([len(j[1]) for j in jobs])
     steps = int(-(-n.max() // mb))
+    counts = np.clip(n[None, :] - mb * np.arange(steps)[:, None], 0, mb)  # (steps, L) rows per chunk
+    sgd = s.optimizer == "sgd"
+    # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
+    # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
+    eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
+    scale = np.zeros((L, steps * mb))
     Xp = np.zeros((L, steps * mb, D))
     Yp = np.zeros((L, steps * mb, K))
-    Wp = np.zeros((L, steps * mb))
     for i, (_, X, y, w) in enumerate(jobs):
         Xp[i, : n[i]] = X
         Yp[i, np.arange(n[i]), y] = 1.0
-        Wp[i, : n[i]] = w
+        scale[i, : n[i]] = w * np.repeat(eta[i] / np.maximum(counts[:, i], 1), mb)[: n[i]]
+    Xw = Xp * scale[:, :, None]
     # (steps, L, mb, ·): each step's chunks are one contiguous block.
     Xp = Xp.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
-    Yp = Yp.reshape(L, steps, mb, K).transpose(1, 0, 2, 3).copy()
-    weigh = not ((n == steps * mb).all() and all(bool((j[3] == 1.0).all()) for j in jobs))
-    Wp = Wp.reshape(L, steps, mb, 1).transpose(1, 0, 2, 3).copy()
-    counts = np.clip(n[None, :] - mb * np.arange(steps)[:, None], 0, mb)  # (steps, L) rows per chunk
+    Xw = Xw.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
+    labels = np.matmul(Yp.reshape(L, steps, mb, K).transpose(1, 0, 3, 2), Xw)  # (steps, L, K, D)
+    # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
+    decay = np.ones((steps, L, 1, D))
+    decay[..., :-1] = np.where(counts > 0, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
     theta = np.stack([j[0].theta for j in jobs])
     for i, job in enumerate(jobs):
         job[0].theta = theta[i]
-    sgd = s.optimizer == "sgd"
-    if sgd:  # θ_w ← θ_w (1 − η l2) − η G_w / n, θ_b ← θ_b − η G_b / n with η = lr · step scale
-        eta = np.array([s.learning_rate * j[0].step_scale for j in jobs])
-        live = counts > 0
-        coef = np.where(live, eta / np.maximum(counts, 1), 0.0)[:, :, None, None]
-        decay = np.where(live, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
     for t in range(steps):
-        Xc = Xp[t]
-        Z = np.matmul(Xc, theta.transpose(0, 2, 1))
+        Z = np.matmul(Xp[t], theta.transpose(0, 2, 1))
         Z -= Z.max(axis=2, keepdims=True)
         np.exp(Z, out=Z)
         Z /= Z.sum(axis=2, keepdims=True)
-        Z -= Yp[t]
-        if weigh:
-            Z *= Wp[t]
-        G = np.matmul(Z.transpose(0, 2, 1), Xc)
+        G = np.matmul(Z.transpose(0, 2, 1), Xw[t])
+        G -= labels[t]
         if sgd:
-            theta[:, :, :-1] *= decay[t]
-            G *= coef[t]
+            theta *= decay[t]
             theta -= G
             continue
         for i, job in enumerate(jobs):
             if counts[t, i]:
-                grad = G[i] / counts[t, i]
-                grad[:, :-1] += s.l2 * theta[i, :, :-1]
-                job[0]._step(grad, solve)
+                G[i, :, :-1] += s.l2 * theta[i, :, :-1]
+                job[0]._step(G[i], solve)
     if sgd:
         for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
             job[0].steps += live_steps
