@@ -82,3 +82,24 @@ def test_learners_alongside_must_match() -> None:
     X, y, w = _data(np.random.default_rng(0), 8, True)
     with pytest.raises(ValueError, match="share settings"):
         a.learn(X, y, w, alongside=[(b, X, y, w)])
+
+
+def test_prequential_windows_match_the_history_whatever_the_chunking() -> None:
+    """Rolling metrics are those of the newest ``window`` events, chunks wrapping the ring or not."""
+    from stream_influence.core.learner import Prequential
+
+    rng = np.random.default_rng(3)
+    window = 10
+    metrics = Prequential(window)
+    correct: list[float] = []
+    losses: list[float] = []
+    for m in [3, 7, 1, 9, 25, 4, 10, 2]:  # wraps, exact fits, and a chunk longer than the window
+        P = rng.dirichlet(np.ones(K), size=m)
+        y = rng.integers(0, K, m)
+        errors = metrics.update(P, y)
+        correct += (P.argmax(axis=1) == y).astype(float).tolist()
+        losses += (-np.log(P[np.arange(m), y])).tolist()
+        assert errors.tolist() == [1.0 - c for c in correct[-m:]]
+        assert metrics.rolling_accuracy == pytest.approx(np.mean(correct[-window:]))
+        assert metrics.rolling_log_loss == pytest.approx(np.mean(losses[-window:]))
+        assert metrics.cumulative_accuracy == pytest.approx(np.mean(correct))

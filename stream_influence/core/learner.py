@@ -45,25 +45,33 @@ class Prequential:
         self.n = 0
         self.filled = 0  # newest events held in the window (fewer than n after a resize)
 
-    def _count(self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | float = 1.0) -> None:
-        k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1
+    def _count(
+        self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None, k: int | None = None
+    ) -> None:
+        """Add ``w`` (default 1) at ``[y, pred]``; ``k``: a known bound on both (saves two scans)."""
+        k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1 if k is None else k
         if k > len(self.confusion):
             grown = np.zeros((k, k))
             grown[: len(self.confusion), : len(self.confusion)] = self.confusion
             self.confusion = grown
         k = len(self.confusion)
-        w = np.broadcast_to(np.asarray(w, dtype=np.float64), y.shape)
         self.confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
 
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
+        m = len(y)
         pred = P.argmax(axis=1)
-        self._count(y, pred)
+        self._count(y, pred, k=P.shape[1])  # labels index P's columns: both are below its width
         correct = (pred == y).astype(np.float64)
-        loss = -np.log(np.clip(P[np.arange(len(y)), y], 1e-15, None))
-        idx = (self.n + np.arange(len(y))) % self.window
-        self._correct[idx] = correct
-        self._loss[idx] = loss
+        loss = -np.log(np.clip(P[np.arange(m), y], 1e-15, None))
+        start = self.n % self.window
+        if start + m <= self.window:  # no wrap: a slice, not an index array
+            self._correct[start : start + m] = correct
+            self._loss[start : start + m] = loss
+        else:
+            idx = (self.n + np.arange(m)) % self.window
+            self._correct[idx] = correct
+            self._loss[idx] = loss
         self.n += len(y)
         self.filled = min(self.window, self.filled + len(y))
         return 1.0 - correct
