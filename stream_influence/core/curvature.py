@@ -325,7 +325,7 @@ class KFACCurvature(Curvature):
         # Σ wᵢ (diag pᵢ − pᵢpᵢᵀ) without the b × K × K stack.
         self.G *= beta
         self.G -= Pw.T @ P
-        self.G[np.diag_indices_from(self.G)] += Pw.sum(axis=0)
+        self.G.flat[:: self.n_classes + 1] += Pw.sum(axis=0)  # the diagonal
         # Refresh the eigenbases on schedule, and whenever the evidence doubled (early on).
         if (
             self.events_since_refactor >= self.settings.refactor_every

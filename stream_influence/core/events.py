@@ -360,6 +360,7 @@ class _Floats:
         return np.frombuffer(self.data, dtype=np.float64).tolist()
 
 
+_TEXT = (bytes, str)
 _BOM = b"\xef\xbb\xbf"
 _FIELDS = frozenset(("id", "features", "label", "ts", "weight"))
 _SCALARS = (str, int, float, bool, type(None))  # exact types; simdjson's containers are not these
@@ -552,7 +553,12 @@ class Schema:
 
         parse: list[int] = []
         for i, raw in enumerate(raws):
-            if raw is None or len(raw) == 0 or (isinstance(raw, bytes | str) and not raw.strip()):
+            # strip() copies the message: only one that starts with whitespace can be all whitespace.
+            if (
+                raw is None
+                or len(raw) == 0
+                or (isinstance(raw, _TEXT) and raw[:1].isspace() and not raw.strip())
+            ):
                 reject(i, RejectReason.EMPTY, "empty message")
             elif len(raw) > max_bytes:
                 reject(i, RejectReason.TOO_LARGE, f"{len(raw)} bytes > max_event_bytes={max_bytes}")
@@ -566,7 +572,7 @@ class Schema:
             if type(obj) is tuple:  # a plain event (see _simd_event): accepted in a few steps
                 eid, lab, feats = obj
                 code = known.get(lab if type(lab) is str else str(lab))
-                if code is not None and len(feats) == self.n_features:
+                if code is not None and feats.n == self.n_features:
                     valid.append((eid, feats, code, 1.0, math.nan, i))
                     continue
                 obj = {"id": eid, "features": feats, "label": lab}  # learn or reject: the full rules
