@@ -234,9 +234,8 @@ def _lockstep(
     Step ``j`` of learner ``i`` is its ``j``-th chunk: the weighted mean cross-entropy gradient
     ``Σ wᵣ (pᵣ − yᵣ) x̃ᵣᵀ / n`` plus ``l2`` on the weights (not the bias).  The learners' heads are
     stacked (each ``theta`` becomes a view of the stack) and their chunks padded to one shape with
-    rows of weight 0, so a step is a few batched products: the label part ``Σ wᵣ yᵣ x̃ᵣᵀ / n`` of
-    every step is data only and computed before the loop, and each row of ``X̃`` is scaled once by
-    its weight and step size.  A learner with no chunk left in a step is not moved.
+    rows of weight 0, so a step is a few batched products; each row of ``X̃`` is scaled once, before
+    the loop, by its weight and step size.  A learner with no chunk left in a step is not moved.
     """
     if not jobs:
         return
@@ -262,7 +261,7 @@ def _lockstep(
     # (steps, L, mb, ·): each step's chunks are one contiguous block.
     Xp = Xp.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
     Xw = Xw.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
-    labels = np.matmul(Yp.reshape(L, steps, mb, K).transpose(1, 0, 3, 2), Xw)  # (steps, L, K, D)
+    Yp = Yp.reshape(L, steps, mb, K).transpose(1, 0, 2, 3).copy()
     # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
     decay = np.ones((steps, L, 1, D))
     decay[..., :-1] = np.where(counts > 0, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
@@ -274,8 +273,8 @@ def _lockstep(
         Z -= Z.max(axis=2, keepdims=True)
         np.exp(Z, out=Z)
         Z /= Z.sum(axis=2, keepdims=True)
+        Z -= Yp[t]
         G = np.matmul(Z.transpose(0, 2, 1), Xw[t])
-        G -= labels[t]
         if sgd:
             theta *= decay[t]
             theta -= G
