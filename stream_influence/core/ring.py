@@ -51,8 +51,10 @@ class Ring:
             if aligned:
                 start = (self.pos + len(x) - self.capacity) % self.capacity
             x = x[-self.capacity :]
-        idx = (start + np.arange(len(x))) % self.capacity
-        self.data[idx] = x
+        if start + len(x) <= self.capacity:  # no wrap: a slice, not an index array
+            self.data[start : start + len(x)] = x
+        else:
+            self.data[(start + np.arange(len(x))) % self.capacity] = x
         self.pos = int((start + len(x)) % self.capacity)
         self.size = min(self.capacity, self.size + len(x))
 
