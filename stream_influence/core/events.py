@@ -408,6 +408,58 @@ def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict
         return None
 
 
+def _plain_events(
+    raws: Sequence[bytes | str | None], known: dict[str, int], width: int, max_bytes: int
+) -> tuple[list[tuple[str, _Floats, int, float, float, int]], list[int]]:
+    """The plain events of a batch whose label is already known and whose width is ``width``,
+    accepted in one pass (the hot path of :meth:`Schema.decode_batch` with simdjson).
+
+    Returns ``(valid, rest)``: valid entries as :meth:`Schema.decode_batch` builds them (weight 1,
+    no timestamp), and the input positions of every other message, for the full rules.  An event
+    is taken here only where :func:`_simd_event` would return its plain tuple *and* the full rules
+    would then accept it whatever came before it in the batch (earlier messages can only add
+    labels or set the width, never take one away): the same answer, minus the per-message calls.
+    Messages that do not start with ``{`` (whitespace, a byte-order mark, not an object), or are
+    empty or too large, go to ``rest``.
+    """
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+    parse = parser.parse
+    valid: list[tuple[str, _Floats, int, float, float, int]] = []
+    rest: list[int] = []
+    nan = math.nan
+    for i, raw in enumerate(raws):
+        if type(raw) is not bytes or not 0 < len(raw) <= max_bytes or raw[:1] != b"{":
+            rest.append(i)
+            continue
+        doc = feats = None  # a parser serves one document: drop its views before the next parse
+        try:
+            doc = parse(raw)
+            if len(doc) == 3:
+                eid, label, feats = doc["id"], doc["label"], doc["features"]
+                tl = type(label)
+                code = known.get(label) if tl is str else known.get(str(label)) if tl is int else None
+                if (
+                    code is not None
+                    and type(eid) is str
+                    and eid
+                    and (tl is str or -MAX_LABEL_INT <= label <= MAX_LABEL_INT)
+                    and type(feats) is simdjson.Array
+                    and len(feats) == width
+                    # one "[" only (as_buffer would flatten [1, [2]]); find() is a memchr
+                    and raw.find(b"[", raw.find(b"[") + 1) < 0
+                ):
+                    valid.append((eid, _Floats(feats.as_buffer(of_type="d"), width), code, 1.0, nan, i))
+                    continue
+        except (KeyError, ValueError, TypeError, RuntimeError):
+            pass
+        finally:
+            doc = feats = None
+        rest.append(i)
+    return valid, rest
+
+
 def load_simd(raws: Sequence[bytes | str]) -> list[Any]:
     """simdjson for typical events, :func:`load_fast` for every message it cannot vouch for.
 
@@ -536,8 +588,13 @@ class Schema:
             # Details quote the offending value (an id may be a megabyte-long list): keep them short.
             rejects.append(Reject(i, reason, detail if len(detail) <= 300 else detail[:297] + "..."))
 
+        fast: list[tuple[str, _Floats, int, float, float, int]] = []
+        todo: Sequence[int] = range(len(raws))
+        if self._loads is load_simd and self.n_features:
+            fast, todo = _plain_events(raws, self._index, self.n_features, max_bytes)
         parse: list[int] = []
-        for i, raw in enumerate(raws):
+        for i in todo:
+            raw = raws[i]
             # strip() copies the message: only one that starts with whitespace can be all whitespace.
             if (
                 raw is None
@@ -626,6 +683,9 @@ class Schema:
                 self.n_features = len(feats)
             valid.append((eid, feats, label, float(w), ts, i))
 
+        if fast:
+            # Plain events were accepted first: merge them back into input order.
+            valid = sorted(fast + valid, key=lambda v: v[5]) if valid else fast
         ids, rows, labels, weights, stamps, index = (
             (list(c) for c in zip(*valid, strict=True)) if valid else ([], [], [], [], [], [])
         )
