@@ -274,3 +274,20 @@ def test_plain_events_after_a_label_learned_in_the_same_batch_keep_input_order()
         )
     assert got[0] == got[1]
     assert got[0][0] == ["e2", "e3", "e4", "e5", "e6", "e8", "e10"]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_out_of_range_plain_events_are_rejected_with_their_reason(mixed: bool) -> None:
+    """A plain event whose magnitude exceeds ``max_abs_feature`` is rejected ``out_of_range`` by
+    the vectorised check, whether the batch's rows are all plain-pass buffers or mixed with
+    events that took the full rules."""
+    s = SchemaSettings(classes=[0, 1], n_features=2, max_abs_feature=100.0)
+    raws = [b'{"id": "a", "features": [1, 2], "label": 0}', b'{"id": "b", "features": [1e5, 2], "label": 1}']
+    if mixed:
+        raws.append(b'{"id": "c", "features": [3, 4], "label": 1, "weight": 2}')
+    got = []
+    for parser in ("simdjson", "json"):
+        b, r = Schema(s, parser=parser).decode_batch(raws)  # type: ignore[arg-type]
+        got.append((b.ids, b.features.tobytes(), b.weights.tolist(), [(x.index, x.reason) for x in r]))
+    assert got[0] == got[1]
+    assert got[0][3] == [(1, R.OUT_OF_RANGE)]

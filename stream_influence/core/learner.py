@@ -181,7 +181,12 @@ class HeadLearner:
         leave it, but each step is one batched product for all (the routed learner and its shadow).
         """
         jobs = [(self, X, y, w), *alongside]
-        if any(j[0].settings != self.settings or j[0].theta.shape != self.theta.shape for j in jobs):
+        # Identity first: pydantic's __eq__ costs microseconds and the engine passes one object.
+        if any(
+            (j[0].settings is not self.settings and j[0].settings != self.settings)
+            or j[0].theta.shape != self.theta.shape
+            for j in jobs
+        ):
             raise ValueError("learners that learn alongside share settings and head shape")
         for learner, Xj, _, _ in jobs:
             if len(Xj):
