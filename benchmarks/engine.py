@@ -480,7 +480,12 @@ def render(
         "reset that curvature between micro-batches. Decoding: typical events (known label, the "
         "configured width) are accepted in one pass over the batch, features read by simdjson "
         "straight into float64 and joined in one call; what is left above the parse floor is the "
-        "field reads and checks of one Python-level iteration per message. Batch 1 pays the "
+        "field reads and checks of one Python-level iteration per message. Per-event Python objects "
+        "also cost through the cyclic garbage collector: the earlier decoder wrapped every row in an "
+        "object the collector tracks, which set off a collection every few hundred events (a large "
+        "part of the before/after gap: `gc.disable()` recovers it on the *before* tree and changes "
+        "little on this one); rows are now simdjson's own buffers, which it does not track. Batch 1 "
+        "pays the "
         "per-call overhead of a whole batch; `exact` costs O((K·D)²) per event; River's binary "
         "`LogisticRegression` (K=2) is a tight dict loop with nothing to route. Each grid cell is one "
         "timed measurement, not repeated.",
