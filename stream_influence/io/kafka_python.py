@@ -455,7 +455,21 @@ class KafkaPythonProducer:
             self._resolve()
 
     def close(self, timeout_s: float) -> None:
-        self.client.close(timeout=timeout_s)
+        """Close; with ``timeout_s == 0`` the outputs still buffered are *discarded* (a rollback).
+
+        kafka-python's ``close`` flushes first and raises at the timeout without aborting what is
+        still buffered; the producer's ``__del__`` then flushes those records for up to a second,
+        so a rolled-back window's outputs were published once the broker came back."""
+        try:
+            self.client.close(timeout=timeout_s)
+        except KafkaTimeoutError:
+            sender = self.client._sender  # no public abort in kafka-python
+            if sender is not None:
+                sender.force_close()  # fails the unsent batches, then stops the I/O thread
+                sender.join(5)
+            self.client._closed = True  # so __del__ does not flush again
+            if timeout_s > 0:
+                raise
 
 
 class KafkaPythonBroker:
