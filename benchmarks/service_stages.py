@@ -211,7 +211,7 @@ def paced_latency(
             "session_timeout_ms": 2000,
             "heartbeat_interval_ms": 500,
         },
-        checkpoint={"directory": str(workdir / "ck-latency")},
+        checkpoint={"directory": str(workdir / f"ck-{topic}")},
         metrics={"enabled": False},
     )
     from stream_influence.io.kafka_python import ensure_topics
@@ -298,8 +298,14 @@ def breakdown(r: dict[str, Any]) -> list[tuple[str, float, float]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=50_000)
-    ap.add_argument("--rate", type=float, default=10_000, help="offered events/s of the latency phase")
+    ap.add_argument(
+        "--rates", default="10000,3000", help="offered events/s of the latency phases, comma-separated"
+    )
     ap.add_argument("--seconds", type=float, default=10.0, help="length of the latency phase (0: none)")
+    ap.add_argument("--json-out", type=Path, help="also write the result as JSON here")
+    ap.add_argument(
+        "--before", type=Path, help="a --json-out of the same command on the code before, shown beside"
+    )
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     n = args.events
@@ -316,11 +322,11 @@ def main() -> int:
             raw_s = raw_consume(broker.bootstrap, topic, n)
             r = run_service(broker.bootstrap, topic, ref, n, Path(tmp))
             engine_s = engine_only(refs, raws, AppSettings().kafka.process_batch_size)
-            latency = (
-                paced_latency(broker.bootstrap, ref, raws, args.rate, args.seconds, Path(tmp))
-                if args.seconds > 0
-                else {}
-            )
+            latency = {
+                rate: paced_latency(broker.bootstrap, ref, raws, float(rate), args.seconds, Path(tmp))
+                for rate in args.rates.split(",")
+                if rate and args.seconds > 0
+            }
         finally:
             broker.stop()
     rows = breakdown(r)
@@ -340,35 +346,70 @@ def main() -> int:
         "stages_us_per_event": {name: {"wall": w, "cpu": c} for name, w, c in rows},
     }
     print(json.dumps(result, indent=2))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
     if args.write_docs:
-        write_docs(result, n)
+        before = json.loads(args.before.read_text()) if args.before else None
+        write_docs(result, n, args, before)
     return 0
 
 
-def write_docs(r: dict[str, Any], n: int) -> None:
-    total = r["stages_us_per_event"]["total loop thread"]["wall"]
+def write_docs(r: dict[str, Any], n: int, args: argparse.Namespace, before: dict[str, Any] | None) -> None:
+    stages = r["stages_us_per_event"]
+    total = stages["total loop thread"]["wall"]
+    b = before["stages_us_per_event"] if before else None
+
+    def cell(v: dict[str, float] | None) -> str:
+        return f"{v['wall']:.1f} / {v['cpu']:.1f}" if v else "–"
+
     lines = [
-        f"| {name} | {v['wall']:.1f} | {v['cpu']:.1f} | {v['wall'] / total:.0%} |"
-        for name, v in r["stages_us_per_event"].items()
+        f"| {name} | {cell(b.get(name) if b else None)} | {cell(v)} | {v['wall'] / total:.0%} |"
+        for name, v in stages.items()
     ]
-    table = "\n".join(lines)
-    section = f"""## service_stages: where the service's loop thread spends its time (kafka-python)
+    lat_rows = []
+    for rate, lat in r["latency"].items():
+        old = (before or {}).get("latency", {}).get(rate)
+        was = f"{old['p50_ms']:.0f} / {old['p99_ms']:.0f} / {old['max_ms']:.0f}" if old else "–"
+        lat_rows.append(
+            f"| {lat['offered_rate']:,.0f} | {was} | {lat['p50_ms']:.0f} / {lat['p99_ms']:.0f} / {lat['max_ms']:.0f} "
+            f"| {lat['commits']:.0f} |"
+        )
+    table, lat_table = "\n".join(lines), "\n".join(lat_rows)
+    cmd = f"nice .venv/bin/python benchmarks/service_stages.py --events {n} --rates {args.rates} --seconds {args.seconds:g}"
+    rates = f"raw kafka-python consume + `json.loads` {r['raw_consume_json_rate']:,.0f} events/s; engine alone {r['engine_only_rate']:,.0f} events/s; the service's loop thread {r['service_loop_rate']:,.0f} events/s"
+    was = ""
+    if before:
+        was = (
+            f"  Before (same command on the code before, run just before on the same machine): raw "
+            f"{before['raw_consume_json_rate']:,.0f}, engine alone {before['engine_only_rate']:,.0f}, loop thread "
+            f"{before['service_loop_rate']:,.0f} events/s, {before['checkpoints']} checkpoints."
+        )
+    section = f"""## service_stages: service throughput (kafka-python) — where the loop thread's time goes, and poll → commit
 
-`nice .venv/bin/python benchmarks/service_stages.py --events {n} --write-docs`
-({platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {r["load_before"]:.1f} before and
-{r["load_after"]:.1f} after the run — other work shared the cores, so read the shares more than the
-absolute numbers; Python {platform.python_version()}, kafka-python with crc32c, local Tansu broker, one
-input partition, d={D}, K={K}, 30 % label noise, default settings).  µs per consumed event, from the
-first processed batch to the step that consumed the last event; CPU is the loop thread's own.
+`{cmd} --write-docs` ({platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {r["load_before"]:.1f}
+before and {r["load_after"]:.1f} after — other work shared the two cores, so the absolute rates are low
+and noisy; read the shares and the ratios; Python {platform.python_version()}, kafka-python with crc32c,
+local Tansu broker, one input partition, d={D}, K={K}, 30 % label noise, 300 clean reference events,
+default settings).  The `service` section (benchmarks/service.py) has the end-to-end ratios on both
+backends; this one splits the kafka-python loop thread into stages and measures poll → commit.
 
-| stage | wall µs/event | CPU µs/event | share of the loop thread's wall time |
+**Stages**, µs per consumed event (wall / the loop thread's own CPU), from the first processed batch to
+the step that consumed the last of {n} events:
+
+| stage | before | after | share of the loop thread's wall time (after) |
 |---|---|---|---|
 {table}
 
-Same run: raw kafka-python consume + `json.loads` {r["raw_consume_json_rate"]:,.0f} events/s; the engine
-alone (`InfluenceEngine.process`, same events and batches) {r["engine_only_rate"]:,.0f} events/s; the loop
-thread {r["service_loop_rate"]:,.0f} events/s while timed.  {r["quarantined"]} events quarantined
-({r["sends"]} `send` calls), {r["batches"]} batches, {r["checkpoints"]} checkpoints.
+Same run: {rates}; {r["quarantined"]} events quarantined ({r["sends"]} `send` calls), {r["batches"]}
+batches, {r["checkpoints"]} checkpoints.{was}
+
+**Poll → commit** (p50 / p99 / max ms over the batches of a caught-up service offered a paced stream
+for {args.seconds:g} s by a confluent-kafka producer; the time from the poll that delivered a batch to
+the offset commit that covers it):
+
+| offered events/s | before | after | batches |
+|---|---|---|---|
+{lat_table}
 """
     write_section("service_stages", section)
 

@@ -48,8 +48,8 @@ from stream_influence.errors import ConfigError, ReplayLimitError
 from stream_influence.io.broker import (
     Broker,
     BrokerProducer,
+    ConsumedRecord,
     RebalanceKind,
-    Record,
     TopicPartition,
     open_broker,
 )
@@ -114,7 +114,7 @@ class Service:
         # Partitions whose restored offsets win over the committed ones: the restore fell back
         # past a corrupt checkpoint whose window was committed but is lost with it.
         self.replay_from_checkpoint: set[tuple[str, int]] = set()
-        self.pending: dict[TopicPartition, list[Record]] = defaultdict(list)
+        self.pending: dict[TopicPartition, list[ConsumedRecord]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
         # Ends of the tail chunks cut short (partition caught up) since the last checkpoint: a
         # replay of the window cuts there again, so it batches — and decides — as the first try.
@@ -606,7 +606,7 @@ class Service:
         if not buf:
             self.pending.pop(tp, None)
 
-    def _process(self, tp: TopicPartition, msgs: list[Record], t_poll: float) -> None:
+    def _process(self, tp: TopicPartition, msgs: list[ConsumedRecord], t_poll: float) -> None:
         t0 = time.perf_counter()
         key = (tp.topic, tp.partition)
         with self._changing_model():
@@ -642,7 +642,7 @@ class Service:
             )
         self._metric("observe_batch", result, self._summary_cached(), time.perf_counter() - t0, fresh)
 
-    def _emit(self, tp: TopicPartition, msgs: list[Record], result: BatchResult) -> None:
+    def _emit(self, tp: TopicPartition, msgs: list[ConsumedRecord], result: BatchResult) -> None:
         """Produce the chunk's outputs (the emitter's job; one seam for fault injection)."""
         self.emitter.emit(tp, msgs, result)
 
