@@ -342,6 +342,10 @@ def main() -> int:
         "batches": r["batches"],
         "sends": r["calls"].get("send", 0),
         "checkpoints": r["calls"].get("save", 0),
+        # Wall ms per call of the checkpoint's steps on the loop thread.
+        "per_checkpoint_ms": {
+            k: r["wall"].get(k, 0.0) / max(1, r["calls"].get(k, 0)) * 1e3 for k in ("flush", "save", "commit")
+        },
         "latency": latency,
         "stages_us_per_event": {name: {"wall": w, "cpu": c} for name, w, c in rows},
     }
@@ -384,6 +388,21 @@ def write_docs(r: dict[str, Any], n: int, args: argparse.Namespace, before: dict
             f"{before['raw_consume_json_rate']:,.0f}, engine alone {before['engine_only_rate']:,.0f}, loop thread "
             f"{before['service_loop_rate']:,.0f} events/s, {before['checkpoints']} checkpoints."
         )
+    pc = r["per_checkpoint_ms"]
+    lat10 = r["latency"].get("10000")
+    met = lat10 is not None and lat10["p99_ms"] <= 100
+    verdict = (
+        f"**Verdict: p99 poll → commit ≤ 100 ms at 10k events/s is {'met' if met else 'missed'} in this run.**  "
+        f"Before, a batch's offsets waited for the next checkpoint (every 10 000 events or 30 s): about one "
+        f"second at 10k events/s, up to 30 s on a slower stream.  Now a checkpoint starts every 50 ms (or "
+        f"when the previous write is done) and its files are written on the writer thread; on the loop thread "
+        f"one costs a flush ({pc['flush']:.1f} ms wall), the serialisation ({pc['save']:.1f} ms wall including "
+        f"handing it over) and a synchronous commit ({pc['commit']:.1f} ms wall), and a second flush before the "
+        f"commit.  Where p99 stays above 100 ms the loop thread fell behind the offered rate: under this load "
+        f"it ran at {r['service_loop_rate']:,.0f} events/s with the engine alone at {r['engine_only_rate']:,.0f} "
+        f"events/s, so the backlog, not the checkpoint cadence, sets the tail (the engine-speed work targets "
+        f"≥ 150k events/s for the engine)."
+    )
     section = f"""## service_stages: service throughput (kafka-python) — where the loop thread's time goes, and poll → commit
 
 `{cmd} --write-docs` ({platform.machine()}, {os.cpu_count()} CPUs, 1-min load average {r["load_before"]:.1f}
@@ -410,6 +429,8 @@ the offset commit that covers it):
 | offered events/s | before | after | batches |
 |---|---|---|---|
 {lat_table}
+
+{verdict}
 """
     write_section("service_stages", section)
 
