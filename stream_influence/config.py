@@ -402,7 +402,12 @@ class CheckpointSettings(_Frozen):
         description="Checkpoint (flush → write → commit) after this many events; bounds the replay window.",
     )
     every_seconds: float = Field(
-        default=30.0, gt=0, description="…or after this many seconds, whichever comes first."
+        default=0.05,
+        gt=0,
+        description="…or after this many seconds, whichever comes first.  Offsets are committed "
+        "only with a checkpoint, so this bounds the poll → commit latency: the state is captured "
+        "on the loop thread and written on a writer thread, one checkpoint at a time, so the "
+        "cadence is this or the time one write takes, whichever is longer.",
     )
     keep: int = Field(
         default=2, ge=1, description="Checkpoint files kept (the latest and, by default, one previous)."
