@@ -1,24 +1,61 @@
-"""The confluent-kafka (librdkafka) backend: option mapping and clients.
+"""The confluent-kafka (librdkafka) backend of :mod:`stream_influence.io.broker`.
 
 Optional: ``confluent_kafka`` is imported lazily, so the package works without the ``[confluent]``
 extra, and selecting ``kafka.client: confluent`` without it is a :class:`ConfigError` that names
 the extra.  Every :class:`~stream_influence.config.KafkaSettings` field means the same as with
 kafka-python; here it is spelled with librdkafka's property names.  Secrets are unwrapped only in
 the property dicts built here.
+
+**Threads.**  librdkafka runs its network I/O on its own threads, but it calls the application
+back (rebalance, delivery reports, errors, statistics, log lines) only from inside ``poll`` /
+``consume`` / ``flush`` on the calling thread — the service's loop thread.  The callbacks here only
+record: a :class:`~stream_influence.io.broker.Rebalance`, a resolved
+:class:`~stream_influence.io.broker.Delivery`, the last error, the brokers' states.
+
+**Revocation.**  librdkafka gives revoked partitions up when the ``on_revoke`` callback returns
+(confluent-kafka unassigns them right after it), still inside that ``consume``; it cannot be
+held open until the loop has committed, as the kafka-python backend does.  So :meth:`poll` returns
+as soon as a revocation was recorded and the loop commits the revoked partitions' offsets right
+away, while this member rejoins: the group cannot finish the rebalance before this member's
+JoinGroup, so the commit normally lands first; if it does not (the broker answers with a new
+generation), the next owner replays the un-committed window — at least once, never lost.
+
+**Broker quirk (Tansu, the test broker).**  A ListOffsets query for the latest offset
+(``get_watermark_offsets`` without ``cached``, ``offsets_for_times``) answers 1 on Tansu, not the
+end of the partition; :meth:`ConfluentConsumer.highwater` uses the high watermark of the last fetch
+response (``cached=True``), which is right on Tansu and on Apache Kafka alike.  Everything else the
+service uses (produce with headers, idempotence, group join and rebalance between two members,
+commit/committed, seek) behaves as on Apache Kafka.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
+import orjson
 from pydantic import SecretStr
 
 from stream_influence.config import TLS_PROTOCOLS, KafkaSettings
-from stream_influence.errors import ConfigError
+from stream_influence.errors import BrokerUnreachableError, ConfigError
+from stream_influence.io.broker import (
+    BrokerTrouble,
+    Delivery,
+    OutputRecord,
+    Rebalance,
+    RebalanceKind,
+    Record,
+    RecordRefused,
+    TopicPartition,
+)
 
 __all__ = [
+    "ConfluentBroker",
+    "ConfluentConsumer",
+    "ConfluentProducer",
     "admin_config",
     "client_module",
     "common_config",
@@ -122,3 +159,392 @@ def producer_config(k: KafkaSettings) -> dict[str, Any]:
 def admin_config(k: KafkaSettings) -> dict[str, Any]:
     """Properties of the admin client."""
     return _with_passthrough(common_config(k), k)
+
+
+# -- clients --------------------------------------------------------------------------------
+class _Errors:
+    """Global client errors (``error_cb``): the last one, for messages that name the cause."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def __call__(self, err: Any) -> None:
+        self.last = err.str()
+        log.debug("librdkafka: %s", self.last)
+
+
+def _kafka_exception(exc: BaseException) -> Any:
+    """The ``KafkaError`` inside a confluent-kafka exception, or None."""
+    args = getattr(exc, "args", ())
+    return args[0] if args and hasattr(args[0], "code") else None
+
+
+def _build(kind: str, conf: dict[str, Any]) -> Any:
+    """``confluent_kafka.<kind>(conf)``; a property librdkafka refuses is a :class:`ConfigError`."""
+    module = client_module()
+    if kind == "AdminClient":
+        from confluent_kafka.admin import AdminClient as cls
+    else:
+        cls = getattr(module, kind)
+    try:
+        return cls(conf)
+    except module.KafkaException as exc:
+        err = _kafka_exception(exc)
+        if err is not None and err.code() == module.KafkaError._INVALID_ARG:
+            raise ConfigError(
+                f"kafka (client confluent): librdkafka refuses the configuration: {err.str()}"
+            ) from None
+        raise
+
+
+class ConfluentConsumer:
+    """:class:`~stream_influence.io.broker.BrokerConsumer` on a ``confluent_kafka.Consumer``."""
+
+    def __init__(self, k: KafkaSettings, *, group: bool = True) -> None:
+        self._ck = client_module()
+        conf = consumer_config(k, group=group)
+        self.errors = _Errors()
+        conf["error_cb"] = self.errors
+        # Broker states for reachable(): librdkafka publishes them only in its statistics.
+        conf.setdefault("statistics.interval.ms", 1000)
+        conf["stats_cb"] = self._on_stats
+        self._c = _build("Consumer", conf)
+        self._events: list[Rebalance] = []
+        self._revoked = False  # a revocation was recorded during the current consume()
+        self._positions: dict[TopicPartition, int] = {}  # next offset poll() returns, where known
+        self._starts: dict[TopicPartition, int] = {}  # start offsets of assign()ed partitions
+        self._brokers_up: bool | None = None
+
+    # Callbacks: run inside consume() on the calling thread; they only record.
+    def _record(self, kind: RebalanceKind, parts: Sequence[Any]) -> None:
+        tps = frozenset(TopicPartition(p.topic, p.partition) for p in parts)
+        self._events.append(Rebalance(kind, tps))
+        if kind is not RebalanceKind.ASSIGNED:
+            self._revoked = True
+            for tp in tps:
+                self._positions.pop(tp, None)
+
+    def _on_assign(self, _c: Any, parts: Sequence[Any]) -> None:
+        self._record(RebalanceKind.ASSIGNED, parts)
+
+    def _on_revoke(self, _c: Any, parts: Sequence[Any]) -> None:
+        self._record(RebalanceKind.REVOKED, parts)
+
+    def _on_lost(self, _c: Any, parts: Sequence[Any]) -> None:
+        self._record(RebalanceKind.LOST, parts)
+
+    def _on_stats(self, text: str) -> None:
+        try:
+            brokers = orjson.loads(text).get("brokers", {})
+        except orjson.JSONDecodeError:
+            return
+        # nodeid -1: the bootstrap placeholders, not real brokers of the cluster.
+        states = [b.get("state") for b in brokers.values() if b.get("nodeid", -1) >= 0]
+        self._brokers_up = any(s == "UP" for s in states) if states else None
+
+    # BrokerConsumer
+    def subscribe(self, topics: Sequence[str]) -> None:
+        self._c.subscribe(
+            list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def rebalances(self) -> list[Rebalance]:
+        events, self._events = self._events, []
+        return events
+
+    def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        ck = self._ck
+        self._starts = dict.fromkeys(partitions, ck.OFFSET_BEGINNING)
+        self._c.assign([ck.TopicPartition(tp.topic, tp.partition, ck.OFFSET_BEGINNING) for tp in partitions])
+
+    def partitions_for(self, topic: str) -> set[int] | None:
+        try:
+            md = self._c.list_topics(topic, timeout=5)
+        except self._ck.KafkaException:
+            return None
+        t = md.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            return None
+        return set(t.partitions)
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        self._revoked = False
+        deadline = time.monotonic() + timeout_ms / 1000
+        out: dict[TopicPartition, list[Record]] = {}
+        while True:
+            # Short slices: a revocation recorded in one slice goes to the loop at once.
+            left = max(0.0, deadline - time.monotonic())
+            msgs = self._c.consume(max_records, min(left, 0.1))
+            if msgs:
+                break
+            if self._revoked or left <= 0:
+                return out
+        positions = self._positions
+        for m in msgs:
+            if m.error() is not None:
+                self._message_error(m)
+                continue
+            tp = TopicPartition(m.topic(), m.partition())
+            batch = out.get(tp)
+            if batch is None:
+                batch = out[tp] = []
+            kind, ts = m.timestamp()
+            batch.append(
+                Record(
+                    tp.topic,
+                    tp.partition,
+                    m.offset(),
+                    m.key(),
+                    m.value(),
+                    m.headers() or (),
+                    ts if kind else None,
+                )
+            )
+        for tp, batch in out.items():
+            positions[tp] = batch[-1].offset + 1
+        return out
+
+    def _message_error(self, m: Any) -> None:
+        err = m.error()
+        if err.code() == self._ck.KafkaError._PARTITION_EOF:
+            return
+        log.warning("consumer: %s-%s: %s", m.topic(), m.partition(), err.str())
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._seek(tp, offset)
+        self._positions[tp] = offset
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self._seek(tp, self._ck.OFFSET_BEGINNING)
+        self._positions.pop(tp, None)
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        ck = self._ck
+        target = ck.TopicPartition(tp.topic, tp.partition, offset)
+        try:
+            self._c.seek(target)
+        except ck.KafkaException as exc:
+            err = _kafka_exception(exc)
+            if err is None or err.code() != ck.KafkaError._STATE:
+                raise
+            # Assigned in this very poll, its fetcher not started yet: set the start offset
+            # through the assignment instead (librdkafka has no other way to do it); the other
+            # partitions keep their positions (unknown ones: committed / auto_offset_reset).
+            current = []
+            for p in self._c.assignment():
+                other = TopicPartition(p.topic, p.partition)
+                start = (
+                    offset
+                    if other == tp
+                    else self._positions.get(other, self._starts.get(other, ck.OFFSET_INVALID))
+                )
+                current.append(ck.TopicPartition(p.topic, p.partition, start))
+            self._c.assign(current)
+
+    def position(self, tp: TopicPartition) -> int | None:
+        pos = self._positions.get(tp)
+        if pos is not None:
+            return pos
+        ck = self._ck
+        try:
+            (p,) = self._c.position([ck.TopicPartition(tp.topic, tp.partition)])
+        except ck.KafkaException:
+            return None
+        if p.offset >= 0:
+            return p.offset
+        # Nothing consumed yet and no seek: the committed offset, else where auto_offset_reset
+        # would start; unknown until librdkafka has fetched (lag is then simply not reported).
+        return None
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        ck = self._ck
+        try:
+            _low, high = self._c.get_watermark_offsets(ck.TopicPartition(tp.topic, tp.partition), cached=True)
+        except ck.KafkaException:
+            return None
+        return high if high >= 0 else None
+
+    def committed(self, tps: Sequence[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int | None]:
+        ck = self._ck
+        if not tps:
+            return {}
+        try:
+            got = self._c.committed(
+                [ck.TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=timeout_ms / 1000
+            )
+        except ck.KafkaException as exc:
+            log.warning("cannot read committed offsets of %s: %s", list(tps), exc)
+            return dict.fromkeys(tps)
+        return {
+            TopicPartition(p.topic, p.partition): (p.offset if p.error is None and p.offset >= 0 else None)
+            for p in got
+        }
+
+    def commit(self, offsets: Mapping[TopicPartition, int], timeout_ms: int) -> None:
+        # librdkafka has no timeout for a synchronous commit: it is bounded by socket.timeout.ms.
+        ck = self._ck
+        if not offsets:
+            return
+        parts = [ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        result = self._c.commit(offsets=parts, asynchronous=False)
+        failed = [f"{p.topic}-{p.partition}: {p.error}" for p in result or () if p.error is not None]
+        if failed:
+            raise ck.KafkaException(f"commit refused for {', '.join(failed)}")
+
+    def reachable(self) -> bool:
+        return self._brokers_up is not False
+
+    def close(self, timeout_ms: int) -> None:
+        # close() leaves the group (its revoke callback records, as always); it commits nothing:
+        # enable.auto.commit is off.
+        self._c.close()
+
+
+class ConfluentProducer:
+    """:class:`~stream_influence.io.broker.BrokerProducer` on a ``confluent_kafka.Producer``."""
+
+    def __init__(self, k: KafkaSettings) -> None:
+        self._ck = client_module()
+        conf = producer_config(k)
+        self.errors = _Errors()
+        conf["error_cb"] = self.errors
+        self._p = _build("Producer", conf)
+        self._max_block_s = k.producer_max_block_ms / 1000
+        self._max_bytes = int(conf.get("message.max.bytes", 1_000_000))
+        self._unserved = 0
+        err = self._ck.KafkaError
+        # Delivery errors that are broker trouble (the window is retried), not this record's fault.
+        self._transient_codes = {
+            err._MSG_TIMED_OUT,
+            err._TIMED_OUT,
+            err._TRANSPORT,
+            err._ALL_BROKERS_DOWN,
+            err._PURGE_QUEUE,
+            err._PURGE_INFLIGHT,
+            err.REQUEST_TIMED_OUT,
+            err.UNKNOWN_TOPIC_OR_PART,
+            err.NOT_ENOUGH_REPLICAS,
+            err.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        }
+
+    @property
+    def max_request_size(self) -> int:
+        return self._max_bytes
+
+    def produce(self, record: OutputRecord) -> Delivery:
+        delivery = Delivery(record)
+        transient = self._transient_codes
+
+        def report(err: Any, _msg: Any) -> None:  # inside poll()/flush(), on this thread
+            if err is None:
+                delivery.resolve()
+            else:
+                delivery.resolve(
+                    self._ck.KafkaException(err), transient=err.retriable() or err.code() in transient
+                )
+
+        kwargs = {"value": record.value, "key": record.key, "on_delivery": report}
+        if record.headers:
+            kwargs["headers"] = list(record.headers)
+        deadline: float | None = None
+        while True:
+            try:
+                self._p.produce(record.topic, **kwargs)
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports until it drains, up to max_block.
+                now = time.monotonic()
+                deadline = deadline or now + self._max_block_s
+                if now >= deadline:
+                    raise BrokerTrouble(
+                        f"the producer's queue stayed full for {self._max_block_s:.1f}s"
+                    ) from None
+                self._p.poll(0.05)
+            except self._ck.KafkaException as exc:
+                err = _kafka_exception(exc)
+                if err is not None and (err.retriable() or err.code() in transient):
+                    raise BrokerTrouble(f"cannot queue an output to {record.topic}: {err.str()}") from None
+                raise RecordRefused(f"{record.topic}: {err.str() if err is not None else exc}") from None
+            except (TypeError, ValueError) as exc:  # a header or key that is not bytes/str
+                raise RecordRefused(f"{record.topic}: {type(exc).__name__}: {exc}") from None
+        self._unserved += 1
+        if self._unserved >= 1000:  # serve delivery reports now and then, not per record
+            self._unserved = 0
+            self._p.poll(0)
+        return delivery
+
+    def flush(self, timeout_s: float) -> None:
+        left = self._p.flush(timeout_s)
+        self._unserved = 0
+        if left:
+            cause = f" (last client error: {self.errors.last})" if self.errors.last else ""
+            raise BrokerTrouble(f"{left} output(s) not acknowledged within {timeout_s:.1f}s{cause}")
+
+    def close(self, timeout_s: float) -> None:
+        if self._p.flush(timeout_s):
+            # Whatever is still queued is abandoned: its deliveries resolve as purged (transient).
+            self._p.purge()
+            self._p.flush(0)
+
+
+class ConfluentBroker:
+    """:class:`~stream_influence.io.broker.Broker` on confluent-kafka."""
+
+    def __init__(self, k: KafkaSettings) -> None:
+        client_module()  # a missing extra is a ConfigError now, not at the first client
+        self.k = k
+
+    def _admin(self, timeout_s: float | None = None) -> tuple[Any, _Errors]:
+        conf = admin_config(self.k)
+        errors = _Errors()
+        conf["error_cb"] = errors
+        if timeout_s is not None:
+            conf["socket.timeout.ms"] = max(10, int(timeout_s * 1000))
+        return _build("AdminClient", conf), errors
+
+    def check(self, timeout_s: float | None = None) -> None:
+        timeout_s = self.k.startup_timeout_seconds if timeout_s is None else timeout_s
+        started = time.monotonic()
+        admin, errors = self._admin(timeout_s)
+        try:
+            admin.list_topics(timeout=timeout_s)
+        except Exception as exc:
+            cause = errors.last or f"{type(exc).__name__}: {exc}"
+            raise BrokerUnreachableError(
+                f"cannot reach the Kafka broker(s) {self.k.bootstrap_servers} "
+                f"({self.k.security_protocol}) within {time.monotonic() - started:.0f}s: {cause}"
+            ) from None
+
+    def ensure_topics(self, names: Sequence[str], partitions: int = 1) -> list[str]:
+        ck = client_module()
+        from confluent_kafka.admin import NewTopic
+
+        try:
+            admin, _ = self._admin()
+            existing = set(admin.list_topics(timeout=self.k.request_timeout_ms / 1000).topics)
+        except Exception as exc:
+            log.warning("cannot reach the broker to check output topics: %s", exc)
+            return []
+        missing = [n for n in dict.fromkeys(names) if n and n not in existing]
+        if not missing:
+            return []
+        futures = admin.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing],
+            request_timeout=self.k.request_timeout_ms / 1000,
+        )
+        created = []
+        for name, future in futures.items():
+            try:
+                future.result()
+                created.append(name)
+            except ck.KafkaException as exc:
+                err = _kafka_exception(exc)
+                if err is None or err.code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    log.warning("could not create output topic %s: %s", name, exc)
+        return created
+
+    def consumer(self, *, group: bool = True) -> ConfluentConsumer:
+        return ConfluentConsumer(self.k, group=group)
+
+    def producer(self) -> ConfluentProducer:
+        return ConfluentProducer(self.k)
