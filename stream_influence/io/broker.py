@@ -49,14 +49,12 @@ __all__ = [
     "Delivery",
     "Headers",
     "OutputRecord",
-    "PastEnd",
     "Rebalance",
     "RebalanceKind",
     "Record",
     "RecordRefused",
     "TopicPartition",
     "open_broker",
-    "watermarks",
 ]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -228,35 +226,3 @@ def open_broker(k: KafkaSettings) -> Broker:
     from stream_influence.io.kafka_python import KafkaPythonBroker
 
     return KafkaPythonBroker(k)
-
-
-def watermarks(consumer: BrokerConsumer, tp: TopicPartition) -> tuple[int, int] | None:
-    """``(position, high watermark)`` of ``tp`` without blocking, or None while either is unknown.
-
-    Lag is ``high watermark − position``: ``end_offsets`` is not reliable on every broker."""
-    hw = consumer.highwater(tp)
-    if hw is None:
-        return None
-    pos = consumer.position(tp)
-    return None if pos is None else (pos, hw)
-
-
-class PastEnd:
-    """Notices a partition whose position stays past its high watermark: the topic was deleted
-    and re-created (or truncated).  Apache Kafka answers OFFSET_OUT_OF_RANGE there; not every
-    broker does.  Two checks in a row, so a watermark that lags one fetch is not mistaken."""
-
-    def __init__(self) -> None:
-        self._count: dict[object, int] = {}
-
-    def check(self, key: object, pos: int, hw: int) -> bool:
-        """True when ``key`` must be reset (its count then starts again)."""
-        if pos <= hw:
-            self._count.pop(key, None)
-            return False
-        n = self._count.get(key, 0) + 1
-        if n >= 2:
-            self._count.pop(key, None)
-            return True
-        self._count[key] = n
-        return False
