@@ -13,12 +13,14 @@ record: a :class:`~stream_influence.io.broker.Rebalance`, a resolved
 :class:`~stream_influence.io.broker.Delivery`, the last error, the brokers' states.
 
 **Revocation.**  librdkafka gives revoked partitions up when the ``on_revoke`` callback returns
-(confluent-kafka unassigns them right after it), still inside that ``consume``; it cannot be
-held open until the loop has committed, as the kafka-python backend does.  So :meth:`poll` returns
-as soon as a revocation was recorded and the loop commits the revoked partitions' offsets right
-away, while this member rejoins: the group cannot finish the rebalance before this member's
-JoinGroup, so the commit normally lands first; if it does not (the broker answers with a new
-generation), the next owner replays the un-committed window — at least once, never lost.
+(confluent-kafka unassigns them right after it, still inside that ``consume``) and then rejoins; the
+join cannot be held open until the loop has committed, as the kafka-python backend does.  So
+:meth:`ConfluentConsumer.poll` returns as soon as a revocation is recorded, and the loop flushes,
+checkpoints and commits the revoked partitions right away, while this member rejoins.  The commit
+is accepted (the member is in the group, in the old or the new generation) and, on the embedded
+broker, reaches the coordinator before the next owner reads its offsets
+(tests/test_broker_backends.py checks exactly that).  Where the next owner reads first, it replays
+the window from the previous commit: outputs at least once, nothing lost.
 
 **Broker quirk (Tansu, the test broker).**  A ListOffsets query for the latest offset
 (``get_watermark_offsets`` without ``cached``, ``offsets_for_times``) answers 1 on Tansu, not the
