@@ -511,6 +511,7 @@ class ConfluentBroker:
         try:
             admin.list_topics(timeout=timeout_s)
         except Exception as exc:
+            admin.poll(0.1)  # serve the error callbacks: they name the cause (TLS, refused, …)
             cause = errors.last or f"{type(exc).__name__}: {exc}"
             raise BrokerUnreachableError(
                 f"cannot reach the Kafka broker(s) {self.k.bootstrap_servers} "
