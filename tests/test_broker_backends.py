@@ -33,6 +33,7 @@ from tests.fixtures.broker import free_port, fresh_topic
 pytestmark = pytest.mark.integration
 
 TIMEOUT = 30.0  # generous: the machine may be loaded; every wait polls a condition
+HANDOVER_WORK_S = 0.5  # time a revoked member spends flushing and checkpointing before it commits
 
 
 def _settings(client: str, bootstrap: str, topic: str, **extra: Any) -> KafkaSettings:
@@ -161,7 +162,8 @@ def test_group_commit_and_revocation_hand_over(broker: EmbeddedBroker, kafka_cli
         _drain(first, {}, 100)
         for e in first.rebalances():
             if e.kind is RebalanceKind.REVOKED:
-                commit = {tp: 100 + tp.partition for tp in e.partitions}
+                time.sleep(HANDOVER_WORK_S)  # the loop flushes and checkpoints first
+                commit = {tp: 20 + tp.partition for tp in e.partitions}  # below either partition's end
                 first.commit(commit, 10_000)
                 handed.update(commit)
         _drain(second, second_got, 100)
