@@ -281,28 +281,29 @@ class ConfluentConsumer:
                 break
             if self._revoked or left <= 0:
                 return out
-        positions = self._positions
+        # The hot path: one Record per event, built without a Python-level __new__ frame, grouped
+        # under plain (topic, partition) tuples (equal to, and hashed like, TopicPartition).
+        make = tuple.__new__
+        by_tp: dict[tuple[str, int], list[Record]] = {}
         for m in msgs:
             if m.error() is not None:
                 self._message_error(m)
                 continue
-            tp = TopicPartition(m.topic(), m.partition())
-            batch = out.get(tp)
+            key = (m.topic(), m.partition())
+            batch = by_tp.get(key)
             if batch is None:
-                batch = out[tp] = []
+                batch = by_tp[key] = []
             kind, ts = m.timestamp()
             batch.append(
-                Record(
-                    tp.topic,
-                    tp.partition,
-                    m.offset(),
-                    m.key(),
-                    m.value(),
-                    m.headers() or (),
-                    ts if kind else None,
+                make(
+                    Record,
+                    (key[0], key[1], m.offset(), m.key(), m.value(), m.headers() or (), ts if kind else None),
                 )
             )
-        for tp, batch in out.items():
+        positions = self._positions
+        for key, batch in by_tp.items():
+            tp = TopicPartition(*key)
+            out[tp] = batch
             positions[tp] = batch[-1].offset + 1
         return out
 
