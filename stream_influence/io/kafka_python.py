@@ -412,6 +412,7 @@ class KafkaPythonProducer:
         self.client = client
         self._max = int(client.config["max_request_size"])
         self._pending: list[tuple[Any, Delivery]] = []
+        self._resolve_at = 4096
 
     @property
     def max_request_size(self) -> int:
@@ -428,6 +429,10 @@ class KafkaPythonProducer:
             raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
         delivery = Delivery(record)
         self._pending.append((future, delivery))
+        if len(self._pending) >= self._resolve_at:
+            # A long run between flushes must not keep every answered future.
+            self._resolve()
+            self._resolve_at = len(self._pending) + 4096
         return delivery
 
     def _resolve(self) -> None:

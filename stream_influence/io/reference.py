@@ -60,7 +60,8 @@ class ReferenceReader:
 
     def poll_records(self, timeout_ms: int = 0) -> list[Record]:
         """New messages, advancing :attr:`offsets`."""
-        if not self._assign():
+        if not self._assign():  # the topic's metadata is not known yet
+            time.sleep(min(timeout_ms, 200) / 1000)
             return []
         out: list[Record] = []
         for tp, msgs in self.consumer.poll(timeout_ms, self._max_records).items():
@@ -108,9 +109,6 @@ class ReferenceReader:
         out: list[Record] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self._assign():  # the topic's metadata is not known yet
-                time.sleep(0.2)
-                continue
             out.extend(self.poll_records(timeout_ms=200))
             if self.caught_up():
                 return out, True
