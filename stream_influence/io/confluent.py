@@ -215,6 +215,7 @@ class ConfluentConsumer:
         self._revoked = False  # a revocation was recorded during the current consume()
         self._positions: dict[TopicPartition, int] = {}  # next offset poll() returns, where known
         self._starts: dict[TopicPartition, int] = {}  # start offsets of assign()ed partitions
+        self._metadata: dict[str, tuple[float, set[int] | None]] = {}  # topic → (when, partitions)
         self._brokers_up: bool | None = None
 
     # Callbacks: run inside consume() on the calling thread; they only record.
@@ -260,14 +261,20 @@ class ConfluentConsumer:
         self._c.assign([ck.TopicPartition(tp.topic, tp.partition, ck.OFFSET_BEGINNING) for tp in partitions])
 
     def partitions_for(self, topic: str) -> set[int] | None:
+        # A metadata request in librdkafka (kafka-python answers from its cache): asked at most
+        # once a second per topic, since callers ask on every poll.
+        now = time.monotonic()
+        cached = self._metadata.get(topic)
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
         try:
             md = self._c.list_topics(topic, timeout=5)
         except self._ck.KafkaException:
             return None
         t = md.topics.get(topic)
-        if t is None or t.error is not None or not t.partitions:
-            return None
-        return set(t.partitions)
+        parts = None if t is None or t.error is not None or not t.partitions else set(t.partitions)
+        self._metadata[topic] = (now, parts)
+        return parts
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
         self._revoked = False
