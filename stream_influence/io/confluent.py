@@ -153,6 +153,9 @@ def producer_config(k: KafkaSettings) -> dict[str, Any]:
             "enable.idempotence": k.producer_idempotence,
             "compression.type": k.producer_compression or "none",
             "request.timeout.ms": k.request_timeout_ms,
+            # The largest record: kafka-python's max_request_size default and Apache Kafka's
+            # own limit (librdkafka's default is 1,000,000), so both backends cut outputs alike.
+            "message.max.bytes": 1_048_576,
         }
     )
     return _with_passthrough(conf, k)
