@@ -357,7 +357,7 @@ class KafkaSettings(_Frozen):
         # would refuse at start, so name the likely librdkafka spelling when the file is checked.
         if self.client != "confluent":
             return []
-        return [
+        problems = [
             ConfigProblem(
                 f"client_options.{name}",
                 "is a kafka-python option name, but client is confluent (librdkafka)",
@@ -366,6 +366,19 @@ class KafkaSettings(_Frozen):
             for name in self.client_options
             if "_" in name and "." not in name
         ]
+        # The backend takes each assignment over whole (eager rebalancing), so the loop can
+        # hand revoked partitions over; incremental protocols would bypass that.
+        for name, bad in (("partition.assignment.strategy", "cooperative"), ("group.protocol", "consumer")):
+            value = str(self.client_options.get(name, ""))
+            if bad in value.lower():
+                problems.append(
+                    ConfigProblem(
+                        f"client_options.{name}",
+                        f"{value!r} is not supported by the confluent backend (eager rebalancing only)",
+                        "leave it unset (range,roundrobin / the classic group protocol)",
+                    )
+                )
+        return problems
 
     def _security_problems(self) -> list[ConfigProblem]:
         problems: list[ConfigProblem] = []

@@ -95,6 +95,19 @@ def test_kafka_python_option_names_are_refused_with_the_librdkafka_spelling() ->
     assert KafkaSettings(client_options={"fetch_max_bytes": 1}).client == "kafka-python"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("partition.assignment.strategy", "cooperative-sticky"), ("group.protocol", "consumer")],
+)
+def test_incremental_rebalancing_is_refused(name: str, value: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        KafkaSettings(client="confluent", client_options={name: value})
+    assert f"client_options.{name}: {value!r} is not supported" in format_validation_error(
+        err.value, source="t"
+    )
+    assert KafkaSettings(client="confluent", client_options={name: "range"}).client_options[name] == "range"
+
+
 def test_missing_extra_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import now raises ImportError
     with pytest.raises(ConfigError, match=r"stream-influence\[confluent\]"):

@@ -217,7 +217,9 @@ class ConfluentConsumer:
         self._events: list[Rebalance] = []
         self._revoked = False  # a revocation was recorded during the current consume()
         self._positions: dict[TopicPartition, int] = {}  # next offset poll() returns, where known
-        self._starts: dict[TopicPartition, int] = {}  # start offsets of assign()ed partitions
+        # Partitions handed to librdkafka at the next poll(), with their start offsets (see
+        # _take_assignment); OFFSET_INVALID: the committed offset, else auto_offset_reset.
+        self._pending: dict[TopicPartition, int] = {}
         self._metadata: dict[str, tuple[float, set[int] | None]] = {}  # topic → (when, partitions)
         self._brokers_up: bool | None = None
 
@@ -225,13 +227,21 @@ class ConfluentConsumer:
     def _record(self, kind: RebalanceKind, parts: Sequence[Any]) -> None:
         tps = frozenset(TopicPartition(p.topic, p.partition) for p in parts)
         self._events.append(Rebalance(kind, tps))
+        for tp in tps:
+            self._positions.pop(tp, None)
+            self._pending.pop(tp, None)
         if kind is not RebalanceKind.ASSIGNED:
             self._revoked = True
-            for tp in tps:
-                self._positions.pop(tp, None)
 
-    def _on_assign(self, _c: Any, parts: Sequence[Any]) -> None:
+    def _on_assign(self, consumer: Any, parts: Sequence[Any]) -> None:
         self._record(RebalanceKind.ASSIGNED, parts)
+        ck = self._ck
+        for p in parts:
+            self._pending[TopicPartition(p.topic, p.partition)] = ck.OFFSET_INVALID
+        # Taken over at the next poll(), after the loop has sought them: librdkafka would start
+        # fetching at the committed offset now, and that lookup overrides a seek made before it
+        # answers.  (Eager protocol: the whole assignment arrives here, nothing else is kept.)
+        consumer.assign([])
 
     def _on_revoke(self, _c: Any, parts: Sequence[Any]) -> None:
         self._record(RebalanceKind.REVOKED, parts)
@@ -259,9 +269,24 @@ class ConfluentConsumer:
         return events
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        self._c.assign([])
+        self._positions.clear()
+        self._pending = dict.fromkeys(partitions, self._ck.OFFSET_BEGINNING)
+
+    def _take_assignment(self) -> None:
+        """Hand librdkafka the pending partitions with the start offsets chosen meanwhile; the
+        partitions it fetches already keep their positions."""
         ck = self._ck
-        self._starts = dict.fromkeys(partitions, ck.OFFSET_BEGINNING)
-        self._c.assign([ck.TopicPartition(tp.topic, tp.partition, ck.OFFSET_BEGINNING) for tp in partitions])
+        parts = []
+        for p in self._c.assignment():
+            tp = TopicPartition(p.topic, p.partition)
+            if tp not in self._pending:
+                parts.append(
+                    ck.TopicPartition(tp.topic, tp.partition, self._positions.get(tp, ck.OFFSET_INVALID))
+                )
+        parts.extend(ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in self._pending.items())
+        self._pending = {}
+        self._c.assign(parts)
 
     def partitions_for(self, topic: str) -> set[int] | None:
         # A metadata request in librdkafka (kafka-python answers from its cache): asked at most
@@ -281,6 +306,8 @@ class ConfluentConsumer:
 
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
         self._revoked = False
+        if self._pending:
+            self._take_assignment()
         deadline = time.monotonic() + timeout_ms / 1000
         out: dict[TopicPartition, list[Record]] = {}
         while True:
@@ -332,27 +359,18 @@ class ConfluentConsumer:
         self._positions.pop(tp, None)
 
     def _seek(self, tp: TopicPartition, offset: int) -> None:
+        if tp in self._pending:  # not handed to librdkafka yet: it starts there
+            self._pending[tp] = offset
+            return
         ck = self._ck
-        target = ck.TopicPartition(tp.topic, tp.partition, offset)
         try:
-            self._c.seek(target)
+            self._c.seek(ck.TopicPartition(tp.topic, tp.partition, offset))
         except ck.KafkaException as exc:
             err = _kafka_exception(exc)
             if err is None or err.code() != ck.KafkaError._STATE:
                 raise
-            # Assigned in this very poll, its fetcher not started yet: set the start offset
-            # through the assignment instead (librdkafka has no other way to do it); the other
-            # partitions keep their positions (unknown ones: committed / auto_offset_reset).
-            current = []
-            for p in self._c.assignment():
-                other = TopicPartition(p.topic, p.partition)
-                start = (
-                    offset
-                    if other == tp
-                    else self._positions.get(other, self._starts.get(other, ck.OFFSET_INVALID))
-                )
-                current.append(ck.TopicPartition(p.topic, p.partition, start))
-            self._c.assign(current)
+            # Its fetcher is not started yet: start it there at the next poll() instead.
+            self._pending[tp] = offset
 
     def position(self, tp: TopicPartition) -> int | None:
         pos = self._positions.get(tp)
