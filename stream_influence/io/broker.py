@@ -20,7 +20,8 @@ fill in a :class:`Delivery`.
 
 **Revocation is handed over before the group moves on.**  When the group takes partitions from
 this member, the backend records a :class:`Rebalance` of kind ``revoked`` and returns from
-:meth:`~BrokerConsumer.poll` *without giving the partitions up yet*.  The loop drains
+:meth:`~BrokerConsumer.poll` *without giving the partitions up yet* (a backend whose callbacks
+run on the loop thread calls the loop's ``hand_over`` instead: :meth:`BrokerConsumer.subscribe`).  The loop drains
 :meth:`~BrokerConsumer.rebalances`, flushes, checkpoints and commits the revoked partitions'
 offsets (the member still owns them), and polls again; that poll completes the revocation and
 the join.  ``lost`` partitions (this member was evicted) are recorded without that pause: another
@@ -31,7 +32,7 @@ that poll returned for them are dropped and fetched again).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -144,8 +145,14 @@ class BrokerTrouble(StreamInfluenceError):
 class BrokerConsumer(Protocol):
     """A consumer: a group member after :meth:`subscribe`, a plain reader after :meth:`assign`."""
 
-    def subscribe(self, topics: Sequence[str]) -> None:
-        """Join the group for ``topics``; rebalances are recorded for :meth:`rebalances`."""
+    def subscribe(self, topics: Sequence[str], hand_over: Callable[[], None] | None = None) -> None:
+        """Join the group for ``topics``; rebalances are recorded for :meth:`rebalances`.
+
+        ``hand_over`` is the loop's handler of recorded events.  A backend whose rebalance
+        callbacks run *on the loop thread, inside* :meth:`poll` (librdkafka) calls it from its
+        revocation callback, after recording the event, so the loop acts before the revocation
+        completes.  A backend whose callbacks run on another thread (kafka-python) never calls
+        it: it defers the revocation to the next poll instead (module docstring)."""
 
     def rebalances(self) -> list[Rebalance]:
         """The rebalance events recorded since the last call, oldest first (see the module

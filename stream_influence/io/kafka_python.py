@@ -32,7 +32,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -317,7 +317,8 @@ class KafkaPythonConsumer:
             if event.kind is RebalanceKind.REVOKED and not self._closing:
                 self._pending_revocation = event.partitions
 
-    def subscribe(self, topics: Sequence[str]) -> None:
+    def subscribe(self, topics: Sequence[str], hand_over: Callable[[], None] | None = None) -> None:
+        # hand_over is not called: the listener runs on the I/O thread (module docstring).
         self.client.subscribe(list(topics), listener=_Listener(self))
 
     def rebalances(self) -> list[Rebalance]:

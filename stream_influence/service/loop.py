@@ -91,6 +91,9 @@ class Service:
         self.emitter = Emitter(self.k, lambda kind, n: self._metric("observe_outputs", kind, n))
         self.checkpointer = Checkpointer(self.store, self.emitter, self.k)
         self.health = Health()
+        #: The engine summary as of the end of the loop's last step: replaced, never changed, so
+        #: other threads (the demo's progress view) read it without a lock.
+        self.summary: dict[str, Any] = self.engine.summary()
         self.next_offsets: dict[tuple[str, int], int] = {}  # first offset not applied to the model
         # Where a partition unknown to checkpoints and commits started (auto_offset_reset), so a
         # rollback before its first checkpoint can go back there.
@@ -284,7 +287,7 @@ class Service:
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
         self.consumer = self.broker.consumer()
-        self.consumer.subscribe([self.k.topic])
+        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         gave_up = False
         try:
@@ -514,6 +517,7 @@ class Service:
         if t_poll - self._last_housekeeping >= 1.0:
             self._last_housekeeping = t_poll
             self._housekeeping()
+        self.summary = self.engine.summary()
 
     def _add_reference(self, raws: list[bytes | None]) -> None:
         if raws:
@@ -611,8 +615,9 @@ class Service:
         if now - self._producer_attempt < 1.0:
             return False
         self._producer_attempt = now
+        if self.broker is None:  # not started
+            return False
         try:
-            assert self.broker is not None
             self.producer = self.broker.producer()
         except Exception as exc:
             log.warning("cannot create the output producer (will retry): %s", exc)

@@ -266,8 +266,7 @@ def _run_service(
     stop_view = threading.Event()
 
     def summary() -> dict[str, Any]:
-        with service.lock:
-            s = service.engine.summary()
+        s = service.summary  # published by the service's loop thread
         progress.sample(s)
         return s
 
