@@ -13,14 +13,18 @@ record: a :class:`~stream_influence.io.broker.Rebalance`, a resolved
 :class:`~stream_influence.io.broker.Delivery`, the last error, the brokers' states.
 
 **Revocation.**  librdkafka gives revoked partitions up when the ``on_revoke`` callback returns
-(confluent-kafka unassigns them right after it, still inside that ``consume``) and then rejoins; the
-join cannot be held open until the loop has committed, as the kafka-python backend does.  So
-:meth:`ConfluentConsumer.poll` returns as soon as a revocation is recorded, and the loop flushes,
-checkpoints and commits the revoked partitions right away, while this member rejoins.  The commit
-is accepted (the member is in the group, in the old or the new generation) and, on the embedded
-broker, the next owner reads it — also when the loop took 3 s before committing (measured;
-tests/test_broker_backends.py checks it with 0.5 s).  Where the next owner reads first, it replays
-the window from the previous commit: outputs at least once, nothing lost.
+(confluent-kafka unassigns them right after it, still inside that ``consume``), so the revocation
+cannot wait for the next poll as with kafka-python.  The callback records the event and then calls
+the loop's ``hand_over`` (:meth:`~stream_influence.io.broker.BrokerConsumer.subscribe`), on this
+same thread: the loop flushes, checkpoints and commits the revoked partitions while this member
+still owns them, and only then does the group move on.  Revocation inside ``close()`` is only
+recorded (the loop checkpointed and committed before closing).
+
+**Assignment.**  ``on_assign`` records the partitions and hands librdkafka an empty assignment;
+the next :meth:`ConfluentConsumer.poll` assigns them with the offsets the loop sought meanwhile.
+A seek made while librdkafka still looks a partition's start offset up (committed, or the
+beginning) is overridden by that answer, so starting each partition where the loop wants is the
+only reliable way.  Eager rebalancing only: incremental protocols are refused in the settings.
 
 **Broker quirk (Tansu, the test broker).**  A ListOffsets query for the latest offset
 (``get_watermark_offsets`` without ``cached``, ``offsets_for_times``) answers 1 on Tansu, not the
@@ -34,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -222,6 +226,8 @@ class ConfluentConsumer:
         self._pending: dict[TopicPartition, int] = {}
         self._metadata: dict[str, tuple[float, set[int] | None]] = {}  # topic → (when, partitions)
         self._brokers_up: bool | None = None
+        self._hand_over: Callable[[], None] | None = None
+        self._closing = False
 
     # Callbacks: run inside consume() on the calling thread; they only record.
     def _record(self, kind: RebalanceKind, parts: Sequence[Any]) -> None:
@@ -245,6 +251,10 @@ class ConfluentConsumer:
 
     def _on_revoke(self, _c: Any, parts: Sequence[Any]) -> None:
         self._record(RebalanceKind.REVOKED, parts)
+        if self._hand_over is not None and not self._closing:
+            # Still their owner until this callback returns: the loop flushes, checkpoints and
+            # commits them now, on this same thread (librdkafka calls back inside consume()).
+            self._hand_over()
 
     def _on_lost(self, _c: Any, parts: Sequence[Any]) -> None:
         self._record(RebalanceKind.LOST, parts)
@@ -259,7 +269,8 @@ class ConfluentConsumer:
         self._brokers_up = any(s == "UP" for s in states) if states else None
 
     # BrokerConsumer
-    def subscribe(self, topics: Sequence[str]) -> None:
+    def subscribe(self, topics: Sequence[str], hand_over: Callable[[], None] | None = None) -> None:
+        self._hand_over = hand_over
         self._c.subscribe(
             list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -426,8 +437,9 @@ class ConfluentConsumer:
         return self._brokers_up is not False
 
     def close(self, timeout_ms: int) -> None:
-        # close() leaves the group (its revoke callback records, as always); it commits nothing:
-        # enable.auto.commit is off.
+        # close() leaves the group; its revocation is only recorded (the loop checkpointed and
+        # committed before closing) and nothing is committed here: enable.auto.commit is off.
+        self._closing = True
         self._c.close()
 
 
