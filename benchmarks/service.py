@@ -215,14 +215,13 @@ def throughput(cfg: AppSettings, n: int, profile: cProfile.Profile | None = None
         t_stop = time.perf_counter()  # includes the final flush, checkpoint and commit
         cpu = time.process_time() - cpu0
     begin = watch.first_batch or t_done
-    summary = service.engine.summary()
     return {
         "seconds": t_stop - begin,
         "seconds_to_last_event": t_done - begin,
         "cpu_seconds": cpu,
         "rate": n / (t_stop - begin),
         "batches": float(service.batches),
-        "quarantined": float(summary["quarantined"]),
+        "quarantined": float(service.engine.counters.quarantined),
     }
 
 

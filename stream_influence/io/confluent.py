@@ -300,11 +300,12 @@ class ConfluentConsumer:
         self._c.assign(parts)
 
     def partitions_for(self, topic: str) -> set[int] | None:
-        # A metadata request in librdkafka (kafka-python answers from its cache): asked at most
-        # once a second per topic, since callers ask on every poll.
+        # A blocking metadata request in librdkafka (~0.2 s measured; kafka-python answers from
+        # its cache), and callers ask on every poll: a known answer is kept 5 minutes (kafka-python's
+        # metadata max age), an unknown topic asked again at most once a second.
         now = time.monotonic()
         cached = self._metadata.get(topic)
-        if cached is not None and now - cached[0] < 1.0:
+        if cached is not None and now - cached[0] < (300.0 if cached[1] else 1.0):
             return cached[1]
         try:
             md = self._c.list_topics(topic, timeout=5)
