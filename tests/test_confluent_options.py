@@ -112,3 +112,12 @@ def test_missing_extra_is_a_config_error_naming_it(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import now raises ImportError
     with pytest.raises(ConfigError, match=r"stream-influence\[confluent\]"):
         ck.client_module()
+
+
+def test_a_property_librdkafka_refuses_is_a_config_error() -> None:
+    pytest.importorskip("confluent_kafka")
+    from stream_influence.io.broker import open_broker
+
+    backend = open_broker(KafkaSettings(client="confluent", client_options={"no.such.property": 1}))
+    with pytest.raises(ConfigError, match=r"librdkafka refuses the configuration: .*no\.such\.property"):
+        backend.producer()
