@@ -300,7 +300,11 @@ STAGES = (
         "process",
     ),
     ("broker: poll (fetch, build records)", BACKENDS, "poll"),
-    ("outputs: build and queue (`Emitter.emit`)", ("stream_influence/service/emitter.py",), "emit"),
+    (
+        "outputs: build and queue (`Emitter.emit`, the produce below included)",
+        ("stream_influence/service/emitter.py",),
+        "emit",
+    ),
     ("broker: produce (queue one output)", BACKENDS, "produce"),
     ("broker: flush (wait for acknowledgements)", BACKENDS, "flush"),
     ("checkpoint: write (`CheckpointStore.save`)", ("stream_influence/service/checkpoint.py",), "save"),
