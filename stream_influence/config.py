@@ -120,8 +120,16 @@ class _Frozen(BaseModel):
 
 
 class KafkaSettings(_Frozen):
-    """Where events come from and where decisions go (kafka-python client options)."""
+    """Where events come from and where decisions go (the same options for either Kafka client)."""
 
+    client: Literal["kafka-python", "confluent"] = Field(
+        default="kafka-python",
+        description="Kafka client library of the service: kafka-python (pure Python, always "
+        "installed) or confluent (confluent-kafka on librdkafka: several times faster to consume and "
+        "produce; needs the package's [confluent] extra).  Every setting here means the same on both; "
+        "client_options are the chosen client's own option names (kafka-python: fetch_max_bytes, "
+        "confluent: fetch.max.bytes).",
+    )
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092", description="Comma-separated host:port list of brokers to bootstrap from."
     )
@@ -185,7 +193,8 @@ class KafkaSettings(_Frozen):
     )
     client_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra kafka-python options passed through verbatim.  String values whose name "
+        description="Extra options of the chosen client passed through verbatim (kafka-python keyword "
+        "names with client kafka-python, librdkafka property names with client confluent).  String values whose name "
         "says password, passwd, passphrase, secret, token, credential(s) or key (as a word, so not "
         "key_serializer) are secrets (they must be strings): masked in every output, passed to the "
         "client unchanged.",
@@ -304,7 +313,7 @@ class KafkaSettings(_Frozen):
         add = lambda path, msg, hint: problems.append(ConfigProblem(path, msg, hint))  # noqa: E731
         # kafka-python refuses such a producer at run time; say so when the file is checked.
         delivery = int(self.client_options.get("delivery_timeout_ms", 120_000))
-        if delivery <= self.producer_linger_ms + self.request_timeout_ms:
+        if self.client == "kafka-python" and delivery <= self.producer_linger_ms + self.request_timeout_ms:
             add(
                 "request_timeout_ms",
                 f"producer_linger_ms ({self.producer_linger_ms}) + request_timeout_ms "
@@ -339,8 +348,37 @@ class KafkaSettings(_Frozen):
                 )
             seen.setdefault(name, field)
         problems.extend(self._security_problems())
+        problems.extend(self._client_option_problems())
         _raise_problems(problems)
         return self
+
+    def _client_option_problems(self) -> list[ConfigProblem]:
+        # librdkafka names are dotted; an underscore name is a kafka-python option that librdkafka
+        # would refuse at start, so name the likely librdkafka spelling when the file is checked.
+        if self.client != "confluent":
+            return []
+        problems = [
+            ConfigProblem(
+                f"client_options.{name}",
+                "is a kafka-python option name, but client is confluent (librdkafka)",
+                f"use the librdkafka property name, e.g. {name.replace('_', '.')!r}",
+            )
+            for name in self.client_options
+            if "_" in name and "." not in name
+        ]
+        # The backend takes each assignment over whole (eager rebalancing), so the loop can
+        # hand revoked partitions over; incremental protocols would bypass that.
+        for name, bad in (("partition.assignment.strategy", "cooperative"), ("group.protocol", "consumer")):
+            value = str(self.client_options.get(name, ""))
+            if bad in value.lower():
+                problems.append(
+                    ConfigProblem(
+                        f"client_options.{name}",
+                        f"{value!r} is not supported by the confluent backend (eager rebalancing only)",
+                        "leave it unset (range,roundrobin / the classic group protocol)",
+                    )
+                )
+        return problems
 
     def _security_problems(self) -> list[ConfigProblem]:
         problems: list[ConfigProblem] = []

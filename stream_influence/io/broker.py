@@ -251,7 +251,11 @@ class Broker(Protocol):
 
 
 def open_broker(k: KafkaSettings) -> Broker:
-    """The backend ``k`` asks for (kafka-python unless configured otherwise)."""
+    """The backend ``k.client`` names (kafka-python unless configured otherwise)."""
+    if k.client == "confluent":
+        from stream_influence.io.confluent import ConfluentBroker
+
+        return ConfluentBroker(k)
     from stream_influence.io.kafka_python import KafkaPythonBroker
 
     return KafkaPythonBroker(k)
