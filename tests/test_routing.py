@@ -136,7 +136,7 @@ def test_calibrated_mode_bounds_clean_quarantine_per_class(alpha: float) -> None
     assert (gated <= ungated + 1e-12).all()
 
 
-def _imbalanced_rates(gate: bool, min_class_calibration: int = 10) -> np.ndarray:
+def _imbalanced_rates(gate: bool, min_class_calibration: int = 10, **policy: Any) -> np.ndarray:
     """Class 0 twice as frequent as class 1, overlapping, all labels correct."""
     rng = np.random.default_rng(3)
     d = 6
@@ -149,7 +149,9 @@ def _imbalanced_rates(gate: bool, min_class_calibration: int = 10) -> np.ndarray
     Xr, yr = draw(300)
     X, y = draw(6000)
     engine = engine_for(
-        2, d, policy={"require_disagreement": gate, "min_class_calibration": min_class_calibration}
+        2,
+        d,
+        policy={"require_disagreement": gate, "min_class_calibration": min_class_calibration, **policy},
     )
     engine.add_reference_events(EventBatch.from_arrays(Xr, yr))
     q, _ = run(engine, X, y)
@@ -165,6 +167,81 @@ def test_imbalanced_clean_classes_are_quarantined_at_similar_rates() -> None:
     # quarantines the minority class far more often.
     pooled = _imbalanced_rates(gate=False, min_class_calibration=10_000)
     assert pooled[1] - pooled[0] > 0.1, pooled.round(3).tolist()
+
+
+def test_the_hybrid_balances_the_classes_when_its_loss_test_is_not_gated() -> None:
+    """The gate, not the calibration, unbalances the hybrid: on the imbalanced clean stream the
+    gated loss test waves the majority's surprising events through (the model predicts the
+    majority) and quarantines the minority's; calibrated jointly with the floor and left ungated
+    (``gate_reference_loss: false``) each class is quarantined near its share of α."""
+    gated = _imbalanced_rates(gate=True, evidence="hybrid")
+    assert abs(gated[0] - gated[1]) > 0.02, gated.round(3).tolist()
+    ungated_loss = _imbalanced_rates(gate=True, evidence="hybrid", gate_reference_loss=False)
+    assert abs(ungated_loss[0] - ungated_loss[1]) <= 0.02, ungated_loss.round(3).tolist()
+    assert ungated_loss.max() <= 0.1 + 0.02 and ungated_loss.min() > gated.min(), ungated_loss.round(
+        3
+    ).tolist()
+
+
+def test_gate_reference_loss_false_leaves_only_the_influence_test_gated() -> None:
+    scores = np.array([0.5, 0.5, 2.0, -1.0])  # above the floor, above the floor, above τ, below the floor
+    labels = np.zeros(4, dtype=np.int64)
+    agree = np.zeros(4, dtype=bool)  # the model predicts every label
+    surprising = np.array([5.0, 0.1, 0.1, 5.0])  # ℓ_ref: the first and last fire the loss test
+    out = {}
+    for gated in (True, False):
+        policy = RoutingPolicy(PolicySettings(evidence="hybrid", gate_reference_loss=gated))
+        policy.calibrate(
+            np.array([0.0, 1.0] * 20),
+            np.zeros(40, dtype=np.int64),
+            1,
+            np.ones(40),
+            np.zeros(40, dtype=np.int64),
+        )
+        d = policy.decide(scores, True, labels, agree, surprising)
+        out[gated] = (d.quarantine.tolist(), d.reasons)
+    assert out[True] == (
+        [False, False, False, False],
+        ["model_agrees", "within_band", "model_agrees", "helpful"],
+    )
+    # Ungated: the loss test quarantines the first (its score passes the floor), never the last
+    # (its learning lowers the trusted loss); the influence test (third) is still gated.
+    assert out[False] == ([True, False, False, False], ["harmful", "within_band", "model_agrees", "helpful"])
+
+
+def test_balanced_gate_divides_the_class_frequencies_out() -> None:
+    engine = engine_for(2, 3, policy={"balanced_gate": True})
+    engine.add_reference_events(EventBatch.from_arrays(np.eye(3)[[0, 1, 2, 0]], np.array([0, 1, 0, 1])))
+    engine.process_events(EventBatch.from_arrays(np.ones((2, 3)), np.array([0, 1])))
+    assert engine.shadow is not None
+    engine.shadow.metrics.confusion = np.array([[89.0, 0.0], [0.0, 9.0]])  # class 0 nine times as frequent
+    P = np.array([[0.6, 0.4], [0.6, 0.4], [0.95, 0.05]])
+    y = np.array([1, 0, 1])
+    # p/π: 0.6/90 < 0.4/10, so the first two are "predicted" class 1; 0.95/90 > 0.05/10.
+    assert engine._disagree(P, y).tolist() == [False, True, True]
+    plain = engine_for(2, 3)
+    assert plain._disagree(P, y).tolist() == [True, False, True]
+
+
+def test_rehearsal_replays_trusted_points_deterministically() -> None:
+    s = load_stream("digits", noise=0.2, seed=0)
+    thetas, extra = [], []
+    for rehearsal in (0.5, 0.5, 0.0):
+        engine = engine_for(s.n_classes, s.n_features, learner={"rehearsal": rehearsal})
+        engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
+        q, _ = run(engine, s.X_events, s.y_events)
+        assert engine.routed is not None and engine.shadow is not None
+        warm = engine.settings.learner.warm_start_epochs * len(s.y_ref)
+        extra.append(
+            (engine.routed.trusted_updates - warm, int((~q).sum()), engine.shadow.trusted_updates - warm)
+        )
+        thetas.append(engine.routed.theta.copy())
+    (routed, accepted, shadow), again, off = extra
+    # About half a trusted point per learned event, for each learner (binomial draws).
+    assert abs(routed - 0.5 * accepted) <= 4 * np.sqrt(accepted), extra
+    assert abs(shadow - 0.5 * len(s.y_events)) <= 4 * np.sqrt(len(s.y_events)), extra
+    assert again == extra[0] and np.array_equal(thetas[0], thetas[1])  # a replay is bit-for-bit
+    assert off == (0, off[1], 0) and not np.array_equal(thetas[0], thetas[2])
 
 
 class IdentityCurvature(Curvature):

@@ -325,7 +325,7 @@ class InfluenceEngine:
         policy = copy.deepcopy(self.policy)  # its windows must not see these events
         policy.settings = policy.settings.model_copy(update={"max_quarantine_rate": 1.0})
         score = scores.get(policy.settings.score)
-        decision = policy.decide(score, True, labels, P.argmax(axis=1) != labels, reference_loss)
+        decision = policy.decide(score, True, labels, self._disagree(P, labels), reference_loss)
         return scores, decision
 
     def process(self, raws: Sequence[bytes | str | None]) -> BatchResult:
@@ -359,6 +359,35 @@ class InfluenceEngine:
         self._update_curvature(Xr, self.routed.predict_proba(Xr), w)
         self.scorer.invalidate()
         self.model_version += 1
+
+    def _disagree(self, P: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Whether the routed model predicts another class than the label (the gate's test);
+        with ``balanced_gate`` the running label frequencies are divided out first."""
+        if not self.policy.settings.balanced_gate:
+            return P.argmax(axis=1) != labels
+        assert self.shadow is not None
+        K = P.shape[1]
+        counts = np.ones(K)  # Laplace: a class not seen yet has a small prior, not zero
+        seen = self.shadow.metrics.confusion.sum(axis=1)[:K]
+        counts[: len(seen)] += seen
+        return (np.log(np.clip(P, 1e-300, None)) - np.log(counts)).argmax(axis=1) != labels
+
+    def _rehearse(self, routed_learned: int, shadow_learned: int, solve: Any) -> None:
+        """Replay ``learner.rehearsal`` trusted points per stream event each learner just learned.
+
+        Drawn with a generator seeded by the events seen, so a replay of the same chunks draws the
+        same points (bit-for-bit results)."""
+        ratio = self.settings.learner.rehearsal
+        if ratio <= 0 or not self.trusted_reference or self.reference.size == 0:
+            return
+        assert self.routed and self.shadow
+        Fr, yr = self.reference.arrays()
+        rng = np.random.default_rng([self.settings.seed, self.events_seen])
+        for learner, learned in ((self.routed, routed_learned), (self.shadow, shadow_learned)):
+            k = int(rng.binomial(learned, min(ratio, 1.0))) if ratio < 1 else round(ratio * learned)
+            if k:
+                idx = rng.integers(0, len(yr), k)
+                learner.learn(self._inputs(Fr[idx]), yr[idx], np.ones(k), solve, trusted=True)
 
     def _update_curvature(self, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
         assert self.curvature is not None
@@ -476,7 +505,7 @@ class InfluenceEngine:
             scores.get(self.policy.settings.score),
             warm,
             labels,
-            P.argmax(axis=1) != labels,
+            self._disagree(P, labels),
             self._reference_losses(F, labels) if warm else None,
         )
 
@@ -488,6 +517,7 @@ class InfluenceEngine:
             self.routed.learn(X[accept], labels[accept], weights[accept], solve)
             self.model_version += 1
         self.shadow.learn(X, labels, weights, solve)
+        self._rehearse(int(accept.sum()), m, solve)
 
         drifted = self.drift.update(errors)
         if drifted:

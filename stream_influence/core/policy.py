@@ -31,7 +31,10 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    fires only for a score above ``quarantine_threshold`` (learning the event would raise the
    trusted loss);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
-   (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned;
+   (argmax = label; with ``balanced_gate`` the argmax of ``p_k / π_k``, the stream's running class
+   frequencies ``π`` divided out) is accepted, reason ``model_agrees``: hard-but-correct events are
+   learned.  With ``gate_reference_loss: false`` only the influence test is gated: the
+   reference-loss test quarantines by itself, each class at most at its share of α;
 5. otherwise accept, reason ``within_band``.
 
 The quarantine-rate cap: when step 3 would push the rolling quarantine rate above
@@ -292,17 +295,21 @@ class RoutingPolicy:
         # The floor holds for every evidence: an event whose learning would lower the trusted
         # loss (score ≤ quarantine_threshold) is never quarantined, however surprising its label.
         loss_test = (surprise > 1.0) & (score > s.quarantine_threshold)
-        if s.mode == "calibrated" and s.evidence == "reference_loss":
-            harmful = loss_test
-        elif s.mode == "calibrated" and s.evidence == "hybrid":
-            harmful |= loss_test
+        if s.mode != "calibrated" or s.evidence == "influence":
+            loss_test[:] = False
+        elif s.evidence == "reference_loss":
+            harmful[:] = False
         # The alarm's pre-gate share counts every test that fires (all evidence).
-        self._above.push(harmful.astype(np.float64))
+        self._above.push((harmful | loss_test).astype(np.float64))
         reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)
         if s.require_disagreement and disagree is not None:
-            agrees = harmful & ~disagree
-            reasons[agrees] = "model_agrees"
-            harmful &= disagree
+            gated = harmful | loss_test if s.gate_reference_loss else harmful
+            reasons[gated & ~disagree] = "model_agrees"
+            harmful = gated & disagree
+            if not s.gate_reference_loss:  # the loss test stands on its own calibration
+                harmful |= loss_test
+        else:
+            harmful |= loss_test
         reasons[harmful] = "harmful"
 
         # How many quarantines keep the rolling rate ≤ cap once this batch enters the window.

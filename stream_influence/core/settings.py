@@ -260,6 +260,20 @@ class PolicySettings(_Frozen):
         "influence test gets the rest (1: the reference-loss test alone at α, still only for "
         "scores above quarantine_threshold).",
     )
+    gate_reference_loss: bool = Field(
+        default=True,
+        description="evidence reference_loss/hybrid: the disagreement gate (require_disagreement) "
+        "also applies to the reference-loss test. False: only the influence test is gated; the "
+        "reference-loss test, calibrated jointly with the floor, then quarantines each clean "
+        "class at most at its share of α on its own, whatever the model predicts.",
+    )
+    balanced_gate: bool = Field(
+        default=False,
+        description="require_disagreement: judge disagreement by the routed model's prediction "
+        "with the stream's class frequencies divided out (argmax of p_k / π_k, π the running "
+        "label frequencies), so a frequent class is not waved through by the model's prior while "
+        "a rare one is gated in.",
+    )
     false_quarantine_rate: float = Field(
         default=0.1,
         gt=0,
@@ -340,6 +354,13 @@ class LearnerSettings(_Frozen):
         description="Passes over the trusted reference set that both learners make before the "
         "first routed event (0: cold start). Not with seed_from_stream, whose points are learned "
         "as stream events.",
+    )
+    rehearsal: float = Field(
+        default=0.0,
+        ge=0,
+        description="Trusted reference points both learners replay per stream event they learn "
+        "(drawn at random from the reference set and learned right after the events; 0: off). "
+        "Keeps a small clean anchor in every update of a long stream.",
     )
     metrics_window: int = Field(default=1000, ge=1, description="Rolling prequential window.")
 
