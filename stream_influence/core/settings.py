@@ -243,7 +243,7 @@ class PolicySettings(_Frozen):
         "quantile never quarantine a score ≤ quarantine_threshold.",
     )
     evidence: Literal["influence", "reference_loss", "hybrid"] = Field(
-        default="influence",
+        default="hybrid",
         description="calibrated mode: what quarantines an event. influence: its score above the "
         "class threshold; reference_loss: its label's loss under the reference model (fitted on "
         "the trusted set alone) above the class threshold of cross-fitted trusted losses; hybrid: "
@@ -273,6 +273,15 @@ class PolicySettings(_Frozen):
         "with the stream's class frequencies divided out (argmax of p_k / π_k, π the running "
         "label frequencies), so a frequent class is not waved through by the model's prior while "
         "a rare one is gated in.",
+    )
+    class_fair_gate: bool = Field(
+        default=True,
+        description="evidence reference_loss/hybrid with require_disagreement: thin each class's "
+        "reference-loss test to the gate pass-through of the least-passed class (the share of the "
+        "class's recent loss-test firings the gate let through, measured on the stream over "
+        "rate_window events): on clean data the gate passes a class-dependent share (the model's "
+        "prior waves a frequent class through), so the loss test then quarantines no class more "
+        "than another; flips pass the gate in every class, so a noisy stream keeps the full test.",
     )
     false_quarantine_rate: float = Field(
         default=0.1,
