@@ -33,8 +33,14 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label; with ``balanced_gate`` the argmax of ``p_k / π_k``, the stream's running class
    frequencies ``π`` divided out) is accepted, reason ``model_agrees``: hard-but-correct events are
-   learned.  With ``gate_reference_loss: false`` only the influence test is gated: the
-   reference-loss test quarantines by itself, each class at most at its share of α;
+   learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
+   clean data the model's prior waves a frequent class's surprising events through), so with
+   ``class_fair_gate`` (default) each class's share of α for that test is thinned by
+   ``g_min / g_y``, ``g_y`` the share of class ``y``'s recent firings the gate let through:
+   on clean data no class is quarantined more than another, and on a noisy stream, where flips
+   pass the gate in every class, the test keeps its share.  With ``gate_reference_loss: false``
+   only the influence test is gated: the reference-loss test quarantines by itself, each class
+   at most at its share of α;
 5. otherwise accept, reason ``within_band``.
 
 The quarantine-rate cap: when step 3 would push the rolling quarantine rate above

@@ -250,7 +250,8 @@ class PolicySettings(_Frozen):
         "either, α split between them by hybrid_split (Bonferroni, so α still bounds clean "
         "quarantines). With reference_loss and hybrid alike the reference-loss route fires only "
         "when the score is also above quarantine_threshold (learning the event would raise the "
-        "reference loss): the floor holds for every evidence.",
+        "reference loss): the floor holds for every evidence. hybrid (with class_fair_gate) is the "
+        "default: measured in docs/benchmarks.md (routing_ablation, quality).",
     )
     hybrid_split: float = Field(
         default=0.5,
