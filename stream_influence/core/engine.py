@@ -513,10 +513,9 @@ class InfluenceEngine:
         self._update_curvature(X, P, weights)
         accept = ~decision.quarantine
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        if accept.any():
-            self.routed.learn(X[accept], labels[accept], weights[accept], solve)
-            self.model_version += 1
-        self.shadow.learn(X, labels, weights, solve)
+        routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
+        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
+        self.model_version += bool(routed)
         self._rehearse(int(accept.sum()), m, solve)
 
         drifted = self.drift.update(errors)
