@@ -268,13 +268,6 @@ class PolicySettings(_Frozen):
         "reference-loss test, calibrated jointly with the floor, then quarantines each clean "
         "class at most at its share of α on its own, whatever the model predicts.",
     )
-    balanced_gate: bool = Field(
-        default=False,
-        description="require_disagreement: judge disagreement by the routed model's prediction "
-        "with the stream's class frequencies divided out (argmax of p_k / π_k, π the running "
-        "label frequencies), so a frequent class is not waved through by the model's prior while "
-        "a rare one is gated in.",
-    )
     class_fair_gate: bool = Field(
         default=True,
         description="evidence reference_loss/hybrid with require_disagreement: thin each class's "
@@ -364,13 +357,6 @@ class LearnerSettings(_Frozen):
         description="Passes over the trusted reference set that both learners make before the "
         "first routed event (0: cold start). Not with seed_from_stream, whose points are learned "
         "as stream events.",
-    )
-    rehearsal: float = Field(
-        default=0.0,
-        ge=0,
-        description="Trusted reference points both learners replay per stream event they learn "
-        "(drawn at random from the reference set and learned right after the events; 0: off). "
-        "Keeps a small clean anchor in every update of a long stream.",
     )
     metrics_window: int = Field(default=1000, ge=1, description="Rolling prequential window.")
 
