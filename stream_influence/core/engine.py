@@ -392,6 +392,72 @@ class InfluenceEngine:
         Results depend only on the engine state and the chunk (micro-batches start at the chunk's
         first event), so a replay of the same chunks is bit-for-bit the same.
         """
+        return self._run_micro_batches(batch, rejects, self._route_micro_batch)
+
+    def score_events(self, batch: EventBatch, rejects: Sequence[Reject] = ()) -> BatchResult:
+        """Score and route already-decoded events against the current state, learning nothing —
+        what a score worker does with a model snapshot (``run --role score``).
+
+        Scores are the configured kind (positive: learning the event would raise the trusted
+        reference loss).  Only the policy's windows (quarantine-rate cap, quantile mode), the
+        scorer's refresh counter and the counters change; head, standardiser, curvature and the
+        learners' metrics are untouched.
+        """
+
+        def score(F: np.ndarray, chunk: EventBatch, start: int) -> tuple[Scores, RoutingDecision, bool]:
+            assert self.standardizer is not None and self.routed is not None
+            labels = chunk.labels[start : start + len(F)]
+            X = self._inputs(F)
+            scores, decision = self._decide(F, X, self.routed.predict_proba(X), labels, self.warm)
+            return scores, decision, False
+
+        return self._run_micro_batches(batch, rejects, score)
+
+    def learn_events(self, batch: EventBatch, quarantine: np.ndarray) -> BatchResult:
+        """Learn already-decided events — what the one updater does with the decisions of the
+        score workers (``run --role update``): every event informs the standardiser, curvature,
+        shadow learner and metrics; the routed head learns the ones with ``quarantine`` False.
+        The trusted set is learned first (warm start) as in :meth:`process_events`.
+        """
+        quarantine = np.asarray(quarantine, dtype=bool)
+
+        def learn(F: np.ndarray, chunk: EventBatch, start: int) -> tuple[Scores, RoutingDecision, bool]:
+            m = len(F)
+            q = quarantine[start : start + m]
+            labels = chunk.labels[start : start + m]
+            X, P = self._prepare_micro_batch(F)
+            drifted = self._learn_micro_batch(X, P, labels, chunk.weights[start : start + m], ~q)
+            decision = RoutingDecision(
+                q,
+                ["scorer_quarantine" if x else "scorer_accept" for x in q.tolist()],
+                float("nan"),
+                False,
+                self.policy.version,
+                np.full(m, np.nan),
+            )
+            return Scores.missing(m), decision, drifted
+
+        return self._run_micro_batches(batch, (), learn)
+
+    def prepare_snapshot(self) -> None:
+        """Bring the parts a score worker reads up to date before the state is published as a
+        model snapshot: the warm start (if the trusted set is ready), the cached ``H⁻¹∇L_R``
+        against the current head, and the calibrated thresholds."""
+        if self.routed is None or self.curvature is None:
+            return
+        if self.warm and not self.warm_started and self.trusted_reference:
+            self._warm_start()
+        if self.reference.size > 0:
+            Fr, yr = self.reference.arrays()
+            self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
+            self._calibrate()
+
+    def _run_micro_batches(
+        self,
+        batch: EventBatch,
+        rejects: Sequence[Reject],
+        step: Any,
+    ) -> BatchResult:
         c = self.counters
         c.consumed += len(batch) + len(rejects)
         c.dead_lettered += len(rejects)
@@ -408,7 +474,7 @@ class InfluenceEngine:
             self.add_reference_events(batch.subset(np.arange(min(seed, n))))
 
         mb = self.settings.influence.micro_batch
-        parts = [self._route_micro_batch(F[i : i + mb], batch, i) for i in range(0, n, mb)]
+        parts = [step(F[i : i + mb], batch, i) for i in range(0, n, mb)]
         scores = Scores.concat([p[0] for p in parts])
         decisions = [p[1] for p in parts]
         last = decisions[-1]
@@ -446,24 +512,32 @@ class InfluenceEngine:
         self, F: np.ndarray, chunk: EventBatch, start: int
     ) -> tuple[Scores, RoutingDecision, bool]:
         """Test, score, route, then learn one micro-batch (matrix products, no per-event loop)."""
-        assert self.routed and self.shadow and self.curvature and self.standardizer
         m = len(F)
         labels = chunk.labels[start : start + m]
-        weights = chunk.weights[start : start + m]
         warm = self.warm
-        if warm and not self.warm_started and self.trusted_reference:
+        X, P = self._prepare_micro_batch(F)
+        scores, decision = self._decide(F, X, P, labels, warm)
+        drifted = self._learn_micro_batch(
+            X, P, labels, chunk.weights[start : start + m], ~decision.quarantine
+        )
+        return scores, decision, drifted
+
+    def _prepare_micro_batch(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Warm start when due, then the standardiser learns ``F``: head inputs and routed ``P``."""
+        assert self.routed and self.standardizer
+        if self.warm and not self.warm_started and self.trusted_reference:
             self._warm_start()
         self.standardizer.update(F)
         X = self._inputs(F)
+        return X, self.routed.predict_proba(X)
+
+    def _decide(
+        self, F: np.ndarray, X: np.ndarray, P: np.ndarray, labels: np.ndarray, warm: bool
+    ) -> tuple[Scores, RoutingDecision]:
+        """Score a micro-batch against the current head and curvature and route it."""
+        assert self.routed and self.curvature
         Y = one_hot(labels, self.routed.theta.shape[0])
-        P = self.routed.predict_proba(X)
-        P_shadow = self.shadow.predict_proba(X)
-
-        # Test, then train.
-        errors = self.routed.metrics.update(P, labels)
-        self.shadow.metrics.update(P_shadow, labels)
-
-        scores = Scores.missing(m)
+        scores = Scores.missing(len(F))
         if self.reference.size > 0:
             if self.scorer.needs_refresh():
                 Fr, yr = self.reference.arrays()
@@ -479,10 +553,19 @@ class InfluenceEngine:
             P.argmax(axis=1) != labels,
             self._reference_losses(F, labels) if warm else None,
         )
+        return scores, decision
 
+    def _learn_micro_batch(
+        self, X: np.ndarray, P: np.ndarray, labels: np.ndarray, weights: np.ndarray, accept: np.ndarray
+    ) -> bool:
+        """Test-then-train metrics, curvature (every event), routed head (``accept``), shadow
+        (every event), drift; returns whether drift was detected."""
+        assert self.routed and self.shadow and self.curvature
+        P_shadow = self.shadow.predict_proba(X)
+        errors = self.routed.metrics.update(P, labels)
+        self.shadow.metrics.update(P_shadow, labels)
         # The CE Hessian does not depend on labels, so every valid event informs the curvature.
         self._update_curvature(X, P, weights)
-        accept = ~decision.quarantine
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
         if accept.any():
             self.routed.learn(X[accept], labels[accept], weights[accept], solve)
@@ -494,8 +577,8 @@ class InfluenceEngine:
             self.curvature.forget(self.settings.drift.keep)
             self.scorer.invalidate()
             self.counters.drift_resets += 1
-        self.events_seen += m
-        return scores, decision, drifted
+        self.events_seen += len(X)
+        return drifted
 
     def _result(
         self, batch: EventBatch, rejects: list[Reject], scores: Scores, decision: Any, drifted: bool

@@ -165,7 +165,6 @@ class CheckpointStore:
         # Past every seq in the directory, set-aside corrupt ones included: a name is never reused.
         seqs = [int(m.group(1)) for p in self._listing() if (m := _ANY_SEQ.match(p.name))]
         seq = max(seqs, default=0) + 1
-        path = self.directory / f"checkpoint-{seq:012d}.safetensors"
         meta = {
             **(extra or {}),
             "format": FORMAT,
@@ -175,15 +174,26 @@ class CheckpointStore:
             "reference_offsets": {str(p): int(o) for p, o in sorted(reference_offsets.items())},
             "outputs": dict(outputs),
         }
-        data = encode_engine(engine, meta)
+        path = self._write(seq, encode_engine(engine, meta))
+        self._prune(existing)
+        return path
+
+    def install(self, data: bytes) -> Path:
+        """Write checkpoint bytes made elsewhere (a model snapshot, which is a checkpoint file of
+        the updater) as the next checkpoint, with its manifest.  Verified when loaded."""
+        seqs = [int(m.group(1)) for p in self._listing() if (m := _ANY_SEQ.match(p.name))]
+        return self._write(max(seqs, default=0) + 1, data)
+
+    def _write(self, seq: int, data: bytes) -> Path:
+        """The state file, then its manifest (last: it completes the checkpoint)."""
+        path = self.directory / f"checkpoint-{seq:012d}.safetensors"
         atomic_write(path, data)
         manifest = {
             "format": _MANIFEST_FORMAT,
             "seq": seq,
             "files": {path.name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
         }
-        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())  # last: completes it
-        self._prune(existing)
+        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
         return path
 
     def _listing(self) -> list[Path]:

@@ -215,6 +215,7 @@ class Service:
             self._trust_reference()
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = defaultdict(int)
+            self._restored(None)
             return
         # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
         self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
@@ -233,6 +234,32 @@ class Service:
             self.engine.events_seen,
             {f"{t}-{p}": o for (t, p), o in sorted(ck.offsets.items())},
         )
+        self._restored(ck)
+
+    # -- hooks of the scale-out roles (service/roles.py); the defaults are the single process --
+    def _restored(self, ck: Checkpoint | None) -> None:
+        """Called after every restore (start-up and rollback) with the checkpoint installed."""
+
+    def _apply_chunk(self, tp: TopicPartition, msgs: list[Any]) -> BatchResult:
+        """Apply one offset-aligned chunk to the engine and queue its outputs."""
+        result = self.engine.process([m.value for m in msgs])
+        self._emit(tp, msgs, result)
+        return result
+
+    def _may_process(self) -> bool:
+        """False holds buffered chunks back (a score worker without a fresh enough snapshot)."""
+        return True
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """Role state saved in the checkpoint with the engine (same atomic file)."""
+        return {}
+
+    def _after_checkpoint(self) -> None:
+        """Called (lock held) after a checkpoint is durable, before its offsets are committed."""
+
+    def _subscribe(self) -> None:
+        """Join the consumer group on the input topic (partitions come through the listener)."""
+        self.consumer.subscribe([self.k.topic], listener=_Listener(self))
 
     def _trust_reference(self) -> None:
         # Every engine installed (start-up or rollback, checkpoint or empty): with a reference
@@ -264,7 +291,7 @@ class Service:
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
         self.consumer = kafka_io.build_consumer(self.k)
-        self.consumer.subscribe([self.k.topic], listener=_Listener(self))
+        self._subscribe()
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         gave_up = False
         try:
@@ -514,6 +541,7 @@ class Service:
             and self.send_error is None
             and time.monotonic() >= self._resume_at
             and self._ensure_producer()
+            and self._may_process()
         ):
             end = (buf[0].offset // B + 1) * B
             end = min([c for c in self.cuts.get(tp, ()) if c > buf[0].offset] + [end])
@@ -547,8 +575,7 @@ class Service:
         t0 = time.perf_counter()
         key = (tp.topic, tp.partition)
         with self._changing_model():
-            result = self.engine.process([m.value for m in msgs])
-            self._emit(tp, msgs, result)
+            result = self._apply_chunk(tp, msgs)
             self.next_offsets[key] = msgs[-1].offset + 1
         # A replayed window is not new input: count every offset once in this process.
         first_new = self.counted.get(key, -1)
@@ -780,7 +807,12 @@ class Service:
             self.next_offsets,
             self.reference_offsets,
             dict(self.outputs),
-            extra={"group_id": self.k.group_id, "topic": self.k.topic, "reason": reason},
+            extra={
+                "group_id": self.k.group_id,
+                "topic": self.k.topic,
+                "reason": reason,
+                **self._checkpoint_extra(),
+            },
         )
         self.dirty = False
         self.cuts.clear()  # the window is durable: it is never replayed
@@ -843,6 +875,7 @@ class Service:
                 if not self.stop_event.is_set():  # stopping: the next start replays it from disk
                     self._rollback()
                 return False
+            self._after_checkpoint()
             offsets = self._commit_offsets()
             polls, self.uncommitted_polls = self.uncommitted_polls, []
         # Step 3, outside the lock: a blocking commit needs kafka-python's IO thread, which may be
