@@ -459,12 +459,6 @@ class ScaleOutSettings(_Frozen):
         "checkpoint.every_events events on one snapshot (the updater publishes one per checkpoint) it "
         "takes no new chunk until a newer snapshot arrives.",
     )
-    snapshot_max_bytes: int = Field(
-        default=16 * 1024 * 1024,
-        ge=1024,
-        description="Largest snapshot the updater publishes and workers fetch (the model topic's "
-        "max.message.bytes must allow it).",
-    )
 
 
 class AppSettings(BaseSettings):

@@ -21,7 +21,7 @@ import pytest
 
 from stream_influence.config import load_config
 from stream_influence.core.engine import InfluenceEngine
-from stream_influence.io.kafka_io import header_dict
+from stream_influence.io.records import header_dict
 from tests.fixtures.persistent_broker import PersistentBroker
 from tests.fixtures.service_events import (
     consumed,

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from stream_influence.config import load_config
 from stream_influence.core.events import RejectReason
-from stream_influence.io.kafka_io import header_dict
+from stream_influence.io.records import header_dict
 from tests.fixtures.bad_events import CLASSES, WIDTH, bad_message, generate, oversized_message
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-import stream_influence.io.kafka_io as kafka_io
+import stream_influence.io.kafka_python as kafka_io
 from stream_influence.cli import main
 from stream_influence.config import AppSettings, KafkaSettings, LoggingSettings, is_secret_name, load_config
 from stream_influence.core.settings import EngineSettings, PolicySettings

@@ -169,7 +169,7 @@ def test_commit_follows_flush_and_checkpoint(
     original = KafkaConsumer.commit
 
     def checked_commit(consumer: KafkaConsumer, offsets: Any = None, **kwargs: Any) -> Any:
-        if holder and consumer is holder[0].service.consumer and offsets:
+        if holder and consumer is holder[0].service.consumer.client and offsets:
             service = holder[0].service
             ck = CheckpointStore(cfg.checkpoint.directory).latest()
             for tp, meta in offsets.items():
@@ -179,7 +179,7 @@ def test_commit_follows_flush_and_checkpoint(
                         f"commit of {tp.topic}-{tp.partition}@{meta.offset} before a checkpoint "
                         f"holds it (latest checkpoint: {stored})"
                     )
-            if service.inflight or service.producer._accumulator.has_incomplete:
+            if service.inflight or service.producer.client._accumulator.has_incomplete:
                 violations.append(f"commit at {dict(offsets)} while outputs are unacknowledged")
             checked.append(max(m.offset for m in offsets.values()))
         return original(consumer, offsets, **kwargs)

@@ -14,7 +14,8 @@ from stream_influence.config import AppSettings, KafkaSettings
 from stream_influence.core.engine import InfluenceEngine
 from stream_influence.core.settings import EngineSettings
 from stream_influence.errors import CheckpointError, OutputError
-from stream_influence.io import kafka_io
+from stream_influence.io import kafka_python
+from stream_influence.io import records as kafka_io
 from stream_influence.service.checkpoint import CheckpointStore
 from tests.fixtures.service_events import events
 
@@ -91,12 +92,12 @@ def test_security_settings_and_client_options_pass_through() -> None:
         ssl_cafile=Path("/etc/ca.pem"),
         client_options={"metadata_max_age_ms": 1234, "not_a_kafka_option": 1},
     )
-    opts = kafka_io.common_options(k)
+    opts = kafka_python.common_options(k)
     assert opts["bootstrap_servers"] == ["a:9092", "b:9093"]
     assert (opts["security_protocol"], opts["sasl_mechanism"]) == ("SASL_SSL", "PLAIN")
     assert (opts["sasl_plain_username"], opts["sasl_plain_password"]) == ("u", "p")
     assert opts["ssl_cafile"] == "/etc/ca.pem"
-    passed = kafka_io._with_passthrough({}, k, {"metadata_max_age_ms": None})
+    passed = kafka_python._with_passthrough({}, k, {"metadata_max_age_ms": None})
     assert passed == {"metadata_max_age_ms": 1234}
 
 
@@ -358,7 +359,7 @@ def test_a_replayed_window_follows_the_original_cut_of_a_partial_tail_chunk(tmp_
 def test_past_end_needs_two_checks_in_a_row_then_starts_again() -> None:
     """A position past the high watermark once may be a watermark one fetch behind; twice in a
     row means the topic was re-created (or truncated).  One rule for the input and the reference."""
-    from stream_influence.io.kafka_io import PastEnd
+    from stream_influence.io.lag import PastEnd
 
     seen = PastEnd()
     assert not seen.check("t-0", 120, 100)

@@ -8,11 +8,13 @@ dead-letters them, which is what tests and demos want).  The producer batches (`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from stream_influence.config import KafkaSettings, load_config
 
@@ -59,27 +61,28 @@ def produce_lines(
     progress: Callable[[int], None] | None = None,
 ) -> tuple[int, int]:
     """Send every line as one message; returns ``(sent, failed)`` after a final flush."""
-    from stream_influence.io.kafka_io import build_producer
+    from stream_influence.io.broker import BrokerTrouble, OutputRecord, open_broker
 
-    producer = build_producer(k)
-    failed = 0
-
-    def errback(_exc: BaseException) -> None:
-        nonlocal failed
-        failed += 1
-
-    sent = 0
+    producer = open_broker(k).producer()
+    deliveries: list[Any] = []  # not yet answered
+    sent = failed = 0
     try:
         for line in lines:
-            producer.send(topic, value=line, key=_key_of(line) if key_from_id else None).add_errback(errback)
+            key = _key_of(line) if key_from_id else None
+            deliveries.append(producer.produce(OutputRecord(topic, key, line, [])))
             sent += 1
-            if progress is not None and sent % 1000 == 0:
-                progress(1000)
-        producer.flush()
+            if sent % 1000 == 0:
+                if progress is not None:
+                    progress(1000)
+                failed += sum(1 for d in deliveries if d.failed())
+                deliveries = [d for d in deliveries if not d.done]
+        with contextlib.suppress(BrokerTrouble):  # what was not acknowledged in time counts as failed
+            producer.flush(k.flush_timeout_seconds)
         if progress is not None:
             progress(sent % 1000)
     finally:
-        producer.close()
+        producer.close(k.flush_timeout_seconds)
+    failed += sum(1 for d in deliveries if not d.done or d.error is not None)
     return sent, failed
 
 

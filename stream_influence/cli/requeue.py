@@ -17,6 +17,7 @@ quarantine message and is eligible again.  ``--dry-run`` only reports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -70,27 +71,18 @@ class RequeueReport:
 
 
 def _read_all(cfg: AppSettings, topic: str, timeout: float) -> list[Any]:
-    from stream_influence.io.kafka_io import ReferenceReader
+    from stream_influence.io.broker import open_broker
+    from stream_influence.io.reference import ReferenceReader
 
-    reader = ReferenceReader(cfg.kafka, topic)  # all partitions from the beginning, no group
-    msgs: list[Any] = []
+    # All partitions from the beginning, no group.
+    reader = ReferenceReader(open_broker(cfg.kafka), topic, max_records=cfg.kafka.max_poll_records)
     try:
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not reader._assign():
-                time.sleep(0.2)
-                continue
-            polled = reader.consumer.poll(timeout_ms=300, max_records=cfg.kafka.max_poll_records)
-            for tp, batch in polled.items():
-                msgs.extend(batch)
-                reader.offsets[tp.partition] = batch[-1].offset + 1
-            if reader.caught_up():
-                return msgs
-        raise ConfigError(f"could not read {topic} to its end within {timeout}s")
+        msgs, complete = reader.read_to_end(timeout)
     finally:
         reader.close()
+    if not complete:
+        raise ConfigError(f"could not read {topic} to its end within {timeout}s")
+    return msgs
 
 
 def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +103,8 @@ def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
 def requeue(
     cfg: AppSettings, *, to: str | None, ledger: Path, dry_run: bool, timeout: float
 ) -> RequeueReport:
-    from stream_influence.io.kafka_io import OWN_HEADERS, build_producer
+    from stream_influence.io.broker import BrokerTrouble, OutputRecord, open_broker
+    from stream_influence.io.records import OWN_HEADERS
     from stream_influence.service.checkpoint import CheckpointStore
 
     ck = CheckpointStore(cfg.checkpoint.directory, cfg.checkpoint.keep).latest(cfg.engine)
@@ -146,17 +139,20 @@ def requeue(
     report.passed_ids = [m.key.decode() if m.key else "" for m in chosen]
     if dry_run or not chosen:
         return report
-    producer = build_producer(cfg.kafka)
+    producer = open_broker(cfg.kafka).producer()
     try:
-        futures = []
+        deliveries = []
         for m in chosen:
             headers = [(n, v) for n, v in (m.headers or []) if n not in OWN_HEADERS and n != "requeued_from"]
             headers.append(("requeued_from", f"{m.topic}:{m.partition}:{m.offset}".encode()))
-            futures.append(producer.send(target, value=m.value, key=m.key, headers=headers))
-        producer.flush(timeout=cfg.kafka.flush_timeout_seconds)
-        ok = [m for m, f in zip(chosen, futures, strict=True) if f.succeeded()]
+            deliveries.append(
+                producer.produce(OutputRecord(target, key=m.key, value=m.value, headers=headers))
+            )
+        with contextlib.suppress(BrokerTrouble):  # what was not acknowledged is not in the ledger
+            producer.flush(cfg.kafka.flush_timeout_seconds)
+        ok = [m for m, d in zip(chosen, deliveries, strict=True) if d.done and d.error is None]
     finally:
-        producer.close()
+        producer.close(cfg.kafka.flush_timeout_seconds)
     report.published = len(ok)
     done.update(f"{m.topic}:{m.partition}:{m.offset}" for m in ok)
     from stream_influence.core.state import atomic_write

@@ -28,14 +28,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from stream_influence.errors import OutputError
+from stream_influence.io.broker import Broker, Headers, OutputRecord, TopicPartition
+from stream_influence.io.records import header_dict
 
-from stream_influence.config import KafkaSettings, ScaleOutSettings
-from stream_influence.io import kafka_io
+if TYPE_CHECKING:
+    from stream_influence.config import ScaleOutSettings
 
 __all__ = [
     "Lease",
@@ -70,26 +70,26 @@ class UpdateRecord:
 def update_record(
     updates_topic: str,
     value: bytes | None,
-    quarantine_headers: kafka_io.Headers,
+    quarantine_headers: Headers,
     source_topic: str,
     source_partition: int,
     quarantine: bool,
     snapshot: SnapshotId,
-) -> kafka_io.OutputRecord:
+) -> OutputRecord:
     """The updates record of one valid event (``quarantine_headers`` from
-    :func:`kafka_io.quarantine_headers`, with ``model_version`` = the snapshot version)."""
+    :meth:`~stream_influence.io.records.ChunkHeaders.quarantine`, with ``model_version`` = the snapshot version)."""
     headers = [
         *quarantine_headers,
         ("decision", b"quarantine" if quarantine else b"accept"),
         ("snapshot_epoch", str(snapshot.epoch).encode()),
     ]
     key = f"{source_topic}-{source_partition}".encode()
-    return kafka_io.OutputRecord(updates_topic, key=key, value=value, headers=headers)
+    return OutputRecord(updates_topic, key=key, value=value, headers=headers)
 
 
 def parse_update(headers: Any) -> UpdateRecord | None:
     """The decision and source of an updates record; None if its headers are not ours."""
-    h = kafka_io.header_dict(headers)
+    h = header_dict(headers)
     try:
         return UpdateRecord(
             h["source_topic"],
@@ -126,37 +126,20 @@ class Lease:
     at: float
 
 
-def ensure_scaleout_topics(k: KafkaSettings, s: ScaleOutSettings) -> None:
-    """Create the updates topic and the compacted, one-partition model topic if missing."""
-    admin = kafka_io.build_admin(k)
-    try:
-        existing = set(admin.list_topics())
-        new = []
-        if s.updates_topic not in existing:
-            new.append(NewTopic(s.updates_topic, num_partitions=s.updates_partitions, replication_factor=-1))
-        if s.model_topic not in existing:
-            configs = {"cleanup.policy": "compact", "max.message.bytes": str(s.snapshot_max_bytes + 4096)}
-            new.append(NewTopic(s.model_topic, 1, replication_factor=-1, topic_configs=configs))
-        for topic in new:
-            try:
-                admin.create_topics([topic])
-                log.info("created topic %s", topic.name)
-            except TopicAlreadyExistsError:
-                pass  # another worker or the updater created it meanwhile
-    finally:
-        admin.close()
+def ensure_scaleout_topics(broker: Broker, s: ScaleOutSettings) -> None:
+    """Create the updates topic and the one-partition model topic if missing (best effort).  The
+    backend creates topics with the broker's defaults: create the model topic yourself with
+    ``cleanup.policy=compact`` (deploy/ does), or it keeps every snapshot until retention."""
+    broker.ensure_topics([s.updates_topic], partitions=s.updates_partitions)
+    broker.ensure_topics([s.model_topic], partitions=1)
 
 
 class ModelTopicReader:
     """Reads the model topic from the beginning, outside any group: the highest lease epoch and
     the newest snapshot not fenced by a lease read before it."""
 
-    def __init__(self, k: KafkaSettings, s: ScaleOutSettings) -> None:
-        opts = kafka_io.consumer_options(k, group=False)
-        opts.update(
-            max_partition_fetch_bytes=s.snapshot_max_bytes + 65536, fetch_max_bytes=s.snapshot_max_bytes * 2
-        )
-        self.consumer = KafkaConsumer(**opts)
+    def __init__(self, broker: Broker, s: ScaleOutSettings) -> None:
+        self.consumer = broker.consumer(group=False)
         self.tp = TopicPartition(s.model_topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek_to_beginning(self.tp)
@@ -168,7 +151,7 @@ class ModelTopicReader:
     def poll(self, timeout_ms: int = 0) -> bool:
         """Read what is new; True if a newer snapshot arrived."""
         newer = False
-        for msgs in self.consumer.poll(timeout_ms=timeout_ms, max_records=100).values():
+        for msgs in self.consumer.poll(timeout_ms, 100).values():
             for m in msgs:
                 newer |= self._read(m)
         return newer
@@ -185,7 +168,7 @@ class ModelTopicReader:
             return False
         if m.key != SNAPSHOT_KEY or m.value is None:
             return False
-        h = kafka_io.header_dict(m.headers)
+        h = header_dict(m.headers)
         try:
             sid = SnapshotId(int(h["epoch"]), int(h["version"]))
             published_at = float(h["published_at"])
@@ -202,31 +185,41 @@ class ModelTopicReader:
         """Read up to the current end of the topic; False if that took longer than ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            self.poll(timeout_ms=200)
-            hw = self.consumer.highwater(self.tp)
-            if hw is not None and self.consumer.position(self.tp) >= hw:
+            self.poll(200)
+            hw, pos = self.consumer.highwater(self.tp), self.consumer.position(self.tp)
+            if hw is not None and pos is not None and pos >= hw:
                 return True
         return False
 
     def close(self) -> None:
-        self.consumer.close()
+        self.consumer.close(5000)
 
 
 class ModelTopicWriter:
-    """Publishes leases and snapshots (each flushed: a snapshot is out before offsets move on)."""
+    """Publishes leases and snapshots, each flushed before the call returns (a snapshot is out
+    before the updater's offsets move on)."""
 
-    def __init__(self, k: KafkaSettings, s: ScaleOutSettings, owner: str) -> None:
-        opts = kafka_io.producer_options(k)
-        opts.update(max_request_size=s.snapshot_max_bytes + 4096, acks="all", linger_ms=0)
-        self.producer = KafkaProducer(**opts)
+    def __init__(self, broker: Broker, s: ScaleOutSettings, owner: str, timeout_s: float) -> None:
+        self.producer = broker.producer()
         self.topic = s.model_topic
         self.owner = owner
-        self.timeout_s = k.flush_timeout_seconds
+        self.timeout_s = timeout_s
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest snapshot the producer sends (``kafka.client_options.max_request_size``)."""
+        return self.producer.max_request_size - 1024  # key, headers, framing
+
+    def _send(self, record: OutputRecord) -> None:
+        delivery = self.producer.produce(record)
+        self.producer.flush(self.timeout_s)
+        if delivery.error is not None:
+            raise OutputError(f"{record.topic}: {delivery.error!r}")
 
     def lease(self, epoch: int) -> Lease:
         lease = Lease(epoch, self.owner, time.time())
         value = json.dumps({"epoch": lease.epoch, "owner": lease.owner, "at": lease.at}).encode()
-        self.producer.send(self.topic, key=LEASE_KEY, value=value).get(timeout=self.timeout_s)
+        self._send(OutputRecord(self.topic, LEASE_KEY, value, []))
         return lease
 
     def publish(self, sid: SnapshotId, data: bytes) -> None:
@@ -236,9 +229,7 @@ class ModelTopicWriter:
             ("published_at", repr(time.time()).encode()),
             ("owner", self.owner.encode()),
         ]
-        self.producer.send(self.topic, key=SNAPSHOT_KEY, value=data, headers=headers).get(
-            timeout=self.timeout_s
-        )
+        self._send(OutputRecord(self.topic, SNAPSHOT_KEY, data, headers))
 
     def close(self) -> None:
-        self.producer.close(timeout=5)
+        self.producer.close(5)

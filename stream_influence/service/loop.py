@@ -1,18 +1,25 @@
-"""The Kafka consumer service behind ``stream-influence run``.
+"""The consumer service behind ``stream-influence run``: the loop that composes the parts.
 
 One process = one consumer in the group + one engine (its own model) + one checkpoint
-directory.  The loop, per poll:
+directory, all owned by **one thread** (the one that calls :meth:`Service.run`): every broker
+call, every engine change and every checkpoint happens there.  Other threads only set flags or
+read immutable snapshots: the backend's rebalance callbacks record events
+(:meth:`~stream_influence.io.broker.BrokerConsumer.rebalances`), signal handlers set a flag, the
+HTTP thread reads the latest :class:`~stream_influence.service.health.HealthSnapshot`.
 
-1. ``consumer.poll`` → records are buffered per partition;
+The loop, per poll:
+
+1. ``consumer.poll`` → records; then the rebalance events recorded meanwhile are acted on:
+   *revoked* partitions are flushed, checkpointed and committed (the backend holds the group's
+   move back until then), *assigned* ones sought to where this model stands;
 2. new reference events (read outside the group) go to ``engine.add_reference`` first;
-3. every *ready* chunk is processed: chunks are aligned to input offsets
-   (``offset // kafka.process_batch_size``) so a replay cuts the same batches as the original
-   run; a partial chunk is processed once the partition is caught up with its high watermark;
-4. each chunk's dead letters, quarantined (and optionally accepted / decision) records are
-   produced, keyed by event id (dead letters keep their original key);
-5. every ``checkpoint.every_events`` events or ``checkpoint.every_seconds``: **flush the
-   producer → write the checkpoint atomically (engine state + next input offsets) → commit
-   those offsets to Kafka**.
+3. every ready chunk (:func:`~stream_influence.service.chunker.plan_chunks`: aligned to input
+   offsets, so a replay cuts the same batches) is processed and its outputs produced by the
+   :class:`~stream_influence.service.emitter.Emitter`;
+4. every ``checkpoint.every_events`` events or ``checkpoint.every_seconds``: the
+   :class:`~stream_influence.service.checkpointer.Checkpointer` flushes → checkpoints → commits,
+   or the window is rolled back;
+5. about once a second: lag, broker reachability, policy reload, the health snapshot.
 
 On start and on every assignment each partition is sought to the offset the model has reached
 (``max(checkpoint offset, committed offset)``), so an event is applied to a model once, however
@@ -28,90 +35,65 @@ import signal
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Set
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Set
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import TopicPartition
-from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import IllegalStateError, KafkaTimeoutError
-from kafka.structs import OffsetAndMetadata
 
 from stream_influence.config import AppSettings
 from stream_influence.core.engine import BatchResult, InfluenceEngine
-from stream_influence.errors import ConfigError, OutputError, ReplayLimitError
-from stream_influence.io import kafka_io
+from stream_influence.errors import ConfigError, ReplayLimitError
+from stream_influence.io.broker import (
+    Broker,
+    BrokerProducer,
+    RebalanceKind,
+    Record,
+    TopicPartition,
+    open_broker,
+)
+from stream_influence.io.lag import LagCheck
+from stream_influence.io.reference import ReferenceReader
 from stream_influence.observability.metrics import MetricsServer, ServiceMetrics
 from stream_influence.service.checkpoint import Checkpoint, CheckpointStore
+from stream_influence.service.checkpointer import Checkpointer
+from stream_influence.service.chunker import plan_chunks
+from stream_influence.service.emitter import Emitter, Sent
+from stream_influence.service.health import Health
 from stream_influence.service.reload import PolicyReloader
 
-__all__ = ["Service"]
+__all__ = ["Service", "run_service"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Sent:
-    """An output in flight, with the input message it stands for (to dead-letter it instead if
-    the broker refuses this one record)."""
-
-    future: Any
-    record: kafka_io.OutputRecord
-    tp: TopicPartition
-    message: Any
-    #: The event's one destination (dead letter / quarantine copy), not an audit copy.
-    destination: bool
-
-
-def _transient(exc: BaseException | None) -> bool:
-    """Broker trouble (retry the window) rather than a refusal of this one record."""
-    return isinstance(exc, KafkaTimeoutError | IllegalStateError) or bool(getattr(exc, "retriable", False))
-
-
-class _Listener(AsyncConsumerRebalanceListener):
-    """Rebalance hooks.  kafka-python runs them on its IO thread, where blocking consumer calls
-    are not allowed: the revoke hook checkpoints and awaits the commit; the assign hook only
-    records the partitions, and the main thread seeks them right after ``poll`` returns."""
-
-    def __init__(self, service: Service) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        offsets = self.service._on_revoked(set(revoked), commit=True)
-        if offsets:
-            coordinator = self.service.consumer._coordinator  # no public async commit in kafka-python
-            try:
-                await coordinator._commit_offsets_sync_async(offsets, timeout_ms=self.service._grace_ms(5000))
-            except Exception as exc:
-                log.warning("commit on revocation failed (the checkpoint still holds them): %s", exc)
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.service._on_assigned(set(assigned))
-
-    async def on_partitions_lost(self, lost: Any) -> None:
-        # Evicted: another member may own these already; do not commit for them.
-        self.service._on_revoked(set(lost), commit=False)
 
 
 class Service:
     """``stream-influence run``: see the module docstring."""
 
     def __init__(
-        self, cfg: AppSettings, *, config_path: Path | None = None, install_signals: bool = True
+        self,
+        cfg: AppSettings,
+        *,
+        config_path: Path | None = None,
+        install_signals: bool = True,
+        broker: Broker | None = None,
     ) -> None:
         self.cfg = cfg
         # Policy hot reload: SIGHUP or a change of the config file (only engine.policy is hot).
         self.reloader = PolicyReloader(config_path, cfg.engine.policy)
         self.k = cfg.kafka
         self.install_signals = install_signals
+        self.broker: Broker | None = broker  # the backend; opened by run() unless given
         self.store = CheckpointStore(cfg.checkpoint.directory, cfg.checkpoint.keep)
-        self.lock = (
-            threading.RLock()
-        )  # engine, buffers and offsets; never held across a blocking consumer call
         self.stop_event = threading.Event()
+        self._signalled: str | None = None  # set by a signal handler, acted on by the loop
         self.engine = InfluenceEngine(cfg.engine)
+        self.emitter = Emitter(self.k, lambda kind, n: self._metric("observe_outputs", kind, n))
+        self.checkpointer = Checkpointer(self.store, self.emitter, self.k)
+        self.health = Health()
+        #: The engine summary as of the end of the loop's last step: replaced, never changed, so
+        #: other threads (the demo's progress view) read it without a lock.
+        self.summary: dict[str, Any] = self.engine.summary()
         self.next_offsets: dict[tuple[str, int], int] = {}  # first offset not applied to the model
         # Where a partition unknown to checkpoints and commits started (auto_offset_reset), so a
         # rollback before its first checkpoint can go back there.
@@ -120,13 +102,11 @@ class Service:
         # Partitions whose restored offsets win over the committed ones: the restore fell back
         # past a corrupt checkpoint whose window was committed but is lost with it.
         self.replay_from_checkpoint: set[tuple[str, int]] = set()
-        self.outputs: dict[str, int] = defaultdict(int)
-        self.pending: dict[TopicPartition, list[Any]] = defaultdict(list)
+        self.pending: dict[TopicPartition, list[Record]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
         # Ends of the tail chunks cut short (partition caught up) since the last checkpoint: a
         # replay of the window cuts there again, so it batches — and decides — as the first try.
         self.cuts: dict[TopicPartition, set[int]] = defaultdict(set)
-        # Replaced, never changed in place: ready() reads it on the metrics thread without the lock.
         self.owned: frozenset[TopicPartition] = frozenset()
         self.newly_assigned: set[TopicPartition] = set()
         self.dirty = False
@@ -135,29 +115,63 @@ class Service:
         self.torn = False
         self.replays = 0  # consecutive rollbacks of the current window
         self._resume_at = 0.0  # back-off: no chunk is processed before this (monotonic) time
-        self.last_failure = ""  # the latest output failure, named by source topic-partition@offset
         # First offset of each partition not yet counted in the metrics (a replay is not new input).
         self.counted: dict[tuple[str, int], int] = {}
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.uncommitted_polls: list[float] = []  # poll times of chunks not committed yet
-        self.inflight: list[_Sent] = []
         self.needs_rollback = False
         self.broker_up = True
-        self._past_end = kafka_io.PastEnd()
-        self._summary: dict[str, Any] = {}
+        self._lag = LagCheck()
+        self._summary: Any = None
         self._summary_at = 0.0
         self._last_housekeeping = 0.0
         self.metrics: Any = None
         self.metrics_server: Any = None
-        self.reader: kafka_io.ReferenceReader | None = None
-        self.consumer: Any = None
-        self.producer: Any = None  # (re)built lazily: building one blocks while the broker is down
+        self.reader: ReferenceReader | None = None
+        self.consumer: Any = None  # a BrokerConsumer once run() subscribed
         self._producer_attempt = 0.0
-        self.send_error: BaseException | None = None  # an output of this window could not be sent
         self.batches = 0
         self.crashed = False
         self._stop_deadline = float("inf")
+
+    # -- what the emitter holds -----------------------------------------------------------
+    @property
+    def producer(self) -> BrokerProducer | None:
+        """The output producer ((re)built lazily: building one blocks while the broker is down)."""
+        return self.emitter.producer
+
+    @producer.setter
+    def producer(self, producer: BrokerProducer | None) -> None:
+        self.emitter.producer = producer
+
+    @property
+    def inflight(self) -> list[Sent]:
+        return self.emitter.inflight
+
+    @property
+    def send_error(self) -> BaseException | None:
+        return self.emitter.send_error
+
+    @send_error.setter
+    def send_error(self, exc: BaseException | None) -> None:
+        self.emitter.send_error = exc
+
+    @property
+    def outputs(self) -> dict[str, int]:
+        return self.emitter.outputs
+
+    @outputs.setter
+    def outputs(self, outputs: dict[str, int]) -> None:
+        self.emitter.outputs = defaultdict(int, outputs)
+
+    @property
+    def last_failure(self) -> str:
+        return self.emitter.last_failure
+
+    @last_failure.setter
+    def last_failure(self, text: str) -> None:
+        self.emitter.last_failure = text
 
     @contextlib.contextmanager
     def _changing_model(self) -> Iterator[None]:
@@ -168,6 +182,7 @@ class Service:
 
     # -- lifecycle ---------------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
+        """Ask the loop to stop after the current batch (sets flags only; any thread)."""
         if not self.stop_event.is_set():
             log.info("stopping (%s): finishing the batch, flushing, checkpointing", reason)
             self._stop_deadline = time.monotonic() + self.cfg.shutdown_grace_seconds
@@ -184,20 +199,24 @@ class Service:
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
-            if self.stop_event.is_set():
-                log.warning("second %s: exiting now", signal.Signals(signum).name)
+            if self._signalled is not None:  # a second signal: the operator means now
                 os._exit(1)
-            self.request_stop(signal.Signals(signum).name)
-            # Safety net: a stop that overruns the grace period must not hang a deployment.
-            grace = self.cfg.shutdown_grace_seconds
-            t = threading.Timer(grace, self._overrun, args=(grace,))
-            t.daemon = True
-            t.start()
+            self._signalled = signal.Signals(signum).name  # the loop acts on it
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda *_: self.reloader.request())
+
+    def _check_signal(self) -> None:
+        if self._signalled is None or self.stop_event.is_set():
+            return
+        self.request_stop(self._signalled)
+        # Safety net: a stop that overruns the grace period must not hang a deployment.
+        grace = self.cfg.shutdown_grace_seconds
+        t = threading.Timer(grace, self._overrun, args=(grace,))
+        t.daemon = True
+        t.start()
 
     @staticmethod
     def _overrun(grace: float) -> None:
@@ -214,7 +233,7 @@ class Service:
             self.engine = InfluenceEngine(self.cfg.engine)
             self._trust_reference()
             self.next_offsets, self.reference_offsets = {}, {}
-            self.outputs = defaultdict(int)
+            self.outputs = {}
             self._restored(None)
             return
         # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
@@ -227,7 +246,7 @@ class Service:
             log.info("policy from the configuration differs from the checkpoint's: version %d", version)
         self.next_offsets = dict(ck.offsets)
         self.reference_offsets = dict(ck.reference_offsets)
-        self.outputs = defaultdict(int, ck.outputs)
+        self.outputs = dict(ck.outputs)
         log.info(
             "restored checkpoint %s (%d events applied, offsets %s)",
             ck.path.name,
@@ -240,26 +259,22 @@ class Service:
     def _restored(self, ck: Checkpoint | None) -> None:
         """Called after every restore (start-up and rollback) with the checkpoint installed."""
 
-    def _apply_chunk(self, tp: TopicPartition, msgs: list[Any]) -> BatchResult:
+    def _subscribe(self) -> None:
+        """Join the consumer group on the input topic (partitions come as recorded rebalances)."""
+        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
+
+    def _apply_chunk(self, tp: TopicPartition, msgs: list[Record]) -> BatchResult:
         """Apply one offset-aligned chunk to the engine and queue its outputs."""
         result = self.engine.process([m.value for m in msgs])
         self._emit(tp, msgs, result)
         return result
 
-    def _may_process(self) -> bool:
-        """False holds buffered chunks back (a score worker without a fresh enough snapshot)."""
-        return True
-
     def _checkpoint_extra(self) -> dict[str, Any]:
-        """Role state saved in the checkpoint with the engine (same atomic file)."""
+        """Role state saved in the checkpoint with the engine (the same atomic file)."""
         return {}
 
     def _after_checkpoint(self) -> None:
-        """Called (lock held) after a checkpoint is durable, before its offsets are committed."""
-
-    def _subscribe(self) -> None:
-        """Join the consumer group on the input topic (partitions come through the listener)."""
-        self.consumer.subscribe([self.k.topic], listener=_Listener(self))
+        """Called after a checkpoint is durable, before its offsets are committed."""
 
     def _trust_reference(self) -> None:
         # Every engine installed (start-up or rollback, checkpoint or empty): with a reference
@@ -271,17 +286,21 @@ class Service:
         """Consume until stopped; returns the process exit code."""
         if self.install_signals and threading.current_thread() is threading.main_thread():
             self._install_signals()
+        if self.broker is None:
+            self.broker = open_broker(self.k)
         # A directory with no usable checkpoint refuses before Kafka is contacted; then an
         # unreachable broker fails in seconds with its cause, not after every client's timeout.
         ck = self.store.latest(self.cfg.engine)
-        kafka_io.check_broker(self.k)
+        self.broker.check()
         self._restore(ck, loaded=True)
         self._start_metrics()
         self._ensure_producer()
         if self.k.create_output_topics:
-            kafka_io.ensure_topics(self.k, self._output_topics())
+            self.broker.ensure_topics(self._output_topics())
         if self.k.reference_topic:
-            self.reader = kafka_io.ReferenceReader(self.k, self.k.reference_topic, self.reference_offsets)
+            self.reader = ReferenceReader(
+                self.broker, self.k.reference_topic, self.reference_offsets, self.k.max_poll_records
+            )
             backlog = self.reader.read_backlog(self.k.reference_backlog_timeout_seconds)
             self._add_reference(backlog)
             log.info("reference topic %s: %d events read", self.k.reference_topic, len(backlog))
@@ -290,12 +309,15 @@ class Service:
                 "no kafka.reference_topic and engine.reference.seed_from_stream is 0: the reference "
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
-        self.consumer = kafka_io.build_consumer(self.k)
+        self.consumer = self.broker.consumer()
         self._subscribe()
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         gave_up = False
         try:
-            while not self.stop_event.is_set():
+            while True:
+                self._check_signal()
+                if self.stop_event.is_set():
+                    break
                 self._step()
         except ReplayLimitError as exc:
             self.crashed = True
@@ -318,16 +340,17 @@ class Service:
                 log.error(
                     "final checkpoint not written: the next start replays the window since the last one"
                 )
-                self.crashed = True  # closing the consumer must not try again from the same state
+                self.crashed = True
                 code = 1
         except Exception:
             log.exception("final checkpoint failed")
-            self.crashed = True  # closing the consumer must not try again from the same state
+            self.crashed = True
             code = 1
         closers: list[tuple[str, Any, Callable[[Any], Any]]] = [
-            # close() leaves the group, so the partitions move to other members at once.
-            ("consumer", self.consumer, lambda c: c.close(autocommit=False, timeout_ms=self._grace_ms(5000))),
-            ("producer", self.producer, lambda p: p.close(timeout=self._grace_ms(5000) / 1000)),
+            # close() leaves the group, so the partitions move to other members at once; the
+            # revocation it reports is only recorded (this loop already checkpointed, or crashed).
+            ("consumer", self.consumer, lambda c: c.close(self._grace_ms(5000))),
+            ("producer", self.producer, lambda p: p.close(self._grace_ms(5000) / 1000)),
             ("reference reader", self.reader, lambda r: r.close()),
             ("metrics server", self.metrics_server, lambda m: m.stop()),
         ]
@@ -344,15 +367,17 @@ class Service:
         )
         return code
 
-    # -- metrics -----------------------------------------------------------------------
+    # -- metrics and health ---------------------------------------------------------------
     def _start_metrics(self) -> None:
         m = self.cfg.metrics
         self.metrics = ServiceMetrics(engine_settings=self.cfg.engine)
         self.metrics.count_checkpoint_fallbacks(self.store.fallback_counts)
         self.metrics.set_policy(self.engine.policy.settings, self.engine.policy.version)
         self.metrics.update_summary(self.engine.summary())
+        self._publish_health()
         if m.enabled:
-            self.metrics_server = MetricsServer(m.host, m.port, self.metrics.registry, self.ready)
+            # The HTTP thread reads only the health snapshot this loop publishes.
+            self.metrics_server = MetricsServer(m.host, m.port, self.metrics.registry, self.health.ready)
             try:
                 self.metrics_server.start()
             except OSError as exc:
@@ -363,17 +388,13 @@ class Service:
                 ) from exc
             log.info("metrics on http://%s:%d/metrics", m.host, self.metrics_server.port)
 
+    def _publish_health(self) -> None:
+        warm = self.engine.warm
+        self.health.publish(self.owned, self.broker_up, warm, "" if warm else self.engine.not_warm_reason())
+
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """/readyz: partitions assigned, broker reachable, model warm."""
-        owned = sorted(f"{tp.topic}-{tp.partition}" for tp in self.owned)  # a snapshot: see __init__
-        detail: dict[str, Any] = {
-            "assigned_partitions": owned,
-            "broker_reachable": self.broker_up,
-            "model_warm": self.engine.warm,
-        }
-        if not self.engine.warm:
-            detail["not_warm_reason"] = self.engine.not_warm_reason()
-        return bool(owned) and self.broker_up and self.engine.warm, detail
+        """/readyz: partitions assigned, broker reachable, model warm (the published snapshot)."""
+        return self.health.ready()
 
     def _metric(self, name: str, *args: Any) -> None:
         if self.metrics is not None:
@@ -382,66 +403,70 @@ class Service:
             except Exception:  # metrics must never stop the stream
                 log.debug("metrics.%s failed", name, exc_info=True)
 
-    def _summary_cached(self) -> dict[str, Any]:
+    def _summary_cached(self) -> Any:
         now = time.monotonic()
-        if now - self._summary_at >= 1.0:
+        if self._summary is None or now - self._summary_at >= 1.0:
             self._summary = self.engine.summary()
             self._summary_at = now
         return self._summary
 
-    # -- rebalance (IO thread) ------------------------------------------------------------
-    def _on_revoked(
-        self, revoked: set[TopicPartition], *, commit: bool
-    ) -> dict[TopicPartition, OffsetAndMetadata]:
-        with self.lock:
-            offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-            if self.crashed:
-                # consumer.close() after a crash runs this hook: neither checkpoint nor commit
-                # anything; the next start replays from the last durable checkpoint.
-                commit = False
-            elif revoked and self.dirty:
-                try:
-                    saved = self._flush_and_save("revocation")
-                except Exception:
-                    log.exception("checkpoint on revocation failed")
-                    saved = False
-                if saved:
-                    offsets = self._commit_offsets(revoked)
-                else:
-                    self.needs_rollback = True
-            elif revoked and commit and not self.stop_event.is_set():  # stopping: already committed
-                offsets = self._commit_offsets(revoked)
-            for tp in revoked:
-                self.pending.pop(tp, None)
-                self.pending_t0.pop(tp, None)
-                self.cuts.pop(tp, None)
-                self.newly_assigned.discard(tp)
-            self.owned = self.owned - revoked
-            for tp in revoked:
-                self._metric("remove_lag", tp.topic, tp.partition)
-            log.info("partitions revoked: %s", sorted(f"{t.topic}-{t.partition}" for t in revoked))
-            return offsets if commit else {}
+    # -- rebalance (acted on by the loop, after the poll that recorded it) -------------------
+    def _on_rebalance(self) -> None:
+        for event in self.consumer.rebalances():
+            if event.kind is RebalanceKind.ASSIGNED:
+                self._on_assigned(event.partitions)
+            else:
+                # Lost (evicted): another member may own these already; do not commit for them.
+                self._on_revoked(event.partitions, commit=event.kind is RebalanceKind.REVOKED)
 
-    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
-        with self.lock:
-            self.owned = self.owned | assigned
-            self.newly_assigned |= assigned
-            log.info("partitions assigned: %s", sorted(f"{t.topic}-{t.partition}" for t in assigned))
-
-    def _committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, int | None]:
-        """Committed offsets (main thread, lock not held: this blocks on the IO thread)."""
-        out: dict[TopicPartition, int | None] = {}
-        for tp in tps:
+    def _on_revoked(self, revoked: Set[TopicPartition], *, commit: bool) -> None:
+        """Flush → checkpoint → commit the revoked partitions (the backend holds the group back
+        until the next poll), then forget their buffers."""
+        revoked = frozenset(TopicPartition(tp.topic, tp.partition) for tp in revoked)
+        offsets: dict[TopicPartition, int] = {}
+        if self.crashed:
+            commit = False  # neither checkpoint nor commit anything after a crash
+        elif revoked and self.dirty:
+            # The model learned the window: make it durable (also for lost partitions, whose
+            # offsets are not committed).
             try:
-                out[tp] = self.consumer.committed(tp, timeout_ms=self.k.request_timeout_ms)
-            except Exception as exc:
-                log.warning("cannot read the committed offset of %s: %s", tp, exc)
-                out[tp] = None
-        return out
+                saved = self._flush_and_save("revocation")
+            except Exception:
+                log.exception("checkpoint on revocation failed")
+                saved = False
+            if saved:
+                offsets = self._commit_offsets(revoked)
+            else:
+                self.needs_rollback = True
+        elif revoked and not self.stop_event.is_set():
+            offsets = self._commit_offsets(revoked)
+        if offsets and commit:
+            self.checkpointer.commit(self.consumer, offsets, self._grace_ms(5000))
+        for tp in revoked:
+            self.pending.pop(tp, None)
+            self.pending_t0.pop(tp, None)
+            self.cuts.pop(tp, None)
+            self.newly_assigned.discard(tp)
+        self.owned = self.owned - revoked
+        for tp in revoked:
+            self._metric("remove_lag", tp.topic, tp.partition)
+        self._publish_health()
+        log.info(
+            "partitions %s: %s",
+            "revoked" if commit else "lost",
+            sorted(f"{t.topic}-{t.partition}" for t in revoked),
+        )
+
+    def _on_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = frozenset(TopicPartition(tp.topic, tp.partition) for tp in assigned)
+        self.owned = self.owned | assigned
+        self.newly_assigned |= assigned
+        self._publish_health()
+        log.info("partitions assigned: %s", sorted(f"{t.topic}-{t.partition}" for t in assigned))
 
     def _seek_assigned(self, committed: dict[TopicPartition, int | None]) -> set[TopicPartition]:
-        """Seek newly assigned partitions to where this model stands (lock held); returns the
-        partitions sought (records polled for them before the seek must be dropped)."""
+        """Seek newly assigned partitions to where this model stands; returns the partitions
+        sought (records polled for them before the seek must be dropped)."""
         sought: set[TopicPartition] = set()
         for tp in sorted(committed):
             if tp not in self.owned:
@@ -477,36 +502,35 @@ class Service:
 
     # -- main loop ---------------------------------------------------------------------
     def _step(self) -> None:
-        polled = self.consumer.poll(timeout_ms=self.k.poll_timeout_ms, max_records=self.k.max_poll_records)
+        polled = self.consumer.poll(self.k.poll_timeout_ms, self.k.max_poll_records)
         t_poll = time.monotonic()
-        with self.lock:
-            if self.needs_rollback:
-                self._rollback()
-            fresh, self.newly_assigned = self.newly_assigned, set()
-        committed = self._committed(fresh) if fresh else {}
-        with self.lock:
-            if fresh:
-                sought = self._seek_assigned(committed)
-                # Records fetched before the seek may start elsewhere: drop them, they are re-fetched.
-                polled = {tp: m for tp, m in polled.items() if tp not in sought}
-            for tp, msgs in polled.items():
-                if tp not in self.owned or not msgs:
+        self._on_rebalance()
+        if self.needs_rollback:
+            self._rollback()
+        fresh, self.newly_assigned = self.newly_assigned, set()
+        if fresh:
+            committed = self.consumer.committed(sorted(fresh), self.k.request_timeout_ms)
+            sought = self._seek_assigned(committed)
+            # Records fetched before the seek may start elsewhere: drop them, they are re-fetched.
+            polled = {tp: m for tp, m in polled.items() if tp not in sought}
+        for tp, msgs in polled.items():
+            if tp not in self.owned or not msgs:
+                continue
+            buf = self.pending[tp]
+            expected = buf[-1].offset + 1 if buf else self.next_offsets.get((tp.topic, tp.partition))
+            if expected is not None and msgs[0].offset < expected:
+                msgs = [m for m in msgs if m.offset >= expected]  # never apply a record twice
+                if not msgs:
                     continue
-                buf = self.pending[tp]
-                expected = buf[-1].offset + 1 if buf else self.next_offsets.get((tp.topic, tp.partition))
-                if expected is not None and msgs[0].offset < expected:
-                    msgs = [m for m in msgs if m.offset >= expected]  # never apply a record twice
-                    if not msgs:
-                        continue
-                if not buf:
-                    self.pending_t0[tp] = t_poll
-                if expected is None:
-                    self.start_offsets.setdefault((tp.topic, tp.partition), msgs[0].offset)
-                buf.extend(msgs)
-            if self.reader is not None:
-                self._add_reference(self.reader.poll(0))
-            for tp in list(self.pending):
-                self._drain(tp, t_poll)
+            if not buf:
+                self.pending_t0[tp] = t_poll
+            if expected is None:
+                self.start_offsets.setdefault((tp.topic, tp.partition), msgs[0].offset)
+            buf.extend(msgs)
+        if self.reader is not None:
+            self._add_reference(self.reader.poll(0))
+        for tp in list(self.pending):
+            self._drain(tp, t_poll)
         if self.dirty and (
             self.send_error is not None
             or self.events_since_checkpoint >= self.cfg.checkpoint.every_events
@@ -516,6 +540,7 @@ class Service:
         if t_poll - self._last_housekeeping >= 1.0:
             self._last_housekeeping = t_poll
             self._housekeeping()
+        self.summary = self.engine.summary()
 
     def _add_reference(self, raws: list[bytes | None]) -> None:
         if raws:
@@ -531,47 +556,41 @@ class Service:
                 self.reference_offsets = dict(self.reader.offsets)
             self.dirty = True
 
+    def _can_process(self) -> bool:
+        # Outputs must be producible before a chunk may change the model.
+        return self.send_error is None and time.monotonic() >= self._resume_at and self._ensure_producer()
+
     def _drain(self, tp: TopicPartition, t_poll: float) -> None:
         """Process every ready offset-aligned chunk buffered for ``tp``."""
         buf = self.pending.get(tp)
-        B = self.k.process_batch_size
-        # Outputs must be producible before a chunk may change the model.
-        while (
-            buf
-            and self.send_error is None
-            and time.monotonic() >= self._resume_at
-            and self._ensure_producer()
-            and self._may_process()
-        ):
-            end = (buf[0].offset // B + 1) * B
-            end = min([c for c in self.cuts.get(tp, ()) if c > buf[0].offset] + [end])
-            k = 0
-            while k < len(buf) and buf[k].offset < end:
-                k += 1
-            ready = k < len(buf) or buf[k - 1].offset == end - 1
-            if not ready:
-                # Caught up: the consumer is past the chunk or at the end of the partition.  The
-                # position, not the last record, decides: an offset may hold no record
-                # (transaction markers, compaction).
-                hw = self.consumer.highwater(tp)
-                try:
-                    pos = self.consumer.position(tp, timeout_ms=0)
-                except Exception:  # no position yet: fall back to the last buffered record
-                    pos = None
-                pos = buf[-1].offset + 1 if pos is None else max(pos, buf[-1].offset + 1)
-                ready = hw is None or pos >= end or pos >= hw
-            if not ready:
-                return
-            chunk = buf[:k]
-            del buf[:k]
-            if chunk[-1].offset + 1 < end:
-                self.cuts[tp].add(chunk[-1].offset + 1)
-            self._process(tp, chunk, self.pending_t0.get(tp, t_poll))
+        if not buf or not self._can_process():
+            return
+        offsets = [m.offset for m in buf]
+        B, cuts = self.k.process_batch_size, self.cuts.get(tp, ())
+        hw = self.consumer.highwater(tp)
+        chunks = plan_chunks(offsets, B, cuts, None, hw)
+        if (not chunks or chunks[-1].stop < len(offsets)) and hw is not None:
+            # A tail waits for more records unless the partition is caught up: the position, not
+            # the last record, decides (an offset may hold no record: transaction markers).
+            pos = self.consumer.position(tp)
+            if pos is not None and pos > offsets[-1] + 1:
+                chunks = plan_chunks(offsets, B, cuts, pos, hw)
+        done = 0
+        for chunk in chunks:
+            if done and not self._can_process():
+                break
+            msgs = buf[chunk.start : chunk.stop]
+            done = chunk.stop
+            if chunk.short:
+                self.cuts[tp].add(msgs[-1].offset + 1)
+            self._process(tp, msgs, self.pending_t0.get(tp, t_poll))
             self.pending_t0[tp] = t_poll
+        if done:
+            del buf[:done]
         if not buf:
             self.pending.pop(tp, None)
 
-    def _process(self, tp: TopicPartition, msgs: list[Any], t_poll: float) -> None:
+    def _process(self, tp: TopicPartition, msgs: list[Record], t_poll: float) -> None:
         t0 = time.perf_counter()
         key = (tp.topic, tp.partition)
         with self._changing_model():
@@ -606,6 +625,10 @@ class Service:
             )
         self._metric("observe_batch", result, self._summary_cached(), time.perf_counter() - t0, fresh)
 
+    def _emit(self, tp: TopicPartition, msgs: list[Record], result: BatchResult) -> None:
+        """Produce the chunk's outputs (the emitter's job; one seam for fault injection)."""
+        self.emitter.emit(tp, msgs, result)
+
     def _ensure_producer(self) -> bool:
         """A producer to send outputs with, or False (retried at most once a second)."""
         if self.producer is not None:
@@ -614,151 +637,14 @@ class Service:
         if now - self._producer_attempt < 1.0:
             return False
         self._producer_attempt = now
+        if self.broker is None:  # not started
+            return False
         try:
-            self.producer = kafka_io.build_producer(self.k)
+            self.producer = self.broker.producer()
         except Exception as exc:
             log.warning("cannot create the output producer (will retry): %s", exc)
             return False
         return True
-
-    def _send(
-        self, rec: kafka_io.OutputRecord, tp: TopicPartition, m: Any, *, destination: bool
-    ) -> str | None:
-        """Queue ``rec`` (cut to the producer's size limit).  Returns why *this record* cannot be
-        sent (the caller dead-letters its message), or None: queued, or broker trouble that rolls
-        the whole window back."""
-        if self.send_error is not None:
-            return None  # this window is rolled back at the next checkpoint anyway
-        try:
-            # Cut before send: the producer must never raise for a size we can know.
-            rec = kafka_io.fit_record(rec, int(self.producer.config["max_request_size"]))
-            future = self.producer.send(rec.topic, value=rec.value, key=rec.key, headers=rec.headers)
-        except (KafkaTimeoutError, IllegalStateError) as exc:  # buffer full, metadata unknown
-            self.last_failure = f"{rec.topic} for {tp.topic}-{tp.partition}@{m.offset}: {exc!r}"
-            log.error("cannot produce an output (%s): the window will be rolled back", self.last_failure)
-            self.send_error = exc
-            return None
-        except Exception as exc:  # this record only: encoding, serialisation, size
-            return f"{type(exc).__name__}: {exc}"
-        self.inflight.append(_Sent(future, rec, tp, m, destination))
-        return None
-
-    def _dead_letter(self, tp: TopicPartition, m: Any, reason: str, detail: str) -> None:
-        """The input message ``m`` to the dead-letter topic (original key, value and headers)."""
-        headers = kafka_io.dead_letter_headers(m.headers, reason, detail, tp.topic, tp.partition, m.offset)
-        rec = kafka_io.OutputRecord(self.k.dead_letter_topic, key=m.key, value=m.value, headers=headers)
-        why = self._send(rec, tp, m, destination=True)
-        if why is not None:  # e.g. an input header that cannot be re-encoded: keep only our own
-            self._send_minimal_dead_letter(tp, m, f"{detail}; dead letter refused: {why}")
-        self.outputs["dead_letter"] += 1
-        self._metric("observe_outputs", "dead_letter", 1)
-
-    def _send_minimal_dead_letter(self, tp: TopicPartition, m: Any, detail: str) -> None:
-        """The last resort for a message whose full dead letter cannot be sent: our own headers
-        only, an empty value, the original's size and SHA-256.  If even that fails, the window
-        is rolled back (bounded by ``kafka.max_window_replays``): nothing is dropped silently."""
-        headers = [
-            *kafka_io.dead_letter_headers(
-                None, kafka_io.OUTPUT_FAILED, detail, tp.topic, tp.partition, m.offset
-            ),
-            *kafka_io.value_proof(m.value),
-        ]
-        rec = kafka_io.OutputRecord(self.k.dead_letter_topic, key=None, value=b"", headers=headers)
-        why = self._send(rec, tp, m, destination=True)
-        if why is not None and self.send_error is None:
-            self.last_failure = f"dead letter for {tp.topic}-{tp.partition}@{m.offset}: {why}"
-            log.error("cannot produce even a minimal dead letter (%s)", self.last_failure)
-            self.send_error = OutputError(self.last_failure)
-
-    def _emit(self, tp: TopicPartition, msgs: list[Any], r: BatchResult) -> None:
-        """Produce the chunk's outputs.  A record that cannot be built or sent dead-letters its
-        own message (reason ``output_failed``); only broker trouble rolls the window back."""
-        k = self.k
-        topic, part = tp.topic, tp.partition
-        for rej in r.rejects:
-            self._dead_letter(tp, msgs[rej.index], rej.reason.value, rej.detail)
-        s = r.scores
-        index = r.events.index.tolist()
-        failed: dict[int, str] = {}  # input index → why its quarantine copy failed
-        n_q = 0
-        for j in np.flatnonzero(r.quarantine).tolist():
-            m = msgs[index[j]]
-            headers = kafka_io.quarantine_headers(
-                m.headers,
-                topic,
-                part,
-                m.offset,
-                reason=r.reasons[j],
-                influence=float(s.influence[j]),
-                relative_influence=float(s.relative_influence[j]),
-                cosine_influence=float(s.cosine_influence[j]),
-                threshold=float(r.thresholds[j]),
-                policy_version=r.policy_version,
-                model_version=r.model_version,
-            )
-            try:
-                key = kafka_io.encode_key(r.events.ids[j])
-                rec = kafka_io.OutputRecord(k.quarantine_topic, key=key, value=m.value, headers=headers)
-            except OutputError as exc:
-                why: str | None = str(exc)
-            else:
-                why = self._send(rec, tp, m, destination=True)
-            if why is None:
-                n_q += 1
-                continue
-            failed[index[j]] = f"quarantine copy: {why}"
-            log.warning("%s-%d@%d: %s; dead-lettered instead", topic, part, m.offset, failed[index[j]])
-            self._dead_letter(tp, m, kafka_io.OUTPUT_FAILED, failed[index[j]])
-        if n_q:
-            self.outputs["quarantine"] += n_q
-            self._metric("observe_outputs", "quarantine", n_q)
-        if k.accepted_topic:
-            n = 0
-            for j in np.flatnonzero(~r.quarantine).tolist():
-                m = msgs[index[j]]
-                rec = kafka_io.OutputRecord(
-                    k.accepted_topic,
-                    key=self._copy_key(r.events.ids[j], tp, m.offset),
-                    value=m.value,
-                    headers=kafka_io.source_headers(topic, part, m.offset),
-                )
-                self._send_copy(rec, tp, m)
-                n += 1
-            if n:
-                self.outputs["accepted"] += n
-                self._metric("observe_outputs", "accepted", n)
-        if k.decisions_topic:
-            for i, rec in enumerate(r.records()):
-                m = msgs[i]
-                if i in failed:  # the audit says where the event really went
-                    rec = {
-                        **rec,
-                        "decision": "dead_letter",
-                        "reason": kafka_io.OUTPUT_FAILED,
-                        "detail": failed[i],
-                    }
-                key = self._copy_key(rec["id"], tp, m.offset)
-                value = kafka_io.decision_value(rec, topic, part, m.offset)
-                self._send_copy(
-                    kafka_io.OutputRecord(k.decisions_topic, key=key, value=value, headers=[]), tp, m
-                )
-            self.outputs["decisions"] += len(msgs)
-            self._metric("observe_outputs", "decisions", len(msgs))
-
-    @staticmethod
-    def _copy_key(event_id: str | None, tp: TopicPartition, offset: int) -> bytes:
-        """Key of an audit copy: the event id, else (none, or not encodable) the source coordinates."""
-        if event_id is not None:
-            with contextlib.suppress(OutputError):
-                return kafka_io.encode_key(event_id)
-        return f"{tp.topic}-{tp.partition}-{offset}".encode()
-
-    def _send_copy(self, rec: kafka_io.OutputRecord, tp: TopicPartition, m: Any) -> None:
-        """An accepted copy or a decision record: an audit, not the event's destination, so a
-        refused one is logged (the event already is in its one place) rather than dead-lettered."""
-        why = self._send(rec, tp, m, destination=False)
-        if why is not None:
-            log.error("%s-%d@%d: no copy to %s: %s", tp.topic, tp.partition, m.offset, rec.topic, why)
 
     def _output_topics(self) -> list[str]:
         k = self.k
@@ -768,52 +654,24 @@ class Service:
 
     # -- checkpoint protocol ---------------------------------------------------------------
     def _flush_and_save(self, reason: str) -> bool:
-        """Steps 1–2 (lock held): outputs acknowledged, then the checkpoint made durable.  Returns
-        False (nothing written) if the outputs were not acknowledged or the engine is torn."""
+        """Steps 1–2: outputs acknowledged, then the checkpoint made durable.  Returns False
+        (nothing written) if the outputs were not acknowledged or the engine is torn."""
         if self.crashed or self.torn:
             log.warning("no checkpoint at %s: the model holds a partly processed window", reason)
             return False
         t0 = time.perf_counter()
-        try:
-            if self.send_error is not None:
-                raise RuntimeError(f"an output could not be sent: {self.send_error!r}")
-            self._flush()
-            failed = [f for f in self.inflight if f.future.failed()]
-            if failed and not any(_transient(f.future.exception) for f in failed):
-                # The broker refused these records themselves (too large for its limit, invalid):
-                # their messages go to the dead-letter topic as a minimal record instead.
-                for f in failed:
-                    self._refused(f)
-                self.inflight = [f for f in self.inflight if not f.future.failed()]
-                if self.send_error is not None:
-                    raise RuntimeError(f"an output could not be sent: {self.send_error!r}")
-                self._flush()
-                failed = [f for f in self.inflight if f.future.failed()]
-            if failed:
-                f = failed[0]
-                self.last_failure = (
-                    f"{f.record.topic} for {f.tp.topic}-{f.tp.partition}@{f.message.offset}: "
-                    f"{f.future.exception!r}"
-                )
-                raise RuntimeError(f"{len(failed)} output message(s) failed, first {self.last_failure}")
-        except Exception as exc:
-            self.last_failure = self.last_failure or repr(exc)
-            log.error("outputs not acknowledged (%s): the window is rolled back to the last checkpoint", exc)
-            self._set_broker_up(False)
-            return False
-        self.inflight.clear()
-        path = self.store.save(
+        flush_ms = self._grace_ms(int(self.k.flush_timeout_seconds * 1000))
+        path = self.checkpointer.flush_and_save(
             self.engine,
             self.next_offsets,
             self.reference_offsets,
-            dict(self.outputs),
-            extra={
-                "group_id": self.k.group_id,
-                "topic": self.k.topic,
-                "reason": reason,
-                **self._checkpoint_extra(),
-            },
+            reason,
+            flush_ms / 1000,
+            self._checkpoint_extra,
         )
+        if path is None:
+            self._set_broker_up(False)
+            return False
         self.dirty = False
         self.cuts.clear()  # the window is durable: it is never replayed
         self.replays = 0
@@ -839,54 +697,29 @@ class Service:
         )
         return True
 
-    def _flush(self) -> None:
-        if self.producer is not None:
-            self.producer.flush(timeout=self._grace_ms(int(self.k.flush_timeout_seconds * 1000)) / 1000)
-        elif self.inflight:
-            raise RuntimeError("no producer for the pending outputs")
-
-    def _refused(self, f: _Sent) -> None:
-        """The broker refused one output record (not broker trouble): dead-letter its message."""
-        where = f"{f.tp.topic}-{f.tp.partition}@{f.message.offset}"
-        why = f"{f.record.topic} refused the record: {f.future.exception!r}"
-        if not f.destination:
-            log.error("%s: no copy to %s", where, why)
-            return
-        log.warning("%s: %s; dead-lettered instead", where, why)
-        was = kafka_io.header_dict(f.record.headers).get("reason", "quarantine")
-        self._send_minimal_dead_letter(f.tp, f.message, f"{was}: {why}")
-
-    def _commit_offsets(
-        self, tps: Set[TopicPartition] | None = None
-    ) -> dict[TopicPartition, OffsetAndMetadata]:
+    def _commit_offsets(self, tps: Set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         tps = self.owned if tps is None else tps
         return {
-            tp: OffsetAndMetadata(self.next_offsets[(tp.topic, tp.partition)], "", -1)
+            tp: self.next_offsets[(tp.topic, tp.partition)]
             for tp in tps
             if (tp.topic, tp.partition) in self.next_offsets
         }
 
     def _checkpoint(self, *, force: bool = False, reason: str = "interval") -> bool:
         """Flush → checkpoint → commit.  Returns False if the window had to be rolled back."""
-        with self.lock:
-            if not self.dirty and not force:
-                return True
-            if self.dirty and not self._flush_and_save(reason):
-                if not self.stop_event.is_set():  # stopping: the next start replays it from disk
-                    self._rollback()
-                return False
-            self._after_checkpoint()
-            offsets = self._commit_offsets()
-            polls, self.uncommitted_polls = self.uncommitted_polls, []
-        # Step 3, outside the lock: a blocking commit needs kafka-python's IO thread, which may be
-        # waiting for the lock in a rebalance hook.
-        if offsets:
-            try:
-                self.consumer.commit(offsets, timeout_ms=self._grace_ms(self.k.request_timeout_ms))
-            except Exception as exc:
-                # Not fatal: the checkpoint holds the offsets and wins on the next assignment.
-                log.warning("offset commit failed (will be retried with the next checkpoint): %s", exc)
-                return True
+        if not self.dirty and not force:
+            return True
+        if self.dirty and not self._flush_and_save(reason):
+            if not self.stop_event.is_set():  # stopping: the next start replays it from disk
+                self._rollback()
+            return False
+        self._after_checkpoint()
+        offsets = self._commit_offsets()
+        polls, self.uncommitted_polls = self.uncommitted_polls, []
+        if offsets and not self.checkpointer.commit(
+            self.consumer, offsets, self._grace_ms(self.k.request_timeout_ms)
+        ):
+            return True
         now = time.monotonic()
         for t in polls:
             self._metric("observe_commit", now - t)
@@ -921,18 +754,12 @@ class Service:
         )
         self.pending.clear()
         self.pending_t0.clear()
-        self.inflight.clear()
         self.uncommitted_polls.clear()
         self.dirty = False
         self.torn = False  # the engine is the checkpoint's again
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
-        # The idempotent producer cannot survive a broker that lost its state; a fresh one always can.
-        self.send_error = None
-        if self.producer is not None:
-            with contextlib.suppress(Exception):
-                self.producer.close(timeout=0)
-        self.producer = None  # re-created when the next chunk is processed
+        self.emitter.discard()  # re-created when the next chunk is processed
         if self.reader is not None:
             self.reader.rewind(self.reference_offsets)
         for tp in self.owned:
@@ -951,35 +778,28 @@ class Service:
         self._metric("set_broker_up", up)
 
     def _housekeeping(self) -> None:
-        self._set_broker_up(kafka_io.broker_reachable(self.consumer))
+        self._set_broker_up(self.consumer.reachable())
         if self.reader is not None:
-            with self.lock:
-                self.reader.check_recreated()
+            self.reader.check_recreated()
         outcome = self.reloader.poll()
         if outcome is not None:
             if outcome.ok and outcome.policy is not None:
-                with self.lock:
-                    version = self.engine.set_policy(outcome.policy)
+                version = self.engine.set_policy(outcome.policy)
                 log.info("routing policy version %d in force", version)
                 self._metric("policy_reloaded", version, True, outcome.policy)
             elif not outcome.ok:
                 self._metric("policy_reloaded", self.engine.policy.version, False)
-        with self.lock:
-            owned = list(self.owned)
-        for tp in owned:
-            wm = kafka_io.watermarks(self.consumer, tp)
-            if wm is None:
+        for tp in sorted(self.owned):
+            lag = self._lag.check(self.consumer, tp)
+            if lag is None:
                 continue
-            pos, hw = wm
-            if self._past_end.check(tp, pos, hw):
-                self._reset_partition(tp, pos, hw)
-            if pos > hw:
-                continue
-            self._metric("set_lag", tp.topic, tp.partition, hw - pos)
+            if lag.past_end:
+                self._reset_partition(tp, lag.position, lag.highwater)
+            if lag.lag is not None:
+                self._metric("set_lag", tp.topic, tp.partition, lag.lag)
         # Model gauges must follow the model while the stream is idle too, not only per batch.
-        with self.lock:
-            summary = self.engine.summary()
-        self._metric("update_summary", summary)
+        self._metric("update_summary", self.engine.summary())
+        self._publish_health()
 
     def _reset_partition(self, tp: TopicPartition, pos: int, hw: int) -> None:
         log.warning(
@@ -991,17 +811,16 @@ class Service:
             hw,
             self.k.auto_offset_reset,
         )
-        with self.lock:
-            self.pending.pop(tp, None)
-            self.cuts.pop(tp, None)
-            # The old offsets mean nothing in the new partition; the model keeps what it learned.
-            self.next_offsets.pop((tp.topic, tp.partition), None)
-            self.start_offsets.pop((tp.topic, tp.partition), None)
-            self.counted.pop((tp.topic, tp.partition), None)
-            if self.k.auto_offset_reset == "earliest":
-                self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, hw)
+        self.pending.pop(tp, None)
+        self.cuts.pop(tp, None)
+        # The old offsets mean nothing in the new partition; the model keeps what it learned.
+        self.next_offsets.pop((tp.topic, tp.partition), None)
+        self.start_offsets.pop((tp.topic, tp.partition), None)
+        self.counted.pop((tp.topic, tp.partition), None)
+        if self.k.auto_offset_reset == "earliest":
+            self.consumer.seek_to_beginning(tp)
+        else:
+            self.consumer.seek(tp, hw)
 
 
 def run_service(cfg: AppSettings, config_path: Path | None = None) -> int:

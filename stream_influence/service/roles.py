@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import TopicPartition
 
 from stream_influence.config import AppSettings
 from stream_influence.core.engine import BatchResult, InfluenceEngine
 from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import decode_state, restore_engine
 from stream_influence.errors import CheckpointError, ConfigError
-from stream_influence.io import kafka_io
+from stream_influence.io.broker import Record, TopicPartition, open_broker
 from stream_influence.io.model_topic import (
     ModelTopicReader,
     ModelTopicWriter,
@@ -46,6 +45,7 @@ from stream_influence.io.model_topic import (
     parse_update,
     update_record,
 )
+from stream_influence.io.records import OUTPUT_FAILED, ChunkHeaders
 from stream_influence.observability.roles import RoleMetrics
 from stream_influence.service.checkpoint import Checkpoint
 from stream_influence.service.loop import Service
@@ -126,7 +126,7 @@ class ScoreService(Service):
         self.snapshot: Snapshot | None = None
         self.events_on_snapshot = 0
         self.role_metrics: RoleMetrics | None = None
-        self._paused: set[TopicPartition] = set()
+        self._held_back = False
         self._bad_snapshot: SnapshotId | None = None
 
     @property
@@ -134,9 +134,10 @@ class ScoreService(Service):
         return self.s.max_model_lag_versions * self.cfg.checkpoint.every_events
 
     def run(self) -> int:
-        kafka_io.check_broker(self.k)
-        ensure_scaleout_topics(self.k, self.s)
-        self.models = ModelTopicReader(self.k, self.s)
+        self.broker = self.broker or open_broker(self.k)
+        self.broker.check()
+        ensure_scaleout_topics(self.broker, self.s)
+        self.models = ModelTopicReader(self.broker, self.s)
         try:
             self.models.read_to_end(self.k.startup_timeout_seconds)
             self.snapshot = self._usable(self.models.latest)
@@ -181,32 +182,35 @@ class ScoreService(Service):
         assert self.models is not None
         newest = self._usable(self.models.latest) if self.models.poll(0) else None
         if newest is not None and (self.snapshot is None or newest.id > self.snapshot.id):
-            with self.lock:
-                self._install(newest)
-        self._hold_back_if_stale()
+            self._install(newest)
         super()._step()
+        self._hold_back_if_stale()
 
-    def _may_process(self) -> bool:
+    def _fresh(self) -> bool:
         return self.snapshot is not None and self.events_on_snapshot < self.staleness_limit
 
+    def _can_process(self) -> bool:
+        return self._fresh() and super()._can_process()
+
     def _hold_back_if_stale(self) -> None:
-        """Pause the owned partitions while no chunk may be processed (their buffers stay)."""
-        stale = not self._may_process()
-        with self.lock:
-            owned = set(self.owned)
-        if stale and owned - self._paused:
-            self.consumer.pause(*(owned - self._paused))
-            self._paused |= owned
-            log.warning(
-                "holding chunks back: %s",
-                "no model snapshot yet"
-                if self.snapshot is None
-                else f"{self.events_on_snapshot} events scored on snapshot {self.snapshot.id} "
-                f"(limit {self.staleness_limit}); waiting for a newer one",
-            )
-        elif not stale and self._paused:
-            self.consumer.resume(*(self._paused & set(self.consumer.assignment())))
-            self._paused.clear()
+        """While no chunk may be processed, forget what was buffered and seek back to it, so a
+        long wait (the updater down) does not buffer the whole backlog in memory."""
+        stale = not self._fresh()
+        if stale:
+            for tp, buf in list(self.pending.items()):
+                if buf:
+                    self.consumer.seek(tp, buf[0].offset)
+                self.pending.pop(tp, None)
+                self.pending_t0.pop(tp, None)
+            if not self._held_back:
+                log.warning(
+                    "holding chunks back: %s",
+                    "no model snapshot yet"
+                    if self.snapshot is None
+                    else f"{self.events_on_snapshot} events scored on snapshot {self.snapshot.id} "
+                    f"(limit {self.staleness_limit}); waiting for a newer one",
+                )
+        self._held_back = stale
         self._export_snapshot(stale)
 
     def _export_snapshot(self, stale: bool | None = None) -> None:
@@ -222,15 +226,15 @@ class ScoreService(Service):
                 newest=(newest.id.epoch, newest.id.version) if newest is not None else None,
             )
         m.events_on_snapshot.set(self.events_on_snapshot)
-        m.stale.set(float(not self._may_process() if stale is None else stale))
+        m.stale.set(float(not self._fresh() if stale is None else stale))
 
-    def ready(self) -> tuple[bool, dict[str, Any]]:
-        ok, detail = super().ready()
-        snap = self.snapshot
-        detail["model_snapshot"] = None if snap is None else f"{snap.id.epoch}.{snap.id.version}"
-        return ok and snap is not None, detail
+    def _publish_health(self) -> None:
+        if self.snapshot is None:  # /readyz: not ready before the first snapshot
+            self.health.publish(self.owned, self.broker_up, False, "waiting for the first model snapshot")
+        else:
+            super()._publish_health()
 
-    def _apply_chunk(self, tp: TopicPartition, msgs: list[Any]) -> BatchResult:
+    def _apply_chunk(self, tp: TopicPartition, msgs: list[Record]) -> BatchResult:
         batch, rejects = self.engine.decode([m.value for m in msgs], learn=False)
         result = self.engine.score_events(batch, rejects)
         result.n_input = len(msgs)
@@ -239,7 +243,7 @@ class ScoreService(Service):
         self.events_on_snapshot += len(batch)
         return result
 
-    def _emit_updates(self, tp: TopicPartition, msgs: list[Any], r: BatchResult) -> None:
+    def _emit_updates(self, tp: TopicPartition, msgs: list[Record], r: BatchResult) -> None:
         """Every valid event of the chunk to the updates topic with its decision.  For an accepted
         event this record is its one place (the updater applies it): one that cannot be sent
         dead-letters the event; for a quarantined one it is a copy (curvature, shadow)."""
@@ -247,34 +251,30 @@ class ScoreService(Service):
         sid, s = self.snapshot.id, r.scores
         inf, rel, cos = s.influence.tolist(), s.relative_influence.tolist(), s.cosine_influence.tolist()
         thresholds, quarantine = r.thresholds.tolist(), r.quarantine.tolist()
+        h = ChunkHeaders(tp.topic, tp.partition, r.policy_version, sid.version)
         for j, i in enumerate(r.events.index.tolist()):
             m = msgs[i]
-            headers = kafka_io.quarantine_headers(
+            headers = h.quarantine(
                 None,
-                tp.topic,
-                tp.partition,
                 m.offset,
                 reason=r.reasons[j],
                 influence=inf[j],
                 relative_influence=rel[j],
                 cosine_influence=cos[j],
                 threshold=thresholds[j],
-                policy_version=r.policy_version,
-                model_version=sid.version,
             )
             rec = update_record(
                 self.s.updates_topic, m.value, headers, tp.topic, tp.partition, quarantine[j], sid
             )
-            if quarantine[j]:
-                self._send_copy(rec, tp, m)
+            why = self.emitter.send(rec, tp, m, destination=not quarantine[j])
+            if why is None:
                 continue
-            why = self._send(rec, tp, m, destination=True)
-            if why is not None:
-                log.warning(
-                    "%s-%d@%d: updates record: %s; dead-lettered", tp.topic, tp.partition, m.offset, why
-                )
-                self._dead_letter(tp, m, kafka_io.OUTPUT_FAILED, f"updates record: {why}")
-        self.outputs["updates"] += len(r.events)
+            log.warning("%s-%d@%d: no updates record: %s", tp.topic, tp.partition, m.offset, why)
+            if not quarantine[j]:  # its one place: dead-letter it instead
+                self.emitter.dead_letter(tp, m, OUTPUT_FAILED, f"updates record: {why}", h)
+        n = len(r.events)
+        self.emitter.outputs["updates"] = self.emitter.outputs.get("updates", 0) + n
+        self._metric("observe_outputs", "updates", n)
 
 
 class UpdateService(Service):
@@ -312,14 +312,15 @@ class UpdateService(Service):
         self._last_publish = float("nan")
 
     def run(self) -> int:
-        kafka_io.check_broker(self.k)
-        ensure_scaleout_topics(self.k, self.s)
-        self.models = ModelTopicReader(self.k, self.s)
+        self.broker = self.broker or open_broker(self.k)
+        self.broker.check()
+        ensure_scaleout_topics(self.broker, self.s)
+        self.models = ModelTopicReader(self.broker, self.s)
         try:
             if not self.models.read_to_end(self.k.startup_timeout_seconds):
                 raise ConfigError(f"could not read the model topic {self.s.model_topic} to its end")
             self._adopt_newer_snapshot()
-            self.writer = ModelTopicWriter(self.k, self.s, self.owner)
+            self.writer = ModelTopicWriter(self.broker, self.s, self.owner, self.k.flush_timeout_seconds)
             self.epoch = self.models.lease_epoch + 1
             self.writer.lease(self.epoch)
             log.info("updater %s holds lease epoch %d of %s", self.owner, self.epoch, self.s.model_topic)
@@ -374,7 +375,7 @@ class UpdateService(Service):
         # is the lease's job, and a group rebalance would only delay a successor.  The group id
         # still carries the commits, for lag tools.
         deadline = time.monotonic() + self.k.startup_timeout_seconds
-        while not (parts := self.consumer.partitions_for_topic(self.k.topic)):
+        while not (parts := self.consumer.partitions_for(self.k.topic)):
             if time.monotonic() > deadline:
                 raise ConfigError(f"the updates topic {self.k.topic} has no partitions")
             time.sleep(0.1)
@@ -382,13 +383,13 @@ class UpdateService(Service):
         self.consumer.assign(sorted(tps))
         self._on_assigned(tps)
 
-    def _committed(self, tps: set[TopicPartition]) -> dict[TopicPartition, int | None]:
+    def _seek_assigned(self, committed: dict[TopicPartition, int | None]) -> set[TopicPartition]:
         # The model and its offsets travel together (checkpoint or snapshot); a group commit by
         # another (fenced) updater says nothing about this model.
-        return dict.fromkeys(tps)
+        return super()._seek_assigned(dict.fromkeys(committed))
 
-    def _apply_chunk(self, tp: TopicPartition, msgs: list[Any]) -> BatchResult:
-        keep: list[Any] = []
+    def _apply_chunk(self, tp: TopicPartition, msgs: list[Record]) -> BatchResult:
+        keep: list[Record] = []
         quarantine: list[bool] = []
         duplicates = rejected = 0
         for m in msgs:
@@ -463,13 +464,12 @@ class UpdateService(Service):
 
     def _housekeeping(self) -> None:
         super()._housekeeping()
-        with self.lock:
-            self._check_fenced()
+        self._check_fenced()
         if self.role_metrics is not None and self._last_publish == self._last_publish:
             self.role_metrics.set_snapshot(self.epoch, self.version, published_at=self._last_publish)
 
     def _after_checkpoint(self) -> None:
-        """Publish the checkpoint just written as the next snapshot (lock held)."""
+        """Publish the checkpoint just written as the next snapshot."""
         assert self.writer is not None
         if self._check_fenced():
             return
@@ -479,11 +479,11 @@ class UpdateService(Service):
         seq, path = paths[-1]
         t0 = time.perf_counter()
         data = path.read_bytes()
-        if len(data) > self.s.snapshot_max_bytes:
+        if len(data) > self.writer.max_bytes:
             log.error(
-                "snapshot of %d bytes exceeds scaleout.snapshot_max_bytes (%d): not published",
+                "snapshot of %d bytes exceeds the producer's max_request_size: not published "
+                "(raise kafka.client_options.max_request_size and the model topic's max.message.bytes)",
                 len(data),
-                self.s.snapshot_max_bytes,
             )
             return
         sid = SnapshotId(self.epoch, self.version)

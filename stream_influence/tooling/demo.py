@@ -190,27 +190,21 @@ def _table(summary: dict[str, Any], progress: _Progress, total: int) -> Any:
 
 
 def _read_decisions(kafka: KafkaSettings, topic: str, expected: int, timeout: float) -> list[dict[str, Any]]:
-    from kafka import TopicPartition
+    from stream_influence.io.broker import open_broker
+    from stream_influence.io.reference import ReferenceReader
 
-    from stream_influence.io.kafka_io import build_consumer
-
-    consumer = build_consumer(kafka, group=False)
+    reader = ReferenceReader(open_broker(kafka), topic, max_records=5000)
     try:
-        parts = consumer.partitions_for_topic(topic) or {0}
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         out: dict[tuple[int, str | None], dict[str, Any]] = {}
         deadline = time.monotonic() + timeout
         while len(out) < expected and time.monotonic() < deadline:
-            for msgs in consumer.poll(timeout_ms=500, max_records=5000).values():
-                for m in msgs:
-                    rec = json.loads(m.value)
-                    # At-least-once: a replayed window repeats records; the source offset is unique.
-                    out[(rec["source_offset"], rec.get("id"))] = rec
+            for m in reader.poll_records(timeout_ms=500):
+                rec = json.loads(m.value or b"null")
+                # At-least-once: a replayed window repeats records; the source offset is unique.
+                out[(rec["source_offset"], rec.get("id"))] = rec
         return sorted(out.values(), key=lambda r: r["source_offset"])
     finally:
-        consumer.close()
+        reader.close()
 
 
 def _run_on_broker(
@@ -238,7 +232,7 @@ def _run_service(
     quiet: bool,
 ) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
     from stream_influence.cli.produce import produce_lines
-    from stream_influence.io.kafka_io import ensure_topics
+    from stream_influence.io.broker import open_broker
     from stream_influence.service.loop import Service
 
     kafka = KafkaSettings(
@@ -263,7 +257,7 @@ def _run_service(
         metrics=MetricsSettings(port=port),
         logging=LoggingSettings(level="WARNING"),
     )
-    ensure_topics(kafka, [kafka.topic, kafka.reference_topic or ""])
+    open_broker(kafka).ensure_topics([kafka.topic, kafka.reference_topic or ""])
     produce_lines(kafka, kafka.reference_topic or "", reference)
     produce_lines(kafka, kafka.topic, events, key_from_id=True)
 
@@ -272,8 +266,7 @@ def _run_service(
     stop_view = threading.Event()
 
     def summary() -> dict[str, Any]:
-        with service.lock:
-            s = service.engine.summary()
+        s = service.summary  # published by the service's loop thread
         progress.sample(s)
         return s
 

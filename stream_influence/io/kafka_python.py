@@ -1,0 +1,477 @@
+"""The kafka-python backend of :mod:`stream_influence.io.broker` (the default).
+
+The only module of the package that imports kafka-python.  Security settings (SASL/SSL) and
+``client_options`` from :class:`~stream_influence.config.KafkaSettings` reach every client
+unchanged; secrets stay :class:`~pydantic.SecretStr` everywhere else and are unwrapped only in the
+option dicts built here.
+
+**Revocation with kafka-python 3.0.12.**  Its rebalance listener runs on the client's I/O thread
+while the loop thread is parked inside ``consumer.poll`` (the group join runs there), so the loop
+cannot act while the listener runs, and the listener must not act for it.  Eager rebalance, step
+by step (see also docs/architecture.md):
+
+1. the loop calls :meth:`KafkaPythonConsumer.poll`; kafka-python learns of the rebalance and, before
+   sending JoinGroup, calls ``on_partitions_revoked`` on its I/O thread;
+2. the listener records ``revoked`` and raises :class:`_HandOver`: kafka-python aborts the join
+   *before* giving the partitions up (the member stays in the group, heartbeats go on, the group
+   waits up to ``max_poll_interval_ms`` for it) and ``poll`` returns no records;
+3. the loop drains :meth:`~KafkaPythonConsumer.rebalances` (which marks the revocation as handed
+   over), flushes, checkpoints and commits the revoked partitions — still their owner, in the
+   current generation;
+4. the loop polls again: kafka-python calls ``on_partitions_revoked`` again with the same partitions,
+   the listener sees them handed over and returns, and the join completes; ``on_partitions_assigned``
+   records the new assignment, which the loop seeks after that poll.
+
+``on_partitions_lost`` (evicted) and the revocation inside ``close()`` are recorded only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import TopicPartition as _KafkaTP
+from kafka.admin import NewTopic
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError
+from kafka.structs import OffsetAndMetadata
+from pydantic import SecretStr
+
+from stream_influence.config import KafkaSettings
+from stream_influence.errors import BrokerUnreachableError
+from stream_influence.io.broker import (
+    BrokerTrouble,
+    Delivery,
+    OutputRecord,
+    Rebalance,
+    RebalanceKind,
+    Record,
+    RecordRefused,
+    TopicPartition,
+)
+
+__all__ = [
+    "KafkaPythonBroker",
+    "KafkaPythonConsumer",
+    "KafkaPythonProducer",
+    "admin_options",
+    "build_admin",
+    "build_consumer",
+    "build_producer",
+    "check_broker",
+    "common_options",
+    "consumer_options",
+    "ensure_topics",
+    "producer_options",
+]
+
+log = logging.getLogger(__name__)
+
+
+# -- client options -------------------------------------------------------------------------
+def common_options(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security options shared by consumers, producers and the admin client."""
+    opts: dict[str, Any] = {
+        "bootstrap_servers": k.bootstrap_list(),
+        "security_protocol": k.security_protocol,
+        "client_id": k.client_id,
+        "ssl_check_hostname": k.ssl_check_hostname,
+        "reconnect_backoff_max_ms": k.reconnect_backoff_max_ms,
+    }
+    if k.sasl_mechanism:
+        opts["sasl_mechanism"] = k.sasl_mechanism
+    if k.sasl_plain_username is not None:
+        opts["sasl_plain_username"] = k.sasl_plain_username
+    for name in ("sasl_plain_password", "ssl_password"):
+        secret = getattr(k, name)
+        if secret is not None:
+            opts[name] = secret.get_secret_value()
+    for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(k, name)
+        if value is not None:
+            opts[name] = str(value)
+    return opts
+
+
+def _with_passthrough(opts: dict[str, Any], k: KafkaSettings, allowed: Iterable[str]) -> dict[str, Any]:
+    # client_options apply to every client that understands them (kafka-python rejects unknown keys).
+    known = set(allowed)
+    opts.update(
+        {
+            key: v.get_secret_value() if isinstance(v, SecretStr) else v
+            for key, v in k.client_options.items()
+            if key in known
+        }
+    )
+    return opts
+
+
+def consumer_options(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
+    """Keyword arguments of the training-events consumer (or of a group-less reader)."""
+    opts = common_options(k)
+    opts.update(
+        enable_auto_commit=False,
+        auto_offset_reset=k.auto_offset_reset,
+        max_poll_records=k.max_poll_records,
+        session_timeout_ms=k.session_timeout_ms,
+        heartbeat_interval_ms=k.heartbeat_interval_ms,
+        max_poll_interval_ms=k.max_poll_interval_ms,
+        request_timeout_ms=k.request_timeout_ms,
+        group_id=k.group_id if group else None,
+    )
+    return _with_passthrough(opts, k, KafkaConsumer.DEFAULT_CONFIG)
+
+
+def build_consumer(k: KafkaSettings, *, group: bool = True) -> KafkaConsumer:
+    """The training-events consumer (in the group, auto-commit off), or a group-less reader."""
+    return KafkaConsumer(**consumer_options(k, group=group))
+
+
+def producer_options(k: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments of the output producer."""
+    opts = common_options(k)
+    opts.update(
+        acks=k.producer_acks,
+        linger_ms=k.producer_linger_ms,
+        batch_size=k.producer_batch_bytes,
+        enable_idempotence=k.producer_idempotence,
+        compression_type=k.producer_compression,
+        request_timeout_ms=k.request_timeout_ms,
+        max_block_ms=k.producer_max_block_ms,
+    )
+    if "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG:  # kafka-python ≥ 3: bounded construction
+        opts["bootstrap_timeout_ms"] = min(k.request_timeout_ms, k.producer_max_block_ms)
+    return _with_passthrough(opts, k, KafkaProducer.DEFAULT_CONFIG)
+
+
+def build_producer(k: KafkaSettings) -> KafkaProducer:
+    """The output producer.  Outputs are at-least-once with stable keys; see docs/architecture.md."""
+    return KafkaProducer(**producer_options(k))
+
+
+def admin_options(k: KafkaSettings) -> dict[str, Any]:
+    """Keyword arguments of the admin client."""
+    opts = common_options(k)
+    opts["request_timeout_ms"] = k.request_timeout_ms
+    return _with_passthrough(opts, k, KafkaAdminClient.DEFAULT_CONFIG)
+
+
+def build_admin(k: KafkaSettings) -> KafkaAdminClient:
+    return KafkaAdminClient(**admin_options(k))
+
+
+# -- start-up check and topics --------------------------------------------------------------
+# kafka-python's records of why one connection or bootstrap attempt failed (its only record of it).
+_CAUSE = re.compile(
+    r"(?:Bootstrap connection to \S+ failed|Bootstrap attempt to \S+ failed|Connection failed): "
+    r"(?:KafkaConnectionError: )?(?:Handshake failed: )?(.*?)(?: \(backoff [\d.]+ secs\))?$"
+)
+
+
+class _LastFailure(logging.Handler):
+    """Keeps the cause of the last failed connection attempt kafka-python logged."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.cause: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        m = _CAUSE.search(record.getMessage())
+        if m:
+            self.cause = m.group(1)
+
+
+def check_broker(k: KafkaSettings, timeout_s: float | None = None) -> None:
+    """Connect to the bootstrap servers as the service will (TLS, SASL and all) within
+    ``timeout_s`` (default ``k.startup_timeout_seconds``), or raise :class:`BrokerUnreachableError`
+    whose message names the servers and the cause.  kafka-python's own retry lines are held back
+    meanwhile (they would repeat the cause once per attempt)."""
+    timeout_s = k.startup_timeout_seconds if timeout_s is None else timeout_s
+    kafka_log = logging.getLogger("kafka")
+    capture = _LastFailure()
+    propagate, level = kafka_log.propagate, kafka_log.level
+    kafka_log.addHandler(capture)
+    kafka_log.propagate = kafka_log.isEnabledFor(logging.DEBUG)  # -v shows every attempt
+    kafka_log.setLevel(min(kafka_log.getEffectiveLevel(), logging.WARNING))
+    admin: KafkaAdminClient | None = None
+    started = time.monotonic()
+    try:
+        opts = admin_options(k)
+        timeout_ms = max(1, int(timeout_s * 1000))
+        opts.update(bootstrap_timeout_ms=timeout_ms, request_timeout_ms=min(k.request_timeout_ms, timeout_ms))
+        admin = KafkaAdminClient(**opts)
+        admin.list_topics()
+    except Exception as exc:
+        cause = capture.cause or f"{type(exc).__name__}: {exc}"
+        raise BrokerUnreachableError(
+            f"cannot reach the Kafka broker(s) {k.bootstrap_servers} "
+            f"({k.security_protocol}) within {time.monotonic() - started:.0f}s: {cause}"
+        ) from None
+    finally:
+        if admin is not None:
+            try:
+                admin.close()
+            except Exception:  # closing a half-open client must not hide the real outcome
+                log.debug("closing the start-up admin client", exc_info=True)
+        kafka_log.removeHandler(capture)
+        kafka_log.propagate = propagate
+        kafka_log.setLevel(level)
+
+
+def ensure_topics(k: KafkaSettings, names: Sequence[str], partitions: int = 1) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created.
+
+    Best effort: a broker that forbids topic creation (or is down) leaves the decision to the
+    operator, and producing will tell.
+    """
+    try:
+        admin = build_admin(k)
+    except Exception as exc:
+        log.warning("cannot reach the broker to check output topics: %s", exc)
+        return []
+    try:
+        existing = set(admin.list_topics())
+        missing = [n for n in dict.fromkeys(names) if n and n not in existing]
+        if missing:
+            admin.create_topics(
+                [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing]
+            )
+        return missing
+    except Exception as exc:
+        log.warning("could not create output topics %s: %s", list(names), exc)
+        return []
+    finally:
+        admin.close()
+
+
+# -- consumer -------------------------------------------------------------------------------
+class _HandOver(Exception):
+    """Raised by the revocation listener to stop kafka-python's join until the loop has acted."""
+
+
+class _HideHandOver(logging.Filter):
+    """kafka-python logs a listener exception with its traceback; a hand-over is not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _HandOver)
+
+
+_HIDE = _HideHandOver()
+logging.getLogger("kafka.coordinator.consumer").addFilter(_HIDE)
+
+
+def _tps(partitions: Iterable[Any]) -> frozenset[TopicPartition]:
+    return frozenset(TopicPartition(tp.topic, tp.partition) for tp in partitions)
+
+
+class _Listener(AsyncConsumerRebalanceListener):
+    """Runs on kafka-python's I/O thread: records, never acts (see the module docstring)."""
+
+    def __init__(self, owner: KafkaPythonConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        parts = _tps(revoked)
+        owner = self.owner
+        if not parts:
+            return
+        if owner._handed_over is not None and parts <= owner._handed_over:
+            owner._handed_over = None  # the loop acted on it: let the join go on
+            return
+        owner._record(Rebalance(RebalanceKind.REVOKED, parts))
+        if not owner._closing:
+            raise _HandOver
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.owner._handed_over = None
+        self.owner._record(Rebalance(RebalanceKind.ASSIGNED, _tps(assigned)))
+
+    async def on_partitions_lost(self, lost: Any) -> None:
+        self.owner._handed_over = None
+        parts = _tps(lost)
+        if parts:
+            self.owner._record(Rebalance(RebalanceKind.LOST, parts))
+
+
+class KafkaPythonConsumer:
+    """:class:`~stream_influence.io.broker.BrokerConsumer` over a :class:`kafka.KafkaConsumer`."""
+
+    def __init__(self, client: KafkaConsumer) -> None:
+        self.client = client
+        self._events: deque[Rebalance] = deque()  # appended on the I/O thread, drained by the loop
+        self._lock = threading.Lock()
+        self._handed_over: frozenset[TopicPartition] | None = None
+        self._pending_revocation: frozenset[TopicPartition] | None = None
+        self._closing = False
+
+    def _record(self, event: Rebalance) -> None:
+        with self._lock:
+            self._events.append(event)
+            if event.kind is RebalanceKind.REVOKED and not self._closing:
+                self._pending_revocation = event.partitions
+
+    def subscribe(self, topics: Sequence[str], hand_over: Callable[[], None] | None = None) -> None:
+        # hand_over is not called: the listener runs on the I/O thread (module docstring).
+        self.client.subscribe(list(topics), listener=_Listener(self))
+
+    def rebalances(self) -> list[Rebalance]:
+        with self._lock:
+            out = list(self._events)
+            self._events.clear()
+            if self._pending_revocation is not None:
+                # Handed to the loop, which acts on it before it polls again.
+                self._handed_over, self._pending_revocation = self._pending_revocation, None
+        return out
+
+    def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        self.client.assign([_KafkaTP(tp.topic, tp.partition) for tp in partitions])
+
+    def partitions_for(self, topic: str) -> set[int] | None:
+        parts = self.client.partitions_for_topic(topic)
+        return set(parts) if parts else None
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        try:
+            polled = self.client.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except KafkaError as exc:
+            if isinstance(exc.__cause__, _HandOver):
+                return {}  # a revocation waits for the loop (module docstring, step 2)
+            raise
+        return {
+            TopicPartition(tp.topic, tp.partition): [
+                Record(m.topic, m.partition, m.offset, m.key, m.value, m.headers, m.timestamp) for m in msgs
+            ]
+            for tp, msgs in polled.items()
+        }
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.client.seek(_KafkaTP(tp.topic, tp.partition), offset)
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.client.seek_to_beginning(_KafkaTP(tp.topic, tp.partition))
+
+    def position(self, tp: TopicPartition) -> int | None:
+        try:
+            return self.client.position(_KafkaTP(tp.topic, tp.partition), timeout_ms=0)
+        except Exception:  # not assigned (any more), or no position yet
+            return None
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        try:
+            return self.client.highwater(_KafkaTP(tp.topic, tp.partition))
+        except Exception:
+            return None
+
+    def committed(self, tps: Sequence[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int | None]:
+        out: dict[TopicPartition, int | None] = {}
+        for tp in tps:
+            try:
+                out[tp] = self.client.committed(_KafkaTP(tp.topic, tp.partition), timeout_ms=timeout_ms)
+            except Exception as exc:
+                log.warning("cannot read the committed offset of %s-%d: %s", tp.topic, tp.partition, exc)
+                out[tp] = None
+        return out
+
+    def commit(self, offsets: Mapping[TopicPartition, int], timeout_ms: int) -> None:
+        self.client.commit(
+            {_KafkaTP(tp.topic, tp.partition): OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()},
+            timeout_ms=timeout_ms,
+        )
+
+    def reachable(self) -> bool:
+        try:
+            client = self.client._client  # no public API for this in kafka-python
+            return any(client.connected(b.node_id) for b in client.cluster.brokers())
+        except Exception:
+            return True
+
+    def close(self, timeout_ms: int) -> None:
+        self._closing = True  # the revocation inside close() is recorded only
+        self.client.close(autocommit=False, timeout_ms=timeout_ms)
+
+
+# -- producer -------------------------------------------------------------------------------
+def _transient(exc: BaseException | None) -> bool:
+    """Broker trouble (retry the window) rather than a refusal of this one record."""
+    return isinstance(exc, KafkaTimeoutError | IllegalStateError) or bool(getattr(exc, "retriable", False))
+
+
+class KafkaPythonProducer:
+    """:class:`~stream_influence.io.broker.BrokerProducer` over a :class:`kafka.KafkaProducer`.
+
+    Deliveries are resolved from kafka-python's futures on the loop thread at :meth:`flush` (no
+    callback per record)."""
+
+    def __init__(self, client: KafkaProducer) -> None:
+        self.client = client
+        self._max = int(client.config["max_request_size"])
+        self._pending: list[tuple[Any, Delivery]] = []
+        self._resolve_at = 4096
+
+    @property
+    def max_request_size(self) -> int:
+        return self._max
+
+    def produce(self, record: OutputRecord) -> Delivery:
+        try:
+            future = self.client.send(
+                record.topic, value=record.value, key=record.key, headers=record.headers
+            )
+        except (KafkaTimeoutError, IllegalStateError) as exc:  # buffer full, metadata unknown
+            raise BrokerTrouble(repr(exc)) from exc
+        except Exception as exc:  # this record only: encoding, serialisation, size
+            raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
+        delivery = Delivery(record)
+        self._pending.append((future, delivery))
+        if len(self._pending) >= self._resolve_at:
+            # A long run between flushes must not keep every answered future.
+            self._resolve()
+            self._resolve_at = len(self._pending) + 4096
+        return delivery
+
+    def _resolve(self) -> None:
+        still: list[tuple[Any, Delivery]] = []
+        for future, delivery in self._pending:
+            if future.is_done:
+                exc = future.exception
+                delivery.resolve(exc, transient=_transient(exc))
+            else:
+                still.append((future, delivery))
+        self._pending = still
+
+    def flush(self, timeout_s: float) -> None:
+        try:
+            self.client.flush(timeout=timeout_s)
+        except KafkaTimeoutError as exc:
+            raise BrokerTrouble(f"outputs not acknowledged within {timeout_s:.1f}s: {exc!r}") from exc
+        finally:
+            self._resolve()
+
+    def close(self, timeout_s: float) -> None:
+        self.client.close(timeout=timeout_s)
+
+
+class KafkaPythonBroker:
+    """:class:`~stream_influence.io.broker.Broker` for kafka-python."""
+
+    def __init__(self, k: KafkaSettings) -> None:
+        self.k = k
+
+    def check(self, timeout_s: float | None = None) -> None:
+        check_broker(self.k, timeout_s)
+
+    def ensure_topics(self, names: Sequence[str], partitions: int = 1) -> list[str]:
+        return ensure_topics(self.k, names, partitions)
+
+    def consumer(self, *, group: bool = True) -> KafkaPythonConsumer:
+        return KafkaPythonConsumer(build_consumer(self.k, group=group))
+
+    def producer(self) -> KafkaPythonProducer:
+        return KafkaPythonProducer(build_producer(self.k))
