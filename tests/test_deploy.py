@@ -297,3 +297,16 @@ def test_every_command_the_deploy_files_start_exists_in_the_cli(where: str, argv
 def test_the_command_check_rejects_what_the_cli_does_not_have(argv: list[str]) -> None:
     with pytest.raises(AssertionError, match="the CLI rejects"):
         assert_cli_accepts(argv)
+
+
+def test_compose_creates_the_model_topic_compacted_under_the_configured_name() -> None:
+    from stream_influence.config import load_config
+
+    cfg = load_config(DEPLOY / "compose" / "config.yaml")
+    command = " ".join(_compose()["services"]["topics"]["command"])
+    model = command.split(f"--topic {cfg.scaleout.model_topic} ")[1].split("&&")[0]
+    assert "--partitions 1" in model and "cleanup.policy=compact" in model
+    assert f"--topic {cfg.scaleout.updates_topic} " in command
+    for role in ("scorer", "updater"):
+        wait = _compose()["services"][role]["depends_on"]["topics"]["condition"]
+        assert wait == "service_completed_successfully"
