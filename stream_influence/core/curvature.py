@@ -317,12 +317,15 @@ class KFACCurvature(Curvature):
         self._inv = np.full((K, D), 1.0 / self.settings.damping)
 
     def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
-        tau = w * (1.0 - np.einsum("bk,bk->b", P, P))
+        Pw = P * w[:, None]
+        tau = w - np.einsum("bk,bk->b", Pw, P)  # wᵢ (1 − ‖pᵢ‖²)
         self.A *= beta
         self.A += (X * tau[:, None]).T @ X
         self.tau = beta * self.tau + float(tau.sum())
+        # Σ wᵢ (diag pᵢ − pᵢpᵢᵀ) without the b × K × K stack.
         self.G *= beta
-        self.G += np.einsum("b,bkl->kl", w, softmax_hessian(P))
+        self.G -= Pw.T @ P
+        self.G.flat[:: self.n_classes + 1] += Pw.sum(axis=0)  # the diagonal
         # Refresh the eigenbases on schedule, and whenever the evidence doubled (early on).
         if (
             self.events_since_refactor >= self.settings.refactor_every

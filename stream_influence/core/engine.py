@@ -567,10 +567,9 @@ class InfluenceEngine:
         # The CE Hessian does not depend on labels, so every valid event informs the curvature.
         self._update_curvature(X, P, weights)
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        if accept.any():
-            self.routed.learn(X[accept], labels[accept], weights[accept], solve)
-            self.model_version += 1
-        self.shadow.learn(X, labels, weights, solve)
+        routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
+        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
+        self.model_version += bool(routed)
 
         drifted = self.drift.update(errors)
         if drifted:

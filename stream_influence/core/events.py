@@ -6,8 +6,9 @@ with optional ``"ts"`` (epoch seconds or ISO 8601), ``"weight"`` (finite, ≥ 0)
 bytes into one :class:`EventBatch` of valid events plus a :class:`Reject` per invalid one; it
 never raises on bad input.
 
-The decoder contract (both parsers — orjson, the fast path, and the standard library's ``json``,
-the reference — accept and reject exactly the same inputs with the same reasons and values):
+The decoder contract (every parser — simdjson, the fast path for typical events, orjson for the
+rest, and the standard library's ``json``, the reference — accepts and rejects exactly the same
+inputs with the same reasons and values):
 
 - the message is UTF-8 JSON text (RFC 8259): non-UTF-8 bytes, a byte-order mark, a lone
   surrogate anywhere (raw or as a ``\\uD800`` escape, in any key or string), or containers nested
@@ -36,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 import orjson
+import simdjson
 
 from stream_influence.core.settings import SchemaSettings
 from stream_influence.errors import SchemaError
@@ -337,7 +340,115 @@ def load_standard_batch(raws: Sequence[bytes | str]) -> list[Any]:
     return [_standard_or_invalid(raw) for raw in raws]
 
 
-_LOADERS = {"orjson": load_fast, "json": load_standard_batch}
+class _Floats:
+    """A feature list already read as float64 (the simdjson path): its raw bytes and length.
+
+    Every element was a JSON number (simdjson refuses ``true``, ``null``, strings and objects in a
+    float buffer; nested lists were ruled out, see :func:`_simd_event`), so the only check left for
+    it is the magnitude.
+    """
+
+    __slots__ = ("data", "n")
+
+    def __init__(self, data: Any, n: int) -> None:
+        self.data, self.n = data, n  # data: a buffer of n float64
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tolist(self) -> list[float]:
+        return np.frombuffer(self.data, dtype=np.float64).tolist()
+
+
+_TEXT = (bytes, str)
+_BOM = b"\xef\xbb\xbf"
+_FIELDS = frozenset(("id", "features", "label", "ts", "weight"))
+_SCALARS = (str, int, float, bool, type(None))  # exact types; simdjson's containers are not these
+_local = threading.local()  # a simdjson.Parser serves one document at a time: one per thread
+
+
+def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict[str, Any] | None:
+    """One message through simdjson, or None where it cannot prove the standard decoder's answer.
+
+    simdjson itself rejects what the contract rejects for UTF-8, lone surrogates (raw or escaped),
+    NaN/Infinity, numbers beyond float64 or 64-bit integers, control characters and trailing
+    text; those messages return None, as does anything it accepts but the contract does not or
+    that needs a walk: a byte-order mark, a repeated key, a key outside the event's own fields
+    (``meta`` included), a container where a scalar field is expected, and a feature list that
+    is not flat (``as_buffer`` would flatten ``[1, [2]]``: the message may hold one ``[`` only).
+    A flat list of numbers comes back as :class:`_Floats`, read by simdjson straight into float64
+    (correctly rounded, as ``float()`` does) without a Python float per element.
+
+    A *plain* event — exactly ``id``, ``features``, ``label``, a non-empty string id, a label
+    :meth:`Schema._label_index` cannot reject for its type or size — comes back as the tuple ``(id, label, features)`` (JSON never parses
+    to a tuple), which :meth:`Schema.decode_batch` accepts in a few steps once the label is known
+    and the width matches; any other record is a dict for the full rules.
+    """
+    if raw[:3] == _BOM:
+        return None
+    try:
+        doc = parse(raw)
+        if type(doc) is not simdjson.Object:
+            return None
+        if len(doc) == 3:  # three entries holding the three names: exactly those keys, once each
+            try:
+                eid, label, feats = doc["id"], doc["label"], doc["features"]
+            except KeyError:
+                pass
+            else:
+                tl = type(label)
+                if (
+                    type(eid) is str
+                    and eid
+                    and ((tl is str and label) or (tl is int and -MAX_LABEL_INT <= label <= MAX_LABEL_INT))
+                    and type(feats) is simdjson.Array
+                    and raw.count(b"[") == 1
+                ):
+                    return eid, label, _Floats(feats.as_buffer(of_type="d"), len(feats))
+        keys = list(doc.keys())
+        if len(set(keys)) != len(keys) or not _FIELDS.issuperset(keys):
+            return None
+        out: dict[str, Any] = {}
+        for k in keys:
+            v = doc[k]
+            if k == "features" and type(v) is simdjson.Array:
+                if raw.count(b"[") != 1:
+                    return None
+                v = _Floats(v.as_buffer(of_type="d"), len(v))
+            elif type(v) not in _SCALARS:
+                return None
+            out[k] = v
+        return out
+    except (ValueError, TypeError, RuntimeError):  # not JSON, or not a flat list of numbers
+        return None
+
+
+def load_simd(raws: Sequence[bytes | str]) -> list[Any]:
+    """simdjson for typical events, :func:`load_fast` for every message it cannot vouch for.
+
+    Typical events (bytes with flat numeric features and scalar fields) skip the Python floats
+    that orjson builds, one per feature, which was most of the decoding time (docs/benchmarks.md,
+    *engine*).  Returns one parsed value or :class:`_Invalid` per message, like the other loaders.
+    """
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+    parse = parser.parse
+    out: list[Any] = [None] * len(raws)
+    rest: list[int] = []
+    for i, raw in enumerate(raws):
+        rec = _simd_event(parse, raw) if type(raw) is bytes else None
+        if rec is None:
+            rest.append(i)
+        else:
+            out[i] = rec
+    if rest:
+        for i, value in zip(rest, load_fast([raws[i] for i in rest]), strict=True):
+            out[i] = value
+    return out
+
+
+_LOADERS = {"simdjson": load_simd, "orjson": load_fast, "json": load_standard_batch}
 
 
 class Schema:
@@ -351,11 +462,14 @@ class Schema:
     ``decode_batch(..., trusted=True)`` (reference events) adds labels even once frozen, and
     sets :attr:`trusted` — from then on untrusted calls never add one (``learn`` is ignored).
 
-    ``parser`` picks the JSON parser: ``"orjson"`` (the fast path) or ``"json"`` (the standard
-    library, the reference the fast path is tested against); both give identical results.
+    ``parser`` picks the JSON parser: ``"simdjson"`` (the fast path: simdjson for typical events,
+    orjson for the rest), ``"orjson"`` or ``"json"`` (the standard library, the reference the
+    others are tested against); all give identical results.
     """
 
-    def __init__(self, settings: SchemaSettings, *, parser: Literal["orjson", "json"] = "orjson") -> None:
+    def __init__(
+        self, settings: SchemaSettings, *, parser: Literal["simdjson", "orjson", "json"] = "simdjson"
+    ) -> None:
         self.settings = settings
         self.classes: list[int | str] = list(settings.classes or [])
         self._index = {str(c): i for i, c in enumerate(self.classes)}
@@ -429,12 +543,8 @@ class Schema:
             self.trusted = True
         max_bytes = self.settings.max_event_bytes
         max_abs = self.settings.max_abs_feature
-        ids: list[str] = []
-        rows: list[list[Any]] = []
-        labels: list[int] = []
-        weights: list[float] = []
-        stamps: list[float] = []
-        index: list[int] = []
+        # One (id, features, class, weight, timestamp, input index) per valid event, in input order.
+        valid: list[tuple[str, list[Any] | _Floats, int, float, float, int]] = []
         rejects: list[Reject] = []
 
         def reject(i: int, reason: RejectReason, detail: str) -> None:
@@ -443,7 +553,12 @@ class Schema:
 
         parse: list[int] = []
         for i, raw in enumerate(raws):
-            if raw is None or len(raw) == 0 or (isinstance(raw, bytes | str) and not raw.strip()):
+            # strip() copies the message: only one that starts with whitespace can be all whitespace.
+            if (
+                raw is None
+                or len(raw) == 0
+                or (isinstance(raw, _TEXT) and raw[:1].isspace() and not raw.strip())
+            ):
                 reject(i, RejectReason.EMPTY, "empty message")
             elif len(raw) > max_bytes:
                 reject(i, RejectReason.TOO_LARGE, f"{len(raw)} bytes > max_event_bytes={max_bytes}")
@@ -452,7 +567,15 @@ class Schema:
         # The standard parser also reads NaN/Infinity and out-of-range numbers, so such events
         # get their precise reason (non_finite) below instead of invalid_json.
         parsed = self._loads([raws[i] for i in parse])  # type: ignore[misc]
+        known = self._index
         for i, obj in zip(parse, parsed, strict=True):
+            if type(obj) is tuple:  # a plain event (see _simd_event): accepted in a few steps
+                eid, lab, feats = obj
+                code = known.get(lab if type(lab) is str else str(lab))
+                if code is not None and feats.n == self.n_features:
+                    valid.append((eid, feats, code, 1.0, math.nan, i))
+                    continue
+                obj = {"id": eid, "features": feats, "label": lab}  # learn or reject: the full rules
             raw = raws[i]
             if isinstance(obj, _Invalid):
                 reject(i, obj.reason, obj.detail)
@@ -469,7 +592,7 @@ class Schema:
                 reject(i, RejectReason.INVALID_ID, f"id must be a non-empty string, got {eid!r}")
                 continue
             feats = obj["features"]
-            if not isinstance(feats, list) or not feats:
+            if not isinstance(feats, list | _Floats) or not feats:
                 reject(i, RejectReason.INVALID_FEATURES, "features must be a non-empty list of numbers")
                 continue
             width = self.n_features
@@ -477,8 +600,8 @@ class Schema:
                 reject(i, RejectReason.WRONG_DIMENSION, f"{len(feats)} features, expected {width}")
                 continue
             # numpy would silently read true/false as 1/0 in the vectorised pass below; the byte
-            # search keeps the per-element check off the hot path.
-            if _may_hold_bool(raw) and any(isinstance(v, bool) for v in feats):
+            # search keeps the per-element check off the hot path (_Floats hold numbers only).
+            if type(feats) is list and _may_hold_bool(raw) and any(isinstance(v, bool) for v in feats):
                 reject(i, RejectReason.INVALID_FEATURES, _FEATURE_DETAIL[RejectReason.INVALID_FEATURES])
                 continue
             w = obj.get("weight", 1.0)
@@ -516,13 +639,11 @@ class Schema:
                     reject(i, reason, _FEATURE_DETAIL[reason])
                     continue
                 self.n_features = len(feats)
-            ids.append(eid)
-            rows.append(feats)
-            labels.append(label)
-            weights.append(float(w))
-            stamps.append(ts)
-            index.append(i)
+            valid.append((eid, feats, label, float(w), ts, i))
 
+        ids, rows, labels, weights, stamps, index = (
+            (list(c) for c in zip(*valid, strict=True)) if valid else ([], [], [], [], [], [])
+        )
         width = self.n_features or 0
         X = _stack(rows, width)
         # NaN compares False, so this one test rejects non-finite and out-of-range rows alike.
@@ -550,8 +671,9 @@ def _may_hold_bool(raw: bytes | str) -> bool:
     return b"true" in raw or b"false" in raw
 
 
-def _numeric_finite(feats: list[Any], limit: float = math.inf) -> bool:
-    return all(_finite_number(v) and abs(v) <= limit for v in feats)
+def _numeric_finite(feats: list[Any] | _Floats, limit: float = math.inf) -> bool:
+    values = feats.tolist() if type(feats) is _Floats else feats
+    return all(_finite_number(v) and abs(v) <= limit for v in values)
 
 
 _FEATURE_DETAIL = {
@@ -561,19 +683,37 @@ _FEATURE_DETAIL = {
 }
 
 
-def _feature_problem(feats: list[Any], limit: float = math.inf) -> RejectReason:
+def _feature_problem(feats: list[Any] | _Floats, limit: float = math.inf) -> RejectReason:
     """Why a feature row is unusable: a non-number, a non-finite number, or one too large."""
-    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in feats):
+    values = feats.tolist() if type(feats) is _Floats else feats
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
         return RejectReason.INVALID_FEATURES
-    if not all(_finite_number(v) for v in feats):
+    if not all(_finite_number(v) for v in values):
         return RejectReason.NON_FINITE
     return RejectReason.OUT_OF_RANGE
 
 
-def _stack(rows: list[list[Any]], width: int) -> np.ndarray:
-    """Stack feature lists into a float64 matrix; non-numbers become NaN (then rejected)."""
+def _stack(rows: list[list[Any] | _Floats], width: int) -> np.ndarray:
+    """Stack feature rows into a float64 matrix; non-numbers become NaN (then rejected).
+
+    Rows already read as float64 (:class:`_Floats`) are joined and viewed in one call.
+    """
     if not rows:
         return np.zeros((0, width))
+    floats = [r for r, row in enumerate(rows) if type(row) is _Floats]
+    if len(floats) == len(rows):
+        joined = b"".join([row.data for row in rows])  # type: ignore[union-attr]
+        return np.frombuffer(joined, dtype=np.float64).reshape(len(rows), width).copy()
+    if not floats:
+        return _stack_lists(rows, width)  # type: ignore[arg-type]
+    X = np.empty((len(rows), width))
+    lists = [r for r, row in enumerate(rows) if type(row) is not _Floats]
+    X[floats] = _stack([rows[r] for r in floats], width)
+    X[lists] = _stack_lists([rows[r] for r in lists], width)  # type: ignore[misc]
+    return X
+
+
+def _stack_lists(rows: list[list[Any]], width: int) -> np.ndarray:
     try:
         X = np.array(rows)
         # Only plain numbers take the fast path: numpy would silently parse "1.5" or True.

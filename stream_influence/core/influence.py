@@ -147,12 +147,14 @@ class ReferenceBuffer:
 def objective_residuals(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
     """Per-point ``M`` (``n × K``) with ``m_i = M_i ⊗ x̃_i`` the gradient of point i's objective term."""
     Z = Xr @ theta.T
-    K = theta.shape[0]
-    Y = one_hot(yr, K)
-    if objective == "loss":
-        return softmax(Z) - Y
+    Y = one_hot(yr, theta.shape[0])
+    return (softmax(Z) - Y) if objective == "loss" else _margin_residuals(Z, Y)
+
+
+def _margin_residuals(Z: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """``M`` of the ``margin`` objective for logits ``Z`` and one-hot labels ``Y``."""
     rival = np.where(Y > 0, -np.inf, Z).argmax(axis=1)
-    return one_hot(rival, K) - Y
+    return one_hot(rival, Y.shape[1]) - Y
 
 
 def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
@@ -180,14 +182,18 @@ class InfluenceScorer:
 
     def refresh(self, theta: np.ndarray, curvature: Curvature, Xr: np.ndarray, yr: np.ndarray) -> None:
         """Recompute ``s = H⁻¹∇L_R`` and the held-out reference scores (inputs augmented, standardised)."""
-        M = objective_residuals(theta, Xr, yr, self.settings.objective)
+        # One forward pass serves the objective, the reference loss and the held-out scores.
+        Z = Xr @ theta.T
+        Y = one_hot(yr, theta.shape[0])
+        P = softmax(Z)  # a new array: Z stays the logits
+        R = P - Y
+        M = R if self.settings.objective == "loss" else _margin_residuals(Z, Y)
         grad = M.T @ Xr / len(Xr)
         self.s = curvature.solve(grad)
         S = max(float(np.vdot(grad, self.s)), 1e-300)
         self.s_norm = float(np.sqrt(S))
-        P = softmax(Xr @ theta.T)
         self.reference_loss = float(-np.log(np.clip(P[np.arange(len(yr)), yr], 1e-300, None)).mean())
-        self.calibration = self._held_out(P - one_hot(yr, theta.shape[0]), M, Xr, yr, S, curvature)
+        self.calibration = self._held_out(R, M, Xr, yr, S, curvature)
         self.events_since_refresh = 0
         self.refreshes += 1
 

@@ -16,13 +16,13 @@ learner sees it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from river import drift
 
-from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.model import softmax
 from stream_influence.core.settings import DriftSettings, LearnerSettings
 
 __all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
@@ -45,25 +45,33 @@ class Prequential:
         self.n = 0
         self.filled = 0  # newest events held in the window (fewer than n after a resize)
 
-    def _count(self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | float = 1.0) -> None:
-        k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1
+    def _count(
+        self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None, k: int | None = None
+    ) -> None:
+        """Add ``w`` (default 1) at ``[y, pred]``; ``k``: a known bound on both (saves two scans)."""
+        k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1 if k is None else k
         if k > len(self.confusion):
             grown = np.zeros((k, k))
             grown[: len(self.confusion), : len(self.confusion)] = self.confusion
             self.confusion = grown
         k = len(self.confusion)
-        w = np.broadcast_to(np.asarray(w, dtype=np.float64), y.shape)
         self.confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
 
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
+        m = len(y)
         pred = P.argmax(axis=1)
-        self._count(y, pred)
+        self._count(y, pred, k=P.shape[1])  # labels index P's columns: both are below its width
         correct = (pred == y).astype(np.float64)
-        loss = -np.log(np.clip(P[np.arange(len(y)), y], 1e-15, None))
-        idx = (self.n + np.arange(len(y))) % self.window
-        self._correct[idx] = correct
-        self._loss[idx] = loss
+        loss = -np.log(np.clip(P[np.arange(m), y], 1e-15, None))
+        start = self.n % self.window
+        if start + m <= self.window:  # no wrap: a slice, not an index array
+            self._correct[start : start + m] = correct
+            self._loss[start : start + m] = loss
+        else:
+            idx = (self.n + np.arange(m)) % self.window
+            self._correct[idx] = correct
+            self._loss[idx] = loss
         self.n += len(y)
         self.filled = min(self.window, self.filled + len(y))
         return 1.0 - correct
@@ -148,37 +156,37 @@ class HeadLearner:
         solve: Callable[[np.ndarray], np.ndarray] | None = None,
         *,
         trusted: bool = False,
+        alongside: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.ndarray]] = (),
     ) -> None:
         """Learn augmented inputs ``X`` with labels ``y`` and weights ``w``.
 
         ``solve`` (``v ↦ H⁻¹v``) is required by the ``newton`` optimizer.  ``trusted`` points
-        (the warm start on the reference set) are not counted as stream updates.
+        (the warm start on the reference set) are not counted as stream updates.  ``alongside``:
+        other learners with the same settings and head shape, each with its own ``(X, y, w)``,
+        that learn in the same steps — every learner ends exactly where learning alone would
+        leave it, but each step is one batched product for all (the routed learner and its shadow).
         """
-        s = self.settings
-        K = self.theta.shape[0]
-        mb = s.minibatch
-        if len(X):
-            seen = self.updates + self.trusted_updates
-            self.sq_norm += (float(np.einsum("bd,bd->", X, X)) - len(X) * self.sq_norm) / (seen + len(X))
-        for start in range(0, len(X), mb):
-            Xc, yc, wc = X[start : start + mb], y[start : start + mb], w[start : start + mb]
-            R = (softmax(Xc @ self.theta.T) - one_hot(yc, K)) * wc[:, None]
-            grad = R.T @ Xc / len(Xc)
-            grad[:, :-1] += s.l2 * self.theta[:, :-1]
-            self._step(grad, solve)
-        if trusted:
-            self.trusted_updates += len(X)
-        else:
-            self.updates += len(X)
+        jobs = [(self, X, y, w), *alongside]
+        if any(j[0].settings != self.settings or j[0].theta.shape != self.theta.shape for j in jobs):
+            raise ValueError("learners that learn alongside share settings and head shape")
+        for learner, Xj, _, _ in jobs:
+            if len(Xj):
+                seen = learner.updates + learner.trusted_updates
+                learner.sq_norm += (float(np.einsum("bd,bd->", Xj, Xj)) - len(Xj) * learner.sq_norm) / (
+                    seen + len(Xj)
+                )
+        _lockstep([j for j in jobs if len(j[1])], solve)
+        for learner, Xj, _, _ in jobs:
+            if trusted:
+                learner.trusted_updates += len(Xj)
+            else:
+                learner.updates += len(Xj)
 
     def _step(self, grad: np.ndarray, solve: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """One adam or newton step (sgd steps are batched over learners in :func:`_lockstep`)."""
         s = self.settings
         self.steps += 1
-        if s.optimizer == "sgd":
-            # Wide inputs move every logit by ~lr·‖x̃‖² per step: keep that bounded (see settings).
-            scale = min(1.0, WIDTH / max(self.sq_norm, 1.0)) if s.normalize_step else 1.0
-            self.theta -= (s.learning_rate * scale) * grad
-        elif s.optimizer == "adam":
+        if s.optimizer == "adam":
             b1, b2 = 0.9, 0.999
             self._m = b1 * self._m + (1 - b1) * grad
             self._v = b2 * self._v + (1 - b2) * grad * grad
@@ -189,6 +197,11 @@ class HeadLearner:
             if solve is None:
                 raise ValueError("the newton optimizer needs the curvature's solve()")
             self.theta -= s.learning_rate * solve(grad)
+
+    @property
+    def step_scale(self) -> float:
+        """sgd: wide inputs move every logit by ~lr·‖x̃‖² per step; keep that bounded (see settings)."""
+        return min(1.0, WIDTH / max(self.sq_norm, 1.0)) if self.settings.normalize_step else 1.0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -210,6 +223,69 @@ class HeadLearner:
         self.trusted_updates = int(state.get("trusted_updates", 0))
         self.sq_norm = float(state["sq_norm"])
         self.metrics.load_state_dict({k[8:]: v for k, v in state.items() if k.startswith("metrics_")})
+
+
+def _lockstep(
+    jobs: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.ndarray]],
+    solve: Callable[[np.ndarray], np.ndarray] | None,
+) -> None:
+    """Steps of ``minibatch`` events for every learner at once (see :meth:`HeadLearner.learn`).
+
+    Step ``j`` of learner ``i`` is its ``j``-th chunk: the weighted mean cross-entropy gradient
+    ``Σ wᵣ (pᵣ − yᵣ) x̃ᵣᵀ / n`` plus ``l2`` on the weights (not the bias).  The learners' heads are
+    stacked (each ``theta`` becomes a view of the stack) and their chunks padded to one shape with
+    rows of weight 0, so a step is a few batched products; each row of ``X̃`` is scaled once, before
+    the loop, by its weight and step size.  A learner with no chunk left in a step is not moved.
+    """
+    if not jobs:
+        return
+    first = jobs[0][0]
+    s = first.settings
+    mb, L = s.minibatch, len(jobs)
+    K, D = first.theta.shape
+    n = np.array([len(j[1]) for j in jobs])
+    steps = int(-(-n.max() // mb))
+    counts = np.clip(n[None, :] - mb * np.arange(steps)[:, None], 0, mb)  # (steps, L) rows per chunk
+    sgd = s.optimizer == "sgd"
+    # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
+    # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
+    eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
+    scale = np.zeros((L, steps * mb))
+    Xp = np.zeros((L, steps * mb, D))
+    Yp = np.zeros((L, steps * mb, K))
+    for i, (_, X, y, w) in enumerate(jobs):
+        Xp[i, : n[i]] = X
+        Yp[i, np.arange(n[i]), y] = 1.0
+        scale[i, : n[i]] = w * np.repeat(eta[i] / np.maximum(counts[:, i], 1), mb)[: n[i]]
+    Xw = Xp * scale[:, :, None]
+    # (steps, L, mb, ·): each step's chunks are one contiguous block.
+    Xp = Xp.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
+    Xw = Xw.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
+    Yp = Yp.reshape(L, steps, mb, K).transpose(1, 0, 2, 3).copy()
+    # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
+    decay = np.ones((steps, L, 1, D))
+    decay[..., :-1] = np.where(counts > 0, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
+    theta = np.stack([j[0].theta for j in jobs])
+    for i, job in enumerate(jobs):
+        job[0].theta = theta[i]
+    for t in range(steps):
+        Z = np.matmul(Xp[t], theta.transpose(0, 2, 1))
+        Z -= Z.max(axis=2, keepdims=True)
+        np.exp(Z, out=Z)
+        Z /= Z.sum(axis=2, keepdims=True)
+        Z -= Yp[t]
+        G = np.matmul(Z.transpose(0, 2, 1), Xw[t])
+        if sgd:
+            theta *= decay[t]
+            theta -= G
+            continue
+        for i, job in enumerate(jobs):
+            if counts[t, i]:
+                G[i, :, :-1] += s.l2 * theta[i, :, :-1]
+                job[0]._step(G[i], solve)
+    if sgd:
+        for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
+            job[0].steps += live_steps
 
 
 class DriftMonitor:

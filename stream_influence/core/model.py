@@ -41,7 +41,10 @@ def softmax(Z: np.ndarray) -> np.ndarray:
 
 def augment(X: np.ndarray) -> np.ndarray:
     """``[X, 1]``: the bias becomes the last column of Θ."""
-    return np.hstack([X, np.ones((len(X), 1))])
+    out = np.empty((len(X), X.shape[1] + 1))
+    out[:, :-1] = X
+    out[:, -1] = 1.0
+    return out
 
 
 def one_hot(y: np.ndarray, n_classes: int) -> np.ndarray:
