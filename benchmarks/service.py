@@ -136,8 +136,8 @@ def run_service(bootstrap: str, topic: str, ref: str, n: int, workdir: Path) -> 
         "p50_poll_to_commit_s": float(np.percentile(commits, 50)) if commits else float("nan"),
         "p99_poll_to_commit_s": float(np.percentile(commits, 99)) if commits else float("nan"),
         "batches": float(service.batches),
-        "quarantined": float(summary["quarantined"]),
-        "accepted": float(summary["accepted"]),
+        "quarantined": float(summary.quarantined),
+        "accepted": float(summary.accepted),
     }
 
 

@@ -6,11 +6,10 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from stream_influence.core.engine import BatchResult, InfluenceEngine
+from stream_influence.core.engine import BatchResult, EngineSummary, InfluenceEngine
 from stream_influence.core.settings import EngineSettings, PolicySettings
 from stream_influence.observability.metrics import ServiceMetrics
 
@@ -30,7 +29,7 @@ def _event(rng: np.random.Generator, i: int, noise: float, d: int = 6) -> bytes:
 class Stream:
     engine: InfluenceEngine
     results: list[BatchResult] = field(default_factory=list)
-    summaries: list[dict[str, Any]] = field(default_factory=list)
+    summaries: list[EngineSummary] = field(default_factory=list)
 
     def totals(self) -> dict[str, int]:
         out = {"accepted": 0, "quarantined": 0, "dead_lettered": 0}

@@ -92,8 +92,8 @@ def test_counts_add_up_and_records_follow_input_order() -> None:
         "wrong_dimension": 12,
     }
     summary = engine.summary()
-    assert summary["updates_applied"] == c.accepted
-    assert summary["shadow_updates_applied"] == c.accepted + c.quarantined
+    assert summary.updates_applied == c.accepted
+    assert summary.shadow_updates_applied == c.accepted + c.quarantined
 
 
 def test_quarantined_events_do_not_reach_the_routed_learner() -> None:
@@ -207,7 +207,7 @@ def test_rate_cap_raises_alarm_and_bounds_quarantine_rate() -> None:
             if len(kept):  # the highest scores are the ones still quarantined
                 assert capped.max() <= kept.min()
     assert any(alarms)
-    assert engine.summary()["alarm"] == alarms[-1]
+    assert engine.summary().alarm == alarms[-1]
     assert 0 < np.mean(flags[-500:]) <= cap + 1e-9  # the rolling window is 500 events
 
 
@@ -219,7 +219,7 @@ def test_policy_hot_swap_increments_version_and_takes_effect() -> None:
     result = engine.process(encode(X, y))
     assert result.policy_version == 1 and result.quarantine.any()
     v = engine.set_policy(PolicySettings(warmup_events=100, accept_threshold=1.0, quarantine_threshold=1.0))
-    assert v == 2 == engine.policy.version == engine.summary()["policy_version"]
+    assert v == 2 == engine.policy.version == engine.summary().policy_version
     result = engine.process(encode(X, y))
     assert result.policy_version == 2
     assert not result.quarantine.any()  # cosine influence never exceeds 1

@@ -183,7 +183,7 @@ def test_labels_and_width_come_from_the_reference_never_from_the_stream() -> Non
     late = [json.dumps({"id": "x", "features": [0.0, 0.0], "label": "d"}).encode()]
     result = engine.process(late)
     assert [(r.index, r.reason) for r in result.rejects] == [(0, R.UNKNOWN_LABEL)]
-    assert engine.summary()["classes"] == ["b", "a", "c"]
+    assert engine.summary().classes == ["b", "a", "c"]
 
 
 def test_labels_learned_from_warmup_without_reference() -> None:

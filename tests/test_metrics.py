@@ -115,31 +115,31 @@ def test_gauges_follow_the_engine_summary(fed, server) -> None:
     s = stream.summaries[-1]
     fams = scrape(server.url)
     assert value(fams, "stream_influence_rolling_accuracy", model="routed") == pytest.approx(
-        s["rolling_accuracy"]
+        s.rolling_accuracy
     )
     assert value(fams, "stream_influence_rolling_accuracy", model="shadow") == pytest.approx(
-        s["shadow_rolling_accuracy"]
+        s.shadow_rolling_accuracy
     )
     assert value(fams, "stream_influence_rolling_log_loss", model="shadow") == pytest.approx(
-        s["shadow_rolling_log_loss"]
+        s.shadow_rolling_log_loss
     )
-    assert value(fams, "stream_influence_reference_loss") == pytest.approx(s["reference_loss"])
-    assert value(fams, "stream_influence_curvature_damping") == pytest.approx(s["damping_in_use"])
-    assert value(fams, "stream_influence_curvature_condition_number") == pytest.approx(s["condition_number"])
-    assert value(fams, "stream_influence_curvature_refactorizations_total") == s["refactorizations"]
-    assert value(fams, "stream_influence_drift_resets_total") == s["drift_resets"]
-    assert value(fams, "stream_influence_model_updates_total", model="routed") == s["updates_applied"]
-    assert value(fams, "stream_influence_model_updates_total", model="shadow") == s["shadow_updates_applied"]
-    assert value(fams, "stream_influence_quarantine_rate") == pytest.approx(s["quarantine_rate"])
-    assert value(fams, "stream_influence_quarantine_alarm") == float(s["alarm"])
+    assert value(fams, "stream_influence_reference_loss") == pytest.approx(s.reference_loss)
+    assert value(fams, "stream_influence_curvature_damping") == pytest.approx(s.damping_in_use)
+    assert value(fams, "stream_influence_curvature_condition_number") == pytest.approx(s.condition_number)
+    assert value(fams, "stream_influence_curvature_refactorizations_total") == s.refactorizations
+    assert value(fams, "stream_influence_drift_resets_total") == s.drift_resets
+    assert value(fams, "stream_influence_model_updates_total", model="routed") == s.updates_applied
+    assert value(fams, "stream_influence_model_updates_total", model="shadow") == s.shadow_updates_applied
+    assert value(fams, "stream_influence_quarantine_rate") == pytest.approx(s.quarantine_rate)
+    assert value(fams, "stream_influence_quarantine_alarm") == float(s.alarm)
     assert value(fams, "stream_influence_warm") == 1.0
-    assert value(fams, "stream_influence_policy_threshold", kind="quarantine") == s["threshold"]
+    assert value(fams, "stream_influence_policy_threshold", kind="quarantine") == s.threshold
     assert (
         value(fams, "stream_influence_policy_threshold", kind="accept") == PolicySettings().accept_threshold
     )
-    assert value(fams, "stream_influence_policy_version") == s["policy_version"]
-    assert value(fams, "stream_influence_model_version") == s["model_version"]
-    assert value(fams, "stream_influence_reference_buffer_events") == s["reference_size"]
+    assert value(fams, "stream_influence_policy_version") == s.policy_version
+    assert value(fams, "stream_influence_model_version") == s.model_version
+    assert value(fams, "stream_influence_reference_buffer_events") == s.reference_size
     build = fams["stream_influence_build_info"]["samples"]
     assert len(build) == 1 and build[0][1]["curvature"] == EngineSettings().curvature.kind
 

@@ -192,8 +192,8 @@ def test_service_metrics_in_prometheus_match_the_output_topics(
             (f"stream_influence_reference_loss{{{sel}}}", "reference_loss"),
             (f"stream_influence_quarantine_rate{{{sel}}}", "quarantine_rate"),
         ):
-            assert prom.value(expr) == pytest.approx(float(final[key]), rel=1e-9), (
-                f"{expr} in Prometheus is not the engine's final {key} ({final[key]}): stale gauges"
+            assert prom.value(expr) == pytest.approx(float(getattr(final, key)), rel=1e-9), (
+                f"{expr} in Prometheus is not the engine's final {key} ({getattr(final, key)}): stale gauges"
             )
 
         # The screenshot-free look at the same data (kept under the test's tmp_path).

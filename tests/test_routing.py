@@ -471,7 +471,7 @@ def test_requeue_decides_as_the_live_policy_would(evidence: str) -> None:
         ]
         before = copy.deepcopy(engine)
         live = engine.process_events(EventBatch.from_arrays(X, y)).quarantine
-        valid, passes = pass_mask(before, raws)
+        valid, passes = pass_mask(before.snapshot(refresh=True), raws)
         assert valid.all()
         np.testing.assert_array_equal(passes, ~live)
         n_q += int(live.sum())

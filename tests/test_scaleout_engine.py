@@ -32,8 +32,9 @@ def test_score_then_learn_chunk_by_chunk_equals_the_single_process() -> None:
     for start in range(0, len(stream), MB):  # one micro-batch per chunk: no staleness inside it
         chunk = stream[start : start + MB]
         want = one.process(chunk)
-        batch, rejects = split.decode(chunk, learn=False)
-        scored = split.score_events(batch, rejects)
+        worker = copy.deepcopy(split)  # the worker's snapshot: the updater's state right now
+        batch, rejects = worker.decode(chunk, learn=False)
+        scored = worker.score_events(batch, rejects)
         assert scored.quarantine.tolist() == want.quarantine.tolist()
         assert np.allclose(scored.scores.influence, want.scores.influence, rtol=1e-12, atol=1e-15)
         split.learn_events(batch, scored.quarantine)

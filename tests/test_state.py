@@ -81,7 +81,7 @@ def test_save_load_continues_bit_for_bit(tmp_path: Path, kind: str, optimizer: s
     assert extra == {"offsets": {"train-0": 384}}
     assert_same_state(engine.state_dict(), restored.state_dict())
     assert restored.policy.version == engine.policy.version == 2
-    assert_same_state(engine.summary(), restored.summary())
+    assert_same_state(engine.summary().as_dict(), restored.summary().as_dict())
 
     for b in range(6):
         raws = stream(rng, 64, f"b{b}-")

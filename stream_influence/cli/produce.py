@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_influence.config import KafkaSettings, load_config
+from stream_influence.offline.jsonl import iter_lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,15 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _lines(path: Path) -> Iterator[bytes]:
-    f = sys.stdin.buffer if str(path) == "-" else path.open("rb")
-    try:
-        for line in f:
-            line = line.rstrip(b"\r\n")
-            if line.strip():
-                yield line
-    finally:
-        if f is not sys.stdin.buffer:
-            f.close()
+    """The file's events ("-": stdin); a blank line is not an event and is not sent."""
+    return iter_lines(path, skip_blank=True)
 
 
 def _key_of(line: bytes) -> bytes | None:

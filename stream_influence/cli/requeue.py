@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import logging
 import sys
@@ -29,6 +28,9 @@ from typing import Any
 import numpy as np
 
 from stream_influence.config import AppSettings, load_config
+from stream_influence.core.router import Router
+from stream_influence.core.scorer import Scorer
+from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,18 +87,22 @@ def _read_all(cfg: AppSettings, topic: str, timeout: float) -> list[Any]:
     return msgs
 
 
-def pass_mask(engine: Any, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """``(valid, passes)`` per raw message: passes = the engine's routing policy (its evidence,
-    floor and disagreement gate, rate cap off) would accept it now; the engine is not changed."""
-    eng = copy.deepcopy(engine)  # a scorer refresh must not leak into anything we save
-    batch, _ = eng.decode(raws, learn=False)
+def pass_mask(snapshot: ModelSnapshot, raws: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """``(valid, passes)`` per raw message: passes = the snapshot's routing policy (its evidence,
+    floor and disagreement gate, rate cap off) would accept it now.  Read-only."""
     valid = np.zeros(len(raws), dtype=bool)
     passes = np.zeros(len(raws), dtype=bool)
-    if len(batch) == 0 or eng.routed is None or eng.reference.size == 0:
+    if snapshot.theta is None or snapshot.reference_size == 0:
+        return valid, passes
+    scorer = Scorer(snapshot)
+    batch, _ = scorer.decode(raws)
+    if len(batch) == 0:
         return valid, passes
     valid[batch.index] = True
-    scores, decision = eng.rescore(batch)
-    passes[batch.index] = np.isfinite(scores.get(eng.policy.settings.score)) & ~decision.quarantine
+    evidence = scorer.evidence(batch)
+    router = Router.from_snapshot(snapshot, rate_cap=False)
+    decision = router.decide(evidence, warm=True)
+    passes[batch.index] = np.isfinite(evidence.scores.get(router.score_kind)) & ~decision.quarantine
     return valid, passes
 
 
@@ -130,7 +136,8 @@ def requeue(
             report.duplicates += 1
         latest[m.key] = m
     todo = list(latest.values())
-    valid, passes = pass_mask(ck.engine, [m.value for m in todo])
+    # s = H⁻¹∇L_R refreshed for the checkpoint's head, on the snapshot (the checkpoint is not changed).
+    valid, passes = pass_mask(ck.engine.snapshot(refresh=True), [m.value for m in todo])
     report.invalid = int((~valid).sum())
     report.passed = int(passes.sum())
     report.still_quarantined = len(todo) - report.passed - report.invalid

@@ -9,7 +9,6 @@ training line: ``{"id", "influence", "relative_influence", "cosine_influence",
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from stream_influence.core.decisions import DecisionRecord
 from stream_influence.core.events import EventBatch, Reject, Schema
 from stream_influence.core.model import make_extractor
 from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import atomic_write
 from stream_influence.errors import ConfigError, StreamInfluenceError
 from stream_influence.offline.audit import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
+from stream_influence.offline.jsonl import iter_lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,14 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _read_lines(path: Path) -> list[bytes]:
+    """Every line (a blank one too: it gets its own dead-letter record)."""
     try:
-        data = path.read_bytes()
+        return list(iter_lines(path))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()  # the newline that ends the last line
-    return [line.rstrip(b"\r") for line in lines]
 
 
 def _report_rejects(name: str, rejects: list[Reject]) -> None:
@@ -135,34 +133,18 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _render(train: EventBatch, rejects: list[Reject], n_lines: int, audit: Any) -> bytes:
-    out: list[str | None] = [None] * n_lines
+    out: list[DecisionRecord | None] = [None] * n_lines
     sc = audit.scores
-    cols = [
+    cols = zip(
         sc.influence.tolist(),
         sc.relative_influence.tolist(),
         sc.cosine_influence.tolist(),
         sc.self_influence.tolist(),
-    ]
+        strict=True,
+    )
     q = audit.quarantine.tolist()
-    for j, (i, eid) in enumerate(zip(train.index.tolist(), train.ids, strict=True)):
-        rec = {
-            "id": eid,
-            "influence": cols[0][j],
-            "relative_influence": cols[1][j],
-            "cosine_influence": cols[2][j],
-            "self_influence": cols[3][j],
-            "decision": "quarantine" if q[j] else "accept",
-            "reason": audit.reasons[j],
-        }
-        out[i] = json.dumps(rec, allow_nan=False)
+    for j, (i, eid, scores) in enumerate(zip(train.index.tolist(), train.ids, cols, strict=True)):
+        out[i] = DecisionRecord(eid, "quarantine" if q[j] else "accept", audit.reasons[j], *scores)
     for r in rejects:
-        out[r.index] = json.dumps(
-            {
-                "id": None,
-                "decision": "dead_letter",
-                "reason": r.reason.value,
-                "detail": r.detail,
-                "line": r.index + 1,
-            }
-        )
-    return "".join(f"{line}\n" for line in out if line is not None).encode()
+        out[r.index] = DecisionRecord.dead_letter(r.reason.value, r.detail).replace(line=r.index + 1)
+    return "".join(f"{rec.to_json()}\n" for rec in out if rec is not None).encode()

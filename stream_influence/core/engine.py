@@ -23,22 +23,27 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
-from stream_influence.core.curvature import Curvature, make_curvature
+from stream_influence.core.curvature import Curvature
+from stream_influence.core.decisions import Decision, DecisionRecord
 from stream_influence.core.events import EventBatch, Reject, Schema
 from stream_influence.core.influence import InfluenceScorer, ReferenceBuffer, Scores
 from stream_influence.core.learner import DriftMonitor, HeadLearner
-from stream_influence.core.model import FeatureExtractor, Standardizer, augment, make_extractor, one_hot
+from stream_influence.core.model import FeatureExtractor, Standardizer, make_extractor
 from stream_influence.core.policy import RoutingDecision, RoutingPolicy
 from stream_influence.core.reference_model import ReferenceModel
+from stream_influence.core.router import Router
+from stream_influence.core.scorer import Scorer
 from stream_influence.core.settings import EngineSettings, PolicySettings
-from stream_influence.errors import CurvatureError, NotWarmError
+from stream_influence.core.snapshot import ModelSnapshot
+from stream_influence.core.updater import Counters, Updater
+from stream_influence.errors import NotWarmError
 
-__all__ = ["BatchResult", "InfluenceEngine"]
+__all__ = ["BatchResult", "EngineSummary", "InfluenceEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -69,78 +74,143 @@ class BatchResult:
         q = int(self.quarantine.sum())
         return {"accepted": len(self.events) - q, "quarantined": q, "dead_lettered": len(self.rejects)}
 
-    def records(self) -> list[dict[str, Any]]:
+    def decisions(self) -> list[DecisionRecord]:
         """One record per input message, in input order: id, decision, reason and scores."""
-        out: list[dict[str, Any] | None] = [None] * self.n_input
+        out: list[DecisionRecord | None] = [None] * self.n_input
         inf = self.scores.influence.tolist()
         rel = self.scores.relative_influence.tolist()
         cos = self.scores.cosine_influence.tolist()
         slf = self.scores.self_influence.tolist()
+        quarantine = self.quarantine.tolist()
         for j, (i, eid) in enumerate(zip(self.events.index.tolist(), self.events.ids, strict=True)):
-            out[i] = {
-                "id": eid,
-                "decision": "quarantine" if self.quarantine[j] else "accept",
-                "reason": self.reasons[j],
-                "influence": _num(inf[j]),
-                "relative_influence": _num(rel[j]),
-                "cosine_influence": _num(cos[j]),
-                "self_influence": _num(slf[j]),
-            }
+            decision: Decision = "quarantine" if quarantine[j] else "accept"
+            out[i] = DecisionRecord(eid, decision, self.reasons[j], inf[j], rel[j], cos[j], slf[j])
         for r in self.rejects:
-            out[r.index] = {
-                "id": None,
-                "decision": "dead_letter",
-                "reason": r.reason.value,
-                "detail": r.detail,
-                "influence": None,
-                "relative_influence": None,
-                "cosine_influence": None,
-                "self_influence": None,
-            }
+            out[r.index] = DecisionRecord.dead_letter(r.reason.value, r.detail)
         return out  # type: ignore[return-value]
 
+    def records(self) -> list[dict[str, Any]]:
+        """:meth:`decisions` as JSON objects."""
+        return [d.to_dict() for d in self.decisions()]
 
-def _num(x: float) -> float | None:
-    return None if x != x else x  # NaN → null
 
+@dataclass(frozen=True, slots=True)
+class EngineSummary:
+    """Counters, routing state, learner metrics and curvature health, at one moment.
 
-@dataclass
-class Counters:
-    consumed: int = 0
-    accepted: int = 0
-    quarantined: int = 0
-    dead_lettered: int = 0
-    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
-    reference_events: int = 0
-    drift_resets: int = 0
-    refactor_failures: int = 0
+    What reports and the metrics exporter read (typed: no dict of string keys).  The learner and
+    curvature fields are ``None`` until the model exists.
+    """
+
+    consumed: int
+    accepted: int
+    quarantined: int
+    dead_lettered: int
+    dead_letter_reasons: dict[str, int]
+    reference_events: int
+    drift_resets: int
+    refactor_failures: int
+    events_seen: int
+    model_version: int
+    policy_version: int
+    classes: list[int | str]
+    n_features: int | None
+    warm: bool
+    alarm: bool
+    quarantine_rate: float
+    threshold: float
+    class_thresholds: list[float]
+    warm_started: bool
+    reference_size: int
+    reference_loss: float
+    prequential_accuracy: float | None = None
+    shadow_prequential_accuracy: float | None = None
+    rolling_accuracy: float | None = None
+    shadow_rolling_accuracy: float | None = None
+    rolling_log_loss: float | None = None
+    shadow_rolling_log_loss: float | None = None
+    updates_applied: int | None = None
+    shadow_updates_applied: int | None = None
+    damping_in_use: float | None = None
+    condition_number: float | None = None
+    refactorizations: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        """A JSON-ready copy (reports)."""
+        return {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)}
 
 
 class InfluenceEngine:
-    """Stateful engine; all learned state is reachable from :meth:`state_dict`."""
+    """Decode → score → route → learn, composed of a :class:`Scorer` (read-only, over a model
+    snapshot), a :class:`Router` and an :class:`Updater`; all learned state is reachable from
+    :meth:`state_dict`.
+    """
 
     def __init__(self, settings: EngineSettings | None = None) -> None:
         self.settings = settings = settings or EngineSettings()
         self.schema = Schema(settings.schema_)
         self.extractor: FeatureExtractor = make_extractor(settings.model)
-        self.policy = RoutingPolicy(settings.policy)
-        self.scorer = InfluenceScorer(settings.influence)
-        self.reference = ReferenceBuffer(settings.reference)
-        self.reference_model = ReferenceModel(settings.influence, settings.seed)
-        self.drift = DriftMonitor(settings.drift)
-        self.counters = Counters()
-        self.events_seen = 0  # valid training events processed
-        self.model_version = 0
-        self.standardizer: Standardizer | None = None
-        self.curvature: Curvature | None = None
-        self.routed: HeadLearner | None = None
-        self.shadow: HeadLearner | None = None
-        self.warm_started = False  # both learners have learned the trusted set (warm start)
-        self._dim = 0  # D = φ width + 1
+        self.router = Router(RoutingPolicy(settings.policy))
+        self.updater = Updater(settings, self.extractor)
         self._warned_small_reference = False
+
+    # -- the composed parts (learned state lives in the updater, the policy in the router) ----
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self.router.policy
+
+    @property
+    def counters(self) -> Counters:
+        return self.updater.counters
+
+    @property
+    def events_seen(self) -> int:
+        return self.updater.events_seen
+
+    @property
+    def model_version(self) -> int:
+        return self.updater.model_version
+
+    @property
+    def warm_started(self) -> bool:
+        return self.updater.warm_started
+
+    @property
+    def reference(self) -> ReferenceBuffer:
+        return self.updater.reference
+
+    @property
+    def reference_model(self) -> ReferenceModel:
+        return self.updater.reference_model
+
+    @property
+    def scorer(self) -> InfluenceScorer:
+        """The cached reference direction ``s = H⁻¹∇L_R`` (see :mod:`~stream_influence.core.influence`)."""
+        return self.updater.direction
+
+    @property
+    def drift(self) -> DriftMonitor:
+        return self.updater.drift
+
+    @property
+    def standardizer(self) -> Standardizer | None:
+        return self.updater.standardizer
+
+    @property
+    def routed(self) -> HeadLearner | None:
+        return self.updater.routed
+
+    @property
+    def shadow(self) -> HeadLearner | None:
+        return self.updater.shadow
+
+    @property
+    def curvature(self) -> Curvature | None:
+        return self.updater.curvature
+
+    @curvature.setter
+    def curvature(self, value: Curvature) -> None:
+        self.updater.curvature = value
 
     # -- schema and model construction ---------------------------------------------------
     @property
@@ -170,27 +240,11 @@ class InfluenceEngine:
 
     def _ensure_model(self) -> None:
         """Build (or grow, while labels are still being learned) the head for the schema."""
-        n_features, K = self.schema.n_features, self.schema.n_classes
-        if n_features is None or K == 0:
-            return
-        if self.routed is None:
-            d = self.extractor.out_features(n_features)
-            self._dim = d + 1
-            self.standardizer = Standardizer(d, self.settings.model.standardize_freeze_after)
-            self.routed = HeadLearner(self.settings.learner, K, self._dim)
-            self.shadow = HeadLearner(self.settings.learner, K, self._dim)
-            self.curvature = make_curvature(self.settings.curvature, K, self._dim)
-        elif self.routed.theta.shape[0] < K:
-            assert self.shadow is not None and self.curvature is not None
-            self.routed.resize(K)
-            self.shadow.resize(K)
-            self.curvature = make_curvature(self.settings.curvature, K, self._dim)
-            self.scorer.invalidate()
+        self.updater.ensure_model(self.schema.n_features, self.schema.n_classes)
 
     def _inputs(self, F: np.ndarray) -> np.ndarray:
         """Standardised, augmented head inputs for φ-features ``F``."""
-        assert self.standardizer is not None
-        return augment(self.standardizer.transform(F) if self.settings.model.standardize else F)
+        return self.updater.inputs(F)
 
     # -- public API ----------------------------------------------------------------------
     def decode(
@@ -219,26 +273,12 @@ class InfluenceEngine:
         if len(batch) == 0:
             return
         self._ensure_model()
-        F = self.extractor.transform(batch.features)
-        self.reference.add(F, batch.labels)
-        self.counters.reference_events += len(batch)
-        self.scorer.invalidate()
+        self.updater.add_reference(self.extractor.transform(batch.features), batch.labels)
 
     @property
     def trusted_reference(self) -> bool:
         """The reference set comes from a trusted source (not seeded from the stream itself)."""
-        return self.settings.reference.seed_from_stream == 0
-
-    def _reference_shortfall(self) -> str | None:
-        """Why the reference set cannot calibrate routing yet (None: it can)."""
-        r = self.settings.reference
-        if self.reference.size < r.min_size:
-            return f"reference set has {self.reference.size}/{r.min_size} points"
-        _, yr = self.reference.arrays()
-        counts = np.bincount(yr)
-        if int((counts >= r.min_per_class).sum()) < 2:
-            return f"reference set needs {r.min_per_class} points in at least two classes (has {counts.tolist()})"
-        return None
+        return self.updater.trusted_reference
 
     @property
     def warm(self) -> bool:
@@ -250,12 +290,7 @@ class InfluenceEngine:
         A trusted reference routes from the first event; only a reference seeded from the
         stream (``seed_from_stream``) also waits for ``policy.warmup_events`` events.
         """
-        if self.routed is None:
-            return "no valid event seen yet"
-        warmup = self.settings.policy.warmup_events
-        if not self.trusted_reference and self.events_seen < warmup:
-            return f"warm-up: {self.events_seen}/{warmup} events"
-        return self._reference_shortfall()
+        return self.updater.not_warm_reason(self.trusted_reference)
 
     def set_policy(self, settings: PolicySettings) -> int:
         """Swap the routing policy at run time; returns the new policy version."""
@@ -264,69 +299,33 @@ class InfluenceEngine:
         return version
 
     def _calibrate(self) -> None:
-        """Per-class thresholds of the calibrated policy from the scorer's held-out reference scores."""
-        cal = self.scorer.calibration
-        if cal is not None and self.routed is not None:
-            ref = self.reference_model if self.reference_model.fitted else None
-            scores = cal.scores.get(self.policy.settings.score)
-            # The reference-loss test is calibrated jointly with the floor when the reference model
-            # was fitted on the very trusted points the held-out scores belong to (same order).
-            aligned = (
-                ref is not None
-                and ref.version == self.reference.version
-                and len(scores) == len(ref.calibration_labels)
-            )
-            self.policy.calibrate(
-                scores,
-                cal.labels,
-                self.routed.theta.shape[0],
-                ref.calibration_losses if ref else None,
-                ref.calibration_labels if ref else None,
-                scores if aligned else None,
-            )
+        self.updater.calibrate(self.policy)
 
     @property
     def uses_reference_model(self) -> bool:
-        p = self.policy.settings
-        return p.mode == "calibrated" and p.evidence != "influence"
+        return self.router.uses_reference_loss
 
-    def _reference_losses(self, F: np.ndarray, labels: np.ndarray) -> np.ndarray | None:
-        """``ℓ_ref`` of a micro-batch, (re)fitting the reference model when the trusted set has
-        changed by ``reference_model_refit_fraction``."""
-        if not self.uses_reference_model or self.reference.size < 2 or self.routed is None:
-            return None
-        r, added = self.reference, self.counters.reference_events
-        fraction = self.settings.influence.reference_model_refit_fraction
-        if self.reference_model.stale(r.version, r.size, added, fraction):
-            Fr, yr = r.arrays()
-            self.reference_model.fit(Fr, yr, self.routed.theta.shape[0], r.version, added)
-            self._calibrate()
-        return self.reference_model.loss(F, labels)
+    def snapshot(self, *, refresh: bool = False) -> ModelSnapshot:
+        """An immutable snapshot of the model and the routing policy in force (see
+        :meth:`Updater.snapshot`); the engine is not changed."""
+        return self.updater.snapshot(
+            self.schema, self.policy, refresh=refresh, not_warm_reason=self.not_warm_reason()
+        )
 
     def rescore(self, batch: EventBatch) -> tuple[Scores, RoutingDecision]:
         """What routing would decide for ``batch`` now — the full policy (every evidence, the
         floor, the disagreement gate) with the quarantine-rate cap off — learning nothing.
 
         Scores are the configured kind (positive: learning the event would raise the trusted
-        reference loss).  Learners, curvature, counters and the policy's windows are untouched;
-        the scorer's cache is refreshed against the current head (and the reference model fitted
-        if stale), so call it on a copy whose state is not saved.  Needs a warm engine.
+        reference loss), against ``s = H⁻¹∇L_R`` refreshed for the current head (on a snapshot:
+        the engine is not changed).  Needs a warm engine.
         """
         if self.routed is None or self.curvature is None or not self.warm:
             raise NotWarmError(f"rescore needs a warm engine ({self.not_warm_reason()})")
-        F = self.extractor.transform(batch.features)
-        X, labels = self._inputs(F), batch.labels
-        P = self.routed.predict_proba(X)
-        Fr, yr = self.reference.arrays()
-        self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
-        self._calibrate()
-        reference_loss = self._reference_losses(F, labels)  # before the copy: it may recalibrate
-        scores = self.scorer.score(P, one_hot(labels, self.routed.theta.shape[0]), X, self.curvature)
-        policy = copy.deepcopy(self.policy)  # its windows must not see these events
-        policy.settings = policy.settings.model_copy(update={"max_quarantine_rate": 1.0})
-        score = scores.get(policy.settings.score)
-        decision = policy.decide(score, True, labels, P.argmax(axis=1) != labels, reference_loss)
-        return scores, decision
+        snapshot = self.snapshot(refresh=True)
+        evidence = Scorer(snapshot).evidence(batch)
+        decision = Router.from_snapshot(snapshot, rate_cap=False).decide(evidence, warm=True)
+        return evidence.scores, decision
 
     def process(self, raws: Sequence[bytes | str | None]) -> BatchResult:
         """Decode, score, route and learn one polled batch of raw messages."""
@@ -334,42 +333,6 @@ class InfluenceEngine:
         result = self.process_events(batch, rejects)
         result.n_input = len(raws)
         return result
-
-    def _warm_start(self) -> None:
-        """Both learners learn the trusted set before the first routed event (see LearnerSettings).
-
-        The trusted points also enter the standardiser and the curvature, so the first micro-batch
-        is scored by a fitted head under a Hessian with evidence, not by zeros under ``λI``.
-        """
-        assert self.routed and self.shadow and self.curvature and self.standardizer
-        self.warm_started = True
-        epochs = self.settings.learner.warm_start_epochs
-        if epochs == 0:
-            return
-        Fr, yr = self.reference.arrays()
-        self.standardizer.update(Fr)
-        Xr = self._inputs(Fr)
-        w = np.ones(len(yr))
-        solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        rng = np.random.default_rng(self.settings.seed)
-        for _ in range(epochs):
-            order = rng.permutation(len(yr))
-            self.routed.learn(Xr[order], yr[order], w, solve, trusted=True)
-            self.shadow.learn(Xr[order], yr[order], w, solve, trusted=True)
-        self._update_curvature(Xr, self.routed.predict_proba(Xr), w)
-        self.scorer.invalidate()
-        self.model_version += 1
-
-    def _update_curvature(self, X: np.ndarray, P: np.ndarray, w: np.ndarray) -> None:
-        assert self.curvature is not None
-        try:
-            self.curvature.update(X, P, w)
-        except CurvatureError as exc:
-            # Recover rather than stop the stream: forget the curvature (H = λI) and rebuild it.
-            log.warning("curvature update failed, resetting it: %s", exc)
-            self.curvature.reset()
-            self.scorer.invalidate()
-            self.counters.refactor_failures += 1
 
     def _warn_small_reference(self) -> None:
         if self._warned_small_reference or self.routed is None:
@@ -392,72 +355,6 @@ class InfluenceEngine:
         Results depend only on the engine state and the chunk (micro-batches start at the chunk's
         first event), so a replay of the same chunks is bit-for-bit the same.
         """
-        return self._run_micro_batches(batch, rejects, self._route_micro_batch)
-
-    def score_events(self, batch: EventBatch, rejects: Sequence[Reject] = ()) -> BatchResult:
-        """Score and route already-decoded events against the current state, learning nothing —
-        what a score worker does with a model snapshot (``run --role score``).
-
-        Scores are the configured kind (positive: learning the event would raise the trusted
-        reference loss).  Only the policy's windows (quarantine-rate cap, quantile mode), the
-        scorer's refresh counter and the counters change; head, standardiser, curvature and the
-        learners' metrics are untouched.
-        """
-
-        def score(F: np.ndarray, chunk: EventBatch, start: int) -> tuple[Scores, RoutingDecision, bool]:
-            assert self.standardizer is not None and self.routed is not None
-            labels = chunk.labels[start : start + len(F)]
-            X = self._inputs(F)
-            scores, decision = self._decide(F, X, self.routed.predict_proba(X), labels, self.warm)
-            return scores, decision, False
-
-        return self._run_micro_batches(batch, rejects, score)
-
-    def learn_events(self, batch: EventBatch, quarantine: np.ndarray) -> BatchResult:
-        """Learn already-decided events — what the one updater does with the decisions of the
-        score workers (``run --role update``): every event informs the standardiser, curvature,
-        shadow learner and metrics; the routed head learns the ones with ``quarantine`` False.
-        The trusted set is learned first (warm start) as in :meth:`process_events`.
-        """
-        quarantine = np.asarray(quarantine, dtype=bool)
-
-        def learn(F: np.ndarray, chunk: EventBatch, start: int) -> tuple[Scores, RoutingDecision, bool]:
-            m = len(F)
-            q = quarantine[start : start + m]
-            labels = chunk.labels[start : start + m]
-            X, P = self._prepare_micro_batch(F)
-            drifted = self._learn_micro_batch(X, P, labels, chunk.weights[start : start + m], ~q)
-            decision = RoutingDecision(
-                q,
-                ["scorer_quarantine" if x else "scorer_accept" for x in q.tolist()],
-                float("nan"),
-                False,
-                self.policy.version,
-                np.full(m, np.nan),
-            )
-            return Scores.missing(m), decision, drifted
-
-        return self._run_micro_batches(batch, (), learn)
-
-    def prepare_snapshot(self) -> None:
-        """Bring the parts a score worker reads up to date before the state is published as a
-        model snapshot: the warm start (if the trusted set is ready), the cached ``H⁻¹∇L_R``
-        against the current head, and the calibrated thresholds."""
-        if self.routed is None or self.curvature is None:
-            return
-        if self.warm and not self.warm_started and self.trusted_reference:
-            self._warm_start()
-        if self.reference.size > 0:
-            Fr, yr = self.reference.arrays()
-            self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
-            self._calibrate()
-
-    def _run_micro_batches(
-        self,
-        batch: EventBatch,
-        rejects: Sequence[Reject],
-        step: Any,
-    ) -> BatchResult:
         c = self.counters
         c.consumed += len(batch) + len(rejects)
         c.dead_lettered += len(rejects)
@@ -465,8 +362,7 @@ class InfluenceEngine:
             c.dead_letter_reasons[r.reason.value] = c.dead_letter_reasons.get(r.reason.value, 0) + 1
         n = len(batch)
         if n == 0 or self.routed is None:
-            return self._result(batch, list(rejects), Scores.missing(n), None, False)
-        assert self.shadow is not None and self.curvature is not None and self.standardizer is not None
+            return self._result(batch, list(rejects), Scores.missing(n), self.router.unscored(n), False)
 
         F = self.extractor.transform(batch.features)
         seed = self.settings.reference.seed_from_stream - self.counters.reference_events
@@ -474,7 +370,7 @@ class InfluenceEngine:
             self.add_reference_events(batch.subset(np.arange(min(seed, n))))
 
         mb = self.settings.influence.micro_batch
-        parts = [step(F[i : i + mb], batch, i) for i in range(0, n, mb)]
+        parts = [self._route_micro_batch(F[i : i + mb], batch, i) for i in range(0, n, mb)]
         scores = Scores.concat([p[0] for p in parts])
         decisions = [p[1] for p in parts]
         last = decisions[-1]
@@ -508,83 +404,112 @@ class InfluenceEngine:
             )
         return self._result(batch, list(rejects), scores, decision, drifted)
 
+    def score_events(self, batch: EventBatch, rejects: Sequence[Reject] = ()) -> BatchResult:
+        """Score and route already-decoded events against the current state, learning nothing —
+        what a score worker does with a model snapshot (``run --role score``).
+
+        Scores are the configured kind (positive: learning the event would raise the trusted
+        reference loss).  Only the policy's windows (quarantine-rate cap, quantile mode), the cached
+        ``s = H⁻¹∇L_R`` (refreshed against this head every ``influence.refresh_every`` events, as
+        in one process) and the counters change; head, standardiser, curvature and the learners'
+        metrics are untouched.
+        """
+        n = len(batch)
+        c = self.counters
+        c.consumed += n + len(rejects)
+        c.dead_lettered += len(rejects)
+        for r in rejects:
+            c.dead_letter_reasons[r.reason.value] = c.dead_letter_reasons.get(r.reason.value, 0) + 1
+        if n == 0 or self.routed is None:
+            return self._result(batch, list(rejects), Scores.missing(n), self.router.unscored(n), False)
+        up, warm = self.updater, self.warm
+        F = self.extractor.transform(batch.features)
+        mb = self.settings.influence.micro_batch
+        parts = []
+        for i in range(0, n, mb):  # the policy's windows see the events in micro-batches, as in one process
+            # s = H⁻¹∇L_R is refreshed as often as in one process, against this (snapshot) head.
+            if up.refresh_direction():
+                self._calibrate()
+            view = up.view(self.schema, self.policy, up.usable_reference_model(self.uses_reference_model))
+            evidence = Scorer(view).evidence_of(F[i : i + mb], batch.labels[i : i + mb])
+            up.count_scored(len(evidence.labels))
+            parts.append((evidence.scores, self.router.decide(evidence, warm)))
+        decision = _joined([d for _, d in parts])
+        q = int(decision.quarantine.sum())
+        c.accepted += n - q
+        c.quarantined += q
+        return self._result(batch, list(rejects), Scores.concat([s for s, _ in parts]), decision, False)
+
+    def learn_events(self, batch: EventBatch, quarantine: np.ndarray) -> BatchResult:
+        """Learn already-decided events — what the one updater does with the decisions of the
+        score workers (``run --role update``): every event informs the standardiser, curvature,
+        shadow learner and metrics; the routed head learns the ones with ``quarantine`` False
+        (:meth:`Updater.update`, in micro-batches of ``influence.micro_batch`` as in one process).
+        """
+        quarantine = np.asarray(quarantine, dtype=bool)
+        n = len(batch)
+        c = self.counters
+        c.consumed += n
+        if n == 0 or self.routed is None:
+            return self._result(batch, [], Scores.missing(n), self.router.unscored(n), False)
+        mb = self.settings.influence.micro_batch
+        parts, drifted = [], False
+        for i in range(0, n, mb):
+            q = quarantine[i : i + mb]
+            m = len(q)
+            reasons = ["scorer_quarantine" if x else "scorer_accept" for x in q.tolist()]
+            d = RoutingDecision(q, reasons, float("nan"), False, self.policy.version, np.full(m, np.nan))
+            drifted |= self.updater.update(batch.subset(np.arange(i, i + m)), d, self.schema, self.policy)
+            parts.append(d)
+        k = int(quarantine.sum())
+        c.accepted += n - k
+        c.quarantined += k
+        return self._result(batch, [], Scores.missing(n), _joined(parts), drifted)
+
+    def prepare_snapshot(self) -> None:
+        """Bring the parts a score worker reads up to date before the state is published as a
+        model snapshot: the warm start (if the trusted set is ready), ``s = H⁻¹∇L_R`` against
+        the current head, and the calibrated thresholds."""
+        up = self.updater
+        if up.routed is None:
+            return
+        if self.warm and not up.warm_started and self.trusted_reference:
+            up.warm_start()
+        if up.refresh_direction(force=True):
+            self._calibrate()
+
     def _route_micro_batch(
         self, F: np.ndarray, chunk: EventBatch, start: int
     ) -> tuple[Scores, RoutingDecision, bool]:
-        """Test, score, route, then learn one micro-batch (matrix products, no per-event loop)."""
+        """Score, route, then learn one micro-batch (matrix products, no per-event loop)."""
+        up = self.updater
         m = len(F)
         labels = chunk.labels[start : start + m]
+        weights = chunk.weights[start : start + m]
         warm = self.warm
-        X, P = self._prepare_micro_batch(F)
-        scores, decision = self._decide(F, X, P, labels, warm)
-        drifted = self._learn_micro_batch(
-            X, P, labels, chunk.weights[start : start + m], ~decision.quarantine
-        )
-        return scores, decision, drifted
-
-    def _prepare_micro_batch(self, F: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Warm start when due, then the standardiser learns ``F``: head inputs and routed ``P``."""
-        assert self.routed and self.standardizer
-        if self.warm and not self.warm_started and self.trusted_reference:
-            self._warm_start()
-        self.standardizer.update(F)
-        X = self._inputs(F)
-        return X, self.routed.predict_proba(X)
-
-    def _decide(
-        self, F: np.ndarray, X: np.ndarray, P: np.ndarray, labels: np.ndarray, warm: bool
-    ) -> tuple[Scores, RoutingDecision]:
-        """Score a micro-batch against the current head and curvature and route it."""
-        assert self.routed and self.curvature
-        Y = one_hot(labels, self.routed.theta.shape[0])
-        scores = Scores.missing(len(F))
-        if self.reference.size > 0:
-            if self.scorer.needs_refresh():
-                Fr, yr = self.reference.arrays()
-                self.scorer.refresh(self.routed.theta, self.curvature, self._inputs(Fr), yr)
-                self._calibrate()
-            scores = self.scorer.score(P, Y, X, self.curvature)
+        # The learned side first (warm start, standardiser, s = H⁻¹∇L_R, reference model), the
+        # policy recalibrated against it, before the scorer reads it.
+        wanted = self.uses_reference_model
+        if up.begin(F, warm=warm, trusted_reference=self.trusted_reference, reference_evidence=wanted):
+            self._calibrate()
+        view = up.view(self.schema, self.policy, up.usable_reference_model(wanted))
+        evidence = Scorer(view).evidence_of(F, labels)
+        up.count_scored(m)
         if warm:
             self._warn_small_reference()
-        decision = self.policy.decide(
-            scores.get(self.policy.settings.score),
-            warm,
-            labels,
-            P.argmax(axis=1) != labels,
-            self._reference_losses(F, labels) if warm else None,
-        )
-        return scores, decision
-
-    def _learn_micro_batch(
-        self, X: np.ndarray, P: np.ndarray, labels: np.ndarray, weights: np.ndarray, accept: np.ndarray
-    ) -> bool:
-        """Test-then-train metrics, curvature (every event), routed head (``accept``), shadow
-        (every event), drift; returns whether drift was detected."""
-        assert self.routed and self.shadow and self.curvature
-        P_shadow = self.shadow.predict_proba(X)
-        errors = self.routed.metrics.update(P, labels)
-        self.shadow.metrics.update(P_shadow, labels)
-        # The CE Hessian does not depend on labels, so every valid event informs the curvature.
-        self._update_curvature(X, P, weights)
-        solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
-        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
-        self.model_version += bool(routed)
-
-        drifted = self.drift.update(errors)
-        if drifted:
-            self.curvature.forget(self.settings.drift.keep)
-            self.scorer.invalidate()
-            self.counters.drift_resets += 1
-        self.events_seen += len(X)
-        return drifted
+        decision = self.router.decide(evidence, warm)
+        drifted = up.learn(evidence, decision, weights)
+        return evidence.scores, decision, drifted
 
     def _result(
-        self, batch: EventBatch, rejects: list[Reject], scores: Scores, decision: Any, drifted: bool
+        self,
+        batch: EventBatch,
+        rejects: list[Reject],
+        scores: Scores,
+        decision: RoutingDecision,
+        drifted: bool,
     ) -> BatchResult:
         n = len(batch)
-        if decision is None:  # no model yet: nothing to route against, everything is warm-up
-            decision = self.policy.decide(np.full(n, np.nan), warm=False)
         return BatchResult(
             events=batch,
             rejects=rejects,
@@ -601,41 +526,48 @@ class InfluenceEngine:
         )
 
     # -- introspection -------------------------------------------------------------------
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> EngineSummary:
         """Counters, metrics and curvature health, for reports and metrics exporters."""
-        out: dict[str, Any] = {
-            **self.counters.as_dict(),
-            "events_seen": self.events_seen,
-            "model_version": self.model_version,
-            "policy_version": self.policy.version,
-            "classes": self.schema.classes,
-            "n_features": self.schema.n_features,
-            "warm": self.warm,
-            "alarm": self.policy.alarm,
-            "quarantine_rate": self.policy.quarantine_rate,
-            "threshold": self.policy.threshold,
-            "class_thresholds": self.policy.class_thresholds.tolist(),
-            "warm_started": self.warm_started,
-            "reference_size": self.reference.size,
-            "reference_loss": self.scorer.reference_loss,
-        }
+        c = self.counters
+        learned: dict[str, Any] = {}
         if self.routed is not None and self.shadow is not None and self.curvature is not None:
-            out.update(
-                {
-                    "prequential_accuracy": self.routed.metrics.cumulative_accuracy,
-                    "shadow_prequential_accuracy": self.shadow.metrics.cumulative_accuracy,
-                    "rolling_accuracy": self.routed.metrics.rolling_accuracy,
-                    "shadow_rolling_accuracy": self.shadow.metrics.rolling_accuracy,
-                    "rolling_log_loss": self.routed.metrics.rolling_log_loss,
-                    "shadow_rolling_log_loss": self.shadow.metrics.rolling_log_loss,
-                    "updates_applied": self.routed.updates,
-                    "shadow_updates_applied": self.shadow.updates,
-                    "damping_in_use": self.curvature.damping_in_use,
-                    "condition_number": self.curvature.condition_number(),
-                    "refactorizations": self.curvature.refactorizations,
-                }
-            )
-        return out
+            learned = {
+                "prequential_accuracy": self.routed.metrics.cumulative_accuracy,
+                "shadow_prequential_accuracy": self.shadow.metrics.cumulative_accuracy,
+                "rolling_accuracy": self.routed.metrics.rolling_accuracy,
+                "shadow_rolling_accuracy": self.shadow.metrics.rolling_accuracy,
+                "rolling_log_loss": self.routed.metrics.rolling_log_loss,
+                "shadow_rolling_log_loss": self.shadow.metrics.rolling_log_loss,
+                "updates_applied": self.routed.updates,
+                "shadow_updates_applied": self.shadow.updates,
+                "damping_in_use": self.curvature.damping_in_use,
+                "condition_number": self.curvature.condition_number(),
+                "refactorizations": self.curvature.refactorizations,
+            }
+        return EngineSummary(
+            consumed=c.consumed,
+            accepted=c.accepted,
+            quarantined=c.quarantined,
+            dead_lettered=c.dead_lettered,
+            dead_letter_reasons=dict(c.dead_letter_reasons),
+            reference_events=c.reference_events,
+            drift_resets=c.drift_resets,
+            refactor_failures=c.refactor_failures,
+            events_seen=self.events_seen,
+            model_version=self.model_version,
+            policy_version=self.policy.version,
+            classes=list(self.schema.classes),
+            n_features=self.schema.n_features,
+            warm=self.warm,
+            alarm=self.policy.alarm,
+            quarantine_rate=self.policy.quarantine_rate,
+            threshold=self.policy.threshold,
+            class_thresholds=self.policy.class_thresholds.tolist(),
+            warm_started=self.warm_started,
+            reference_size=self.reference.size,
+            reference_loss=self.scorer.reference_loss,
+            **learned,
+        )
 
     def predict_proba(self, features: np.ndarray, *, shadow: bool = False) -> np.ndarray:
         """Class probabilities of raw feature rows under the routed (or shadow) head."""
@@ -647,57 +579,70 @@ class InfluenceEngine:
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Every piece of learned state, as numpy arrays and JSON scalars (see ``state``)."""
+        up = self.updater
         state: dict[str, Any] = {
             "schema": self.schema.state_dict(),
-            "events_seen": self.events_seen,
-            "model_version": self.model_version,
-            "counters": self.counters.as_dict(),
+            "events_seen": up.events_seen,
+            "model_version": up.model_version,
+            "counters": up.counters.as_dict(),
             "policy": self.policy.state_dict(),
             "policy_settings": self.policy.settings.model_dump(mode="json"),
-            "scorer": self.scorer.state_dict(),
-            "reference": self.reference.state_dict(),
-            "drift": self.drift.state_dict(),
-            "warm_started": self.warm_started,
+            "scorer": up.direction.state_dict(),
+            "reference": up.reference.state_dict(),
+            "drift": up.drift.state_dict(),
+            "warm_started": up.warm_started,
         }
-        if self.reference_model.fitted:
-            state["reference_model"] = self.reference_model.state_dict()
-        if self.routed is not None:
-            assert self.shadow and self.curvature and self.standardizer
+        if up.reference_model.fitted:
+            state["reference_model"] = up.reference_model.state_dict()
+        if up.routed is not None:
+            assert up.shadow and up.curvature and up.standardizer
             state.update(
                 {
-                    "dim": self._dim,
-                    "routed": self.routed.state_dict(),
-                    "shadow": self.shadow.state_dict(),
-                    "curvature": self.curvature.state_dict(),
-                    "standardizer": self.standardizer.state_dict(),
+                    "dim": up.dim,
+                    "routed": up.routed.state_dict(),
+                    "shadow": up.shadow.state_dict(),
+                    "curvature": up.curvature.state_dict(),
+                    "standardizer": up.standardizer.state_dict(),
                 }
             )
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schema.load_state_dict(state["schema"])
-        self.events_seen = int(state["events_seen"])
-        self.model_version = int(state["model_version"])
-        self.counters = Counters(**state["counters"])
-        self.policy = RoutingPolicy(PolicySettings(**state["policy_settings"]))
+        up = self.updater = Updater(self.settings, self.extractor)
+        up.events_seen = int(state["events_seen"])
+        up.model_version = int(state["model_version"])
+        up.counters = Counters(**state["counters"])
+        self.router = Router(RoutingPolicy(PolicySettings(**state["policy_settings"])))
         self.policy.load_state_dict(state["policy"])
-        self.scorer.load_state_dict(state["scorer"])
-        self.reference.load_state_dict(state["reference"])
-        if self.reference.version != int(state["reference"]["version"]):  # resized: other points
-            self.scorer.invalidate()
-        self.drift.load_state_dict(state["drift"])
+        up.direction.load_state_dict(state["scorer"])
+        up.reference.load_state_dict(state["reference"])
+        if up.reference.version != int(state["reference"]["version"]):  # resized: other points
+            up.direction.invalidate()
+        up.drift.load_state_dict(state["drift"])
         # Checkpoints from before the reference model existed: refit it when it is next needed.
-        self.reference_model = ReferenceModel(self.settings.influence, self.settings.seed)
         if "reference_model" in state:
-            self.reference_model.load_state_dict(state["reference_model"])
+            up.reference_model.load_state_dict(state["reference_model"])
         # Checkpoints from before the warm start existed: their learners are past any warm start.
-        self.warm_started = bool(state.get("warm_started", True))
-        self.routed = self.shadow = self.curvature = self.standardizer = None
+        up.warm_started = bool(state.get("warm_started", True))
         if "routed" in state:
             self._ensure_model()
-            assert self.routed and self.shadow and self.curvature and self.standardizer
-            self.routed.load_state_dict(state["routed"])
-            self.shadow.load_state_dict(state["shadow"])
-            self.curvature.load_state_dict(state["curvature"])
-            self.standardizer.load_state_dict(state["standardizer"])
+            assert up.routed and up.shadow and up.curvature and up.standardizer
+            up.routed.load_state_dict(state["routed"])
+            up.shadow.load_state_dict(state["shadow"])
+            up.curvature.load_state_dict(state["curvature"])
+            up.standardizer.load_state_dict(state["standardizer"])
             self._calibrate()
+
+
+def _joined(decisions: list[RoutingDecision]) -> RoutingDecision:
+    """The decisions of consecutive micro-batches as one."""
+    last = decisions[-1]
+    return RoutingDecision(
+        np.concatenate([d.quarantine for d in decisions]),
+        [r for d in decisions for r in d.reasons],
+        last.threshold,
+        any(d.alarm for d in decisions),
+        last.policy_version,
+        np.concatenate([d.thresholds for d in decisions]),
+    )

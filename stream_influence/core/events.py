@@ -131,21 +131,6 @@ class EventBatch:
             index=np.arange(n),
         )
 
-    @classmethod
-    def empty(cls, n_features: int) -> EventBatch:
-        return cls([], np.zeros((0, n_features)), np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
-
-    @classmethod
-    def concat(cls, batches: Sequence[EventBatch]) -> EventBatch:
-        return cls(
-            ids=[i for b in batches for i in b.ids],
-            features=np.concatenate([b.features for b in batches]),
-            labels=np.concatenate([b.labels for b in batches]),
-            weights=np.concatenate([b.weights for b in batches]),
-            timestamps=np.concatenate([b.timestamps for b in batches]),
-            index=np.concatenate([b.index for b in batches]),
-        )
-
 
 def _finite_number(v: Any) -> bool:
     """A JSON number (not a bool) that is finite as a float64; huge ints do not raise."""

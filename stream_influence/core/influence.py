@@ -49,6 +49,7 @@ import numpy as np
 
 from stream_influence.core.curvature import Curvature
 from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.ring import Ring
 from stream_influence.core.settings import InfluenceSettings, ReferenceSettings
 
 __all__ = ["Calibration", "InfluenceScorer", "ReferenceBuffer", "Scores", "reference_gradient"]
@@ -89,34 +90,38 @@ class ReferenceBuffer:
 
     def __init__(self, settings: ReferenceSettings) -> None:
         self.capacity = settings.capacity
-        self.features: np.ndarray | None = None
-        self.labels = np.zeros(self.capacity, dtype=np.int64)
-        self.size = 0
-        self.pos = 0
+        self._features = Ring(self.capacity, vectors=True)
+        self._labels = Ring(self.capacity, np.int64)
         self.version = 0  # bumps on every change, so cached gradients know they are stale
+
+    @property
+    def size(self) -> int:
+        return self._labels.size
+
+    @property
+    def features(self) -> np.ndarray | None:
+        return self._features.data
+
+    @property
+    def labels(self) -> np.ndarray:
+        assert self._labels.data is not None
+        return self._labels.data
 
     def add(self, F: np.ndarray, y: np.ndarray) -> None:
         if len(F) == 0:
             return
-        if self.features is None:
-            self.features = np.zeros((self.capacity, F.shape[1]))
-        F, y = F[-self.capacity :], y[-self.capacity :]
-        idx = (self.pos + np.arange(len(F))) % self.capacity
-        self.features[idx] = F
-        self.labels[idx] = y
-        self.pos = int((self.pos + len(F)) % self.capacity)
-        self.size = min(self.capacity, self.size + len(F))
+        self._features.push(F)
+        self._labels.push(y)
         self.version += 1
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        assert self.features is not None
-        return self.features[: self.size], self.labels[: self.size]
+        return self._features.values(), self._labels.values()
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "labels": self.labels,
             "size": self.size,
-            "pos": self.pos,
+            "pos": self._labels.pos,
             "version": self.version,
         }
         if self.features is not None:
@@ -127,21 +132,20 @@ class ReferenceBuffer:
         """Restore; a buffer saved with another ``capacity`` keeps its newest points that fit."""
         labels = np.array(state["labels"], dtype=np.int64)
         size, pos, self.version = int(state["size"]), int(state["pos"]), int(state["version"])
+        features = np.array(state["features"], dtype=np.float64) if "features" in state else None
         if len(labels) == self.capacity:  # same capacity: restore the exact layout (bit-for-bit)
-            self.labels, self.size, self.pos = labels, size, pos
-            self.features = np.array(state["features"], dtype=np.float64) if "features" in state else None
+            self._labels.restore(labels, size, pos)
+            self._features.restore(features, size, pos)
             return
-        order = np.arange(size) if size < len(labels) else (pos + np.arange(size)) % len(labels)
-        order = order[-self.capacity :]  # oldest first
-        self.labels = np.zeros(self.capacity, dtype=np.int64)
-        self.labels[: len(order)] = labels[order]
-        self.size, self.pos = len(order), len(order) % self.capacity
+        saved = Ring(len(labels), np.int64)
+        saved.restore(labels, size, pos)
+        order = saved.order()[-self.capacity :]  # oldest first
+        self._labels = Ring(self.capacity, np.int64)
+        self._labels.push(labels[order])
+        self._features = Ring(self.capacity, vectors=True)
+        if features is not None:
+            self._features.push(features[order])
         self.version += 1  # other points than the saved set: whatever was fitted on it is stale
-        self.features = None
-        if "features" in state:
-            features = np.array(state["features"], dtype=np.float64)
-            self.features = np.zeros((self.capacity, features.shape[1]))
-            self.features[: len(order)] = features[order]
 
 
 def objective_residuals(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, objective: str) -> np.ndarray:
@@ -163,7 +167,9 @@ def reference_gradient(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray, object
 
 
 class InfluenceScorer:
-    """Scores a batch against the cached ``s = H⁻¹∇L_R`` (see the module docstring)."""
+    """The cached reference direction ``s = H⁻¹∇L_R`` (with its norm, the reference loss and the
+    held-out calibration scores) and the scoring of a batch against it (see the module
+    docstring).  The public, snapshot-level API is :class:`stream_influence.core.scorer.Scorer`."""
 
     def __init__(self, settings: InfluenceSettings) -> None:
         self.settings = settings
@@ -220,12 +226,13 @@ class InfluenceScorer:
         return Calibration(Scores(influence, relative, relative / norm, -q), yr.copy())
 
     def score(self, P: np.ndarray, Y: np.ndarray, X: np.ndarray, curvature: Curvature) -> Scores:
-        """Scores for points with probabilities ``P``, one-hot labels ``Y``, inputs ``X``."""
+        """Scores for points with probabilities ``P``, one-hot labels ``Y``, inputs ``X``.
+
+        Read-only (the owner counts scored events towards ``refresh_every``)."""
         assert self.s is not None, "refresh() first"
         R = P - Y
         influence = -np.einsum("bd,bd->b", R @ self.s, X)
         quad = np.maximum(curvature.quad(R, X), 1e-300)
-        self.events_since_refresh += len(X)
         relative = influence / np.sqrt(quad)
         return Scores(influence, relative, relative / self.s_norm, -quad)
 

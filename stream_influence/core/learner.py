@@ -23,6 +23,7 @@ import numpy as np
 from river import drift
 
 from stream_influence.core.model import softmax
+from stream_influence.core.ring import Ring
 from stream_influence.core.settings import DriftSettings, LearnerSettings
 
 __all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
@@ -40,10 +41,10 @@ class Prequential:
     def __init__(self, window: int) -> None:
         self.window = window
         self.confusion = np.zeros((0, 0))  # [true, predicted] counts (weights of restored cells)
-        self._correct = np.zeros(window)
-        self._loss = np.zeros(window)
+        # Ring position = event number mod window (the layout checkpoints store).
+        self._correct_ring = Ring(window)
+        self._loss_ring = Ring(window)
         self.n = 0
-        self.filled = 0  # newest events held in the window (fewer than n after a resize)
 
     def _count(
         self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None, k: int | None = None
@@ -64,22 +65,30 @@ class Prequential:
         self._count(y, pred, k=P.shape[1])  # labels index P's columns: both are below its width
         correct = (pred == y).astype(np.float64)
         loss = -np.log(np.clip(P[np.arange(m), y], 1e-15, None))
-        start = self.n % self.window
-        if start + m <= self.window:  # no wrap: a slice, not an index array
-            self._correct[start : start + m] = correct
-            self._loss[start : start + m] = loss
-        else:
-            idx = (self.n + np.arange(m)) % self.window
-            self._correct[idx] = correct
-            self._loss[idx] = loss
+        self._correct_ring.push(correct, aligned=True)
+        self._loss_ring.push(loss, aligned=True)
         self.n += len(y)
-        self.filled = min(self.window, self.filled + len(y))
         return 1.0 - correct
 
-    def _recent(self, values: np.ndarray) -> float:
-        if not self.filled:
-            return float("nan")
-        return float(values[(self.n - 1 - np.arange(self.filled)) % self.window].mean())
+    @property
+    def _correct(self) -> np.ndarray:
+        """0/1 correctness of the window's events, at position event number mod window."""
+        assert self._correct_ring.data is not None
+        return self._correct_ring.data
+
+    @property
+    def _loss(self) -> np.ndarray:
+        assert self._loss_ring.data is not None
+        return self._loss_ring.data
+
+    @property
+    def filled(self) -> int:
+        """Newest events held in the window (fewer than ``n`` after a resize)."""
+        return self._correct_ring.size
+
+    @staticmethod
+    def _recent(ring: Ring) -> float:
+        return float(ring.newest(ring.size).mean()) if ring.size else float("nan")
 
     @property
     def cumulative_accuracy(self) -> float:
@@ -88,18 +97,23 @@ class Prequential:
 
     @property
     def rolling_accuracy(self) -> float:
-        return self._recent(self._correct)
+        return self._recent(self._correct_ring)
 
     @property
     def rolling_log_loss(self) -> float:
-        return self._recent(self._loss)
+        return self._recent(self._loss_ring)
 
     def state_dict(self) -> dict[str, Any]:
         # Saved as (true, predicted, count) rows of the non-zero cells, the format of earlier
         # releases (which kept river's confusion matrix): old and new checkpoints load alike.
         t, q = np.nonzero(self.confusion)
         cells = np.column_stack([t, q, self.confusion[t, q]]).astype(np.float64)
-        return {"n": self.n, "correct": self._correct, "loss": self._loss, "confusion": cells.reshape(-1, 3)}
+        return {
+            "n": self.n,
+            "correct": self._correct,
+            "loss": self._loss,
+            "confusion": cells.reshape(-1, 3),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.n = int(state["n"])
@@ -109,10 +123,10 @@ class Prequential:
         saved_l = np.array(state["loss"], dtype=np.float64)
         k = min(self.n, len(saved_c), self.window)
         events = np.arange(self.n - k, self.n)
-        self._correct, self._loss = np.zeros(self.window), np.zeros(self.window)
-        self._correct[events % self.window] = saved_c[events % len(saved_c)]
-        self._loss[events % self.window] = saved_l[events % len(saved_l)]
-        self.filled = k
+        for ring, saved in ((self._correct_ring, saved_c), (self._loss_ring, saved_l)):
+            data = np.zeros(self.window)
+            data[events % self.window] = saved[events % len(saved)]
+            ring.restore(data, k, self.n % self.window)
         cells = np.asarray(state["confusion"], dtype=np.float64).reshape(-1, 3)
         self.confusion = np.zeros((0, 0))
         self._count(cells[:, 0].astype(np.int64), cells[:, 1].astype(np.int64), cells[:, 2])

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_influence.core.ring import Ring
 from stream_influence.core.settings import PolicySettings
 
 __all__ = ["REASONS", "RoutingDecision", "RoutingPolicy", "conformal_quantile"]
@@ -89,40 +90,6 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(x[max(k, 1) - 1])
 
 
-class _Ring:
-    """Fixed-size window of floats (recent scores / quarantine flags)."""
-
-    def __init__(self, size: int) -> None:
-        self.data = np.zeros(size)
-        self.n = 0
-        self.pos = 0
-
-    def values(self) -> np.ndarray:
-        return self.data[: self.n] if self.n < len(self.data) else self.data
-
-    def oldest(self, k: int) -> np.ndarray:
-        """The ``k`` values the next ``k`` pushes would evict."""
-        k = max(0, min(k, self.n + k - len(self.data), self.n))
-        if self.n < len(self.data):
-            return self.data[:k]
-        return self.data[(self.pos + np.arange(k)) % len(self.data)]
-
-    def push(self, x: np.ndarray) -> None:
-        x = x[-len(self.data) :]
-        idx = (self.pos + np.arange(len(x))) % len(self.data)
-        self.data[idx] = x
-        self.pos = int((self.pos + len(x)) % len(self.data))
-        self.n = min(len(self.data), self.n + len(x))
-
-    def state(self, prefix: str) -> dict[str, Any]:
-        return {f"{prefix}_data": self.data, f"{prefix}_n": self.n, f"{prefix}_pos": self.pos}
-
-    def load(self, state: dict[str, Any], prefix: str) -> None:
-        data = np.array(state[f"{prefix}_data"], dtype=np.float64)
-        if len(data) == len(self.data):  # a resized window after a policy swap starts afresh
-            self.data, self.n, self.pos = data, int(state[f"{prefix}_n"]), int(state[f"{prefix}_pos"])
-
-
 class RoutingPolicy:
     """Stateful router; :meth:`swap` installs new settings at run time (hot reload)."""
 
@@ -133,9 +100,9 @@ class RoutingPolicy:
 
     def _install(self, settings: PolicySettings) -> None:
         self.settings = settings
-        self._scores = _Ring(settings.quantile_window)
-        self._flags = _Ring(settings.rate_window)
-        self._above = _Ring(settings.rate_window)  # score above τ, before the gate and the cap
+        self._scores = Ring(settings.quantile_window)
+        self._flags = Ring(settings.rate_window)
+        self._above = Ring(settings.rate_window)  # score above τ, before the gate and the cap
         self.threshold = settings.quarantine_threshold
         # Calibrated mode: per-class thresholds, derived from the scorer's calibration scores
         # (recomputed by calibrate(), never saved: the calibration scores are).
@@ -149,9 +116,9 @@ class RoutingPolicy:
         """
         old_scores, old_flags, old_above = self._scores, self._flags, self._above
         self._install(settings)
-        if len(old_scores.data) == settings.quantile_window:
+        if old_scores.capacity == settings.quantile_window:
             self._scores = old_scores
-        if len(old_flags.data) == settings.rate_window:
+        if old_flags.capacity == settings.rate_window:
             self._flags, self._above = old_flags, old_above
         self.version += 1
         return self.version
@@ -251,7 +218,7 @@ class RoutingPolicy:
                 return self.class_thresholds[labels]
             return np.full(n, self.threshold)
         threshold = s.quarantine_threshold
-        if s.mode == "quantile" and self._scores.n >= 10:
+        if s.mode == "quantile" and self._scores.size >= 10:
             threshold = max(threshold, float(np.quantile(self._scores.values(), 1.0 - s.quantile)))
         self.threshold = threshold
         return np.full(n, threshold)
@@ -306,10 +273,8 @@ class RoutingPolicy:
         reasons[harmful] = "harmful"
 
         # How many quarantines keep the rolling rate ≤ cap once this batch enters the window.
-        window = min(len(self._flags.data), self._flags.n + n)
-        kept_q = (
-            self._flags.values().sum() - self._flags.oldest(n).sum() if n < len(self._flags.data) else 0.0
-        )
+        window = min(self._flags.capacity, self._flags.size + n)
+        kept_q = self._flags.values().sum() - self._flags.oldest(n).sum() if n < self._flags.capacity else 0.0
         allowed = max(0, int(np.floor(s.max_quarantine_rate * window - kept_q + 1e-9)))
         wanted = int(harmful.sum())
         capped_now = wanted > allowed

@@ -36,14 +36,24 @@ from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
+from stream_influence.core.curvature import make_curvature
 from stream_influence.core.engine import InfluenceEngine
-from stream_influence.core.settings import EngineSettings
+from stream_influence.core.events import Schema
+from stream_influence.core.influence import InfluenceScorer
+from stream_influence.core.model import Standardizer, make_extractor
+from stream_influence.core.policy import RoutingPolicy
+from stream_influence.core.reference_model import ReferenceModel
+from stream_influence.core.settings import EngineSettings, PolicySettings
+from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import CheckpointCorrupt, CheckpointIncompatible, CorruptReason
 
 __all__ = [
+    "SNAPSHOT_VERSION",
     "atomic_write",
+    "decode_snapshot",
     "decode_state",
     "encode_engine",
+    "encode_snapshot",
     "encode_state",
     "load_engine",
     "load_state",
@@ -54,6 +64,9 @@ __all__ = [
 ]
 
 FORMAT = "stream-influence/state/1"
+# Version of the model-snapshot layout inside that format (encode_snapshot); bump on any change
+# a reader of the previous version could not decode.
+SNAPSHOT_VERSION = 1
 _TENSOR = "__tensor__"
 
 
@@ -248,7 +261,7 @@ def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray],
     )
     template.schema.load_state_dict(engine.schema.state_dict())
     if engine.routed is not None:
-        template.schema.n_features = engine._dim - 1
+        template.schema.n_features = engine.updater.dim - 1
         template._ensure_model()
     expected: dict[str, np.ndarray] = {}
     actual: dict[str, np.ndarray] = {}
@@ -297,3 +310,100 @@ def load_engine(path: Path, settings: EngineSettings | None = None) -> tuple[Inf
     """Restore an engine from a state file, checked (see :func:`decode_state`, :func:`restore_engine`)."""
     state, meta, tensors = decode_state(read_file(path), path)
     return restore_engine(state, meta, tensors, path, settings)
+
+
+# -- model snapshots (what scorer processes receive from the one updater) --------------------------
+def _inf_safe(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Thresholds may be +inf (a test that is off): stored as finite values and a flag array,
+    since state files hold no non-finite floats."""
+    x = np.asarray(x, dtype=np.float64)
+    return {"values": np.where(np.isfinite(x), x, 0.0), "posinf": (x == np.inf).astype(np.uint8)}
+
+
+def _from_inf_safe(d: dict[str, Any]) -> np.ndarray:
+    values = np.array(d["values"], dtype=np.float64)
+    return np.where(np.asarray(d["posinf"]) > 0, np.inf, values)
+
+
+def encode_snapshot(snapshot: ModelSnapshot) -> bytes:
+    """The bytes of a :class:`ModelSnapshot` (this module's safetensors + JSON format, with
+    ``SNAPSHOT_VERSION`` in the header); :func:`decode_snapshot` restores it exactly."""
+    policy = snapshot.policy
+    state: dict[str, Any] = {
+        "schema": snapshot.schema.state_dict(),
+        "model_version": snapshot.model_version,
+        "reference_size": snapshot.reference_size,
+        "not_warm_reason": snapshot.not_warm_reason,
+        "direction": snapshot.direction.state_dict(),
+        "policy": policy.state_dict(),
+        "policy_settings": policy.settings.model_dump(mode="json"),
+        "policy_threshold": policy.threshold,
+        "class_thresholds": _inf_safe(policy.class_thresholds),
+        "reference_thresholds": _inf_safe(policy.reference_thresholds),
+    }
+    if snapshot.reference_model is not None:
+        state["reference_model"] = snapshot.reference_model.state_dict()
+    if snapshot.theta is not None:
+        assert snapshot.standardizer is not None and snapshot.curvature is not None
+        state["theta"] = snapshot.theta
+        state["standardizer"] = snapshot.standardizer.state_dict()
+        state["curvature"] = snapshot.curvature.state_dict()
+    meta = {
+        "snapshot_version": SNAPSHOT_VERSION,
+        "settings": snapshot.settings.model_dump(mode="json", by_alias=True),
+    }
+    return encode_state(state, meta)
+
+
+def decode_snapshot(data: bytes, source: str = "model snapshot") -> ModelSnapshot:
+    """Inverse of :func:`encode_snapshot`.  Bytes that are not a snapshot raise
+    :class:`CheckpointCorrupt`; another ``SNAPSHOT_VERSION`` raises :class:`CheckpointIncompatible`."""
+    state, meta, _ = decode_state(data, source)
+    version = meta.get("snapshot_version")
+    if version != SNAPSHOT_VERSION:
+        raise CheckpointIncompatible(
+            f"{source}: snapshot version {version!r}, this release reads version {SNAPSHOT_VERSION}"
+        )
+    try:
+        settings = EngineSettings.model_validate(meta["settings"])
+        schema = Schema(settings.schema_)
+        schema.load_state_dict(state["schema"])
+        direction = InfluenceScorer(settings.influence)
+        direction.load_state_dict(state["direction"])
+        policy = RoutingPolicy(PolicySettings(**state["policy_settings"]))
+        policy.load_state_dict(state["policy"])
+        policy.threshold = float(state["policy_threshold"])
+        policy.class_thresholds = _from_inf_safe(state["class_thresholds"])
+        policy.reference_thresholds = _from_inf_safe(state["reference_thresholds"])
+        reference_model = None
+        if "reference_model" in state:
+            reference_model = ReferenceModel(settings.influence, settings.seed)
+            reference_model.load_state_dict(state["reference_model"])
+        theta = standardizer = curvature = None
+        if "theta" in state:
+            theta = np.array(state["theta"], dtype=np.float64)
+            K, D = theta.shape
+            standardizer = Standardizer(D - 1, settings.model.standardize_freeze_after)
+            standardizer.load_state_dict(state["standardizer"])
+            curvature = make_curvature(settings.curvature, K, D)
+            curvature.load_state_dict(state["curvature"])
+            theta.flags.writeable = False
+        reason = state["not_warm_reason"]
+        return ModelSnapshot(
+            settings=settings,
+            schema=schema,
+            extractor=make_extractor(settings.model),
+            theta=theta,
+            standardizer=standardizer,
+            curvature=curvature,
+            direction=direction,
+            reference_model=reference_model,
+            policy=policy,
+            not_warm_reason=None if reason is None else str(reason),
+            model_version=int(state["model_version"]),
+            reference_size=int(state["reference_size"]),
+        )
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, ValidationError) as exc:
+        raise CheckpointCorrupt(
+            source, CorruptReason.METADATA, f"not a consistent model snapshot: {type(exc).__name__}: {exc}"
+        ) from exc

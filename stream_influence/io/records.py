@@ -8,11 +8,11 @@ before it is produced.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
+from stream_influence.core.decisions import DecisionRecord
 from stream_influence.errors import OutputError
 from stream_influence.io.broker import Headers, OutputRecord
 
@@ -233,7 +233,5 @@ def header_dict(headers: Sequence[tuple[str, bytes]] | None) -> dict[str, str]:
 
 
 def decision_value(record: dict[str, Any], topic: str, partition: int, offset: int) -> bytes:
-    return json.dumps(
-        {**record, "source_topic": topic, "source_partition": partition, "source_offset": offset},
-        separators=(",", ":"),
-    ).encode()
+    """The decisions-topic value of ``record`` (a :class:`DecisionRecord` as a JSON object)."""
+    return DecisionRecord.from_dict(record).with_source(topic, partition, offset).to_json().encode()

@@ -56,7 +56,7 @@ from stream_influence.core.policy import REASONS
 from stream_influence.errors import CorruptReason
 
 if TYPE_CHECKING:
-    from stream_influence.core.engine import BatchResult
+    from stream_influence.core.engine import BatchResult, EngineSummary
     from stream_influence.core.settings import EngineSettings, PolicySettings
 
 __all__ = [
@@ -143,42 +143,42 @@ def _le(b: float) -> str:
 class _EngineCounters(Collector):
     """Counters that mirror the engine's checkpointed lifetime counts (see module docstring)."""
 
-    # (metric name without prefix, help, summary key, extra labels)
-    _SPEC: tuple[tuple[str, str, str, dict[str, str]], ...] = (
+    # (metric name without prefix, help, the summary field, extra labels)
+    _SPEC: tuple[tuple[str, str, Callable[[EngineSummary], int | None], dict[str, str]], ...] = (
         ("model_updates_total", "Online updates applied to the head (events learned).",
-         "updates_applied", {"model": "routed"}),
+         lambda s: s.updates_applied, {"model": "routed"}),
         ("model_updates_total", "Online updates applied to the head (events learned).",
-         "shadow_updates_applied", {"model": "shadow"}),
+         lambda s: s.shadow_updates_applied, {"model": "shadow"}),
         ("curvature_refactorizations_total",
          "Re-factorisations of the curvature estimate from scratch (periodic or forced).",
-         "refactorizations", {}),
+         lambda s: s.refactorizations, {}),
         ("curvature_refactorization_failures_total",
          "Re-factorisations that failed (the estimate was not positive definite) and were "
-         "recovered by resetting the curvature to λI.", "refactor_failures", {}),
+         "recovered by resetting the curvature to λI.", lambda s: s.refactor_failures, {}),
         ("drift_resets_total", "Resets of the learned state triggered by the drift detector.",
-         "drift_resets", {}),
+         lambda s: s.drift_resets, {}),
         ("reference_events_total", "Trusted events added to the reference buffer.",
-         "reference_events", {}),
+         lambda s: s.reference_events, {}),
     )  # fmt: skip
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._summary: dict[str, Any] = {}
+        self._summary: EngineSummary | None = None
 
-    def update(self, summary: Mapping[str, Any]) -> None:
+    def update(self, summary: EngineSummary) -> None:
         with self._lock:
-            self._summary = dict(summary)
+            self._summary = summary  # frozen: safe to share with the scrape thread
 
     def collect(self) -> Iterable[CounterMetricFamily]:
         with self._lock:
             summary = self._summary
         fams: dict[str, CounterMetricFamily] = {}
-        for name, doc, key, labels in self._SPEC:
+        for name, doc, field_of, labels in self._SPEC:
             full = PREFIX + name.removesuffix("_total")
             fam = fams.get(full)
             if fam is None:
                 fam = fams[full] = CounterMetricFamily(full, doc, labels=sorted(labels))
-            value = summary.get(key)
+            value = field_of(summary) if summary is not None else None
             # Exposed from the start (at 0) so that rate()/increase() see the first increment.
             fam.add_metric([labels[k] for k in sorted(labels)], float(value or 0))
         yield from fams.values()
@@ -416,7 +416,7 @@ class ServiceMetrics:
     def observe_batch(
         self,
         result: BatchResult,
-        summary: Mapping[str, Any],
+        summary: EngineSummary,
         duration_s: float,
         fresh: np.ndarray | None = None,
     ) -> None:
@@ -466,26 +466,28 @@ class ServiceMetrics:
         self.model_version.set(result.model_version)
         self.update_summary(summary)
 
-    def update_summary(self, summary: Mapping[str, Any]) -> None:
+    def update_summary(self, summary: EngineSummary) -> None:
         """Set the gauges and engine counters from ``engine.summary()`` (also usable before the
         first batch, e.g. right after restoring a checkpoint)."""
         s = summary
         self.engine_counters.update(s)
-        _set(self.warm, s.get("warm"))
-        _set(self.alarm, s.get("alarm"))
-        _set(self.quarantine_rate, s.get("quarantine_rate"))
-        if s.get("threshold") is not None:
-            self.threshold.labels("quarantine").set(float(s["threshold"]))
-        _set(self.policy_version, s.get("policy_version"))
-        _set(self.model_version, s.get("model_version"))
-        _set(self.reference_loss, s.get("reference_loss"))
-        _set(self.reference_size, s.get("reference_size"))
-        for model, prefix in (("routed", ""), ("shadow", "shadow_")):
-            _set(self.rolling_accuracy.labels(model), s.get(prefix + "rolling_accuracy"))
-            _set(self.rolling_log_loss.labels(model), s.get(prefix + "rolling_log_loss"))
-            _set(self.prequential_accuracy.labels(model), s.get(prefix + "prequential_accuracy"))
-        _set(self.damping, s.get("damping_in_use"))
-        _set(self.condition_number, s.get("condition_number"))
+        self.warm.set(1.0 if s.warm else 0.0)
+        self.alarm.set(1.0 if s.alarm else 0.0)
+        self.quarantine_rate.set(s.quarantine_rate)
+        self.threshold.labels("quarantine").set(s.threshold)
+        self.policy_version.set(s.policy_version)
+        self.model_version.set(s.model_version)
+        self.reference_loss.set(s.reference_loss)
+        self.reference_size.set(s.reference_size)
+        for model, rolling, log_loss, prequential in (
+            ("routed", s.rolling_accuracy, s.rolling_log_loss, s.prequential_accuracy),
+            ("shadow", s.shadow_rolling_accuracy, s.shadow_rolling_log_loss, s.shadow_prequential_accuracy),
+        ):
+            _set(self.rolling_accuracy.labels(model), rolling)
+            _set(self.rolling_log_loss.labels(model), log_loss)
+            _set(self.prequential_accuracy.labels(model), prequential)
+        _set(self.damping, s.damping_in_use)
+        _set(self.condition_number, s.condition_number)
 
     def set_policy(self, policy: PolicySettings, version: int | None = None) -> None:
         """Policy gauges from the settings in force (at start and after a hot reload)."""
@@ -534,13 +536,10 @@ class ServiceMetrics:
         return generate_latest(self.registry)
 
 
-def _set(gauge: Gauge, value: Any) -> None:
-    if value is None:
-        return
-    try:
-        gauge.set(float(value))
-    except (TypeError, ValueError):
-        log.debug("metric %s: cannot set %r", gauge, value)
+def _set(gauge: Gauge, value: float | None) -> None:
+    """Set a gauge whose value is undefined (``None``) until the model exists."""
+    if value is not None:
+        gauge.set(value)
 
 
 ReadyFn = Callable[[], tuple[bool, dict[str, Any]]]

@@ -26,7 +26,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +36,7 @@ import numpy as np
 from stream_influence.core.engine import BatchResult, InfluenceEngine
 from stream_influence.core.settings import EngineSettings
 from stream_influence.errors import StreamInfluenceError
+from stream_influence.offline.jsonl import iter_batches, iter_lines
 
 __all__ = [
     "DEFAULT_SEED_REFERENCE",
@@ -52,28 +53,6 @@ __all__ = [
 # (100–200 clean points), while being a small slice of any realistic stream.
 DEFAULT_SEED_REFERENCE = 300
 HIST_BINS = np.linspace(-1.0, 1.0, 81)  # cosine_influence lives in [−1, 1]
-
-
-def iter_lines(path: Path) -> Iterator[bytes]:
-    """Raw lines without their line terminator; an empty line is yielded as ``b""``."""
-    with open(path, "rb") as f:
-        for line in f:
-            yield line.rstrip(b"\r\n")
-
-
-def iter_batches(path: Path, batch_size: int) -> Iterator[tuple[list[bytes], int]]:
-    """``(lines, bytes_read_so_far)`` in batches of at most ``batch_size`` lines."""
-    batch: list[bytes] = []
-    pos = 0
-    with open(path, "rb") as f:
-        for line in f:
-            pos += len(line)
-            batch.append(line.rstrip(b"\r\n"))
-            if len(batch) >= batch_size:
-                yield batch, pos
-                batch = []
-    if batch:
-        yield batch, pos
 
 
 @dataclass
@@ -250,10 +229,10 @@ def replay(
             after_s = _correct(engine.shadow) if engine.shadow is not None else 0
             trace.add(result, after_r - before_r, after_s - before_s)
             if out is not None:
-                for rec, raw in zip(result.records(), lines, strict=True):
-                    if rec["decision"] == "dead_letter":
-                        rec["id"] = _dead_letter_id(raw)
-                    out.write(json.dumps(rec, separators=(",", ":")))
+                for rec, raw in zip(result.decisions(), lines, strict=True):
+                    if rec.decision == "dead_letter":
+                        rec = rec.replace(id=_dead_letter_id(raw))
+                    out.write(rec.to_json())
                     out.write("\n")
             if progress is not None:
                 c = engine.counters
@@ -281,10 +260,10 @@ def replay(
         "dead_lettered": c.dead_lettered,
         "dead_letter_reasons": dict(sorted(c.dead_letter_reasons.items())),
         "decision_reasons": dict(sorted(trace.reasons.items())),
-        "prequential_accuracy": summary.get("prequential_accuracy"),
-        "shadow_prequential_accuracy": summary.get("shadow_prequential_accuracy"),
-        "updates_applied": summary.get("updates_applied", 0),
-        "shadow_updates_applied": summary.get("shadow_updates_applied", 0),
+        "prequential_accuracy": summary.prequential_accuracy,
+        "shadow_prequential_accuracy": summary.shadow_prequential_accuracy,
+        "updates_applied": summary.updates_applied or 0,
+        "shadow_updates_applied": summary.shadow_updates_applied or 0,
         "events_per_second": n_input / elapsed if elapsed > 0 else None,
         "elapsed_seconds": elapsed,
         "batch_size": batch_size,
@@ -301,18 +280,15 @@ def replay(
             raise StreamInfluenceError(f"test file not found: {test}")
         report.update(evaluate_test_set(engine, Path(test)))
     report["engine"] = {
-        k: summary.get(k)
-        for k in (
-            "classes",
-            "n_features",
-            "reference_size",
-            "reference_loss",
-            "quarantine_rate",
-            "threshold",
-            "damping_in_use",
-            "condition_number",
-            "refactorizations",
-        )
+        "classes": summary.classes,
+        "n_features": summary.n_features,
+        "reference_size": summary.reference_size,
+        "reference_loss": summary.reference_loss,
+        "quarantine_rate": summary.quarantine_rate,
+        "threshold": summary.threshold,
+        "damping_in_use": summary.damping_in_use,
+        "condition_number": summary.condition_number,
+        "refactorizations": summary.refactorizations,
     }
     report["settings"] = engine.settings.model_dump(mode="json", by_alias=True)
     return ReplayResult(_clean(report), trace, engine)

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.config import AppSettings
-from stream_influence.core.engine import BatchResult, InfluenceEngine
+from stream_influence.core.engine import BatchResult, EngineSummary, InfluenceEngine
 from stream_influence.errors import ConfigError, ReplayLimitError
 from stream_influence.io.broker import (
     Broker,
@@ -93,7 +93,7 @@ class Service:
         self.health = Health()
         #: The engine summary as of the end of the loop's last step: replaced, never changed, so
         #: other threads (the demo's progress view) read it without a lock.
-        self.summary: dict[str, Any] = self.engine.summary()
+        self.summary: EngineSummary = self.engine.summary()
         self.next_offsets: dict[tuple[str, int], int] = {}  # first offset not applied to the model
         # Where a partition unknown to checkpoints and commits started (auto_offset_reset), so a
         # rollback before its first checkpoint can go back there.

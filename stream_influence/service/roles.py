@@ -165,7 +165,7 @@ class ScoreService(Service):
             log.error("model snapshot %s rejected (keeping the one in use): %s", snapshot.id, exc)
             self._bad_snapshot = snapshot.id
             return False
-        engine.counters = self.engine.counters  # what this worker consumed and decided
+        engine.updater.counters = self.engine.counters  # what this worker consumed and decided
         if engine.policy.settings != self.reloader.current:
             engine.set_policy(self.reloader.current)  # this worker's configuration wins, as on restore
         self.engine = engine

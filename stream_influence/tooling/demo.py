@@ -35,7 +35,8 @@ from stream_influence.config import (
     LoggingSettings,
     MetricsSettings,
 )
-from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.decisions import DecisionRecord
+from stream_influence.core.engine import EngineSummary, InfluenceEngine
 from stream_influence.core.events import EventBatch
 from stream_influence.core.settings import EngineSettings, PolicySettings, SchemaSettings
 from stream_influence.offline.datasets import Stream, load_stream
@@ -76,11 +77,12 @@ class _Progress:
     started: float = field(default_factory=time.monotonic)
     samples: list[tuple[int, float, float]] = field(default_factory=list)  # consumed, routed, shadow
 
-    def sample(self, summary: dict[str, Any]) -> None:
-        n = int(summary.get("consumed", 0))
+    def sample(self, summary: EngineSummary) -> None:
+        n = summary.consumed
         if n and (not self.samples or self.samples[-1][0] != n):
+            routed, shadow = summary.rolling_accuracy, summary.shadow_rolling_accuracy
             self.samples.append(
-                (n, summary.get("rolling_accuracy", np.nan), summary.get("shadow_rolling_accuracy", np.nan))
+                (n, np.nan if routed is None else routed, np.nan if shadow is None else shadow)
             )
 
 
@@ -104,23 +106,11 @@ def _engine_settings(stream: Stream, seed: int) -> EngineSettings:
     )
 
 
-def _batch(X: np.ndarray, y: np.ndarray) -> EventBatch:
-    n = len(y)
-    return EventBatch(
-        [str(i) for i in range(n)],
-        X.astype(np.float64),
-        y.astype(np.int64),
-        np.ones(n),
-        np.full(n, np.nan),
-        np.arange(n),
-    )
-
-
 def _clean_oracle_accuracy(stream: Stream, settings: EngineSettings, batch_size: int) -> float:
     """The same learner on the uncorrupted labels (its shadow sees every event)."""
     engine = InfluenceEngine(settings)
-    engine.add_reference_events(_batch(stream.X_ref, stream.y_ref))
-    clean = _batch(stream.X_events, stream.y_clean)
+    engine.add_reference_events(EventBatch.from_arrays(stream.X_ref, stream.y_ref))
+    clean = EventBatch.from_arrays(stream.X_events, stream.y_clean)
     for start in range(0, len(clean), batch_size):
         engine.process_events(clean.subset(np.arange(start, min(start + batch_size, len(clean)))))
     return _accuracy(engine, stream, shadow=True)
@@ -163,10 +153,10 @@ def _live(render: Callable[[], Any], stop: threading.Event, quiet: bool) -> thre
     return t
 
 
-def _table(summary: dict[str, Any], progress: _Progress, total: int) -> Any:
+def _table(summary: EngineSummary, progress: _Progress, total: int) -> Any:
     from rich.table import Table
 
-    n = int(summary.get("consumed", 0))
+    n = summary.consumed
     rate = n / max(time.monotonic() - progress.started, 1e-9)
     t = Table(
         title=f"stream-influence demo — {n}/{total} events ({rate:,.0f} events/s)",
@@ -175,34 +165,34 @@ def _table(summary: dict[str, Any], progress: _Progress, total: int) -> Any:
     for col in ("accepted", "quarantined", "dead-lettered", "routed acc.", "unfiltered acc.", "warm"):
         t.add_column(col, justify="right")
 
-    def pct(x: Any) -> str:
+    def pct(x: float | None) -> str:
         return "–" if x is None or x != x else f"{100 * x:.1f} %"
 
     t.add_row(
-        str(summary.get("accepted", 0)),
-        str(summary.get("quarantined", 0)),
-        str(summary.get("dead_lettered", 0)),
-        pct(summary.get("rolling_accuracy")),
-        pct(summary.get("shadow_rolling_accuracy")),
-        "yes" if summary.get("warm") else "no",
+        str(summary.accepted),
+        str(summary.quarantined),
+        str(summary.dead_lettered),
+        pct(summary.rolling_accuracy),
+        pct(summary.shadow_rolling_accuracy),
+        "yes" if summary.warm else "no",
     )
     return t
 
 
-def _read_decisions(kafka: KafkaSettings, topic: str, expected: int, timeout: float) -> list[dict[str, Any]]:
+def _read_decisions(kafka: KafkaSettings, topic: str, expected: int, timeout: float) -> list[DecisionRecord]:
     from stream_influence.io.broker import open_broker
     from stream_influence.io.reference import ReferenceReader
 
     reader = ReferenceReader(open_broker(kafka), topic, max_records=5000)
     try:
-        out: dict[tuple[int, str | None], dict[str, Any]] = {}
+        out: dict[tuple[int | None, str | None], DecisionRecord] = {}
         deadline = time.monotonic() + timeout
         while len(out) < expected and time.monotonic() < deadline:
             for m in reader.poll_records(timeout_ms=500):
-                rec = json.loads(m.value or b"null")
+                rec = DecisionRecord.from_dict(json.loads(m.value or b"null"))
                 # At-least-once: a replayed window repeats records; the source offset is unique.
-                out[(rec["source_offset"], rec.get("id"))] = rec
-        return sorted(out.values(), key=lambda r: r["source_offset"])
+                out[(rec.source_offset, rec.id)] = rec
+        return sorted(out.values(), key=lambda r: r.source_offset or 0)
     finally:
         reader.close()
 
@@ -214,7 +204,7 @@ def _run_on_broker(
     events: list[bytes],
     total: int,
     quiet: bool,
-) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[InfluenceEngine, list[DecisionRecord], dict[str, Any]]:
     broker = EmbeddedBroker(log_path=opts.out / "broker.log").start()
     try:  # the broker is our child in its own session: never leave it running as an orphan
         return _run_service(opts, broker, settings, reference, events, total, quiet)
@@ -230,7 +220,7 @@ def _run_service(
     events: list[bytes],
     total: int,
     quiet: bool,
-) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[InfluenceEngine, list[DecisionRecord], dict[str, Any]]:
     from stream_influence.cli.produce import produce_lines
     from stream_influence.io.broker import open_broker
     from stream_influence.service.loop import Service
@@ -265,7 +255,7 @@ def _run_service(
     progress = _Progress()
     stop_view = threading.Event()
 
-    def summary() -> dict[str, Any]:
+    def summary() -> EngineSummary:
         s = service.summary  # published by the service's loop thread
         progress.sample(s)
         return s
@@ -276,7 +266,7 @@ def _run_service(
     try:
         view = _live(lambda: _table(summary(), progress, total), stop_view, quiet)
         deadline = t0 + opts.timeout_seconds
-        while summary().get("consumed", 0) < total and runner.is_alive() and time.monotonic() < deadline:
+        while summary().consumed < total and runner.is_alive() and time.monotonic() < deadline:
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
         stop_view.set()
@@ -314,15 +304,15 @@ def _run_service(
 
 def _run_in_process(
     opts: DemoOptions, settings: EngineSettings, reference: list[bytes], events: list[bytes]
-) -> tuple[InfluenceEngine, list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[InfluenceEngine, list[DecisionRecord], dict[str, Any]]:
     engine = InfluenceEngine(settings)
     engine.add_reference(reference)
-    decisions: list[dict[str, Any]] = []
+    decisions: list[DecisionRecord] = []
     t0 = time.monotonic()
     for start in range(0, len(events), opts.batch_size):
         result = engine.process(events[start : start + opts.batch_size])
-        for i, rec in enumerate(result.records()):
-            decisions.append({**rec, "source_offset": start + i})
+        for i, rec in enumerate(result.decisions()):
+            decisions.append(rec.with_source("in-process", 0, start + i))
     return engine, decisions, {"service_seconds": time.monotonic() - t0}
 
 
@@ -384,10 +374,10 @@ def _run_demo(opts: DemoOptions, *, quiet: bool, verbose: bool) -> dict[str, Any
     corrupted = {f"{stream.name}-e{i}": bool(c) for i, c in enumerate(stream.corrupted.tolist())}
     counts = {"accept": 0, "quarantine": 0, "dead_letter": 0}
     for d in decisions:
-        counts[d["decision"]] += 1
-    routed_ids = [d for d in decisions if d["decision"] != "dead_letter"]
-    q = np.array([d["decision"] == "quarantine" for d in routed_ids], dtype=bool)
-    flag = np.array([corrupted.get(d["id"], False) for d in routed_ids], dtype=bool)
+        counts[d.decision] += 1
+    routed_ids = [d for d in decisions if d.decision != "dead_letter"]
+    q = np.array([d.decision == "quarantine" for d in routed_ids], dtype=bool)
+    flag = np.array([corrupted.get(d.id or "", False) for d in routed_ids], dtype=bool)
     precision = float(flag[q].mean()) if q.any() else float("nan")
     recall = float(q[flag].mean()) if flag.any() else float("nan")
 
@@ -414,12 +404,10 @@ def _run_demo(opts: DemoOptions, *, quiet: bool, verbose: bool) -> dict[str, Any
 
     plt = _pyplot()
     paths: list[Path] = []
-    cos = np.array(
-        [d.get("cosine_influence") if d.get("cosine_influence") is not None else np.nan for d in routed_ids]
-    )
+    cos = np.array([np.nan if d.cosine_influence is None else d.cosine_influence for d in routed_ids])
     fig, ax = plt.subplots(figsize=(7, 4))
     bins = np.linspace(-1, 1, 61)
-    warm = np.array([d.get("reason") == "warmup" for d in routed_ids], dtype=bool)
+    warm = np.array([d.reason == "warmup" for d in routed_ids], dtype=bool)
     scored = np.isfinite(cos) & ~warm
     ax.hist(np.clip(cos[~q & scored & ~flag], -1, 1), bins, alpha=0.6, label="accepted, clean label")
     ax.hist(np.clip(cos[~q & scored & flag], -1, 1), bins, alpha=0.6, label="accepted, corrupted label")
