@@ -48,6 +48,7 @@ __all__ = [
     "KafkaSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "ScaleOutSettings",
     "check_environment",
     "is_secret_name",
     "load_config",
@@ -475,6 +476,34 @@ class LoggingSettings(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
 
+class ScaleOutSettings(_Frozen):
+    """Score workers and the one updater (``run --role score|update``; docs/architecture.md)."""
+
+    updates_topic: str = Field(
+        default="training-events.updates",
+        description="Internal topic: every valid event with the decision, scores and snapshot version "
+        "a score worker gave it, keyed by its source partition; the updater learns from it.",
+    )
+    model_topic: str = Field(
+        default="training-events.model",
+        description="Compacted topic of versioned model snapshots and updater leases (one partition).",
+    )
+    updater_group_id: str = Field(
+        default="stream-influence.updater",
+        description="Consumer group of the updater on updates_topic (a group of one).",
+    )
+    updates_partitions: int = Field(
+        default=6, ge=1, description="Partitions of updates_topic when the updater creates it."
+    )
+    max_model_lag_versions: int = Field(
+        default=3,
+        ge=1,
+        description="Staleness bound of a score worker: after scoring max_model_lag_versions × "
+        "checkpoint.every_events events on one snapshot (the updater publishes one per checkpoint) it "
+        "takes no new chunk until a newer snapshot arrives.",
+    )
+
+
 class AppSettings(BaseSettings):
     """Everything ``stream-influence run`` is configured with."""
 
@@ -483,6 +512,7 @@ class AppSettings(BaseSettings):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    scaleout: ScaleOutSettings = Field(default_factory=ScaleOutSettings)
     shutdown_grace_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -510,6 +540,30 @@ class AppSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first: it overrides what the YAML file (passed as init kwargs) says.
         return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _scaleout_topics(self) -> AppSettings:
+        problems: list[ConfigProblem] = []
+        taken = {name: f"kafka.{field}" for field, name in self.kafka.topics().items()}
+        for field in ("updates_topic", "model_topic"):
+            name = getattr(self.scaleout, field)
+            if not _TOPIC_NAME.fullmatch(name):
+                problems.append(
+                    ConfigProblem(
+                        f"scaleout.{field}",
+                        f"{name!r} is not a valid topic name",
+                        "use 1-249 characters from letters, digits, '.', '_' and '-'",
+                    )
+                )
+            elif name in taken:
+                problems.append(
+                    ConfigProblem(
+                        f"scaleout.{field}", f"{name!r} is also {taken[name]}", "give it its own topic"
+                    )
+                )
+            taken.setdefault(name, f"scaleout.{field}")
+        _raise_problems(problems)
+        return self
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

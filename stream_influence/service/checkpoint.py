@@ -243,15 +243,24 @@ class CheckpointStore:
         self._pending = PendingCheckpoint(path, self._writer.submit(self._write, path, seq, data, existing))
         return self._pending
 
+    def install(self, data: bytes) -> Path:
+        """Write checkpoint bytes made elsewhere (a model snapshot, which is a checkpoint file of
+        the updater) as the next checkpoint, with its manifest.  Verified when loaded."""
+        self.wait()
+        existing = self.paths()
+        seqs = [int(m.group(1)) for p in self._listing() if (m := _ANY_SEQ.match(p.name))]
+        seq = max(seqs, default=0) + 1
+        return self._write(self.directory / f"checkpoint-{seq:012d}.safetensors", seq, data, existing)
+
     def _write(self, path: Path, seq: int, data: bytes, existing: list[tuple[int, Path]]) -> Path:
+        """The state file, then its manifest (last: it completes the checkpoint), then pruning."""
         atomic_write(path, data)
         manifest = {
             "format": _MANIFEST_FORMAT,
             "seq": seq,
             "files": {path.name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
         }
-        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())  # last: completes it
-        self._prune(existing)
+        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
         return path
 
     def _listing(self) -> list[Path]:

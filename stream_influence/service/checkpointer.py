@@ -19,8 +19,9 @@ offsets once it is durable and every output produced so far is acknowledged.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from stream_influence.config import KafkaSettings
 from stream_influence.core.engine import InfluenceEngine
@@ -46,19 +47,26 @@ class Checkpointer:
         reference_offsets: Mapping[int, int],
         reason: str,
         flush_timeout_s: float,
+        extra: Callable[[], Mapping[str, Any]] | None = None,
         *,
         background: bool = False,
     ) -> Path | PendingCheckpoint | None:
-        """Steps 1–2; None (nothing written) if the outputs were not acknowledged.  With
+        """Steps 1–2; None (nothing written) if the outputs were not acknowledged.  ``extra``
+        (called once the outputs are acknowledged) adds role state to the checkpoint.  With
         ``background`` step 2 ends on the store's writer thread (the returned checkpoint is
         durable when it is done)."""
         if not self.settle(flush_timeout_s):
             return None
-        extra = {"group_id": self.k.group_id, "topic": self.k.topic, "reason": reason}
+        meta = {
+            "group_id": self.k.group_id,
+            "topic": self.k.topic,
+            "reason": reason,
+            **(extra() if extra is not None else {}),
+        }
         args = (engine, dict(offsets), dict(reference_offsets), dict(self.emitter.outputs))
         if background:
-            return self.store.save(*args, extra=extra, background=True)
-        return self.store.save(*args, extra=extra)
+            return self.store.save(*args, extra=meta, background=True)
+        return self.store.save(*args, extra=meta)
 
     def settle(self, flush_timeout_s: float) -> bool:
         """Step 1: every output produced so far acknowledged (False: roll the window back)."""

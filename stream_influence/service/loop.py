@@ -247,6 +247,7 @@ class Service:
             self._trust_reference()
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = {}
+            self._restored(None)
             return
         # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
         self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
@@ -265,6 +266,28 @@ class Service:
             self.engine.events_seen,
             {f"{t}-{p}": o for (t, p), o in sorted(ck.offsets.items())},
         )
+        self._restored(ck)
+
+    # -- hooks of the scale-out roles (service/roles.py); the defaults are the single process --
+    def _restored(self, ck: Checkpoint | None) -> None:
+        """Called after every restore (start-up and rollback) with the checkpoint installed."""
+
+    def _subscribe(self) -> None:
+        """Join the consumer group on the input topic (partitions come as recorded rebalances)."""
+        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
+
+    def _apply_chunk(self, tp: TopicPartition, msgs: list[ConsumedRecord]) -> BatchResult:
+        """Apply one offset-aligned chunk to the engine and queue its outputs."""
+        result = self.engine.process([m.value for m in msgs])
+        self._emit(tp, msgs, result)
+        return result
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """Role state saved in the checkpoint with the engine (the same atomic file)."""
+        return {}
+
+    def _after_checkpoint(self) -> None:
+        """Called after a checkpoint is durable, before its offsets are committed."""
 
     def _trust_reference(self) -> None:
         # Every engine installed (start-up or rollback, checkpoint or empty): with a reference
@@ -300,7 +323,7 @@ class Service:
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
         self.consumer = self.broker.consumer()
-        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
+        self._subscribe()
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         gave_up = False
         try:
@@ -610,8 +633,7 @@ class Service:
         t0 = time.perf_counter()
         key = (tp.topic, tp.partition)
         with self._changing_model():
-            result = self.engine.process([m.value for m in msgs])
-            self._emit(tp, msgs, result)
+            result = self._apply_chunk(tp, msgs)
             self.next_offsets[key] = msgs[-1].offset + 1
         # A replayed window is not new input: count every offset once in this process.
         first_new = self.counted.get(key, -1)
@@ -686,6 +708,7 @@ class Service:
             self.reference_offsets,
             reason,
             flush_ms / 1000,
+            self._checkpoint_extra,
             background=background,
         )
         if path is None:
@@ -763,6 +786,7 @@ class Service:
             if not self.stop_event.is_set():
                 self._rollback()
             return
+        self._after_checkpoint()
         if w.offsets and not self.checkpointer.commit(
             self.consumer, w.offsets, self._grace_ms(self.k.request_timeout_ms)
         ):
@@ -782,6 +806,7 @@ class Service:
             if not self.stop_event.is_set():  # stopping: the next start replays it from disk
                 self._rollback()
             return False
+        self._after_checkpoint()
         offsets = self._commit_offsets()
         polls, self.uncommitted_polls = self.uncommitted_polls, []
         if offsets and not self.checkpointer.commit(
