@@ -261,6 +261,7 @@ class CheckpointStore:
             "files": {path.name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
         }
         atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
+        self._prune(existing)
         return path
 
     def _listing(self) -> list[Path]:
