@@ -58,6 +58,7 @@ def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str) -> Path:
             "updater_group_id": f"{topic}.updater",
             "updates_partitions": PARTITIONS,
             "max_model_lag_versions": 3,
+            "snapshot_every_seconds": 0,
         },
     )
 

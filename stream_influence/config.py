@@ -495,6 +495,14 @@ class ScaleOutSettings(_Frozen):
     updates_partitions: int = Field(
         default=6, ge=1, description="Partitions of updates_topic when the updater creates it."
     )
+    snapshot_every_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="The updater publishes its newest checkpoint as a snapshot at most this often "
+        "(0: every checkpoint).  Checkpoints come every checkpoint.every_seconds (50 ms by default) "
+        "and a snapshot is a few hundred KiB, so publishing each would flood the model topic; the "
+        "final checkpoint at shutdown is always published.",
+    )
     max_model_lag_versions: int = Field(
         default=3,
         ge=1,

@@ -92,6 +92,7 @@ def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, ckdir: P
             "updater_group_id": f"{topic}.updater",
             "updates_partitions": 3,
             "max_model_lag_versions": 2,
+            "snapshot_every_seconds": 0,  # one snapshot per checkpoint
         },
     )
 

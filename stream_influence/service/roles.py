@@ -473,6 +473,12 @@ class UpdateService(Service):
         assert self.writer is not None
         if self._check_fenced():
             return
+        if (
+            self.published_seq is not None
+            and not self.stop_event.is_set()
+            and time.time() - self._last_publish < self.s.snapshot_every_seconds
+        ):
+            return  # the next checkpoint after the interval publishes (it holds this one's events)
         paths = self.store.paths()
         if not paths or paths[-1][0] == self.published_seq:
             return
