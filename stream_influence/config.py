@@ -48,6 +48,7 @@ __all__ = [
     "KafkaSettings",
     "LoggingSettings",
     "MetricsSettings",
+    "ScaleOutSettings",
     "check_environment",
     "is_secret_name",
     "load_config",
@@ -120,8 +121,16 @@ class _Frozen(BaseModel):
 
 
 class KafkaSettings(_Frozen):
-    """Where events come from and where decisions go (kafka-python client options)."""
+    """Where events come from and where decisions go (the same options for either Kafka client)."""
 
+    client: Literal["kafka-python", "confluent"] = Field(
+        default="kafka-python",
+        description="Kafka client library of the service: kafka-python (pure Python, always "
+        "installed) or confluent (confluent-kafka on librdkafka: several times faster to consume and "
+        "produce; needs the package's [confluent] extra).  Every setting here means the same on both; "
+        "client_options are the chosen client's own option names (kafka-python: fetch_max_bytes, "
+        "confluent: fetch.max.bytes).",
+    )
     bootstrap_servers: str = Field(
         default="127.0.0.1:9092", description="Comma-separated host:port list of brokers to bootstrap from."
     )
@@ -185,7 +194,8 @@ class KafkaSettings(_Frozen):
     )
     client_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="Extra kafka-python options passed through verbatim.  String values whose name "
+        description="Extra options of the chosen client passed through verbatim (kafka-python keyword "
+        "names with client kafka-python, librdkafka property names with client confluent).  String values whose name "
         "says password, passwd, passphrase, secret, token, credential(s) or key (as a word, so not "
         "key_serializer) are secrets (they must be strings): masked in every output, passed to the "
         "client unchanged.",
@@ -304,7 +314,7 @@ class KafkaSettings(_Frozen):
         add = lambda path, msg, hint: problems.append(ConfigProblem(path, msg, hint))  # noqa: E731
         # kafka-python refuses such a producer at run time; say so when the file is checked.
         delivery = int(self.client_options.get("delivery_timeout_ms", 120_000))
-        if delivery <= self.producer_linger_ms + self.request_timeout_ms:
+        if self.client == "kafka-python" and delivery <= self.producer_linger_ms + self.request_timeout_ms:
             add(
                 "request_timeout_ms",
                 f"producer_linger_ms ({self.producer_linger_ms}) + request_timeout_ms "
@@ -339,8 +349,37 @@ class KafkaSettings(_Frozen):
                 )
             seen.setdefault(name, field)
         problems.extend(self._security_problems())
+        problems.extend(self._client_option_problems())
         _raise_problems(problems)
         return self
+
+    def _client_option_problems(self) -> list[ConfigProblem]:
+        # librdkafka names are dotted; an underscore name is a kafka-python option that librdkafka
+        # would refuse at start, so name the likely librdkafka spelling when the file is checked.
+        if self.client != "confluent":
+            return []
+        problems = [
+            ConfigProblem(
+                f"client_options.{name}",
+                "is a kafka-python option name, but client is confluent (librdkafka)",
+                f"use the librdkafka property name, e.g. {name.replace('_', '.')!r}",
+            )
+            for name in self.client_options
+            if "_" in name and "." not in name
+        ]
+        # The backend takes each assignment over whole (eager rebalancing), so the loop can
+        # hand revoked partitions over; incremental protocols would bypass that.
+        for name, bad in (("partition.assignment.strategy", "cooperative"), ("group.protocol", "consumer")):
+            value = str(self.client_options.get(name, ""))
+            if bad in value.lower():
+                problems.append(
+                    ConfigProblem(
+                        f"client_options.{name}",
+                        f"{value!r} is not supported by the confluent backend (eager rebalancing only)",
+                        "leave it unset (range,roundrobin / the classic group protocol)",
+                    )
+                )
+        return problems
 
     def _security_problems(self) -> list[ConfigProblem]:
         problems: list[ConfigProblem] = []
@@ -402,7 +441,12 @@ class CheckpointSettings(_Frozen):
         description="Checkpoint (flush → write → commit) after this many events; bounds the replay window.",
     )
     every_seconds: float = Field(
-        default=30.0, gt=0, description="…or after this many seconds, whichever comes first."
+        default=0.05,
+        gt=0,
+        description="…or after this many seconds, whichever comes first.  Offsets are committed "
+        "only with a checkpoint, so this bounds the poll → commit latency: the state is captured "
+        "on the loop thread and written on a writer thread, one checkpoint at a time, so the "
+        "cadence is this or the time one write takes, whichever is longer.",
     )
     keep: int = Field(
         default=2, ge=1, description="Checkpoint files kept (the latest and, by default, one previous)."
@@ -432,6 +476,42 @@ class LoggingSettings(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
 
+class ScaleOutSettings(_Frozen):
+    """Score workers and the one updater (``run --role score|update``; docs/architecture.md)."""
+
+    updates_topic: str = Field(
+        default="training-events.updates",
+        description="Internal topic: every valid event with the decision, scores and snapshot version "
+        "a score worker gave it, keyed by its source partition; the updater learns from it.",
+    )
+    model_topic: str = Field(
+        default="training-events.model",
+        description="Compacted topic of versioned model snapshots and updater leases (one partition).",
+    )
+    updater_group_id: str = Field(
+        default="stream-influence.updater",
+        description="Consumer group of the updater on updates_topic (a group of one).",
+    )
+    updates_partitions: int = Field(
+        default=6, ge=1, description="Partitions of updates_topic when the updater creates it."
+    )
+    snapshot_every_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="The updater publishes its newest checkpoint as a snapshot at most this often "
+        "(0: every checkpoint).  Checkpoints come every checkpoint.every_seconds (50 ms by default) "
+        "and a snapshot is a few hundred KiB, so publishing each would flood the model topic; the "
+        "final checkpoint at shutdown is always published.",
+    )
+    max_model_lag_versions: int = Field(
+        default=3,
+        ge=1,
+        description="Staleness bound of a score worker: after scoring max_model_lag_versions × "
+        "checkpoint.every_events events on one snapshot (the updater publishes one per checkpoint) it "
+        "takes no new chunk until a newer snapshot arrives.",
+    )
+
+
 class AppSettings(BaseSettings):
     """Everything ``stream-influence run`` is configured with."""
 
@@ -440,6 +520,7 @@ class AppSettings(BaseSettings):
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    scaleout: ScaleOutSettings = Field(default_factory=ScaleOutSettings)
     shutdown_grace_seconds: float = Field(
         default=30.0,
         gt=0,
@@ -467,6 +548,30 @@ class AppSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first: it overrides what the YAML file (passed as init kwargs) says.
         return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _scaleout_topics(self) -> AppSettings:
+        problems: list[ConfigProblem] = []
+        taken = {name: f"kafka.{field}" for field, name in self.kafka.topics().items()}
+        for field in ("updates_topic", "model_topic"):
+            name = getattr(self.scaleout, field)
+            if not _TOPIC_NAME.fullmatch(name):
+                problems.append(
+                    ConfigProblem(
+                        f"scaleout.{field}",
+                        f"{name!r} is not a valid topic name",
+                        "use 1-249 characters from letters, digits, '.', '_' and '-'",
+                    )
+                )
+            elif name in taken:
+                problems.append(
+                    ConfigProblem(
+                        f"scaleout.{field}", f"{name!r} is also {taken[name]}", "give it its own topic"
+                    )
+                )
+            taken.setdefault(name, f"scaleout.{field}")
+        _raise_problems(problems)
+        return self
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -6,4 +6,5 @@ pytest_plugins: list[str] = [
     "tests.fixtures.prometheus",
     "tests.fixtures.broker",
     "tests.fixtures.persistent_broker",
+    "tests.fixtures.backends",
 ]

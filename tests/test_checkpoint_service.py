@@ -74,7 +74,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_and_replays_once(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, kafka_client: str
 ) -> None:
     topic = fresh_topic(broker, "ckv")
     ref = fresh_topic(broker, "ckv-ref")
@@ -94,7 +94,7 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_and_replays_once(
         broker.bootstrap,
         topic,
         ckdir,
-        kafka={"reference_topic": ref, "process_batch_size": BATCH},
+        kafka={"client": kafka_client, "reference_topic": ref, "process_batch_size": BATCH},
         # Only count-based checkpoints (every 1000 events), so the previous one is a window behind.
         checkpoint={"every_events": 1000, "every_seconds": 3600, "keep": 2},
     )

@@ -136,7 +136,7 @@ def test_calibrated_mode_bounds_clean_quarantine_per_class(alpha: float) -> None
     assert (gated <= ungated + 1e-12).all()
 
 
-def _imbalanced_rates(gate: bool, min_class_calibration: int = 10) -> np.ndarray:
+def _imbalanced_rates(gate: bool, min_class_calibration: int = 10, **policy: Any) -> np.ndarray:
     """Class 0 twice as frequent as class 1, overlapping, all labels correct."""
     rng = np.random.default_rng(3)
     d = 6
@@ -149,7 +149,9 @@ def _imbalanced_rates(gate: bool, min_class_calibration: int = 10) -> np.ndarray
     Xr, yr = draw(300)
     X, y = draw(6000)
     engine = engine_for(
-        2, d, policy={"require_disagreement": gate, "min_class_calibration": min_class_calibration}
+        2,
+        d,
+        policy={"require_disagreement": gate, "min_class_calibration": min_class_calibration, **policy},
     )
     engine.add_reference_events(EventBatch.from_arrays(Xr, yr))
     q, _ = run(engine, X, y)
@@ -165,6 +167,52 @@ def test_imbalanced_clean_classes_are_quarantined_at_similar_rates() -> None:
     # quarantines the minority class far more often.
     pooled = _imbalanced_rates(gate=False, min_class_calibration=10_000)
     assert pooled[1] - pooled[0] > 0.1, pooled.round(3).tolist()
+
+
+def test_the_gate_unbalances_the_hybrid_and_the_class_fair_gate_rebalances_it() -> None:
+    """The gate, not the calibration, unbalances the hybrid: on the imbalanced clean stream the
+    plainly gated loss test waves the majority's surprising events through (the model predicts the
+    majority) and quarantines the minority's.  Two fixes balance it: the loss test ungated
+    (``gate_reference_loss: false``, each class near its share of α), or — the default — thinned
+    per class to the least-passed class's gate pass-through (``class_fair_gate``)."""
+    plain = _imbalanced_rates(gate=True, evidence="hybrid", class_fair_gate=False)
+    assert abs(plain[0] - plain[1]) > 0.02, plain.round(3).tolist()
+    ungated_loss = _imbalanced_rates(gate=True, evidence="hybrid", gate_reference_loss=False)
+    assert abs(ungated_loss[0] - ungated_loss[1]) <= 0.02, ungated_loss.round(3).tolist()
+    assert ungated_loss.max() <= 0.1 + 0.02 and ungated_loss.min() > plain.min(), ungated_loss.round(
+        3
+    ).tolist()
+    fair = _imbalanced_rates(gate=True, evidence="hybrid", class_fair_gate=True)
+    assert abs(fair[0] - fair[1]) <= 0.02 and fair.max() < plain.max(), fair.round(3).tolist()
+
+
+def test_gate_reference_loss_false_leaves_only_the_influence_test_gated() -> None:
+    scores = np.array([0.5, 0.5, 2.0, -1.0])  # above the floor, above the floor, above τ, below the floor
+    labels = np.zeros(4, dtype=np.int64)
+    agree = np.zeros(4, dtype=bool)  # the model predicts every label
+    surprising = np.array([5.0, 0.1, 0.1, 5.0])  # ℓ_ref: the first and last fire the loss test
+    out = {}
+    for gated in (True, False):
+        policy = RoutingPolicy(PolicySettings(evidence="hybrid", gate_reference_loss=gated))
+        policy.calibrate(
+            np.array([0.0, 1.0] * 20),
+            np.zeros(40, dtype=np.int64),
+            1,
+            np.ones(40),
+            np.zeros(40, dtype=np.int64),
+        )
+        d = policy.decide(scores, True, labels, agree, surprising)
+        out[gated] = (d.quarantine.tolist(), d.reasons)
+        tau = policy.class_thresholds[0]
+        # The score threshold each event was held to: τ, or the floor for a loss-test quarantine.
+        assert d.thresholds.tolist() == [0.0 if not gated else tau, tau, tau, tau]
+    assert out[True] == (
+        [False, False, False, False],
+        ["model_agrees", "within_band", "model_agrees", "helpful"],
+    )
+    # Ungated: the loss test quarantines the first (its score passes the floor), never the last
+    # (its learning lowers the trusted loss); the influence test (third) is still gated.
+    assert out[False] == ([True, False, False, False], ["harmful", "within_band", "model_agrees", "helpful"])
 
 
 class IdentityCurvature(Curvature):
@@ -318,6 +366,7 @@ def test_engine_calibrates_the_reference_loss_jointly_only_when_aligned() -> Non
     engine = engine_for(s.n_classes, s.n_features, policy={"evidence": "hybrid"})
     engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     run(engine, s.X_events[:512], s.y_events[:512])
+    engine._calibrate()  # now: class_fair_gate's thinning moves with the stream's gate counts
     ref, cal = engine.reference_model, engine.scorer.calibration
     assert cal is not None and ref.version == engine.reference.version
     joint = engine.policy.reference_thresholds.copy()
@@ -541,3 +590,31 @@ def test_a_kept_reference_fit_is_deterministic_across_a_checkpoint() -> None:
     np.testing.assert_array_equal(np.concatenate(again), np.concatenate(expected))
     np.testing.assert_array_equal(restored.reference_model.theta, engine.reference_model.theta)
     assert sum(q.sum() for q in first + expected) > 0
+
+
+def test_class_fair_gate_thins_the_loss_test_of_the_class_the_gate_passes_most() -> None:
+    """g_y = share of class y's loss-test firings the gate let through; each class's share of α
+    becomes α · g_min / g_y at the next calibration (the least-passed class keeps its share)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 200)
+    scores = np.ones(400)  # every held-out score above the floor
+    losses = rng.exponential(size=400)
+    thresholds = {}
+    for fair in (False, True):
+        policy = RoutingPolicy(PolicySettings(evidence="hybrid", class_fair_gate=fair))
+        policy.calibrate(scores, labels, 2, losses, labels, scores)
+        before = policy.reference_thresholds.copy()
+        y = np.repeat([0, 1], 20)
+        disagree = np.concatenate([np.arange(20) % 2 == 0, np.ones(20, bool)])  # g = 0.5 and 1
+        for _ in range(5):
+            policy.decide(np.ones(40), True, y, disagree, np.full(40, 100.0))
+        policy.calibrate(scores, labels, 2, losses, labels, scores)
+        thresholds[fair] = (before, policy.reference_thresholds.copy())
+        if fair:
+            assert policy.gate_pass_through(2).tolist() == pytest.approx([0.5, 1.0])
+    off_before, off_after = thresholds[False]
+    assert off_after.tolist() == off_before.tolist()
+    on_before, on_after = thresholds[True]
+    assert on_before.tolist() == off_before.tolist()  # no gate counts yet: nothing thinned
+    assert on_after[0] == on_before[0]
+    assert on_after[1] == conformal_quantile(losses[labels == 1], 0.1 / 2 * 0.5) > on_before[1]

@@ -226,3 +226,44 @@ def test_unreachable_tls_endpoint_fails_fast_with_one_line(tls: Tls, tmp_path: P
     assert rc != 0
     assert_one_clear_line(output, bootstrap, "ECONNREFUSED")
     assert wall < timeout_s + SLACK_S, f"took {wall:.1f}s"
+
+
+def test_confluent_backend_maps_tls_settings(tls: Tls) -> None:
+    """The librdkafka names the confluent backend builds (security.protocol, ssl.ca.location,
+    hostname check) carry a real TLS session: check, produce and read back through the proxy;
+    a CA that did not sign the proxy's certificate is refused with the cause."""
+    from stream_influence.config import KafkaSettings
+    from stream_influence.errors import BrokerUnreachableError
+    from stream_influence.io.broker import OutputRecord, TopicPartition, open_broker
+    from tests.fixtures.backends import require
+
+    require("confluent")
+    topic = f"tls-ck-{time.monotonic_ns()}"
+    _create(tls, topic)
+    settings = {
+        "client": "confluent",
+        "bootstrap_servers": tls.broker.tls_bootstrap,
+        "topic": topic,
+        "security_protocol": "SSL",
+    }
+    backend = open_broker(KafkaSettings(**settings, ssl_cafile=tls.cert))
+    backend.check(30)
+    producer = backend.producer()
+    sent = [producer.produce(OutputRecord(topic, None, b"v%d" % i, [("h", b"x")])) for i in range(50)]
+    producer.flush(60)
+    assert all(d.done and d.error is None for d in sent)
+    producer.close(5)
+    assert _count(tls, topic, 50) == 50  # kafka-python, also through TLS, sees them
+    reader = backend.consumer(group=False)
+    reader.assign([TopicPartition(topic, 0)])
+    got: list[Any] = []
+    deadline = time.monotonic() + 60
+    while len(got) < 50 and time.monotonic() < deadline:
+        got.extend(r for recs in reader.poll(300, 100).values() for r in recs)
+    reader.close(5000)
+    assert [r.value for r in got] == [b"v%d" % i for i in range(50)]
+
+    wrong = open_broker(KafkaSettings(**settings, ssl_cafile=tls.other_ca))
+    with pytest.raises(BrokerUnreachableError, match=r"(?i)certificate verify failed") as err:
+        wrong.check(3)
+    assert tls.broker.tls_bootstrap in str(err.value)

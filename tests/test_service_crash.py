@@ -41,7 +41,9 @@ BATCH = 500
 KILLS = 5
 
 
-def test_kill_minus_nine_five_times_equals_one_uninterrupted_run(broker: Broker, tmp_path: Path) -> None:
+def test_kill_minus_nine_five_times_equals_one_uninterrupted_run(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     rng = random.Random(42)
     topic = fresh_topic(broker, "crash")
     ref = fresh_topic(broker, "crash-ref")
@@ -60,7 +62,12 @@ def test_kill_minus_nine_five_times_equals_one_uninterrupted_run(broker: Broker,
         broker.bootstrap,
         topic,
         ckdir,
-        kafka={"reference_topic": ref, "decisions_topic": f"{topic}.decisions", "process_batch_size": BATCH},
+        kafka={
+            "client": kafka_client,
+            "reference_topic": ref,
+            "decisions_topic": f"{topic}.decisions",
+            "process_batch_size": BATCH,
+        },
         checkpoint={"every_events": 3000, "every_seconds": 1.0},
     )
     log = tmp_path / "svc.log"

@@ -63,7 +63,7 @@ def _get(url: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_every_input_offset_is_accounted_for(broker: Broker, tmp_path: Path) -> None:
+def test_every_input_offset_is_accounted_for(broker: Broker, tmp_path: Path, kafka_client: str) -> None:
     """20 000 events, 30 % label noise, 200 malformed: accepted + quarantined + dead = consumed."""
     topic = fresh_topic(broker, "acct", partitions=2)
     ref = fresh_topic(broker, "acct-ref")
@@ -82,6 +82,7 @@ def test_every_input_offset_is_accounted_for(broker: Broker, tmp_path: Path) -> 
         topic,
         tmp_path / "ck",
         kafka={
+            "client": kafka_client,
             "reference_topic": ref,
             "decisions_topic": f"{topic}.decisions",
             "accepted_topic": f"{topic}.accepted",
@@ -149,7 +150,9 @@ def test_every_input_offset_is_accounted_for(broker: Broker, tmp_path: Path) -> 
     assert hits / len(quarantined) > 0.7
 
 
-def test_two_instances_split_partitions_and_account_for_everything(broker: Broker, tmp_path: Path) -> None:
+def test_two_instances_split_partitions_and_account_for_everything(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     topic = fresh_topic(broker, "group", partitions=4)
     decisions = f"{topic}.decisions"
     cfgs, logs, procs = [], [], []
@@ -160,7 +163,7 @@ def test_two_instances_split_partitions_and_account_for_everything(broker: Broke
                 broker.bootstrap,
                 topic,
                 tmp_path / f"ck-{name}",
-                kafka={"decisions_topic": decisions},
+                kafka={"client": kafka_client, "decisions_topic": decisions},
                 checkpoint={"every_seconds": 0.5},
             )
         )
@@ -209,7 +212,9 @@ def test_two_instances_split_partitions_and_account_for_everything(broker: Broke
     assert len(ids) == 10_000
 
 
-def test_sigterm_exits_zero_with_final_checkpoint_and_commit(broker: Broker, tmp_path: Path) -> None:
+def test_sigterm_exits_zero_with_final_checkpoint_and_commit(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     topic = fresh_topic(broker, "term")
     ref = fresh_topic(broker, "term-ref")
     produce(broker.bootstrap, ref, events(300, seed=7, prefix="ref")[0])
@@ -222,7 +227,7 @@ def test_sigterm_exits_zero_with_final_checkpoint_and_commit(broker: Broker, tmp
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"reference_topic": ref},
+            kafka={"client": kafka_client, "reference_topic": ref},
             # Long intervals: the only checkpoint after the first seconds is the one SIGTERM writes.
             checkpoint={"every_events": 10_000_000, "every_seconds": 3600},
             shutdown_grace_seconds=grace,

@@ -70,7 +70,9 @@ def _by_offset(records: list[Any]) -> dict[int, list[Any]]:
     return out
 
 
-def test_an_oversized_dead_letter_is_cut_to_fit_once(broker: Broker, tmp_path: Path) -> None:
+def test_an_oversized_dead_letter_is_cut_to_fit_once(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     """Defect 1: a 1,048,500-byte non-JSON value is under ``schema.max_event_bytes`` but its dead
     letter (value + headers) is over 1 MiB.  Today: endless rollback and duplicate dead letters."""
     topic = fresh_topic(broker, "oversize")
@@ -91,7 +93,7 @@ def test_an_oversized_dead_letter_is_cut_to_fit_once(broker: Broker, tmp_path: P
         broker.bootstrap,
         topic,
         tmp_path / "ck",
-        kafka={"reference_topic": ref, "decisions_topic": f"{topic}.decisions"},
+        kafka={"client": kafka_client, "reference_topic": ref, "decisions_topic": f"{topic}.decisions"},
     )
     log = tmp_path / "svc.log"
     proc = start_service(cfg, log)
@@ -121,7 +123,9 @@ def test_an_oversized_dead_letter_is_cut_to_fit_once(broker: Broker, tmp_path: P
     assert ck.engine.counters.dead_lettered == 1 and ck.engine.counters.consumed == len(messages)
 
 
-def test_a_lone_surrogate_id_does_not_stop_the_service(broker: Broker, tmp_path: Path) -> None:
+def test_a_lone_surrogate_id_does_not_stop_the_service(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     """Defect 2: ``{"id": "\\ud800x", …}`` as raw JSON bytes, with accepted copies and decisions
     on.  Today the key encoding raises ``UnicodeEncodeError`` and the process exits, on every
     restart.  Whatever the decoder makes of it, the service keeps going and the event ends in one
@@ -139,6 +143,7 @@ def test_a_lone_surrogate_id_does_not_stop_the_service(broker: Broker, tmp_path:
         topic,
         tmp_path / "ck",
         kafka={
+            "client": kafka_client,
             "reference_topic": ref,
             "decisions_topic": f"{topic}.decisions",
             "accepted_topic": f"{topic}.accepted",
@@ -171,7 +176,7 @@ def test_a_lone_surrogate_id_does_not_stop_the_service(broker: Broker, tmp_path:
 
 
 def test_a_quarantined_event_whose_id_cannot_be_encoded_is_dead_lettered(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kafka_client: str
 ) -> None:
     """The encoding failure made deterministic: the first quarantined event of the run gets an id
     with a lone surrogate (whatever the decoder accepts, the service must survive any output
@@ -188,7 +193,7 @@ def test_a_quarantined_event_whose_id_cannot_be_encoded_is_dead_lettered(
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"reference_topic": ref, "decisions_topic": f"{topic}.decisions"},
+            kafka={"client": kafka_client, "reference_topic": ref, "decisions_topic": f"{topic}.decisions"},
             metrics={"enabled": False},
         )
     )
@@ -315,6 +320,8 @@ def test_a_replayed_window_is_counted_once(
     assert total == len(messages), "decisions add up to the consumed count"
 
 
+# kafka-python only: deleting an assigned topic crashes librdkafka 2.16.1 on the embedded broker
+# (see stream_influence/io/confluent.py, "Broker quirks").
 def test_a_recreated_reference_topic_is_read_again(broker: Broker, tmp_path: Path) -> None:
     """Defect 9: after the reference topic is deleted and re-created the reader kept its old
     offset (past the new end) and never saw the new trusted events."""

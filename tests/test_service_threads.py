@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from stream_influence.config import load_config
-from stream_influence.io.kafka_python import KafkaPythonBroker
+from stream_influence.io.broker import open_broker
 from stream_influence.service.checkpoint import CheckpointStore
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import (
@@ -75,12 +75,12 @@ class Recording:
 
 def _service(cfg_path: Path, log: CallLog, who: str) -> ServiceThread:
     cfg = load_config(cfg_path)
-    broker = Recording(KafkaPythonBroker(cfg.kafka), log, who)
+    broker = Recording(open_broker(cfg.kafka), log, who)
     return ServiceThread(cfg, broker=broker, name=f"loop-{who}")
 
 
 def test_every_broker_call_and_checkpoint_comes_from_the_loop_thread_through_rebalances(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kafka_client: str
 ) -> None:
     topic = fresh_topic(broker, "threads", partitions=4)
     decisions = f"{topic}.decisions"
@@ -91,7 +91,7 @@ def test_every_broker_call_and_checkpoint_comes_from_the_loop_thread_through_reb
             broker.bootstrap,
             topic,
             tmp_path / f"ck-{who}",
-            kafka={"decisions_topic": decisions, "process_batch_size": 100},
+            kafka={"client": kafka_client, "decisions_topic": decisions, "process_batch_size": 100},
             checkpoint={"every_events": 1_000_000, "every_seconds": 600},
             metrics={"enabled": False},
         )

@@ -24,6 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", type=Path, help="YAML file (STREAM_INFLUENCE_… environment overrides apply)")
     p.add_argument(
+        "--role",
+        choices=("all", "score", "update"),
+        default="all",
+        help="all (default): one process scores, routes and learns; score: a score worker (N of "
+        "them in the input's consumer group) routes against the latest model snapshot and publishes "
+        "every valid event with its decision to kafka.updates_topic; update: the one updater learns "
+        "from that topic and publishes model snapshots to kafka.model_topic (docs/architecture.md)",
+    )
+    p.add_argument(
         "--fresh",
         action="store_true",
         help="if checkpoints exist but none passes verification, set them aside (*.corrupt) and "
@@ -50,7 +59,11 @@ def _run(args: argparse.Namespace) -> int:
         run_service,  # imported after the check: it loads the whole engine
     )
 
-    return run_service(cfg, config_path=args.config)
+    if args.role == "all":
+        return run_service(cfg, config_path=args.config)
+    from stream_influence.service.roles import run_role
+
+    return run_role(cfg, args.role, config_path=args.config)
 
 
 def _set_aside_unusable(cfg: AppSettings) -> None:

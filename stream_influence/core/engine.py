@@ -404,6 +404,80 @@ class InfluenceEngine:
             )
         return self._result(batch, list(rejects), scores, decision, drifted)
 
+    def score_events(self, batch: EventBatch, rejects: Sequence[Reject] = ()) -> BatchResult:
+        """Score and route already-decoded events against the current state, learning nothing —
+        what a score worker does with a model snapshot (``run --role score``).
+
+        Scores are the configured kind (positive: learning the event would raise the trusted
+        reference loss).  Only the policy's windows (quarantine-rate cap, quantile mode), the cached
+        ``s = H⁻¹∇L_R`` (refreshed against this head every ``influence.refresh_every`` events, as
+        in one process) and the counters change; head, standardiser, curvature and the learners'
+        metrics are untouched.
+        """
+        n = len(batch)
+        c = self.counters
+        c.consumed += n + len(rejects)
+        c.dead_lettered += len(rejects)
+        for r in rejects:
+            c.dead_letter_reasons[r.reason.value] = c.dead_letter_reasons.get(r.reason.value, 0) + 1
+        if n == 0 or self.routed is None:
+            return self._result(batch, list(rejects), Scores.missing(n), self.router.unscored(n), False)
+        up, warm = self.updater, self.warm
+        F = self.extractor.transform(batch.features)
+        mb = self.settings.influence.micro_batch
+        parts = []
+        for i in range(0, n, mb):  # the policy's windows see the events in micro-batches, as in one process
+            # s = H⁻¹∇L_R is refreshed as often as in one process, against this (snapshot) head.
+            if up.refresh_direction():
+                self._calibrate()
+            view = up.view(self.schema, self.policy, up.usable_reference_model(self.uses_reference_model))
+            evidence = Scorer(view).evidence_of(F[i : i + mb], batch.labels[i : i + mb])
+            up.count_scored(len(evidence.labels))
+            parts.append((evidence.scores, self.router.decide(evidence, warm)))
+        decision = _joined([d for _, d in parts])
+        q = int(decision.quarantine.sum())
+        c.accepted += n - q
+        c.quarantined += q
+        return self._result(batch, list(rejects), Scores.concat([s for s, _ in parts]), decision, False)
+
+    def learn_events(self, batch: EventBatch, quarantine: np.ndarray) -> BatchResult:
+        """Learn already-decided events — what the one updater does with the decisions of the
+        score workers (``run --role update``): every event informs the standardiser, curvature,
+        shadow learner and metrics; the routed head learns the ones with ``quarantine`` False
+        (:meth:`Updater.update`, in micro-batches of ``influence.micro_batch`` as in one process).
+        """
+        quarantine = np.asarray(quarantine, dtype=bool)
+        n = len(batch)
+        c = self.counters
+        c.consumed += n
+        if n == 0 or self.routed is None:
+            return self._result(batch, [], Scores.missing(n), self.router.unscored(n), False)
+        mb = self.settings.influence.micro_batch
+        parts, drifted = [], False
+        for i in range(0, n, mb):
+            q = quarantine[i : i + mb]
+            m = len(q)
+            reasons = ["scorer_quarantine" if x else "scorer_accept" for x in q.tolist()]
+            d = RoutingDecision(q, reasons, float("nan"), False, self.policy.version, np.full(m, np.nan))
+            drifted |= self.updater.update(batch.subset(np.arange(i, i + m)), d, self.schema, self.policy)
+            parts.append(d)
+        k = int(quarantine.sum())
+        c.accepted += n - k
+        c.quarantined += k
+        return self._result(batch, [], Scores.missing(n), _joined(parts), drifted)
+
+    def prepare_snapshot(self) -> None:
+        """Bring the parts a score worker reads up to date before the state is published as a
+        model snapshot: the warm start (if the trusted set is ready), ``s = H⁻¹∇L_R`` against
+        the current head, and the calibrated thresholds."""
+        up = self.updater
+        if up.routed is None:
+            return
+        if self.warm and not up.warm_started and self.trusted_reference:
+            up.warm_start()
+        if up.refresh_direction(force=True):
+            self._calibrate()
+
     def _route_micro_batch(
         self, F: np.ndarray, chunk: EventBatch, start: int
     ) -> tuple[Scores, RoutingDecision, bool]:
@@ -559,3 +633,16 @@ class InfluenceEngine:
             up.curvature.load_state_dict(state["curvature"])
             up.standardizer.load_state_dict(state["standardizer"])
             self._calibrate()
+
+
+def _joined(decisions: list[RoutingDecision]) -> RoutingDecision:
+    """The decisions of consecutive micro-batches as one."""
+    last = decisions[-1]
+    return RoutingDecision(
+        np.concatenate([d.quarantine for d in decisions]),
+        [r for d in decisions for r in d.reasons],
+        last.threshold,
+        any(d.alarm for d in decisions),
+        last.policy_version,
+        np.concatenate([d.thresholds for d in decisions]),
+    )

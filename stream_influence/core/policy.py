@@ -31,7 +31,14 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    fires only for a score above ``quarantine_threshold`` (learning the event would raise the
    trusted loss);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
-   (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned;
+   (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
+   clean data the model's prior waves a frequent class's surprising events through), so with
+   ``class_fair_gate`` (default) each class's share of α for that test is thinned by
+   ``g_min / g_y``, ``g_y`` the share of class ``y``'s recent firings the gate let through:
+   on clean data no class is quarantined more than another, and on a noisy stream, where flips
+   pass the gate in every class, the test keeps its share.  With ``gate_reference_loss: false``
+   only the influence test is gated: the reference-loss test quarantines by itself, each class
+   at most at its share of α;
 5. otherwise accept, reason ``within_band``.
 
 The quarantine-rate cap: when step 3 would push the rolling quarantine rate above
@@ -73,7 +80,9 @@ class RoutingDecision:
     threshold: float  # the pooled threshold in force (calibrated: over all classes)
     alarm: bool
     policy_version: int
-    thresholds: np.ndarray  # the threshold each point was compared with (per class when calibrated)
+    # The score threshold each point was held to: its class's τ_y when calibrated (else the one
+    # in force); for a point only the reference-loss test quarantined, the floor its score passed.
+    thresholds: np.ndarray
 
 
 def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
@@ -108,6 +117,10 @@ class RoutingPolicy:
         # (recomputed by calibrate(), never saved: the calibration scores are).
         self.class_thresholds = np.zeros(0)
         self.reference_thresholds = np.zeros(0)  # ρ_y of the reference-loss test (per class)
+        # class_fair_gate: decayed per-class counts of loss-test firings (before the gate) and of
+        # those the gate let through, over about rate_window events.
+        self._fired = np.zeros(0)
+        self._passed = np.zeros(0)
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -115,7 +128,9 @@ class RoutingPolicy:
         The caller re-runs :meth:`calibrate` (the engine does) since α may have changed.
         """
         old_scores, old_flags, old_above = self._scores, self._flags, self._above
+        fired, passed = self._fired, self._passed
         self._install(settings)
+        self._fired, self._passed = fired, passed
         if old_scores.capacity == settings.quantile_window:
             self._scores = old_scores
         if old_flags.capacity == settings.rate_window:
@@ -206,9 +221,39 @@ class RoutingPolicy:
             losses = reference_losses
             if reference_scores is not None and len(reference_scores) == len(losses):
                 losses = np.where(reference_scores > s.quarantine_threshold, losses, 0.0)
+            alpha = self.alpha_of("reference_loss")
             self.reference_thresholds = self._class_quantiles(
-                losses, reference_labels, n_classes, self.alpha_of("reference_loss"), bool(split)
+                losses, reference_labels, n_classes, alpha, bool(split)
             )[0]
+            for a in np.unique(self._fair_alphas(alpha, n_classes)):  # class_fair_gate: thinned classes
+                if a < alpha:
+                    thin = self._fair_alphas(alpha, n_classes) == a
+                    q = self._class_quantiles(losses, reference_labels, n_classes, float(a), True)[0]
+                    self.reference_thresholds[thin] = q[thin]
+
+    def gate_pass_through(self, n_classes: int) -> np.ndarray:
+        """Per class, the share of recent reference-loss firings the disagreement gate let through
+        (NaN: too few firings to tell)."""
+        fired = np.zeros(n_classes)
+        passed = np.zeros(n_classes)
+        k = min(n_classes, len(self._fired))
+        fired[:k], passed[:k] = self._fired[:k], self._passed[:k]
+        return np.where(fired >= 5.0, passed / np.maximum(fired, 1e-300), np.nan)
+
+    def _fair_alphas(self, alpha: float, n_classes: int) -> np.ndarray:
+        """Each class's share of α for the loss test: α · g_min / g_y with ``class_fair_gate``
+        (``g`` the gate pass-through), α otherwise or while fewer than two classes can tell."""
+        s = self.settings
+        out = np.full(n_classes, alpha)
+        if not (s.class_fair_gate and s.require_disagreement and s.gate_reference_loss):
+            return out
+        g = self.gate_pass_through(n_classes)
+        known = np.isfinite(g)
+        if known.sum() < 2:
+            return out
+        g_min = float(g[known].min())
+        out[known] = alpha * np.minimum(1.0, g_min / np.maximum(g[known], 1e-12))
+        return out
 
     def thresholds_for(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """The threshold each of ``n`` points (with class indices ``labels``) is compared with."""
@@ -259,17 +304,23 @@ class RoutingPolicy:
         # The floor holds for every evidence: an event whose learning would lower the trusted
         # loss (score ≤ quarantine_threshold) is never quarantined, however surprising its label.
         loss_test = (surprise > 1.0) & (score > s.quarantine_threshold)
-        if s.mode == "calibrated" and s.evidence == "reference_loss":
-            harmful = loss_test
-        elif s.mode == "calibrated" and s.evidence == "hybrid":
-            harmful |= loss_test
+        if s.mode != "calibrated" or s.evidence == "influence":
+            loss_test[:] = False
+        elif s.evidence == "reference_loss":
+            harmful[:] = False
         # The alarm's pre-gate share counts every test that fires (all evidence).
-        self._above.push(harmful.astype(np.float64))
+        self._above.push((harmful | loss_test).astype(np.float64))
         reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)
         if s.require_disagreement and disagree is not None:
-            agrees = harmful & ~disagree
-            reasons[agrees] = "model_agrees"
-            harmful &= disagree
+            if s.class_fair_gate and labels is not None and loss_test.any():
+                self._count_gate(labels, loss_test, disagree, n)
+            gated = harmful | loss_test if s.gate_reference_loss else harmful
+            reasons[gated & ~disagree] = "model_agrees"
+            harmful = gated & disagree
+            if not s.gate_reference_loss:  # the loss test stands on its own calibration
+                harmful |= loss_test
+        else:
+            harmful |= loss_test
         reasons[harmful] = "harmful"
 
         # How many quarantines keep the rolling rate ≤ cap once this batch enters the window.
@@ -287,11 +338,25 @@ class RoutingPolicy:
             harmful[capped] = False
             reasons[capped] = "rate_cap"
 
+        by_loss = harmful & loss_test & ~(score > thresholds)
+        if by_loss.any():
+            thresholds = np.where(by_loss, s.quarantine_threshold, thresholds)
         self._flags.push(harmful.astype(np.float64))
         self._scores.push(score)
         return RoutingDecision(
             harmful, reasons.tolist(), self.threshold, self.alarm, self.version, thresholds
         )
+
+    def _count_gate(self, labels: np.ndarray, fired: np.ndarray, disagree: np.ndarray, n: int) -> None:
+        """Decayed per-class counts of loss-test firings (at the full share of α, whatever the
+        thinning) and of those the gate passes."""
+        K = max(len(self._fired), int(labels.max()) + 1)
+        if len(self._fired) < K:
+            self._fired = np.concatenate([self._fired, np.zeros(K - len(self._fired))])
+            self._passed = np.concatenate([self._passed, np.zeros(K - len(self._passed))])
+        decay = np.exp(-n / self.settings.rate_window)
+        self._fired = decay * self._fired + np.bincount(labels[fired], minlength=K)
+        self._passed = decay * self._passed + np.bincount(labels[fired & disagree], minlength=K)
 
     def _reference_excess(
         self, labels: np.ndarray | None, reference_loss: np.ndarray | None, n: int
@@ -315,6 +380,8 @@ class RoutingPolicy:
             **self._scores.state("scores"),
             **self._flags.state("flags"),
             **self._above.state("above"),
+            "gate_fired": self._fired,
+            "gate_passed": self._passed,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -325,3 +392,5 @@ class RoutingPolicy:
         self._flags.load(state, "flags")
         if "above_data" in state:  # absent from checkpoints of the previous release
             self._above.load(state, "above")
+        self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
+        self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()

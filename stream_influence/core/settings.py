@@ -243,14 +243,15 @@ class PolicySettings(_Frozen):
         "quantile never quarantine a score ≤ quarantine_threshold.",
     )
     evidence: Literal["influence", "reference_loss", "hybrid"] = Field(
-        default="influence",
+        default="hybrid",
         description="calibrated mode: what quarantines an event. influence: its score above the "
         "class threshold; reference_loss: its label's loss under the reference model (fitted on "
         "the trusted set alone) above the class threshold of cross-fitted trusted losses; hybrid: "
         "either, α split between them by hybrid_split (Bonferroni, so α still bounds clean "
         "quarantines). With reference_loss and hybrid alike the reference-loss route fires only "
         "when the score is also above quarantine_threshold (learning the event would raise the "
-        "reference loss): the floor holds for every evidence.",
+        "reference loss): the floor holds for every evidence. hybrid (with class_fair_gate) is the "
+        "default: measured in docs/benchmarks.md (routing_ablation, quality).",
     )
     hybrid_split: float = Field(
         default=0.5,
@@ -259,6 +260,22 @@ class PolicySettings(_Frozen):
         description="evidence hybrid: the share of α given to the reference-loss test; the "
         "influence test gets the rest (1: the reference-loss test alone at α, still only for "
         "scores above quarantine_threshold).",
+    )
+    gate_reference_loss: bool = Field(
+        default=True,
+        description="evidence reference_loss/hybrid: the disagreement gate (require_disagreement) "
+        "also applies to the reference-loss test. False: only the influence test is gated; the "
+        "reference-loss test, calibrated jointly with the floor, then quarantines each clean "
+        "class at most at its share of α on its own, whatever the model predicts.",
+    )
+    class_fair_gate: bool = Field(
+        default=True,
+        description="evidence reference_loss/hybrid with require_disagreement: thin each class's "
+        "reference-loss test to the gate pass-through of the least-passed class (the share of the "
+        "class's recent loss-test firings the gate let through, measured on the stream over "
+        "rate_window events): on clean data the gate passes a class-dependent share (the model's "
+        "prior waves a frequent class through), so the loss test then quarantines no class more "
+        "than another; flips pass the gate in every class, so a noisy stream keeps the full test.",
     )
     false_quarantine_rate: float = Field(
         default=0.1,

@@ -10,7 +10,8 @@ same protocol) implements three small protocols:
 - :class:`BrokerProducer` — asynchronous ``produce`` with one :class:`Delivery` per record,
   ``flush``, close.
 
-Only typed values cross the seam: :class:`TopicPartition`, :class:`Record` (consumed),
+Only typed values cross the seam: :class:`TopicPartition`, :class:`ConsumedRecord` (consumed;
+:class:`Record` is one),
 :class:`OutputRecord` (to produce), :class:`Delivery`, :class:`Rebalance`.
 
 **Threads.**  Every method is called from one thread, the service's loop thread.  A backend may
@@ -47,6 +48,7 @@ __all__ = [
     "BrokerConsumer",
     "BrokerProducer",
     "BrokerTrouble",
+    "ConsumedRecord",
     "Delivery",
     "Headers",
     "OutputRecord",
@@ -68,8 +70,31 @@ class TopicPartition(NamedTuple):
     partition: int
 
 
+class ConsumedRecord(Protocol):
+    """What the service reads of one consumed message.  A backend hands its client's own record
+    objects through as they are when they have these attributes (kafka-python's
+    ``ConsumerRecord`` does: no per-message copy on the hot path), else builds :class:`Record`."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def headers(self) -> Headers: ...
+    @property
+    def timestamp(self) -> int | None:
+        """Milliseconds since the epoch as the broker reports it; None when it reports none."""
+
+
 class Record(NamedTuple):
-    """One consumed message.  A named tuple rather than a dataclass: one is built per event."""
+    """One consumed message, for a backend whose client's records lack :class:`ConsumedRecord`'s
+    attributes.  A named tuple rather than a dataclass: one is built per event."""
 
     topic: str
     partition: int
@@ -164,8 +189,9 @@ class BrokerConsumer(Protocol):
     def partitions_for(self, topic: str) -> set[int] | None:
         """The partition numbers of ``topic`` from cached metadata, or None while unknown."""
 
-    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
-        """Up to ``max_records`` records, grouped by partition in offset order."""
+    def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[ConsumedRecord]]:
+        """Up to ``max_records`` records, grouped by partition in offset order (the keys equal
+        and hash like :class:`TopicPartition`)."""
 
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
 
@@ -225,7 +251,11 @@ class Broker(Protocol):
 
 
 def open_broker(k: KafkaSettings) -> Broker:
-    """The backend ``k`` asks for (kafka-python unless configured otherwise)."""
+    """The backend ``k.client`` names (kafka-python unless configured otherwise)."""
+    if k.client == "confluent":
+        from stream_influence.io.confluent import ConfluentBroker
+
+        return ConfluentBroker(k)
     from stream_influence.io.kafka_python import KafkaPythonBroker
 
     return KafkaPythonBroker(k)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from stream_influence.io.broker import Broker, Record, TopicPartition
+from stream_influence.io.broker import Broker, ConsumedRecord, TopicPartition
 from stream_influence.io.lag import LagCheck
 
 __all__ = ["ReferenceReader"]
@@ -58,12 +58,12 @@ class ReferenceReader:
             else:
                 self.consumer.seek_to_beginning(self._tp(p))
 
-    def poll_records(self, timeout_ms: int = 0) -> list[Record]:
+    def poll_records(self, timeout_ms: int = 0) -> list[ConsumedRecord]:
         """New messages, advancing :attr:`offsets`."""
         if not self._assign():  # the topic's metadata is not known yet
             time.sleep(min(timeout_ms, 200) / 1000)
             return []
-        out: list[Record] = []
+        out: list[ConsumedRecord] = []
         for tp, msgs in self.consumer.poll(timeout_ms, self._max_records).items():
             out.extend(msgs)
             self.offsets[tp.partition] = msgs[-1].offset + 1
@@ -103,10 +103,10 @@ class ReferenceReader:
                 return False
         return True
 
-    def read_to_end(self, timeout_s: float) -> tuple[list[Record], bool]:
+    def read_to_end(self, timeout_s: float) -> tuple[list[ConsumedRecord], bool]:
         """Every message up to the current end of the topic, bounded by ``timeout_s``; the flag
         says whether the end was reached."""
-        out: list[Record] = []
+        out: list[ConsumedRecord] = []
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             out.extend(self.poll_records(timeout_ms=200))

@@ -45,9 +45,10 @@ import logging
 import re
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -56,7 +57,7 @@ from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import atomic_write, decode_state, encode_engine, read_file, restore_engine
 from stream_influence.errors import CheckpointCorrupt, CorruptReason, NoUsableCheckpoint
 
-__all__ = ["FORMAT", "Checkpoint", "CheckpointStore"]
+__all__ = ["FORMAT", "Checkpoint", "CheckpointStore", "PendingCheckpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,24 @@ def _offsets_to_json(offsets: dict[TopicPartitionKey, int]) -> dict[str, dict[st
     return out
 
 
+class PendingCheckpoint:
+    """A checkpoint whose state was captured on the caller's thread and whose files are being
+    written (fsync, rename, manifest) on the store's writer thread."""
+
+    __slots__ = ("_future", "path")
+
+    def __init__(self, path: Path, future: Future[Path]) -> None:
+        self.path, self._future = path, future
+
+    def done(self) -> bool:
+        """True once the checkpoint is durable, or its write failed (:meth:`result` raises)."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Path:
+        """Wait until the checkpoint is durable; raises the write's error."""
+        return self._future.result(timeout)
+
+
 def manifest_path(path: Path) -> Path:
     """The manifest of checkpoint file ``path``."""
     return path.with_name(path.name.removesuffix(".safetensors") + ".manifest.json")
@@ -135,6 +154,15 @@ class CheckpointStore:
         # the store was created (the service exports them as a metric).
         self.corrupt: dict[Path, CorruptReason] = {}
         self.fallbacks: Counter[str] = Counter()
+        # One writer thread, one write at a time: files and sequence numbers stay in order.
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: PendingCheckpoint | None = None
+
+    def wait(self) -> None:
+        """Wait for the write in progress (if any) to end; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def paths(self) -> list[tuple[int, Path]]:
         """``(seq, path)`` of every checkpoint file, oldest first."""
@@ -151,6 +179,7 @@ class CheckpointStore:
         """Checkpoints skipped as corrupt since this store was created, by reason."""
         return dict(self.fallbacks)
 
+    @overload
     def save(
         self,
         engine: InfluenceEngine,
@@ -158,9 +187,40 @@ class CheckpointStore:
         reference_offsets: dict[int, int],
         outputs: dict[str, int],
         extra: dict[str, Any] | None = None,
-    ) -> Path:
+        *,
+        background: Literal[False] = False,
+    ) -> Path: ...
+
+    @overload
+    def save(
+        self,
+        engine: InfluenceEngine,
+        offsets: dict[TopicPartitionKey, int],
+        reference_offsets: dict[int, int],
+        outputs: dict[str, int],
+        extra: dict[str, Any] | None = None,
+        *,
+        background: Literal[True],
+    ) -> PendingCheckpoint: ...
+
+    def save(
+        self,
+        engine: InfluenceEngine,
+        offsets: dict[TopicPartitionKey, int],
+        reference_offsets: dict[int, int],
+        outputs: dict[str, int],
+        extra: dict[str, Any] | None = None,
+        *,
+        background: bool = False,
+    ) -> Path | PendingCheckpoint:
         """Write the next checkpoint (state file, then its manifest, each atomically), then
-        prune old ones; returns the state file's path."""
+        prune old ones; returns the state file's path.
+
+        The state is serialised here, on the caller's thread (the engine must not change while
+        it is read).  With ``background`` the files are written on the store's writer thread and
+        a :class:`PendingCheckpoint` is returned at once; the checkpoint is durable when it is
+        done.  A save first waits for the previous background write."""
+        self.wait()
         existing = self.paths()
         # Past every seq in the directory, set-aside corrupt ones included: a name is never reused.
         seqs = [int(m.group(1)) for p in self._listing() if (m := _ANY_SEQ.match(p.name))]
@@ -176,13 +236,31 @@ class CheckpointStore:
             "outputs": dict(outputs),
         }
         data = encode_engine(engine, meta)
+        if not background:
+            return self._write(path, seq, data, existing)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self._pending = PendingCheckpoint(path, self._writer.submit(self._write, path, seq, data, existing))
+        return self._pending
+
+    def install(self, data: bytes) -> Path:
+        """Write checkpoint bytes made elsewhere (a model snapshot, which is a checkpoint file of
+        the updater) as the next checkpoint, with its manifest.  Verified when loaded."""
+        self.wait()
+        existing = self.paths()
+        seqs = [int(m.group(1)) for p in self._listing() if (m := _ANY_SEQ.match(p.name))]
+        seq = max(seqs, default=0) + 1
+        return self._write(self.directory / f"checkpoint-{seq:012d}.safetensors", seq, data, existing)
+
+    def _write(self, path: Path, seq: int, data: bytes, existing: list[tuple[int, Path]]) -> Path:
+        """The state file, then its manifest (last: it completes the checkpoint), then pruning."""
         atomic_write(path, data)
         manifest = {
             "format": _MANIFEST_FORMAT,
             "seq": seq,
             "files": {path.name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}},
         }
-        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())  # last: completes it
+        atomic_write(manifest_path(path), json.dumps(manifest, indent=1).encode())
         self._prune(existing)
         return path
 
@@ -289,6 +367,7 @@ class CheckpointStore:
         other schema, model or curvature settings (silently starting from an older or empty
         model would re-apply every event).
         """
+        self.wait()  # never read a checkpoint this store is still writing
         skipped: list[CheckpointCorrupt] = []
         for _, path in reversed(self.paths()):
             try:

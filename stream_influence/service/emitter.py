@@ -24,9 +24,9 @@ from stream_influence.errors import OutputError
 from stream_influence.io.broker import (
     BrokerProducer,
     BrokerTrouble,
+    ConsumedRecord,
     Delivery,
     OutputRecord,
-    Record,
     RecordRefused,
     TopicPartition,
 )
@@ -56,7 +56,7 @@ class Sent:
 
     delivery: Delivery
     tp: TopicPartition
-    message: Record
+    message: ConsumedRecord
     #: The event's one destination (dead letter / quarantine copy), not an audit copy.
     destination: bool
 
@@ -89,7 +89,9 @@ class Emitter:
             self._count(kind, n)
 
     # -- producing ------------------------------------------------------------------------
-    def send(self, rec: OutputRecord, tp: TopicPartition, m: Record, *, destination: bool) -> str | None:
+    def send(
+        self, rec: OutputRecord, tp: TopicPartition, m: ConsumedRecord, *, destination: bool
+    ) -> str | None:
         """Queue ``rec`` (cut to the producer's size limit).  Returns why *this record* cannot be
         sent (the caller dead-letters its message), or None: queued, or broker trouble that rolls
         the whole window back."""
@@ -115,14 +117,16 @@ class Emitter:
         self.inflight.append(Sent(delivery, tp, m, destination))
         return None
 
-    def _send_copy(self, rec: OutputRecord, tp: TopicPartition, m: Record) -> None:
+    def _send_copy(self, rec: OutputRecord, tp: TopicPartition, m: ConsumedRecord) -> None:
         """An accepted copy or a decision record: an audit, not the event's destination, so a
         refused one is logged (the event already is in its one place) rather than dead-lettered."""
         why = self.send(rec, tp, m, destination=False)
         if why is not None:
             log.error("%s-%d@%d: no copy to %s: %s", tp.topic, tp.partition, m.offset, rec.topic, why)
 
-    def dead_letter(self, tp: TopicPartition, m: Record, reason: str, detail: str, h: ChunkHeaders) -> None:
+    def dead_letter(
+        self, tp: TopicPartition, m: ConsumedRecord, reason: str, detail: str, h: ChunkHeaders
+    ) -> None:
         """The input message ``m`` to the dead-letter topic (original key, value and headers)."""
         headers = h.dead_letter(m.headers, reason, detail, m.offset)
         rec = OutputRecord(self.k.dead_letter_topic, key=m.key, value=m.value, headers=headers)
@@ -131,7 +135,7 @@ class Emitter:
             self.minimal_dead_letter(tp, m, f"{detail}; dead letter refused: {why}")
         self._counted("dead_letter", 1)
 
-    def minimal_dead_letter(self, tp: TopicPartition, m: Record, detail: str) -> None:
+    def minimal_dead_letter(self, tp: TopicPartition, m: ConsumedRecord, detail: str) -> None:
         """The last resort for a message whose full dead letter cannot be sent: our own headers
         only, an empty value, the original's size and SHA-256.  If even that fails, the window
         is rolled back (bounded by ``kafka.max_window_replays``): nothing is dropped silently."""
@@ -144,7 +148,7 @@ class Emitter:
             log.error("cannot produce even a minimal dead letter (%s)", self.last_failure)
             self.send_error = OutputError(self.last_failure)
 
-    def emit(self, tp: TopicPartition, msgs: list[Record], r: BatchResult) -> None:
+    def emit(self, tp: TopicPartition, msgs: list[ConsumedRecord], r: BatchResult) -> None:
         """Produce the chunk's outputs: dead letters, quarantine copies, then the optional
         accepted copies and decision records."""
         k = self.k

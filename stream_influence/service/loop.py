@@ -36,6 +36,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Set
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,15 @@ from stream_influence.errors import ConfigError, ReplayLimitError
 from stream_influence.io.broker import (
     Broker,
     BrokerProducer,
+    ConsumedRecord,
     RebalanceKind,
-    Record,
     TopicPartition,
     open_broker,
 )
 from stream_influence.io.lag import LagCheck
 from stream_influence.io.reference import ReferenceReader
 from stream_influence.observability.metrics import MetricsServer, ServiceMetrics
-from stream_influence.service.checkpoint import Checkpoint, CheckpointStore
+from stream_influence.service.checkpoint import Checkpoint, CheckpointStore, PendingCheckpoint
 from stream_influence.service.checkpointer import Checkpointer
 from stream_influence.service.chunker import plan_chunks
 from stream_influence.service.emitter import Emitter, Sent
@@ -65,6 +66,17 @@ from stream_influence.service.reload import PolicyReloader
 __all__ = ["Service", "run_service"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Writing:
+    """An interval checkpoint being written on the store's writer thread, and what the loop
+    commits once it is durable."""
+
+    pending: PendingCheckpoint
+    offsets: dict[TopicPartition, int]
+    polls: list[float]  # poll times of the chunks it covers (poll → commit latency)
+    started: float  # perf_counter when the flush began
 
 
 class Service:
@@ -102,7 +114,7 @@ class Service:
         # Partitions whose restored offsets win over the committed ones: the restore fell back
         # past a corrupt checkpoint whose window was committed but is lost with it.
         self.replay_from_checkpoint: set[tuple[str, int]] = set()
-        self.pending: dict[TopicPartition, list[Record]] = defaultdict(list)
+        self.pending: dict[TopicPartition, list[ConsumedRecord]] = defaultdict(list)
         self.pending_t0: dict[TopicPartition, float] = {}
         # Ends of the tail chunks cut short (partition caught up) since the last checkpoint: a
         # replay of the window cuts there again, so it batches — and decides — as the first try.
@@ -120,6 +132,7 @@ class Service:
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
         self.uncommitted_polls: list[float] = []  # poll times of chunks not committed yet
+        self.writing: _Writing | None = None  # the interval checkpoint on the writer thread
         self.needs_rollback = False
         self.broker_up = True
         self._lag = LagCheck()
@@ -234,6 +247,7 @@ class Service:
             self._trust_reference()
             self.next_offsets, self.reference_offsets = {}, {}
             self.outputs = {}
+            self._restored(None)
             return
         # Only at start-up: a rollback seeks its own partitions to the restored offsets anyway.
         self.replay_from_checkpoint = set(ck.offsets) if ck.skipped and self.consumer is None else set()
@@ -252,6 +266,28 @@ class Service:
             self.engine.events_seen,
             {f"{t}-{p}": o for (t, p), o in sorted(ck.offsets.items())},
         )
+        self._restored(ck)
+
+    # -- hooks of the scale-out roles (service/roles.py); the defaults are the single process --
+    def _restored(self, ck: Checkpoint | None) -> None:
+        """Called after every restore (start-up and rollback) with the checkpoint installed."""
+
+    def _subscribe(self) -> None:
+        """Join the consumer group on the input topic (partitions come as recorded rebalances)."""
+        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
+
+    def _apply_chunk(self, tp: TopicPartition, msgs: list[ConsumedRecord]) -> BatchResult:
+        """Apply one offset-aligned chunk to the engine and queue its outputs."""
+        result = self.engine.process([m.value for m in msgs])
+        self._emit(tp, msgs, result)
+        return result
+
+    def _checkpoint_extra(self) -> dict[str, Any]:
+        """Role state saved in the checkpoint with the engine (the same atomic file)."""
+        return {}
+
+    def _after_checkpoint(self) -> None:
+        """Called after a checkpoint is durable, before its offsets are committed."""
 
     def _trust_reference(self) -> None:
         # Every engine installed (start-up or rollback, checkpoint or empty): with a reference
@@ -287,7 +323,7 @@ class Service:
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
         self.consumer = self.broker.consumer()
-        self.consumer.subscribe([self.k.topic], hand_over=self._on_rebalance)
+        self._subscribe()
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
         gave_up = False
         try:
@@ -311,6 +347,14 @@ class Service:
 
     def _shutdown(self) -> int:
         code = 0
+        try:
+            # A checkpoint being written holds a consistent state (captured between chunks): let
+            # it become durable, crashed or not, before the process (or a restart) moves on.
+            self._await_write()
+        except Exception:
+            log.exception("the checkpoint being written failed")
+            self.crashed = True
+            code = 1
         try:
             final = self.consumer is not None and not self.crashed
             if final and not self._checkpoint(force=True, reason="shutdown"):
@@ -401,6 +445,7 @@ class Service:
         until the next poll), then forget their buffers."""
         revoked = frozenset(TopicPartition(tp.topic, tp.partition) for tp in revoked)
         offsets: dict[TopicPartition, int] = {}
+        self._await_write()  # nothing is committed beyond what is durable
         if self.crashed:
             commit = False  # neither checkpoint nor commit anything after a crash
         elif revoked and self.dirty:
@@ -478,8 +523,19 @@ class Service:
         return sought
 
     # -- main loop ---------------------------------------------------------------------
+    def _poll_timeout_ms(self) -> int:
+        """The poll's longest wait: short while a checkpoint is being written or due soon, so
+        its commit does not wait for records that may not come."""
+        timeout = self.k.poll_timeout_ms
+        if self.writing is not None:
+            return min(timeout, 5)
+        if self.dirty:
+            due = self.cfg.checkpoint.every_seconds - (time.monotonic() - self.last_checkpoint)
+            return min(timeout, max(1, int(due * 1000)))
+        return timeout
+
     def _step(self) -> None:
-        polled = self.consumer.poll(self.k.poll_timeout_ms, self.k.max_poll_records)
+        polled = self.consumer.poll(self._poll_timeout_ms(), self.k.max_poll_records)
         t_poll = time.monotonic()
         self._on_rebalance()
         if self.needs_rollback:
@@ -508,12 +564,18 @@ class Service:
             self._add_reference(self.reader.poll(0))
         for tp in list(self.pending):
             self._drain(tp, t_poll)
-        if self.dirty and (
-            self.send_error is not None
-            or self.events_since_checkpoint >= self.cfg.checkpoint.every_events
-            or time.monotonic() - self.last_checkpoint >= self.cfg.checkpoint.every_seconds
+        if self.writing is not None and self.writing.pending.done():
+            self._committed_write()
+        if (
+            self.dirty
+            and self.writing is None
+            and (
+                self.send_error is not None
+                or self.events_since_checkpoint >= self.cfg.checkpoint.every_events
+                or time.monotonic() - self.last_checkpoint >= self.cfg.checkpoint.every_seconds
+            )
         ):
-            self._checkpoint(reason="interval")
+            self._checkpoint_in_background()
         if t_poll - self._last_housekeeping >= 1.0:
             self._last_housekeeping = t_poll
             self._housekeeping()
@@ -567,12 +629,11 @@ class Service:
         if not buf:
             self.pending.pop(tp, None)
 
-    def _process(self, tp: TopicPartition, msgs: list[Record], t_poll: float) -> None:
+    def _process(self, tp: TopicPartition, msgs: list[ConsumedRecord], t_poll: float) -> None:
         t0 = time.perf_counter()
         key = (tp.topic, tp.partition)
         with self._changing_model():
-            result = self.engine.process([m.value for m in msgs])
-            self._emit(tp, msgs, result)
+            result = self._apply_chunk(tp, msgs)
             self.next_offsets[key] = msgs[-1].offset + 1
         # A replayed window is not new input: count every offset once in this process.
         first_new = self.counted.get(key, -1)
@@ -603,7 +664,7 @@ class Service:
             )
         self._metric("observe_batch", result, self._summary_cached(), time.perf_counter() - t0, fresh)
 
-    def _emit(self, tp: TopicPartition, msgs: list[Record], result: BatchResult) -> None:
+    def _emit(self, tp: TopicPartition, msgs: list[ConsumedRecord], result: BatchResult) -> None:
         """Produce the chunk's outputs (the emitter's job; one seam for fault injection)."""
         self.emitter.emit(tp, msgs, result)
 
@@ -631,31 +692,40 @@ class Service:
         ]
 
     # -- checkpoint protocol ---------------------------------------------------------------
-    def _flush_and_save(self, reason: str) -> bool:
-        """Steps 1–2: outputs acknowledged, then the checkpoint made durable.  Returns False
+    def _flush_and_save(self, reason: str, *, background: bool = False) -> Path | PendingCheckpoint | None:
+        """Steps 1–2: outputs acknowledged, then the checkpoint made durable (with
+        ``background``: its state captured and handed to the writer thread).  Returns None
         (nothing written) if the outputs were not acknowledged or the engine is torn."""
         if self.crashed or self.torn:
             log.warning("no checkpoint at %s: the model holds a partly processed window", reason)
-            return False
+            return None
+        self._await_write()
         t0 = time.perf_counter()
         flush_ms = self._grace_ms(int(self.k.flush_timeout_seconds * 1000))
         path = self.checkpointer.flush_and_save(
-            self.engine, self.next_offsets, self.reference_offsets, reason, flush_ms / 1000
+            self.engine,
+            self.next_offsets,
+            self.reference_offsets,
+            reason,
+            flush_ms / 1000,
+            self._checkpoint_extra,
+            background=background,
         )
         if path is None:
             self._set_broker_up(False)
-            return False
+            return None
         self.dirty = False
         self.cuts.clear()  # the window is durable: it is never replayed
         self.replays = 0
         self.last_failure = ""
         self.events_since_checkpoint = 0
         self.last_checkpoint = time.monotonic()
-        self._metric("observe_checkpoint", time.perf_counter() - t0, time.time())
+        if not background:
+            self._metric("observe_checkpoint", time.perf_counter() - t0, time.time())
         c = self.engine.counters
         log.info(
             "checkpoint %s (%s): %d consumed, %d accepted, %d quarantined, %d dead-lettered",
-            path.name,
+            (path.path if isinstance(path, PendingCheckpoint) else path).name,
             reason,
             c.consumed,
             c.accepted,
@@ -668,7 +738,7 @@ class Service:
                 "dead_lettered": c.dead_lettered,
             },
         )
-        return True
+        return path
 
     def _commit_offsets(self, tps: Set[TopicPartition] | None = None) -> dict[TopicPartition, int]:
         tps = self.owned if tps is None else tps
@@ -678,14 +748,65 @@ class Service:
             if (tp.topic, tp.partition) in self.next_offsets
         }
 
+    def _checkpoint_in_background(self) -> None:
+        """The interval checkpoint: flush, capture the state and hand it to the writer thread;
+        :meth:`_committed_write` commits once it is durable.  The loop goes on meanwhile."""
+        t0 = time.perf_counter()
+        polls = list(self.uncommitted_polls)
+        pending = self._flush_and_save("interval", background=True)
+        if not isinstance(pending, PendingCheckpoint):
+            if not self.stop_event.is_set():
+                self._rollback()
+            return
+        self.uncommitted_polls = self.uncommitted_polls[len(polls) :]
+        self.writing = _Writing(pending, self._commit_offsets(), polls, t0)
+
+    def _await_write(self) -> None:
+        """Wait until the interval checkpoint being written is durable (its error raised here, on
+        the loop thread, as a synchronous write's would be).  Its offsets are committed with the
+        next commit."""
+        w, self.writing = self.writing, None
+        if w is None:
+            return
+        w.pending.result()
+        self.uncommitted_polls[:0] = w.polls
+
+    def _committed_write(self) -> None:
+        """The interval checkpoint is durable: commit its offsets — only with every output
+        produced so far acknowledged (the commit never runs ahead of an output), else the window
+        since is rolled back to it."""
+        w, self.writing = self.writing, None
+        assert w is not None
+        w.pending.result()
+        self._metric("observe_checkpoint", time.perf_counter() - w.started, time.time())
+        flush_ms = self._grace_ms(int(self.k.flush_timeout_seconds * 1000))
+        if not self.checkpointer.settle(flush_ms / 1000):
+            self._set_broker_up(False)
+            self.uncommitted_polls[:0] = w.polls
+            if not self.stop_event.is_set():
+                self._rollback()
+            return
+        self._after_checkpoint()
+        if w.offsets and not self.checkpointer.commit(
+            self.consumer, w.offsets, self._grace_ms(self.k.request_timeout_ms)
+        ):
+            self.uncommitted_polls[:0] = w.polls  # committed with the next checkpoint
+            return
+        now = time.monotonic()
+        for t in w.polls:
+            self._metric("observe_commit", now - t)
+
     def _checkpoint(self, *, force: bool = False, reason: str = "interval") -> bool:
-        """Flush → checkpoint → commit.  Returns False if the window had to be rolled back."""
+        """Flush → checkpoint → commit, synchronously (shutdown, tests).  Returns False if the
+        window had to be rolled back."""
+        self._await_write()
         if not self.dirty and not force:
             return True
         if self.dirty and not self._flush_and_save(reason):
             if not self.stop_event.is_set():  # stopping: the next start replays it from disk
                 self._rollback()
             return False
+        self._after_checkpoint()
         offsets = self._commit_offsets()
         polls, self.uncommitted_polls = self.uncommitted_polls, []
         if offsets and not self.checkpointer.commit(
@@ -703,6 +824,7 @@ class Service:
         :class:`ReplayLimitError` (the service stops rather than loop for ever)."""
         self.needs_rollback = False
         self.replays += 1
+        self._await_write()  # the checkpoint being written is the one to restore
         self._restore()
         if self.replays > self.k.max_window_replays:
             window = ", ".join(

@@ -1,0 +1,598 @@
+"""The confluent-kafka (librdkafka) backend of :mod:`stream_influence.io.broker`.
+
+Optional: ``confluent_kafka`` is imported lazily, so the package works without the ``[confluent]``
+extra, and selecting ``kafka.client: confluent`` without it is a :class:`ConfigError` that names
+the extra.  Every :class:`~stream_influence.config.KafkaSettings` field means the same as with
+kafka-python; here it is spelled with librdkafka's property names.  Secrets are unwrapped only in
+the property dicts built here.
+
+**Threads.**  librdkafka runs its network I/O on its own threads, but it calls the application
+back (rebalance, delivery reports, errors, statistics, log lines) only from inside ``poll`` /
+``consume`` / ``flush`` on the calling thread — the service's loop thread.  The callbacks here only
+record: a :class:`~stream_influence.io.broker.Rebalance`, a resolved
+:class:`~stream_influence.io.broker.Delivery`, the last error, the brokers' states.
+
+**Revocation.**  librdkafka gives revoked partitions up when the ``on_revoke`` callback returns
+(confluent-kafka unassigns them right after it, still inside that ``consume``), so the revocation
+cannot wait for the next poll as with kafka-python.  The callback records the event and then calls
+the loop's ``hand_over`` (:meth:`~stream_influence.io.broker.BrokerConsumer.subscribe`), on this
+same thread: the loop flushes, checkpoints and commits the revoked partitions while this member
+still owns them, and only then does the group move on.  Revocation inside ``close()`` is only
+recorded (the loop checkpointed and committed before closing).
+
+**Assignment.**  ``on_assign`` records the partitions and hands librdkafka an empty assignment;
+the next :meth:`ConfluentConsumer.poll` assigns them with the offsets the loop sought meanwhile.
+A seek made while librdkafka still looks a partition's start offset up (committed, or the
+beginning) is overridden by that answer, so starting each partition where the loop wants is the
+only reliable way.  Eager rebalancing only: incremental protocols are refused in the settings.
+
+**Broker quirks (Tansu, the test broker).**  A ListOffsets query for the latest offset
+(``get_watermark_offsets`` without ``cached``, ``offsets_for_times``) answers 1 on Tansu, not the
+end of the partition; :meth:`ConfluentConsumer.highwater` uses the high watermark of the last fetch
+response (``cached=True``), which is right on Tansu and on Apache Kafka alike.  Deleting a topic that a consumer
+is assigned crashes librdkafka 2.16.1 on Tansu (SIGSEGV in ``rd_kafka_metadata_cache_find`` after
+Tansu answers the fetch with UNKNOWN_TOPIC_OR_PARTITION for an unnamed topic), so the re-created
+reference topic test runs on kafka-python only.  Everything else the service uses (produce with
+headers, idempotence, TLS, group join and rebalance between two members, commit/committed, seek)
+behaves as on Apache Kafka.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Any
+
+import orjson
+from pydantic import SecretStr
+
+from stream_influence.config import TLS_PROTOCOLS, KafkaSettings
+from stream_influence.errors import BrokerUnreachableError, ConfigError
+from stream_influence.io.broker import (
+    BrokerTrouble,
+    Delivery,
+    OutputRecord,
+    Rebalance,
+    RebalanceKind,
+    Record,
+    RecordRefused,
+    TopicPartition,
+)
+
+__all__ = [
+    "ConfluentBroker",
+    "ConfluentConsumer",
+    "ConfluentProducer",
+    "admin_config",
+    "client_module",
+    "common_config",
+    "consumer_config",
+    "producer_config",
+]
+
+log = logging.getLogger(__name__)
+# librdkafka's own log lines, delivered through Python logging (and so through the secret filter).
+rdkafka_log = logging.getLogger("stream_influence.io.librdkafka")
+
+EXTRA_HINT = "install the optional extra: pip install 'stream-influence[confluent]'"
+
+
+def client_module() -> ModuleType:
+    """``confluent_kafka``, or :class:`ConfigError` naming the extra that provides it."""
+    try:
+        import confluent_kafka
+    except ImportError as exc:
+        raise ConfigError(
+            f"kafka.client is confluent but confluent-kafka is not installed ({exc}); {EXTRA_HINT}"
+        ) from None
+    return confluent_kafka
+
+
+def common_config(k: KafkaSettings) -> dict[str, Any]:
+    """Connection and security properties shared by consumers, producers and the admin client."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": ",".join(k.bootstrap_list()),
+        "client.id": k.client_id,
+        "security.protocol": k.security_protocol.lower(),
+        "reconnect.backoff.max.ms": k.reconnect_backoff_max_ms,
+        "socket.timeout.ms": k.request_timeout_ms,
+    }
+    if k.sasl_mechanism:
+        conf["sasl.mechanism"] = k.sasl_mechanism
+    if k.sasl_plain_username is not None:
+        conf["sasl.username"] = k.sasl_plain_username
+    if k.sasl_plain_password is not None:
+        conf["sasl.password"] = k.sasl_plain_password.get_secret_value()
+    if k.security_protocol in TLS_PROTOCOLS:
+        # "probe": the wheel's bundled OpenSSL does not know the system's trust store path.
+        conf["ssl.ca.location"] = str(k.ssl_cafile) if k.ssl_cafile is not None else "probe"
+        conf["ssl.endpoint.identification.algorithm"] = "https" if k.ssl_check_hostname else "none"
+        if k.ssl_certfile is not None:
+            conf["ssl.certificate.location"] = str(k.ssl_certfile)
+        if k.ssl_keyfile is not None:
+            conf["ssl.key.location"] = str(k.ssl_keyfile)
+        if k.ssl_password is not None:
+            conf["ssl.key.password"] = k.ssl_password.get_secret_value()
+    return conf
+
+
+def _with_passthrough(conf: dict[str, Any], k: KafkaSettings) -> dict[str, Any]:
+    # Every client gets every option: librdkafka ignores (and logs) a property of the other kind.
+    conf.update(
+        {key: v.get_secret_value() if isinstance(v, SecretStr) else v for key, v in k.client_options.items()}
+    )
+    conf["logger"] = rdkafka_log
+    return conf
+
+
+def consumer_config(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
+    """Properties of the training-events consumer (in the group, manual commits) or of a
+    group-less reader (librdkafka requires a ``group.id`` even then; it never joins or commits)."""
+    conf = common_config(k)
+    conf.update(
+        {
+            "group.id": k.group_id if group else f"{k.group_id}.reader",
+            "enable.auto.commit": False,
+            # Positions move only through what the service hands back; nothing is stored behind it.
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": k.auto_offset_reset,
+            "session.timeout.ms": k.session_timeout_ms,
+            "heartbeat.interval.ms": k.heartbeat_interval_ms,
+            "max.poll.interval.ms": k.max_poll_interval_ms,
+        }
+    )
+    return _with_passthrough(conf, k)
+
+
+_ACKS = {0: "0", 1: "1", "all": "all"}
+
+
+def producer_config(k: KafkaSettings) -> dict[str, Any]:
+    """Properties of the output producer."""
+    conf = common_config(k)
+    conf.update(
+        {
+            "acks": _ACKS[k.producer_acks],
+            "linger.ms": k.producer_linger_ms,
+            "batch.size": k.producer_batch_bytes,
+            "enable.idempotence": k.producer_idempotence,
+            "compression.type": k.producer_compression or "none",
+            "request.timeout.ms": k.request_timeout_ms,
+            # The largest record: kafka-python's max_request_size default and Apache Kafka's
+            # own limit (librdkafka's default is 1,000,000), so both backends cut outputs alike.
+            "message.max.bytes": 1_048_576,
+        }
+    )
+    return _with_passthrough(conf, k)
+
+
+def admin_config(k: KafkaSettings) -> dict[str, Any]:
+    """Properties of the admin client."""
+    return _with_passthrough(common_config(k), k)
+
+
+# -- clients --------------------------------------------------------------------------------
+class _Errors:
+    """Global client errors (``error_cb``): the last one, for messages that name the cause."""
+
+    def __init__(self) -> None:
+        self.last: str | None = None
+
+    def __call__(self, err: Any) -> None:
+        self.last = err.str()
+        log.debug("librdkafka: %s", self.last)
+
+
+def _kafka_exception(exc: BaseException) -> Any:
+    """The ``KafkaError`` inside a confluent-kafka exception, or None."""
+    args = getattr(exc, "args", ())
+    return args[0] if args and hasattr(args[0], "code") else None
+
+
+def _build(kind: str, conf: dict[str, Any]) -> Any:
+    """``confluent_kafka.<kind>(conf)``; a property librdkafka refuses is a :class:`ConfigError`."""
+    module = client_module()
+    if kind == "AdminClient":
+        from confluent_kafka.admin import AdminClient as cls
+    else:
+        cls = getattr(module, kind)
+    try:
+        return cls(conf)
+    except module.KafkaException as exc:
+        err = _kafka_exception(exc)
+        if err is not None and err.code() == module.KafkaError._INVALID_ARG:
+            raise ConfigError(
+                f"kafka (client confluent): librdkafka refuses the configuration: {err.str()}"
+            ) from None
+        raise
+
+
+class ConfluentConsumer:
+    """:class:`~stream_influence.io.broker.BrokerConsumer` on a ``confluent_kafka.Consumer``."""
+
+    def __init__(self, k: KafkaSettings, *, group: bool = True) -> None:
+        self._ck = client_module()
+        conf = consumer_config(k, group=group)
+        self.errors = _Errors()
+        conf["error_cb"] = self.errors
+        # Broker states for reachable(): librdkafka publishes them only in its statistics.
+        conf.setdefault("statistics.interval.ms", 1000)
+        conf["stats_cb"] = self._on_stats
+        self._c = _build("Consumer", conf)
+        self._events: list[Rebalance] = []
+        self._revoked = False  # a revocation was recorded during the current consume()
+        self._positions: dict[TopicPartition, int] = {}  # next offset poll() returns, where known
+        # Partitions handed to librdkafka at the next poll(), with their start offsets (see
+        # _take_assignment); OFFSET_INVALID: the committed offset, else auto_offset_reset.
+        self._pending: dict[TopicPartition, int] = {}
+        self._metadata: dict[str, tuple[float, set[int] | None]] = {}  # topic → (when, partitions)
+        self._brokers_up: bool | None = None
+        self._hand_over: Callable[[], None] | None = None
+        self._closing = False
+
+    # Callbacks: run inside consume() on the calling thread; they only record.
+    def _record(self, kind: RebalanceKind, parts: Sequence[Any]) -> None:
+        tps = frozenset(TopicPartition(p.topic, p.partition) for p in parts)
+        self._events.append(Rebalance(kind, tps))
+        for tp in tps:
+            self._positions.pop(tp, None)
+            self._pending.pop(tp, None)
+        if kind is not RebalanceKind.ASSIGNED:
+            self._revoked = True
+
+    def _on_assign(self, consumer: Any, parts: Sequence[Any]) -> None:
+        self._record(RebalanceKind.ASSIGNED, parts)
+        ck = self._ck
+        for p in parts:
+            self._pending[TopicPartition(p.topic, p.partition)] = ck.OFFSET_INVALID
+        # Taken over at the next poll(), after the loop has sought them: librdkafka would start
+        # fetching at the committed offset now, and that lookup overrides a seek made before it
+        # answers.  (Eager protocol: the whole assignment arrives here, nothing else is kept.)
+        consumer.assign([])
+
+    def _on_revoke(self, _c: Any, parts: Sequence[Any]) -> None:
+        self._record(RebalanceKind.REVOKED, parts)
+        if self._hand_over is not None and not self._closing:
+            # Still their owner until this callback returns: the loop flushes, checkpoints and
+            # commits them now, on this same thread (librdkafka calls back inside consume()).
+            self._hand_over()
+
+    def _on_lost(self, _c: Any, parts: Sequence[Any]) -> None:
+        self._record(RebalanceKind.LOST, parts)
+
+    def _on_stats(self, text: str) -> None:
+        try:
+            brokers = orjson.loads(text).get("brokers", {})
+        except orjson.JSONDecodeError:
+            return
+        # nodeid -1: the bootstrap placeholders, not real brokers of the cluster.
+        states = [b.get("state") for b in brokers.values() if b.get("nodeid", -1) >= 0]
+        self._brokers_up = any(s == "UP" for s in states) if states else None
+
+    # BrokerConsumer
+    def subscribe(self, topics: Sequence[str], hand_over: Callable[[], None] | None = None) -> None:
+        self._hand_over = hand_over
+        self._c.subscribe(
+            list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+
+    def rebalances(self) -> list[Rebalance]:
+        events, self._events = self._events, []
+        return events
+
+    def assign(self, partitions: Sequence[TopicPartition]) -> None:
+        self._c.assign([])
+        self._positions.clear()
+        self._pending = dict.fromkeys(partitions, self._ck.OFFSET_BEGINNING)
+
+    def _take_assignment(self) -> None:
+        """Hand librdkafka the pending partitions with the start offsets chosen meanwhile; the
+        partitions it fetches already keep their positions."""
+        ck = self._ck
+        parts = []
+        for p in self._c.assignment():
+            tp = TopicPartition(p.topic, p.partition)
+            if tp not in self._pending:
+                parts.append(
+                    ck.TopicPartition(tp.topic, tp.partition, self._positions.get(tp, ck.OFFSET_INVALID))
+                )
+        parts.extend(ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in self._pending.items())
+        self._pending = {}
+        self._c.assign(parts)
+
+    def partitions_for(self, topic: str) -> set[int] | None:
+        # A blocking metadata request in librdkafka (~0.2 s measured; kafka-python answers from
+        # its cache), and callers ask on every poll: a known answer is kept 5 minutes (kafka-python's
+        # metadata max age), an unknown topic asked again at most once a second.
+        now = time.monotonic()
+        cached = self._metadata.get(topic)
+        if cached is not None and now - cached[0] < (300.0 if cached[1] else 1.0):
+            return cached[1]
+        try:
+            md = self._c.list_topics(topic, timeout=5)
+        except self._ck.KafkaException:
+            return None
+        t = md.topics.get(topic)
+        parts = None if t is None or t.error is not None or not t.partitions else set(t.partitions)
+        self._metadata[topic] = (now, parts)
+        return parts
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        self._revoked = False
+        if self._pending:
+            self._take_assignment()
+        deadline = time.monotonic() + timeout_ms / 1000
+        out: dict[TopicPartition, list[Record]] = {}
+        while True:
+            # Short slices: a revocation recorded in one slice goes to the loop at once.
+            left = max(0.0, deadline - time.monotonic())
+            msgs = self._c.consume(max_records, min(left, 0.1))
+            if msgs:
+                break
+            if self._revoked or left <= 0:
+                return out
+        # The hot path: one Record per event, built without a Python-level __new__ frame, grouped
+        # under plain (topic, partition) tuples (equal to, and hashed like, TopicPartition).
+        make = tuple.__new__
+        by_tp: dict[tuple[str, int], list[Record]] = {}
+        for m in msgs:
+            if m.error() is not None:
+                self._message_error(m)
+                continue
+            key = (m.topic(), m.partition())
+            batch = by_tp.get(key)
+            if batch is None:
+                batch = by_tp[key] = []
+            kind, ts = m.timestamp()
+            batch.append(
+                make(
+                    Record,
+                    (key[0], key[1], m.offset(), m.key(), m.value(), m.headers() or (), ts if kind else None),
+                )
+            )
+        positions = self._positions
+        for key, batch in by_tp.items():
+            tp = TopicPartition(*key)
+            out[tp] = batch
+            positions[tp] = batch[-1].offset + 1
+        return out
+
+    def _message_error(self, m: Any) -> None:
+        err = m.error()
+        if err.code() == self._ck.KafkaError._PARTITION_EOF:
+            return
+        log.warning("consumer: %s-%s: %s", m.topic(), m.partition(), err.str())
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self._seek(tp, offset)
+        self._positions[tp] = offset
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self._seek(tp, self._ck.OFFSET_BEGINNING)
+        self._positions.pop(tp, None)
+
+    def _seek(self, tp: TopicPartition, offset: int) -> None:
+        if tp in self._pending:  # not handed to librdkafka yet: it starts there
+            self._pending[tp] = offset
+            return
+        ck = self._ck
+        try:
+            self._c.seek(ck.TopicPartition(tp.topic, tp.partition, offset))
+        except ck.KafkaException as exc:
+            err = _kafka_exception(exc)
+            if err is None or err.code() != ck.KafkaError._STATE:
+                raise
+            # Its fetcher is not started yet: start it there at the next poll() instead.
+            self._pending[tp] = offset
+
+    def position(self, tp: TopicPartition) -> int | None:
+        pos = self._positions.get(tp)
+        if pos is not None:
+            return pos
+        ck = self._ck
+        try:
+            (p,) = self._c.position([ck.TopicPartition(tp.topic, tp.partition)])
+        except ck.KafkaException:
+            return None
+        if p.offset >= 0:
+            return p.offset
+        # Nothing consumed yet and no seek: the committed offset, else where auto_offset_reset
+        # would start; unknown until librdkafka has fetched (lag is then simply not reported).
+        return None
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        ck = self._ck
+        try:
+            _low, high = self._c.get_watermark_offsets(ck.TopicPartition(tp.topic, tp.partition), cached=True)
+        except ck.KafkaException:
+            return None
+        return high if high >= 0 else None
+
+    def committed(self, tps: Sequence[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int | None]:
+        ck = self._ck
+        if not tps:
+            return {}
+        try:
+            got = self._c.committed(
+                [ck.TopicPartition(tp.topic, tp.partition) for tp in tps], timeout=timeout_ms / 1000
+            )
+        except ck.KafkaException as exc:
+            log.warning("cannot read committed offsets of %s: %s", list(tps), exc)
+            return dict.fromkeys(tps)
+        return {
+            TopicPartition(p.topic, p.partition): (p.offset if p.error is None and p.offset >= 0 else None)
+            for p in got
+        }
+
+    def commit(self, offsets: Mapping[TopicPartition, int], timeout_ms: int) -> None:
+        # librdkafka has no timeout for a synchronous commit: it is bounded by socket.timeout.ms.
+        ck = self._ck
+        if not offsets:
+            return
+        parts = [ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in offsets.items()]
+        result = self._c.commit(offsets=parts, asynchronous=False)
+        failed = [f"{p.topic}-{p.partition}: {p.error}" for p in result or () if p.error is not None]
+        if failed:
+            raise ck.KafkaException(f"commit refused for {', '.join(failed)}")
+
+    def reachable(self) -> bool:
+        return self._brokers_up is not False
+
+    def close(self, timeout_ms: int) -> None:
+        # close() leaves the group; its revocation is only recorded (the loop checkpointed and
+        # committed before closing) and nothing is committed here: enable.auto.commit is off.
+        self._closing = True
+        self._c.close()
+
+
+class ConfluentProducer:
+    """:class:`~stream_influence.io.broker.BrokerProducer` on a ``confluent_kafka.Producer``."""
+
+    def __init__(self, k: KafkaSettings) -> None:
+        self._ck = client_module()
+        conf = producer_config(k)
+        self.errors = _Errors()
+        conf["error_cb"] = self.errors
+        self._p = _build("Producer", conf)
+        self._max_block_s = k.producer_max_block_ms / 1000
+        self._max_bytes = int(conf.get("message.max.bytes", 1_000_000))
+        self._unserved = 0
+        err = self._ck.KafkaError
+        # Delivery errors that are broker trouble (the window is retried), not this record's fault.
+        self._transient_codes = {
+            err._MSG_TIMED_OUT,
+            err._TIMED_OUT,
+            err._TRANSPORT,
+            err._ALL_BROKERS_DOWN,
+            err._PURGE_QUEUE,
+            err._PURGE_INFLIGHT,
+            err.REQUEST_TIMED_OUT,
+            err.UNKNOWN_TOPIC_OR_PART,
+            err.NOT_ENOUGH_REPLICAS,
+            err.NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        }
+
+    @property
+    def max_request_size(self) -> int:
+        return self._max_bytes
+
+    def produce(self, record: OutputRecord) -> Delivery:
+        delivery = Delivery(record)
+        transient = self._transient_codes
+
+        def report(err: Any, _msg: Any) -> None:  # inside poll()/flush(), on this thread
+            if err is None:
+                delivery.resolve()
+            else:
+                delivery.resolve(
+                    self._ck.KafkaException(err), transient=err.retriable() or err.code() in transient
+                )
+
+        kwargs = {"value": record.value, "key": record.key, "on_delivery": report}
+        if record.headers:
+            kwargs["headers"] = list(record.headers)
+        deadline: float | None = None
+        while True:
+            try:
+                self._p.produce(record.topic, **kwargs)
+                break
+            except BufferError:
+                # The local queue is full: serve delivery reports until it drains, up to max_block.
+                now = time.monotonic()
+                deadline = deadline or now + self._max_block_s
+                if now >= deadline:
+                    raise BrokerTrouble(
+                        f"the producer's queue stayed full for {self._max_block_s:.1f}s"
+                    ) from None
+                self._p.poll(0.05)
+            except self._ck.KafkaException as exc:
+                err = _kafka_exception(exc)
+                if err is not None and (err.retriable() or err.code() in transient):
+                    raise BrokerTrouble(f"cannot queue an output to {record.topic}: {err.str()}") from None
+                raise RecordRefused(f"{record.topic}: {err.str() if err is not None else exc}") from None
+            except (TypeError, ValueError) as exc:  # a header or key that is not bytes/str
+                raise RecordRefused(f"{record.topic}: {type(exc).__name__}: {exc}") from None
+        self._unserved += 1
+        if self._unserved >= 1000:  # serve delivery reports now and then, not per record
+            self._unserved = 0
+            self._p.poll(0)
+        return delivery
+
+    def flush(self, timeout_s: float) -> None:
+        left = self._p.flush(timeout_s)
+        self._unserved = 0
+        if left:
+            cause = f" (last client error: {self.errors.last})" if self.errors.last else ""
+            raise BrokerTrouble(f"{left} output(s) not acknowledged within {timeout_s:.1f}s{cause}")
+
+    def close(self, timeout_s: float) -> None:
+        if self._p.flush(timeout_s):
+            # Whatever is still queued is abandoned: its deliveries resolve as purged (transient).
+            self._p.purge()
+            self._p.flush(0)
+
+
+class ConfluentBroker:
+    """:class:`~stream_influence.io.broker.Broker` on confluent-kafka."""
+
+    def __init__(self, k: KafkaSettings) -> None:
+        client_module()  # a missing extra is a ConfigError now, not at the first client
+        self.k = k
+
+    def _admin(self, timeout_s: float | None = None) -> tuple[Any, _Errors]:
+        conf = admin_config(self.k)
+        errors = _Errors()
+        conf["error_cb"] = errors
+        if timeout_s is not None:
+            conf["socket.timeout.ms"] = max(10, int(timeout_s * 1000))
+        return _build("AdminClient", conf), errors
+
+    def check(self, timeout_s: float | None = None) -> None:
+        timeout_s = self.k.startup_timeout_seconds if timeout_s is None else timeout_s
+        started = time.monotonic()
+        admin, errors = self._admin(timeout_s)
+        try:
+            admin.list_topics(timeout=timeout_s)
+        except Exception as exc:
+            admin.poll(0.1)  # serve the error callbacks: they name the cause (TLS, refused, …)
+            cause = errors.last or f"{type(exc).__name__}: {exc}"
+            raise BrokerUnreachableError(
+                f"cannot reach the Kafka broker(s) {self.k.bootstrap_servers} "
+                f"({self.k.security_protocol}) within {time.monotonic() - started:.0f}s: {cause}"
+            ) from None
+
+    def ensure_topics(self, names: Sequence[str], partitions: int = 1) -> list[str]:
+        ck = client_module()
+        from confluent_kafka.admin import NewTopic
+
+        try:
+            admin, _ = self._admin()
+            existing = set(admin.list_topics(timeout=self.k.request_timeout_ms / 1000).topics)
+        except Exception as exc:
+            log.warning("cannot reach the broker to check output topics: %s", exc)
+            return []
+        missing = [n for n in dict.fromkeys(names) if n and n not in existing]
+        if not missing:
+            return []
+        futures = admin.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=-1) for n in missing],
+            request_timeout=self.k.request_timeout_ms / 1000,
+        )
+        created = []
+        for name, future in futures.items():
+            try:
+                future.result()
+                created.append(name)
+            except ck.KafkaException as exc:
+                err = _kafka_exception(exc)
+                if err is None or err.code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    log.warning("could not create output topic %s: %s", name, exc)
+        return created
+
+    def consumer(self, *, group: bool = True) -> ConfluentConsumer:
+        return ConfluentConsumer(self.k, group=group)
+
+    def producer(self) -> ConfluentProducer:
+        return ConfluentProducer(self.k)
