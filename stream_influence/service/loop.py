@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from stream_influence.config import AppSettings
 from stream_influence.core.engine import BatchResult, EngineSummary, InfluenceEngine
@@ -63,9 +64,17 @@ from stream_influence.service.emitter import Emitter, Sent
 from stream_influence.service.health import Health
 from stream_influence.service.reload import PolicyReloader
 
-__all__ = ["Service", "run_service"]
+__all__ = ["Service", "limit_blas_threads", "run_service"]
 
 log = logging.getLogger(__name__)
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Limit every loaded BLAS library to ``threads`` threads for the whole process (0: leave
+    them alone).  BLAS thread pools are process-wide, so this is a start-up setting, not a
+    per-batch context."""
+    if threads > 0:
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 @dataclass(slots=True)
@@ -300,6 +309,7 @@ class Service:
         """Consume until stopped; returns the process exit code."""
         if self.install_signals and threading.current_thread() is threading.main_thread():
             self._install_signals()
+        limit_blas_threads(self.cfg.blas_threads)
         if self.broker is None:
             self.broker = open_broker(self.k)
         # A directory with no usable checkpoint refuses before Kafka is contacted; then an
