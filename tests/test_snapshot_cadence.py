@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from stream_influence.config import AppSettings
-from stream_influence.service.checkpoint import CheckpointStore
 from stream_influence.io.broker import TopicPartition
 from stream_influence.io.model_topic import Snapshot, SnapshotId
+from stream_influence.service.checkpoint import CheckpointStore
 from stream_influence.service.roles import ScoreService, UpdateService
 
 
