@@ -255,6 +255,7 @@ class ScoreService(Service):
                 newest=(newest.id.epoch, newest.id.version) if newest is not None else None,
             )
         m.events_on_snapshot.set(self.events_on_snapshot)
+        m.events_unlearned.set(self.unlearned)
         m.stale.set(float(not self._fresh() if stale is None else stale))
 
     def _publish_health(self) -> None:
