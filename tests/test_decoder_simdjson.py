@@ -233,3 +233,61 @@ def test_threads_decode_concurrently() -> None:
     for t in threads:
         t.join()
     assert errors == [] and len(got) == 80 and set(got) == {want}
+
+
+def test_plain_events_after_a_label_learned_in_the_same_batch_keep_input_order() -> None:
+    """The one-pass plain-event path (known label, known width) runs before the full rules; a
+    plain event whose label an *earlier* message of the same batch teaches, and events around
+    fallback messages, still decode exactly as the standard parser decodes them, in input order."""
+
+    def ev(i: int, label: Any, extra: str = "") -> bytes:
+        return f'{{"id": "e{i}", "features": [{i}.5, -{i}, 1e{i % 5}], "label": {json.dumps(label)}{extra}}}'.encode()
+
+    first = [ev(0, 0), ev(1, 1)]  # sets the width and two labels
+    batch = [
+        ev(2, 0),
+        ev(3, "new", ', "weight": 0.5'),  # fallback message that teaches "new"
+        ev(4, "new"),  # plain, but its label is only known once message 3 is read
+        b" " + ev(5, 1),  # leading whitespace: the full rules
+        ev(6, 1),
+        b'{"id": "e7", "features": [1, [2], 3], "label": 0}',  # nested: rejected
+        ev(8, 0, ', "ts": 1700000000'),
+        ev(9, True),  # a bool label is never plain
+        ev(10, 1),
+    ]
+    got = []
+    for parser in ("simdjson", "json"):
+        schema = Schema(SchemaSettings(), parser=parser)  # type: ignore[arg-type]
+        schema.decode_batch(first, learn=True)
+        b, r = schema.decode_batch(batch, learn=True)
+        got.append(
+            (
+                b.ids,
+                b.features.tobytes(),
+                b.labels.tolist(),
+                b.weights.tobytes(),
+                b.timestamps.tobytes(),
+                b.index.tolist(),
+                [(x.index, x.reason) for x in r],
+                schema.classes,
+            )
+        )
+    assert got[0] == got[1]
+    assert got[0][0] == ["e2", "e3", "e4", "e5", "e6", "e8", "e10"]
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_out_of_range_plain_events_are_rejected_with_their_reason(mixed: bool) -> None:
+    """A plain event whose magnitude exceeds ``max_abs_feature`` is rejected ``out_of_range`` by
+    the vectorised check, whether the batch's rows are all plain-pass buffers or mixed with
+    events that took the full rules."""
+    s = SchemaSettings(classes=[0, 1], n_features=2, max_abs_feature=100.0)
+    raws = [b'{"id": "a", "features": [1, 2], "label": 0}', b'{"id": "b", "features": [1e5, 2], "label": 1}']
+    if mixed:
+        raws.append(b'{"id": "c", "features": [3, 4], "label": 1, "weight": 2}')
+    got = []
+    for parser in ("simdjson", "json"):
+        b, r = Schema(s, parser=parser).decode_batch(raws)  # type: ignore[arg-type]
+        got.append((b.ids, b.features.tobytes(), b.weights.tolist(), [(x.index, x.reason) for x in r]))
+    assert got[0] == got[1]
+    assert got[0][3] == [(1, R.OUT_OF_RANGE)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from stream_influence.errors import CheckpointError, OutputError
 from stream_influence.io import kafka_python
 from stream_influence.io import records as kafka_io
 from stream_influence.service.checkpoint import CheckpointStore
+from stream_influence.service.loop import Service
 from tests.fixtures.service_events import events
 
 
@@ -368,3 +370,28 @@ def test_past_end_needs_two_checks_in_a_row_then_starts_again() -> None:
     assert seen.check("t-0", 120, 100)
     assert not seen.check("t-0", 120, 100)  # reset: counting starts again after a positive
     assert not seen.check("t-1", 5, 3)  # partitions are counted apart
+
+
+def test_a_failing_metric_is_logged_loudly_once_and_an_unknown_one_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = AppSettings(checkpoint={"directory": str(tmp_path / "ck")}, metrics={"enabled": False})
+    service = Service(cfg, install_signals=False)
+
+    class Broken:
+        calls = 0
+
+        def set_broker_up(self, up: bool) -> None:
+            Broken.calls += 1
+            raise ValueError("label cardinality bug")
+
+    service.metrics = Broken()
+    with caplog.at_level(logging.DEBUG, logger="stream_influence.service.loop"):
+        service._metric("set_broker_up", True)  # never stops the stream
+        service._metric("set_broker_up", False)
+    assert Broken.calls == 2
+    failed = [r for r in caplog.records if "metrics.set_broker_up failed" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.WARNING, logging.DEBUG]
+    assert failed[0].exc_info is not None and "label cardinality bug" in str(failed[0].exc_info[1])
+    with pytest.raises(AttributeError):
+        service._metric("observe_batchh")  # a typo is a bug, not a metrics outage

@@ -349,6 +349,7 @@ _TEXT = (bytes, str)
 _BOM = b"\xef\xbb\xbf"
 _FIELDS = frozenset(("id", "features", "label", "ts", "weight"))
 _SCALARS = (str, int, float, bool, type(None))  # exact types; simdjson's containers are not these
+_BUFFER = type(simdjson.Parser().parse(b"[0]").as_buffer(of_type="d"))  # csimdjson.ArrayBuffer
 _local = threading.local()  # a simdjson.Parser serves one document at a time: one per thread
 
 
@@ -406,6 +407,68 @@ def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict
         return out
     except (ValueError, TypeError, RuntimeError):  # not JSON, or not a flat list of numbers
         return None
+
+
+def _plain_events(
+    raws: Sequence[bytes | str | None], known: dict[str, int], width: int, max_bytes: int
+) -> tuple[list[tuple[str, Any, int, float, float, int]], list[int]]:
+    """The plain events of a batch whose label is already known and whose width is ``width``,
+    accepted in one pass (the hot path of :meth:`Schema.decode_batch` with simdjson).
+
+    Returns ``(valid, rest)``: valid entries as :meth:`Schema.decode_batch` builds them (weight 1,
+    no timestamp) except that the features are simdjson's float64 buffer itself (``width``
+    numbers; :func:`_floats` wraps it where a row is needed), and the input positions of every
+    other message, for the full rules.  An event
+    is taken here only where :func:`_simd_event` would return its plain tuple *and* the full rules
+    would then accept it whatever came before it in the batch (earlier messages can only add
+    labels or set the width, never take one away): the same answer, minus the per-message calls.
+    Messages that do not start with ``{`` (whitespace, a byte-order mark, not an object), or are
+    empty or too large, go to ``rest``.
+    """
+    parser = getattr(_local, "parser", None)
+    if parser is None:
+        parser = _local.parser = simdjson.Parser()
+    parse = parser.parse
+    # Integer labels match the key str(label): look them up by value, without the str() call.
+    by_int: dict[int, int] = {}
+    for key, code in known.items():
+        try:
+            if str(int(key)) == key:
+                by_int[int(key)] = code
+        except ValueError:
+            pass
+    valid: list[tuple[str, Any, int, float, float, int]] = []
+    rest: list[int] = []
+    nan = math.nan
+    for i, raw in enumerate(raws):
+        if type(raw) is not bytes or not 0 < len(raw) <= max_bytes or raw[0] != 123:  # "{"
+            rest.append(i)
+            continue
+        doc = feats = None  # a parser serves one document: drop its views before the next parse
+        try:
+            doc = parse(raw)
+            if len(doc) == 3:
+                eid, label, feats = doc["id"], doc["label"], doc["features"]
+                tl = type(label)
+                code = known.get(label) if tl is str else by_int.get(label) if tl is int else None
+                if (
+                    code is not None
+                    and type(eid) is str
+                    and eid
+                    and (label != "" if tl is str else -MAX_LABEL_INT <= label <= MAX_LABEL_INT)
+                    and type(feats) is simdjson.Array
+                    and len(feats) == width
+                    # one "[" only (as_buffer would flatten [1, [2]]); find() is a memchr
+                    and raw.find(b"[", raw.find(b"[") + 1) < 0
+                ):
+                    valid.append((eid, feats.as_buffer(of_type="d"), code, 1.0, nan, i))
+                    continue
+        except (KeyError, ValueError, TypeError, RuntimeError):
+            pass
+        finally:
+            doc = feats = None
+        rest.append(i)
+    return valid, rest
 
 
 def load_simd(raws: Sequence[bytes | str]) -> list[Any]:
@@ -536,8 +599,14 @@ class Schema:
             # Details quote the offending value (an id may be a megabyte-long list): keep them short.
             rejects.append(Reject(i, reason, detail if len(detail) <= 300 else detail[:297] + "..."))
 
+        fast: list[tuple[str, Any, int, float, float, int]] = []
+        todo: Sequence[int] = range(len(raws))
+        fast_width = self.n_features
+        if self._loads is load_simd and fast_width:
+            fast, todo = _plain_events(raws, self._index, fast_width, max_bytes)
         parse: list[int] = []
-        for i, raw in enumerate(raws):
+        for i in todo:
+            raw = raws[i]
             # strip() copies the message: only one that starts with whitespace can be all whitespace.
             if (
                 raw is None
@@ -626,6 +695,14 @@ class Schema:
                 self.n_features = len(feats)
             valid.append((eid, feats, label, float(w), ts, i))
 
+        if fast:
+            # Plain events were accepted first: merge them back into input order.  Their rows are
+            # bare buffers: joined as they are when they are all the rows, else wrapped.
+            if valid:
+                wrapped = [(e, _Floats(f, fast_width), c, w, t, i) for e, f, c, w, t, i in fast]
+                valid = sorted(wrapped + valid, key=lambda v: v[5])
+            else:
+                valid = fast
         ids, rows, labels, weights, stamps, index = (
             (list(c) for c in zip(*valid, strict=True)) if valid else ([], [], [], [], [], [])
         )
@@ -643,11 +720,16 @@ class Schema:
         )
         if not ok.all():
             for pos in np.flatnonzero(~ok).tolist():
-                reason = _feature_problem(rows[pos], max_abs)
+                reason = _feature_problem(_floats(rows[pos], width), max_abs)
                 reject(int(batch.index[pos]), reason, _FEATURE_DETAIL[reason])
             batch = batch.subset(ok)
         rejects.sort(key=lambda r: r.index)
         return batch, rejects
+
+
+def _floats(row: Any, width: int) -> Any:
+    """A row of :meth:`Schema.decode_batch`: a bare simdjson buffer becomes :class:`_Floats`."""
+    return _Floats(row, width) if type(row) is _BUFFER else row
 
 
 def _may_hold_bool(raw: bytes | str) -> bool:
@@ -685,6 +767,8 @@ def _stack(rows: list[list[Any] | _Floats], width: int) -> np.ndarray:
     """
     if not rows:
         return np.zeros((0, width))
+    if type(rows[0]) is _BUFFER:  # the plain-event pass's buffers (never mixed with other rows)
+        return np.frombuffer(b"".join(rows), dtype=np.float64).reshape(len(rows), width).copy()  # type: ignore[arg-type]
     floats = [r for r, row in enumerate(rows) if type(row) is _Floats]
     if len(floats) == len(rows):
         joined = b"".join([row.data for row in rows])  # type: ignore[union-attr]

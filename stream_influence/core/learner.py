@@ -181,7 +181,12 @@ class HeadLearner:
         leave it, but each step is one batched product for all (the routed learner and its shadow).
         """
         jobs = [(self, X, y, w), *alongside]
-        if any(j[0].settings != self.settings or j[0].theta.shape != self.theta.shape for j in jobs):
+        # Identity first: pydantic's __eq__ costs microseconds and the engine passes one object.
+        if any(
+            (j[0].settings is not self.settings and j[0].settings != self.settings)
+            or j[0].theta.shape != self.theta.shape
+            for j in jobs
+        ):
             raise ValueError("learners that learn alongside share settings and head shape")
         for learner, Xj, _, _ in jobs:
             if len(Xj):
@@ -302,6 +307,26 @@ def _lockstep(
             job[0].steps += live_steps
 
 
+def _adwin_step(detector: drift.ADWIN) -> Callable[[float], bool]:
+    """``x ↦ detector.update(x); detector.drift_detected`` for a detector that is replaced as soon
+    as it detects (as :class:`DriftMonitor` does), one call per error.
+
+    River's ``ADWIN.update`` is a Python wrapper around its compiled window (``_helper``) whose
+    only other work is a reset after a detection, which never comes here; calling the window
+    directly takes one Python call per event off the hot loop.  Without that attribute (another
+    River release) the public API is used.
+    """
+    helper = getattr(detector, "_helper", None)
+    if helper is not None and callable(getattr(helper, "update", None)):
+        return helper.update  # type: ignore[no-any-return]
+
+    def step(x: float) -> bool:
+        detector.update(x)
+        return detector.drift_detected
+
+    return step
+
+
 class DriftMonitor:
     """``river.drift.ADWIN`` on the routed learner's prequential error.
 
@@ -331,12 +356,13 @@ class DriftMonitor:
             return False
         changed_at = -1
         rising = False
+        step = _adwin_step(self._detector)
         for j, e in enumerate(errors.tolist()):
-            self._detector.update(e)
-            if changed_at < 0 and self._detector.drift_detected:
+            if step(e):
                 changed_at = j
                 seen = np.concatenate([self._history, errors[: j + 1]])
                 rising = self._detector.estimation > float(seen.mean())
+                break  # the detector is replaced below: what it would see next does not matter
         if changed_at >= 0:
             self._detector = self._fresh()
             self._history = np.zeros(0, dtype=np.uint8)
@@ -353,8 +379,9 @@ class DriftMonitor:
 
     def _replay(self) -> None:
         self._detector = self._fresh()
+        step = _adwin_step(self._detector)
         for e in self._history.tolist():
-            self._detector.update(float(e))
+            step(float(e))
 
     def state_dict(self) -> dict[str, Any]:
         return {"detections": self.detections, "improvements": self.improvements, "history": self._history}

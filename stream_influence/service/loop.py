@@ -140,6 +140,7 @@ class Service:
         self._summary_at = 0.0
         self._last_housekeeping = 0.0
         self.metrics: Any = None
+        self._metric_failures: set[str] = set()
         self.metrics_server: Any = None
         self.reader: ReferenceReader | None = None
         self.consumer: Any = None  # a BrokerConsumer once run() subscribed
@@ -418,11 +419,24 @@ class Service:
         return self.health.ready()
 
     def _metric(self, name: str, *args: Any) -> None:
-        if self.metrics is not None:
-            try:
-                getattr(self.metrics, name)(*args)
-            except Exception:  # metrics must never stop the stream
-                log.debug("metrics.%s failed", name, exc_info=True)
+        """Record one observation.  A failing metric never stops the stream, but it is not hidden
+        either: its first failure is a warning with the traceback (later ones are debug lines).
+        An unknown name is a bug, not a metrics outage, and raises."""
+        if self.metrics is None:
+            return
+        record = getattr(self.metrics, name)
+        try:
+            record(*args)
+        except Exception:
+            first = name not in self._metric_failures
+            self._metric_failures.add(name)
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "metrics.%s failed; the stream goes on%s",
+                name,
+                " (later failures of it are logged at debug level)" if first else "",
+                exc_info=True,
+            )
 
     def _summary_cached(self) -> Any:
         now = time.monotonic()
