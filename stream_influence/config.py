@@ -506,9 +506,10 @@ class ScaleOutSettings(_Frozen):
     max_model_lag_versions: int = Field(
         default=3,
         ge=1,
-        description="Staleness bound of a score worker: after scoring max_model_lag_versions × "
-        "checkpoint.every_events events on one snapshot (the updater publishes one per checkpoint) it "
-        "takes no new chunk until a newer snapshot arrives.",
+        description="Staleness bound of a score worker: once it has scored max_model_lag_versions × "
+        "checkpoint.every_events events on one snapshot, or sent that many to the updates topic that "
+        "the snapshot in use has not learned yet (its per-source-partition high-water marks), it takes "
+        "no new chunk until a newer snapshot arrives.",
     )
 
 

@@ -12,7 +12,7 @@ The must-show of issue 12, one scenario in phases (each phase asserts what it pr
    learned each valid event exactly once (its per-partition high-water marks, an order-free
    checksum of the learned offsets, and its event count); routing quality and clean accuracy
    compared with the single-process engine on the same stream (quarantine precision and recall of
-   the label flips; accuracy, whose 1-point target is not met reliably: see the end).
+   the label flips; clean test accuracy within 1 point).
 """
 
 from __future__ import annotations
@@ -247,16 +247,14 @@ def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
     assert len(quarantined) > 0.1 * n_valid, "routing quarantined (almost) nothing"
     assert min(single_accs) > acc_unfiltered, "routing does not help on this stream: a vacuous comparison"
     # Staleness must not ruin routing.  What it quarantines: as precise, and at most 10 points
-    # less recall (measured: 5-9 points less, from scoring with a snapshot up to
-    # max_model_lag_versions x checkpoint.every_events events old).
+    # less recall (measured: 1-2 points less, from scoring with a snapshot up to about
+    # scorers x max_model_lag_versions x checkpoint.every_events events behind).
     assert split_pr[0] >= min(p for p, _ in single_pr) - 0.02
     assert split_pr[1] >= min(r for _, r in single_pr) - 0.10
-    # Accuracy: the issue asks for 1 point below the single process.  Measured over runs of this
-    # test: split 0.936-0.967 against single 0.970-0.977, with the updater's *unfiltered* head as
-    # low as its routed one in the worst runs — the final SGD head varies with the order the
-    # updater learned in, not only with routing.  Not met reliably; checked here only as a floor
-    # (the recall check above is what catches ruined routing).  See docs/architecture.md.
-    assert acc_split >= min(single_accs) - 0.05
+    # Accuracy: within 1 point of the single process (issue 12).  It held once workers also bound
+    # the events they scored that their snapshot has not learned (before, versions alone let them
+    # run ahead by the updater's whole backlog: split 0.914-0.967 against 0.945-0.977).
+    assert acc_split >= min(single_accs) - 0.01
 
 
 def _precision_recall(quarantined: set[str], corrupted: set[str]) -> tuple[float, float]:

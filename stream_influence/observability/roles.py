@@ -59,6 +59,12 @@ class RoleMetrics:
             "scaleout.max_model_lag_versions × checkpoint.every_events).",
             registry=reg,
         )
+        self.events_unlearned = Gauge(
+            p + "snapshot_events_unlearned",
+            "Score worker: offsets it scored and sent to the updates topic that the snapshot in use "
+            "has not learned (bounded like snapshot_events_scored).",
+            registry=reg,
+        )
         self.stale = Gauge(
             p + "snapshot_stale",
             "Score worker: 1 while it holds chunks back, waiting for a newer (or a first) snapshot.",
