@@ -139,11 +139,12 @@ def test_every_query_uses_metrics_the_service_exports() -> None:
 
 
 def test_topology_panels_are_exactly_those_only_role_processes_feed() -> None:
-    """``Panel.roles`` marks a panel iff its queries need score/update processes: each of its
-    queries reads a metric only RoleMetrics exports, or keeps only processes of a role by joining
-    ``stream_influence_role_info``, and the roles it joins are the panel's.  No other panel reads
-    a role-only metric.  (The Prometheus tests skip flagged panels for one process, and require
-    them for a topology.)"""
+    """``Panel.roles`` marks a panel iff its queries need score/update processes.  Each query of a
+    flagged panel joins ``stream_influence_role_info`` — kept for one role (``and on``) or labelled
+    with it (``group_left (role)``) — because every role process exports every RoleMetrics series
+    (a worker's updater counters are 0), so only the join tells a worker from the updater; the
+    roles it keeps are the panel's.  No other panel reads a role-only metric.  (The Prometheus
+    tests skip flagged panels for one process, and require them for a topology.)"""
     role_only = _exported(RoleMetrics("score").registry, RoleMetrics("update").registry) - _exported(
         ServiceMetrics().registry
     )
@@ -151,16 +152,22 @@ def test_topology_panels_are_exactly_those_only_role_processes_feed() -> None:
     flagged = [p for p in all_panels() if p.roles]
     assert {r for p in flagged for r in p.roles} == {"score", "update"}
     for panel in all_panels():
+        kept: set[str] = set()
         for q in panel.queries:
             used = _metrics(q.expr)
             if not panel.roles:
                 assert not used & role_only, (panel.title, q.expr)
                 continue
-            assert used & role_only, f"{panel.title}: not limited to role processes: {q.expr}"
-            joined = set(re.findall(r'stream_influence_role_info\{[^}]*role="([a-z]+)"', q.expr))
-            assert joined <= set(panel.roles), (panel.title, q.expr)
-            if joined:
+            roles = set(re.findall(r'stream_influence_role_info\{[^}]*role="([a-z]+)"', q.expr))
+            if roles:
                 assert "and on (job, instance) stream_influence_role_info" in q.expr, q.expr
+            else:
+                assert "on (job, instance) group_left (role) stream_influence_role_info" in q.expr, (
+                    f"{panel.title}: not limited to, nor labelled with, the role: {q.expr}"
+                )
+                roles = set(panel.roles)
+            kept |= roles
+        assert kept == set(panel.roles), (panel.title, kept)
         # Not plotted by `dashboard --snapshot` by default (its tests scrape one process).
         assert not (panel.roles and panel.main), panel.title
 

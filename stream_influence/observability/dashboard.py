@@ -82,7 +82,10 @@ def _quantiles(metric: str, what: str) -> tuple[Query, ...]:
 
 
 def _of_role(expr: str, role: Role) -> str:
-    """``expr`` (aggregated ``by (job, instance)``) kept for the processes of one role only."""
+    """``expr`` (aggregated ``by (job, instance)``) kept for the processes of one role only.
+
+    Every role process exports every RoleMetrics series (a worker's updater counters stay 0), so
+    the role comes from ``stream_influence_role_info``, never from which metric exists."""
     return f'{expr} and on (job, instance) stream_influence_role_info{{SEL,role="{role}"}}'
 
 
@@ -376,8 +379,11 @@ ROWS: tuple[Row, ...] = (
                         "worker {{instance}}",
                     ),
                     _q(
-                        "sum by (job, instance) "
-                        "(rate(stream_influence_updates_applied_total{SEL}[$__rate_interval]))",
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_updates_applied_total{SEL}[$__rate_interval]))",
+                            "update",
+                        ),
                         "updater learned {{instance}}",
                     ),
                 ),
@@ -497,13 +503,19 @@ ROWS: tuple[Row, ...] = (
                 "timeseries",
                 (
                     _q(
-                        "sum by (job, instance) "
-                        "(rate(stream_influence_updates_duplicates_total{SEL}[$__rate_interval]))",
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_updates_duplicates_total{SEL}[$__rate_interval]))",
+                            "update",
+                        ),
                         "duplicates {{instance}}",
                     ),
                     _q(
-                        "sum by (job, instance) "
-                        "(rate(stream_influence_updates_rejected_total{SEL}[$__rate_interval]))",
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_updates_rejected_total{SEL}[$__rate_interval]))",
+                            "update",
+                        ),
                         "rejected {{instance}}",
                     ),
                 ),
