@@ -140,7 +140,8 @@ def build() -> dict[str, Any]:
         .uid(UID)
         .description(
             "Streaming influence-based routing: throughput by decision, quarantine rate, influence "
-            "distributions, routed vs shadow accuracy, lag, latency, checkpoints, curvature health."
+            "distributions, routed vs shadow accuracy, lag, latency, checkpoints, curvature health, "
+            "scale-out topology (score workers, updater, model snapshots)."
         )
         .tags(["stream-influence", "kafka", "online-learning"])
         .time("now-1h", "now")

@@ -12,6 +12,7 @@ import yaml
 
 from stream_influence.observability.dashboard import ANNOTATIONS, all_panels
 from stream_influence.observability.metrics import ServiceMetrics
+from stream_influence.observability.roles import RoleMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "stream-influence.json"
@@ -90,27 +91,85 @@ def test_required_panels_exist() -> None:
         "checkpoint age",
         "condition number",
         "alerts",
+        "per-worker throughput",
+        "consumer lag: workers",
+        "updater",
+        "snapshot version in use",
+        "snapshot version lag",
+        "snapshot age",
+        "not learned",
+        "holding back",
+        "fenced",
+        "duplicates",
     ):
         assert needle in titles, needle
     quarantine = next(p for p in all_panels() if p.title == "Quarantine rate")
     assert any("policy_max_quarantine_rate" in q.expr and q.dashed for q in quarantine.queries)
 
 
+def _exported(*registries) -> set[str]:
+    """Metric and sample names (``_total``, ``_bucket`` …) the registries export."""
+    names = set()
+    for registry in registries:
+        for fam in registry.collect():
+            names.add(fam.name)
+            names.update(s.name for s in fam.samples)
+            if fam.type == "histogram":
+                names.update({fam.name + "_bucket", fam.name + "_count"})
+    return names
+
+
+def _metrics(expr: str) -> set[str]:
+    return set(re.findall(r"\b(stream_influence_[a-z_]+)", expr))
+
+
 def test_every_query_uses_metrics_the_service_exports() -> None:
-    registry_names = set()
-    for fam in ServiceMetrics().registry.collect():
-        registry_names.add(fam.name)
-        registry_names.update(s.name for s in fam.samples)
-        if fam.type == "histogram":
-            registry_names.update({fam.name + "_bucket", fam.name + "_count"})
+    # A score worker and the updater export the service's metrics plus RoleMetrics.
+    registry_names = _exported(
+        ServiceMetrics().registry, RoleMetrics("score").registry, RoleMetrics("update").registry
+    )
     exprs = targets(committed()) + [a["expr"] for a in committed()["annotations"]["list"]]
-    used = {m for e in exprs for m in re.findall(r"\b(stream_influence_[a-z_]+)", e)}
+    used = {m for e in exprs for m in _metrics(e)}
     assert used, "no stream_influence metrics referenced"
     assert used - registry_names == set()
     # Every query filters on the dashboard's job variable, so one dashboard serves many deployments.
     for e in exprs:
         if "vector(0)" not in e:
             assert 'job=~"$job"' in e, e
+
+
+def test_topology_panels_are_exactly_those_only_role_processes_feed() -> None:
+    """``Panel.roles`` marks a panel iff its queries need score/update processes.  Each query of a
+    flagged panel joins ``stream_influence_role_info`` — kept for one role (``and on``) or labelled
+    with it (``group_left (role)``) — because every role process exports every RoleMetrics series
+    (a worker's updater counters are 0), so only the join tells a worker from the updater; the
+    roles it keeps are the panel's.  No other panel reads a role-only metric.  (The Prometheus
+    tests skip flagged panels for one process, and require them for a topology.)"""
+    role_only = _exported(RoleMetrics("score").registry, RoleMetrics("update").registry) - _exported(
+        ServiceMetrics().registry
+    )
+    assert "stream_influence_role_info" in role_only
+    flagged = [p for p in all_panels() if p.roles]
+    assert {r for p in flagged for r in p.roles} == {"score", "update"}
+    for panel in all_panels():
+        kept: set[str] = set()
+        for q in panel.queries:
+            used = _metrics(q.expr)
+            if not panel.roles:
+                assert not used & role_only, (panel.title, q.expr)
+                continue
+            roles = set(re.findall(r'stream_influence_role_info\{[^}]*role="([a-z]+)"', q.expr))
+            if roles:
+                assert "and on (job, instance) stream_influence_role_info" in q.expr, q.expr
+            else:
+                assert "on (job, instance) group_left (role) stream_influence_role_info" in q.expr, (
+                    f"{panel.title}: not limited to, nor labelled with, the role: {q.expr}"
+                )
+                roles = set(panel.roles)
+            kept |= roles
+        assert kept == set(panel.roles), (panel.title, kept)
+        # Not plotted by `dashboard --snapshot` by default (its tests scrape one process).
+        assert not (panel.roles and panel.main), panel.title
 
 
 def test_provisioning_files() -> None:

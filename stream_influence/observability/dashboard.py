@@ -9,6 +9,10 @@ One source for three consumers:
 Queries use Grafana's template syntax: ``$job``/``$instance`` (dashboard variables, regex
 matchers) and ``$__rate_interval``.  :func:`render` substitutes them for use outside Grafana.
 
+The *Scale-out* row's panels carry ``roles``: they only have data while ``run --role score`` /
+``run --role update`` processes are scraped (a ``--role all`` process exports no role metrics), so
+the single-process checks skip them and a scale-out check requires them.
+
 >>> render('rate(x{%s}[$__rate_interval])' % SEL, rate_interval="30s")
 'rate(x{job=~".*",instance=~".*"}[30s])'
 """
@@ -19,12 +23,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-__all__ = ["ANNOTATIONS", "ROWS", "SEL", "Panel", "Query", "Row", "all_panels", "render"]
+__all__ = ["ANNOTATIONS", "ROWS", "SEL", "Panel", "Query", "Role", "Row", "all_panels", "render"]
 
 # Label matchers every query carries, so the dashboard can be narrowed to one job or instance.
 SEL = 'job=~"$job",instance=~"$instance"'
 
 PanelKind = Literal["timeseries", "heatmap", "stat", "state-timeline", "table"]
+# The scale-out roles (``run --role``) whose processes a topology panel needs.
+Role = Literal["score", "update"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Panel:
     log_scale: bool = False
     # Stat/state panels: value → colour thresholds as (value, colour), first value None = base.
     steps: tuple[tuple[float | None, str], ...] = ()
+    # Topology panels: only processes of these roles export what they show (empty = any process).
+    roles: tuple[Role, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,19 @@ def _quantiles(metric: str, what: str) -> tuple[Query, ...]:
         )
         for q in (0.5, 0.99)
     )
+
+
+def _of_role(expr: str, role: Role) -> str:
+    """``expr`` (aggregated ``by (job, instance)``) kept for the processes of one role only.
+
+    Every role process exports every RoleMetrics series (a worker's updater counters stay 0), so
+    the role comes from ``stream_influence_role_info``, never from which metric exists."""
+    return f'{expr} and on (job, instance) stream_influence_role_info{{SEL,role="{role}"}}'
+
+
+def _with_role(expr: str) -> str:
+    """``expr`` (aggregated ``by (job, instance)``) with each process's ``role`` label joined in."""
+    return f"{expr} * on (job, instance) group_left (role) stream_influence_role_info{{SEL}}"
 
 
 def _heatmap(metric: str, decision: str) -> Query:
@@ -339,6 +360,203 @@ ROWS: tuple[Row, ...] = (
                 "Version, Python and curvature estimator of the running instances.",
                 width=8,
                 main=False,
+            ),
+        ),
+    ),
+    Row(
+        "Scale-out",
+        (
+            Panel(
+                "Per-worker throughput",
+                "timeseries",
+                (
+                    _q(
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_decisions_total{SEL}[$__rate_interval]))",
+                            "score",
+                        ),
+                        "worker {{instance}}",
+                    ),
+                    _q(
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_updates_applied_total{SEL}[$__rate_interval]))",
+                            "update",
+                        ),
+                        "updater learned {{instance}}",
+                    ),
+                ),
+                "Input events decided per second by each score worker (their sum is the "
+                "topology's throughput; each input offset is counted once, by the worker that "
+                "owns its partition), and updates records the updater learned per second.",
+                unit="ops",
+                main=False,
+                roles=("score", "update"),
+            ),
+            Panel(
+                "Consumer lag: workers (input) and updater (updates topic)",
+                "timeseries",
+                (
+                    _q(
+                        _of_role(
+                            "sum by (job, instance) (stream_influence_consumer_lag_messages{SEL})", "score"
+                        ),
+                        "worker {{instance}}",
+                    ),
+                    _q(
+                        _of_role(
+                            "sum by (job, instance, topic) (stream_influence_consumer_lag_messages{SEL})",
+                            "update",
+                        ),
+                        "updater {{instance}} ({{topic}})",
+                    ),
+                ),
+                "Messages not yet consumed, summed over each worker's input partitions, and over "
+                "the updates topic for the updater (highwater − position). Growing worker lag: "
+                "add workers; growing updater lag: the one updater is the bottleneck.",
+                main=False,
+                roles=("score", "update"),
+            ),
+            Panel(
+                "Snapshot version in use",
+                "timeseries",
+                (
+                    _q(
+                        _of_role("max by (job, instance) (stream_influence_snapshot_version{SEL})", "score"),
+                        "in use {{instance}}",
+                    ),
+                    _q(
+                        _of_role("max by (job, instance) (stream_influence_snapshot_version{SEL})", "update"),
+                        "published {{instance}}",
+                        dashed=True,
+                    ),
+                ),
+                "Model snapshot version each worker scores with, and the last one the updater "
+                "published (dashed). Versions keep counting across updater epochs.",
+                width=8,
+                main=False,
+                roles=("score", "update"),
+            ),
+            Panel(
+                "Snapshot version lag",
+                "timeseries",
+                (
+                    _q(
+                        _of_role(
+                            "max by (job, instance) (stream_influence_snapshot_version_lag{SEL})", "score"
+                        ),
+                        "{{instance}}",
+                    ),
+                ),
+                "Versions between the newest snapshot a worker has read from the model topic and "
+                "the one it scores with (0 once swapped in).",
+                width=8,
+                main=False,
+                min=0,
+                roles=("score",),
+            ),
+            Panel(
+                "Snapshot age",
+                "timeseries",
+                (
+                    _q(
+                        _with_role("max by (job, instance) (stream_influence_snapshot_age_seconds{SEL})"),
+                        "{{role}} {{instance}}",
+                    ),
+                ),
+                "Seconds since the snapshot a worker scores with (or the updater last published) "
+                "was published; empty (NaN) before the first one.",
+                unit="s",
+                width=8,
+                main=False,
+                roles=("score", "update"),
+            ),
+            Panel(
+                "Events not learned by the snapshot in use",
+                "timeseries",
+                (
+                    _q(
+                        _of_role(
+                            "max by (job, instance) (stream_influence_snapshot_events_unlearned{SEL})",
+                            "score",
+                        ),
+                        "unlearned {{instance}}",
+                    ),
+                    _q(
+                        _of_role(
+                            "max by (job, instance) (stream_influence_snapshot_events_scored{SEL})", "score"
+                        ),
+                        "scored on it {{instance}}",
+                    ),
+                ),
+                "Per worker: offsets it scored and sent on that the snapshot in use has not "
+                "learned, and events scored with that snapshot. Both are bounded by "
+                "scaleout.max_model_lag_versions × checkpoint.every_events; at the bound the "
+                "worker holds chunks back.",
+                main=False,
+                min=0,
+                roles=("score",),
+            ),
+            Panel(
+                "Updater: duplicates skipped, records rejected",
+                "timeseries",
+                (
+                    _q(
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_updates_duplicates_total{SEL}[$__rate_interval]))",
+                            "update",
+                        ),
+                        "duplicates {{instance}}",
+                    ),
+                    _q(
+                        _of_role(
+                            "sum by (job, instance) "
+                            "(rate(stream_influence_updates_rejected_total{SEL}[$__rate_interval]))",
+                            "update",
+                        ),
+                        "rejected {{instance}}",
+                    ),
+                ),
+                "Updates records per second the updater skipped because their source offset was "
+                "already learned (a worker replayed a window after a rebalance or a kill), and "
+                "records it could not read (not learned; logged).",
+                unit="ops",
+                main=False,
+                roles=("update",),
+            ),
+            Panel(
+                "Workers holding back",
+                "state-timeline",
+                (
+                    _q(
+                        _of_role("max by (job, instance) (stream_influence_snapshot_stale{SEL})", "score"),
+                        "{{instance}}",
+                    ),
+                ),
+                "1 (red) while a worker holds chunks back, waiting for a newer (or a first) "
+                "snapshot: the updater is down or behind.",
+                width=6,
+                main=False,
+                steps=((None, "green"), (1, "red")),
+                roles=("score",),
+            ),
+            Panel(
+                "Updater fenced",
+                "state-timeline",
+                (
+                    _q(
+                        _of_role("max by (job, instance) (stream_influence_updater_fenced{SEL})", "update"),
+                        "{{instance}}",
+                    ),
+                ),
+                "1 (red) once a newer updater's lease fenced this one (it stops without "
+                "publishing; a second updater was started).",
+                width=6,
+                main=False,
+                steps=((None, "green"), (1, "red")),
+                roles=("update",),
             ),
         ),
     ),
