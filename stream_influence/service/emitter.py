@@ -148,9 +148,16 @@ class Emitter:
             log.error("cannot produce even a minimal dead letter (%s)", self.last_failure)
             self.send_error = OutputError(self.last_failure)
 
-    def emit(self, tp: TopicPartition, msgs: list[ConsumedRecord], r: BatchResult) -> None:
-        """Produce the chunk's outputs: dead letters, quarantine copies, then the optional
-        accepted copies and decision records."""
+    def emit(
+        self,
+        tp: TopicPartition,
+        msgs: list[ConsumedRecord],
+        r: BatchResult,
+        *,
+        quarantine_copies: bool = True,
+    ) -> None:
+        """Produce the chunk's outputs: dead letters, quarantine copies (unless a score worker
+        leaves them to the updater), then the optional accepted copies and decision records."""
         k = self.k
         topic, part = tp.topic, tp.partition
         h = ChunkHeaders(topic, part, r.policy_version, r.model_version)
@@ -161,7 +168,7 @@ class Emitter:
         ids = r.events.ids
         failed: dict[int, str] = {}  # input index → why its quarantine copy failed
         n_q = 0
-        quarantined = np.flatnonzero(r.quarantine).tolist()
+        quarantined = np.flatnonzero(r.quarantine).tolist() if quarantine_copies else []
         if quarantined:
             inf, rel, cos = s.influence.tolist(), s.relative_influence.tolist(), s.cosine_influence.tolist()
             thresholds = r.thresholds.tolist()

@@ -5,12 +5,14 @@ flush → checkpoint → commit, rollback and replay — with a different step i
 
 - :class:`ScoreService` (N of them, the input topic's consumer group): decodes, scores and routes
   every chunk against the newest model snapshot read from the model topic, learning nothing;
-  quarantined events and dead letters go to their topics as in the single process, and every
-  valid event goes to the updates topic with its decision.  It holds chunks back while it has no
+  dead letters go to their topic as in the single process, and every valid event goes to the
+  updates topic with its decision.  It holds chunks back while it has no
   snapshot, or has scored ``max_model_lag_versions × checkpoint.every_events`` events on the one
   it has (the staleness bound).
 - :class:`UpdateService` (one): consumes the updates topic in its own group, skips records whose
-  source offset it has already learned (a worker's replayed window), learns the rest
+  source offset it has already learned (a worker's replayed window), learns the rest and makes
+  the quarantine copy of each one learned as quarantined (so the outputs always show the decision
+  the model learned, even when a replay was decided differently)
   (:meth:`InfluenceEngine.learn_events`), checkpoints the model with its updates-topic offsets and
   the per-source-partition high-water marks (one atomic file), and publishes that file as the next
   snapshot.  It starts from the newer of its own checkpoint and the model topic's snapshot, takes
@@ -34,8 +36,8 @@ from stream_influence.config import AppSettings
 from stream_influence.core.engine import BatchResult, InfluenceEngine
 from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import decode_state, restore_engine
-from stream_influence.errors import CheckpointError, ConfigError
-from stream_influence.io.broker import Record, TopicPartition, open_broker
+from stream_influence.errors import CheckpointError, ConfigError, OutputError
+from stream_influence.io.broker import OutputRecord, Record, TopicPartition, open_broker
 from stream_influence.io.model_topic import (
     ModelTopicReader,
     ModelTopicWriter,
@@ -45,7 +47,7 @@ from stream_influence.io.model_topic import (
     parse_update,
     update_record,
 )
-from stream_influence.io.records import OUTPUT_FAILED, ChunkHeaders
+from stream_influence.io.records import OUTPUT_FAILED, ChunkHeaders, encode_key
 from stream_influence.observability.roles import RoleMetrics
 from stream_influence.service.checkpoint import Checkpoint
 from stream_influence.service.loop import Service
@@ -95,6 +97,10 @@ def _restore_snapshot(snapshot: Snapshot, settings: EngineSettings) -> tuple[Inf
     where = f"model snapshot {snapshot.id.epoch}.{snapshot.id.version}"
     state, meta, tensors = decode_state(snapshot.data, where)
     return restore_engine(state, meta, tensors, where, settings)
+
+
+# Headers of an updates record that its quarantine copy does not carry.
+_UPDATES_ONLY = frozenset({"decision", "snapshot_epoch"})
 
 
 def learned_marks(extra: dict[str, Any]) -> dict[tuple[str, int], int]:
@@ -268,15 +274,19 @@ class ScoreService(Service):
         batch, rejects = self.engine.decode([m.value for m in msgs], learn=False)
         result = self.engine.score_events(batch, rejects)
         result.n_input = len(msgs)
-        self._emit(tp, msgs, result)
+        # Quarantine copies are the updater's: it makes them from the updates record it learns,
+        # so a replayed window scored differently can never leave an event both learned and
+        # copied to quarantine.
+        self.emitter.emit(tp, msgs, result, quarantine_copies=False)
         self._emit_updates(tp, msgs, result)
         self.events_on_snapshot += len(batch)
         return result
 
     def _emit_updates(self, tp: TopicPartition, msgs: list[Record], r: BatchResult) -> None:
-        """Every valid event of the chunk to the updates topic with its decision.  For an accepted
-        event this record is its one place (the updater applies it): one that cannot be sent
-        dead-letters the event; for a quarantined one it is a copy (curvature, shadow)."""
+        """Every valid event of the chunk to the updates topic with its decision and the headers
+        its quarantine copy will carry.  This record is the event's one place (the updater learns
+        it and, for a quarantined event, makes the quarantine copy): one that cannot be sent
+        dead-letters the event."""
         assert self.snapshot is not None
         sid, s = self.snapshot.id, r.scores
         inf, rel, cos = s.influence.tolist(), s.relative_influence.tolist(), s.cosine_influence.tolist()
@@ -285,7 +295,7 @@ class ScoreService(Service):
         for j, i in enumerate(r.events.index.tolist()):
             m = msgs[i]
             headers = h.quarantine(
-                None,
+                m.headers,
                 m.offset,
                 reason=r.reasons[j],
                 influence=inf[j],
@@ -296,12 +306,11 @@ class ScoreService(Service):
             rec = update_record(
                 self.s.updates_topic, m.value, headers, tp.topic, tp.partition, quarantine[j], sid
             )
-            why = self.emitter.send(rec, tp, m, destination=not quarantine[j])
+            why = self.emitter.send(rec, tp, m, destination=True)
             if why is None:
                 continue
             log.warning("%s-%d@%d: no updates record: %s", tp.topic, tp.partition, m.offset, why)
-            if not quarantine[j]:  # its one place: dead-letter it instead
-                self.emitter.dead_letter(tp, m, OUTPUT_FAILED, f"updates record: {why}", h)
+            self.emitter.dead_letter(tp, m, OUTPUT_FAILED, f"updates record: {why}", h)
         n = len(r.events)
         if n:
             key = (tp.topic, tp.partition)
@@ -439,6 +448,7 @@ class UpdateService(Service):
         batch, rejects = self.engine.decode([m.value for m in keep], learn=False)
         result = self.engine.learn_events(batch, np.asarray(quarantine, dtype=bool)[batch.index])
         result.n_input = len(msgs)
+        self._quarantine_copies(tp, keep, batch, quarantine)
         rejected += len(rejects)
         self.duplicates += duplicates
         if rejected:
@@ -457,6 +467,38 @@ class UpdateService(Service):
             m.duplicates.inc(duplicates)
             m.rejected.inc(rejected)
         return result
+
+    def _quarantine_copies(
+        self, tp: TopicPartition, keep: list[Record], batch: Any, quarantine: list[bool]
+    ) -> None:
+        """The quarantine copy of every event learned as quarantined, made from the one updates
+        record learned for it: the original value with the headers the score worker computed
+        (the single process's, less the updates topic's own).  Flushed before the checkpoint that
+        records the event as learned, so a replay of this window re-sends identical keyed copies."""
+        h = ChunkHeaders(tp.topic, tp.partition)
+        n = 0
+        for j, i in enumerate(batch.index.tolist()):
+            if not quarantine[i]:
+                continue
+            m = keep[i]
+            headers = [(k, v) for k, v in (m.headers or []) if k not in _UPDATES_ONLY]
+            try:
+                rec = OutputRecord(
+                    self.k.quarantine_topic, key=encode_key(batch.ids[j]), value=m.value, headers=headers
+                )
+            except OutputError as exc:
+                why: str | None = str(exc)
+            else:
+                why = self.emitter.send(rec, tp, m, destination=True)
+            if why is None:
+                n += 1
+                continue
+            log.warning(
+                "%s-%d@%d: quarantine copy: %s; dead-lettered instead", tp.topic, tp.partition, m.offset, why
+            )
+            self.emitter.dead_letter(tp, m, OUTPUT_FAILED, f"quarantine copy: {why}", h)
+        self.emitter.outputs["quarantine"] = self.emitter.outputs.get("quarantine", 0) + n
+        self._metric("observe_outputs", "quarantine", n)
 
     def _checkpoint_extra(self) -> dict[str, Any]:
         self.engine.prepare_snapshot()  # what workers read must match the head saved with it
