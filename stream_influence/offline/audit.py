@@ -26,9 +26,6 @@ offline audit sees the whole data set at once).
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> X = rng.normal(size=(200, 3)); y = (X[:, 0] > 0).astype(int)
->>> fit = fit_head(X, y, n_classes=2, l2=1e-2)
->>> bool(fit.grad_norm < 1e-9)
-True
 >>> audit = score_dataset(X, y, X[:50], y[:50], n_classes=2, l2=1e-2)
 >>> bool((audit.scores.self_influence < 0).all())
 True

@@ -26,6 +26,7 @@ from stream_influence.io.broker import (
     BrokerTrouble,
     ConsumedRecord,
     Delivery,
+    Headers,
     OutputRecord,
     RecordRefused,
     TopicPartition,
@@ -83,7 +84,8 @@ class Emitter:
         self.last_failure = ""  # the latest output failure, named by source topic-partition@offset
         self.outputs: dict[str, int] = defaultdict(int)
 
-    def _counted(self, kind: str, n: int) -> None:
+    def count(self, kind: str, n: int) -> None:
+        """``n`` more outputs of ``kind`` (the checkpoint's counters and the metrics)."""
         if n:
             self.outputs[kind] += n
             self._count(kind, n)
@@ -133,7 +135,7 @@ class Emitter:
         why = self.send(rec, tp, m, destination=True)
         if why is not None:  # e.g. an input header that cannot be re-encoded: keep only our own
             self.minimal_dead_letter(tp, m, f"{detail}; dead letter refused: {why}")
-        self._counted("dead_letter", 1)
+        self.count("dead_letter", 1)
 
     def minimal_dead_letter(self, tp: TopicPartition, m: ConsumedRecord, detail: str) -> None:
         """The last resort for a message whose full dead letter cannot be sent: our own headers
@@ -147,6 +149,26 @@ class Emitter:
             self.last_failure = f"dead letter for {tp.topic}-{tp.partition}@{m.offset}: {why}"
             log.error("cannot produce even a minimal dead letter (%s)", self.last_failure)
             self.send_error = OutputError(self.last_failure)
+
+    def quarantine_copy(
+        self, tp: TopicPartition, m: ConsumedRecord, event_id: str, headers: Headers, h: ChunkHeaders
+    ) -> str | None:
+        """The quarantine copy of ``m`` (its value, keyed by the event id) — the event's one place.
+        Returns None, or why it could not be sent: then ``m`` is dead-lettered instead."""
+        try:
+            rec = OutputRecord(
+                self.k.quarantine_topic, key=encode_key(event_id), value=m.value, headers=headers
+            )
+        except OutputError as exc:
+            why: str | None = str(exc)
+        else:
+            why = self.send(rec, tp, m, destination=True)
+        if why is None:
+            return None
+        why = f"quarantine copy: {why}"
+        log.warning("%s-%d@%d: %s; dead-lettered instead", tp.topic, tp.partition, m.offset, why)
+        self.dead_letter(tp, m, OUTPUT_FAILED, why, h)
+        return why
 
     def emit(
         self,
@@ -172,7 +194,6 @@ class Emitter:
         if quarantined:
             inf, rel, cos = s.influence.tolist(), s.relative_influence.tolist(), s.cosine_influence.tolist()
             thresholds = r.thresholds.tolist()
-            qtopic = k.quarantine_topic
             for j in quarantined:
                 m = msgs[index[j]]
                 headers = h.quarantine(
@@ -184,19 +205,12 @@ class Emitter:
                     cosine_influence=cos[j],
                     threshold=thresholds[j],
                 )
-                try:
-                    rec = OutputRecord(qtopic, key=encode_key(ids[j]), value=m.value, headers=headers)
-                except OutputError as exc:
-                    why: str | None = str(exc)
-                else:
-                    why = self.send(rec, tp, m, destination=True)
+                why = self.quarantine_copy(tp, m, ids[j], headers, h)
                 if why is None:
                     n_q += 1
-                    continue
-                failed[index[j]] = f"quarantine copy: {why}"
-                log.warning("%s-%d@%d: %s; dead-lettered instead", topic, part, m.offset, failed[index[j]])
-                self.dead_letter(tp, m, OUTPUT_FAILED, failed[index[j]], h)
-        self._counted("quarantine", n_q)
+                else:
+                    failed[index[j]] = why
+        self.count("quarantine", n_q)
         if k.accepted_topic:
             n = 0
             for j in np.flatnonzero(~r.quarantine).tolist():
@@ -209,7 +223,7 @@ class Emitter:
                 )
                 self._send_copy(rec, tp, m)
                 n += 1
-            self._counted("accepted", n)
+            self.count("accepted", n)
         if k.decisions_topic:
             for i, rec_d in enumerate(r.records()):
                 m = msgs[i]
@@ -218,7 +232,7 @@ class Emitter:
                 key = _copy_key(rec_d["id"], tp, m.offset)
                 value = decision_value(rec_d, topic, part, m.offset)
                 self._send_copy(OutputRecord(k.decisions_topic, key=key, value=value, headers=[]), tp, m)
-            self._counted("decisions", len(msgs))
+            self.count("decisions", len(msgs))
 
     # -- acknowledgement ------------------------------------------------------------------
     def _flush(self, timeout_s: float) -> None:

@@ -36,8 +36,8 @@ from stream_influence.config import AppSettings
 from stream_influence.core.engine import BatchResult, InfluenceEngine
 from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import decode_state, restore_engine
-from stream_influence.errors import CheckpointError, ConfigError, OutputError
-from stream_influence.io.broker import OutputRecord, Record, TopicPartition, open_broker
+from stream_influence.errors import CheckpointError, ConfigError
+from stream_influence.io.broker import Record, TopicPartition, open_broker
 from stream_influence.io.model_topic import (
     ModelTopicReader,
     ModelTopicWriter,
@@ -47,7 +47,7 @@ from stream_influence.io.model_topic import (
     parse_update,
     update_record,
 )
-from stream_influence.io.records import OUTPUT_FAILED, ChunkHeaders, encode_key
+from stream_influence.io.records import OUTPUT_FAILED, ChunkHeaders
 from stream_influence.observability.roles import RoleMetrics
 from stream_influence.service.checkpoint import Checkpoint
 from stream_influence.service.loop import Service
@@ -316,8 +316,7 @@ class ScoreService(Service):
             key = (tp.topic, tp.partition)
             last = msgs[int(r.events.index[-1])].offset + 1
             self.emitted[key] = max(self.emitted.get(key, 0), last)
-        self.emitter.outputs["updates"] = self.emitter.outputs.get("updates", 0) + n
-        self._metric("observe_outputs", "updates", n)
+        self.emitter.count("updates", n)
 
 
 class UpdateService(Service):
@@ -482,23 +481,8 @@ class UpdateService(Service):
                 continue
             m = keep[i]
             headers = [(k, v) for k, v in (m.headers or []) if k not in _UPDATES_ONLY]
-            try:
-                rec = OutputRecord(
-                    self.k.quarantine_topic, key=encode_key(batch.ids[j]), value=m.value, headers=headers
-                )
-            except OutputError as exc:
-                why: str | None = str(exc)
-            else:
-                why = self.emitter.send(rec, tp, m, destination=True)
-            if why is None:
-                n += 1
-                continue
-            log.warning(
-                "%s-%d@%d: quarantine copy: %s; dead-lettered instead", tp.topic, tp.partition, m.offset, why
-            )
-            self.emitter.dead_letter(tp, m, OUTPUT_FAILED, f"quarantine copy: {why}", h)
-        self.emitter.outputs["quarantine"] = self.emitter.outputs.get("quarantine", 0) + n
-        self._metric("observe_outputs", "quarantine", n)
+            n += self.emitter.quarantine_copy(tp, m, batch.ids[j], headers, h) is None
+        self.emitter.count("quarantine", n)
 
     def _checkpoint_extra(self) -> dict[str, Any]:
         self.engine.prepare_snapshot()  # what workers read must match the head saved with it
