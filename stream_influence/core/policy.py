@@ -29,11 +29,16 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    quarantines a clean event with probability ≤ α; a class too small for the conformal rank at its
    share of α uses the pooled quantile).  With every evidence the floor holds: the reference-loss test
    fires only for a score above ``quarantine_threshold`` (learning the event would raise the
-   trusted loss);
+   trusted loss; ``floor_reference_loss: false`` drops that condition for this test alone).
+   With ``adaptive_fdr`` = q > 0 (default) the reference-loss test's threshold is set by the
+   stream instead of ρ_y: each event gets the conformal p-value of its statistic among those of
+   the trusted points of its class, and the test fires at or below the Benjamini–Hochberg threshold
+   at level q over the last ``rate_window`` events — near 0 on a clean stream (its p-values are
+   uniform), rising with the share of labels the trusted model finds surprising;
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
    clean data the model's prior waves a frequent class's surprising events through), so with
-   ``class_fair_gate`` (default) each class's share of α for that test is thinned by
+   the fixed threshold (``adaptive_fdr: 0``) and ``class_fair_gate`` (default) each class's share of α for that test is thinned by
    ``g_min / g_y``, ``g_y`` the share of class ``y``'s recent firings the gate let through:
    on clean data no class is quarantined more than another, and on a noisy stream, where flips
    pass the gate in every class, the test keeps its share.  With ``gate_reference_loss: false``
