@@ -34,7 +34,10 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    stream instead of ρ_y: each event gets the conformal p-value of its statistic among those of
    the trusted points of its class, and the test fires at or below the Benjamini–Hochberg threshold
    at level q over the last ``rate_window`` events — near 0 on a clean stream (its p-values are
-   uniform), rising with the share of labels the trusted model finds surprising;
+   uniform), rising with the share of labels the trusted model finds surprising.  With
+   ``floor_yield_fdr`` = q' > 0 the floor yields to strong evidence only: an event at or below it
+   is still quarantined by this test when its p-value against the *plain* (unfloored) trusted
+   losses of its class passes Benjamini–Hochberg at the stricter level q' over the same window;
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
    clean data the model's prior waves a frequent class's surprising events through), so with
@@ -104,6 +107,32 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(x[max(k, 1) - 1])
 
 
+def _conformal_pvalues(
+    calibration: list[np.ndarray], labels: np.ndarray | None, stat: np.ndarray | None
+) -> np.ndarray | None:
+    """``p = (1 + #{calibration statistics of the class ≥ x}) / (n_y + 1)`` per event (None when
+    there is no statistic or no calibration for a label)."""
+    if stat is None or labels is None or len(calibration) <= int(labels.max(initial=-1)):
+        return None
+    p = np.ones(len(stat))
+    for c in np.unique(labels):  # a loop over classes, not events
+        mine = labels == c
+        ref = calibration[int(c)]
+        above = len(ref) - np.searchsorted(ref, stat[mine], side="left")
+        p[mine] = (1.0 + above) / (len(ref) + 1.0)
+    return p
+
+
+def _bh_pass(p: np.ndarray, window: np.ndarray, level: float) -> np.ndarray:
+    """Which of ``p`` are at or below the Benjamini–Hochberg threshold at ``level`` over ``window``
+    (the recent p-values, ``p`` included)."""
+    window = np.sort(window)
+    ok = np.flatnonzero(window <= level * np.arange(1, len(window) + 1) / max(len(window), 1))
+    if len(ok) == 0:
+        return np.zeros(len(p), bool)
+    return p <= window[ok[-1]]
+
+
 class RoutingPolicy:
     """Stateful router; :meth:`swap` installs new settings at run time (hot reload)."""
 
@@ -130,6 +159,9 @@ class RoutingPolicy:
         # conformal p-values are ranked against), and the recent p-values of the stream.
         self.loss_calibration: list[np.ndarray] = []
         self._pvalues = Ring(settings.rate_window)
+        # floor_yield_fdr: the same, on the plain (unfloored) trusted losses.
+        self.plain_loss_calibration: list[np.ndarray] = []
+        self._plain_pvalues = Ring(settings.rate_window)
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -138,10 +170,12 @@ class RoutingPolicy:
         """
         old_scores, old_flags, old_above = self._scores, self._flags, self._above
         fired, passed, old_p, cal = self._fired, self._passed, self._pvalues, self.loss_calibration
+        old_plain, plain_cal = self._plain_pvalues, self.plain_loss_calibration
         self._install(settings)
         self._fired, self._passed, self.loss_calibration = fired, passed, cal
+        self.plain_loss_calibration = plain_cal
         if old_p.capacity == settings.rate_window:
-            self._pvalues = old_p
+            self._pvalues, self._plain_pvalues = old_p, old_plain
         if old_scores.capacity == settings.quantile_window:
             self._scores = old_scores
         if old_flags.capacity == settings.rate_window:
@@ -230,18 +264,14 @@ class RoutingPolicy:
         if has_reference:
             assert reference_losses is not None and reference_labels is not None
             losses = reference_losses
+            self.plain_loss_calibration = self._per_class_sorted(losses, reference_labels, n_classes)
             if (
                 s.floor_reference_loss
                 and reference_scores is not None
                 and len(reference_scores) == len(losses)
             ):
                 losses = np.where(reference_scores > s.quarantine_threshold, losses, 0.0)
-            pooled = np.sort(losses[np.isfinite(losses)])
-            self.loss_calibration = []
-            for c in range(n_classes):
-                mine = losses[(reference_labels == c) & np.isfinite(losses)]
-                small = len(mine) < s.min_class_calibration
-                self.loss_calibration.append(pooled if small else np.sort(mine))
+            self.loss_calibration = self._per_class_sorted(losses, reference_labels, n_classes)
             alpha = self.alpha_of("reference_loss")
             self.reference_thresholds = self._class_quantiles(
                 losses, reference_labels, n_classes, alpha, bool(split)
@@ -251,6 +281,16 @@ class RoutingPolicy:
                     thin = self._fair_alphas(alpha, n_classes) == a
                     q = self._class_quantiles(losses, reference_labels, n_classes, float(a), True)[0]
                     self.reference_thresholds[thin] = q[thin]
+
+    def _per_class_sorted(self, stat: np.ndarray, labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
+        """Per class, the sorted calibration statistic (pooled for classes under
+        ``min_class_calibration``): what the conformal p-values are ranked against."""
+        pooled = np.sort(stat[np.isfinite(stat)])
+        out = []
+        for c in range(n_classes):  # a loop over classes, not events
+            mine = stat[(labels == c) & np.isfinite(stat)]
+            out.append(pooled if len(mine) < self.settings.min_class_calibration else np.sort(mine))
+        return out
 
     def gate_pass_through(self, n_classes: int) -> np.ndarray:
         """Per class, the share of recent reference-loss firings the disagreement gate let through
@@ -332,6 +372,8 @@ class RoutingPolicy:
             loss_test = self._adaptive_test(score, labels, reference_loss, n)
             if s.floor_reference_loss:
                 loss_test &= score > s.quarantine_threshold
+                if s.floor_yield_fdr > 0:  # the floor yields to strong evidence only
+                    loss_test |= self._strong_test(labels, reference_loss, n)
         if s.mode != "calibrated" or s.evidence == "influence":
             loss_test[:] = False
         elif s.evidence == "reference_loss":
@@ -392,19 +434,16 @@ class RoutingPolicy:
         it).  The router's :meth:`decide` calls it; an updater learning decisions taken elsewhere
         (scale-out) calls it too, so the snapshots it publishes carry the same window.
         """
-        cal = self.loss_calibration
-        if reference_loss is None or labels is None or len(cal) <= int(labels.max(initial=-1)):
+        p = _conformal_pvalues(self.loss_calibration, labels, reference_loss)
+        if p is None or labels is None or reference_loss is None:
             return None
         s = self.settings
-        stat = reference_loss
         if s.floor_reference_loss:
-            stat = np.where(score > s.quarantine_threshold, reference_loss, 0.0)
-        p = np.ones(len(stat))
-        for c in np.unique(labels):  # a loop over classes, not events
-            mine = labels == c
-            ref = cal[int(c)]
-            above = len(ref) - np.searchsorted(ref, stat[mine], side="left")
-            p[mine] = (1.0 + above) / (len(ref) + 1.0)
+            # The floored statistic: 0 (p = 1) for a score at or below the floor.
+            p = np.where(score > s.quarantine_threshold, p, 1.0)
+            if s.floor_yield_fdr > 0:
+                plain = _conformal_pvalues(self.plain_loss_calibration, labels, reference_loss)
+                self._plain_pvalues.push(np.ones(len(p)) if plain is None else plain)
         self._pvalues.push(p)
         return p
 
@@ -422,12 +461,18 @@ class RoutingPolicy:
         p = self.observe(score, labels, reference_loss)
         if p is None:
             return np.zeros(n, bool)
-        window = np.sort(self._pvalues.values())
-        ranks = np.arange(1, len(window) + 1)
-        ok = np.flatnonzero(window <= self.settings.adaptive_fdr * ranks / len(window))
-        if len(ok) == 0:
+        return _bh_pass(p, self._pvalues.values(), self.settings.adaptive_fdr)
+
+    def _strong_test(
+        self, labels: np.ndarray | None, reference_loss: np.ndarray | None, n: int
+    ) -> np.ndarray:
+        """``floor_yield_fdr``: events whose conformal p-value against the *plain* trusted losses
+        of their class (no floor) passes Benjamini–Hochberg at that stricter level over the recent
+        window (fed by :meth:`observe`) — the evidence strong enough to override the sign floor."""
+        p = _conformal_pvalues(self.plain_loss_calibration, labels, reference_loss)
+        if p is None:
             return np.zeros(n, bool)
-        return p <= window[ok[-1]]
+        return _bh_pass(p, self._plain_pvalues.values(), self.settings.floor_yield_fdr)
 
     def _count_gate(self, labels: np.ndarray, fired: np.ndarray, disagree: np.ndarray, n: int) -> None:
         """Decayed per-class counts of loss-test firings (at the full share of α, whatever the
@@ -463,6 +508,7 @@ class RoutingPolicy:
             **self._flags.state("flags"),
             **self._above.state("above"),
             **self._pvalues.state("pvalues"),
+            **self._plain_pvalues.state("plain_pvalues"),
             "gate_fired": self._fired,
             "gate_passed": self._passed,
         }
@@ -477,5 +523,7 @@ class RoutingPolicy:
             self._above.load(state, "above")
         if "pvalues_data" in state:  # absent from checkpoints before adaptive_fdr
             self._pvalues.load(state, "pvalues")
+        if "plain_pvalues_data" in state:  # absent from checkpoints before floor_yield_fdr
+            self._plain_pvalues.load(state, "plain_pvalues")
         self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
         self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()

@@ -288,6 +288,17 @@ class PolicySettings(_Frozen):
         "of surprising labels grows it rises, and recall with it. Measured in docs/benchmarks.md "
         "(quality).",
     )
+    floor_yield_fdr: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="With floor_reference_loss and adaptive_fdr > 0: the sign floor yields only to "
+        "strong evidence — an event scored helpful is still quarantined by the reference-loss test "
+        "when its conformal p-value against the plain (unfloored) cross-fitted trusted losses of its "
+        "class passes Benjamini–Hochberg at this stricter false discovery rate over the last "
+        "rate_window events (0: the floor always holds). Measured in docs/benchmarks.md "
+        "(routing_ablation, quality).",
+    )
     class_fair_gate: bool = Field(
         default=True,
         description="evidence reference_loss/hybrid with require_disagreement and the fixed "
