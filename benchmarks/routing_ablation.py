@@ -99,6 +99,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "no_gate": {"policy": {"require_disagreement": False}},
     "fixed_threshold": {"policy": {"adaptive_fdr": 0.0}},
     "no_floor": {"policy": {"floor_reference_loss": False}},
+    "floor_only": {"policy": {"floor_yield_fdr": 0.0}},
     "mb512": {"influence": {"micro_batch": POLL}},
     "alpha05": {"policy": {"false_quarantine_rate": 0.05}},
     "influence": {"policy": {"evidence": "influence"}},

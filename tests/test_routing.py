@@ -196,7 +196,10 @@ def test_gate_reference_loss_false_leaves_only_the_influence_test_gated() -> Non
     surprising = np.array([5.0, 0.1, 0.1, 5.0])  # ℓ_ref: the first and last fire the loss test
     out = {}
     for gated in (True, False):
-        policy = RoutingPolicy(PolicySettings(evidence="hybrid", gate_reference_loss=gated))
+        # The floor without exceptions (floor_yield_fdr 0: no strong-evidence override).
+        policy = RoutingPolicy(
+            PolicySettings(evidence="hybrid", gate_reference_loss=gated, floor_yield_fdr=0.0)
+        )
         policy.calibrate(
             np.array([0.0, 1.0] * 20),
             np.zeros(40, dtype=np.int64),
@@ -482,7 +485,8 @@ def test_no_evidence_quarantines_a_helpful_event(evidence: str) -> None:
     """Item 6: the floor (README: quarantine_threshold never lets a helpful event be quarantined)
     holds with reference-loss evidence too, on a noisy stream where that test fires often."""
     s = load_stream("digits", noise=0.2, seed=0)
-    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
+    # The floor without exceptions (floor_yield_fdr 0; the default lets strong evidence through).
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence, "floor_yield_fdr": 0.0})
     engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     floor = engine.policy.settings.quarantine_threshold
     n_q = n_helpful = 0

@@ -289,7 +289,7 @@ class PolicySettings(_Frozen):
         "(quality).",
     )
     floor_yield_fdr: float = Field(
-        default=0.0,
+        default=0.15,
         ge=0,
         lt=1,
         description="With floor_reference_loss and adaptive_fdr > 0: the sign floor yields only to "
