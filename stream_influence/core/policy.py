@@ -19,7 +19,8 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    * ``quantile``: the ``1 − quantile`` quantile of recent scores;
 
    calibrated and quantile never go below ``quarantine_threshold`` (default 0: an event whose
-   learning lowers the reference loss is never quarantined).  In calibrated mode
+   learning lowers the reference loss is never quarantined, save on the strong evidence of
+   ``floor_yield_fdr`` below).  In calibrated mode
    ``evidence`` picks what quarantines: the score (``influence``), the event's *reference loss*
    ``ℓ_ref`` (its label's loss under the head fitted on the trusted set alone, see
    :mod:`~stream_influence.core.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
@@ -363,7 +364,8 @@ class RoutingPolicy:
         harmful = score > thresholds
         surprise = self._reference_excess(labels, reference_loss, n)
         # The floor holds for every evidence: an event whose learning would lower the trusted
-        # loss (score ≤ quarantine_threshold) is never quarantined, however surprising its label.
+        # loss (score ≤ quarantine_threshold) is not quarantined by a merely surprising label
+        # (only floor_yield_fdr's strong evidence overrides it).
         loss_test = surprise > 1.0
         if s.floor_reference_loss:
             loss_test &= score > s.quarantine_threshold
