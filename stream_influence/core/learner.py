@@ -35,59 +35,102 @@ class Prequential:
     """Cumulative accuracy (a confusion matrix of counts) plus rolling accuracy and log-loss.
 
     All counters are numpy arrays updated with one vectorised call per batch: this runs for every
-    event of both learners, so no per-event Python.
+    event of both learners, so no per-event Python.  The engine hands its micro-batches over with
+    :meth:`defer`, which only predicts and returns the errors; the counting is done for many
+    micro-batches at once, before anything reads the metrics (the same counts: integer sums,
+    per-event values and ring positions do not depend on how the events are grouped).
     """
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.confusion = np.zeros((0, 0))  # [true, predicted] counts (weights of restored cells)
+        self._confusion = np.zeros((0, 0))  # [true, predicted] counts (weights of restored cells)
         # Ring position = event number mod window (the layout checkpoints store).
         self._correct_ring = Ring(window)
         self._loss_ring = Ring(window)
-        self.n = 0
+        self._n = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (P, y, argmax P)
+        self._pending_rows = 0
+
+    @property
+    def n(self) -> int:
+        self._settle()
+        return self._n
+
+    @property
+    def confusion(self) -> np.ndarray:
+        self._settle()
+        return self._confusion
+
+    def defer(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """:meth:`update`, counted later (at the latest before any read, and once ``window`` events
+        wait); returns the 0/1 errors now.  ``P`` and ``y`` must not change afterwards."""
+        pred = P.argmax(axis=1)
+        self._pending.append((P, y, pred))
+        self._pending_rows += len(y)
+        if self._pending_rows >= self.window:
+            self._settle()
+        return (pred != y).astype(np.float64)
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if len(pending) == 1:
+            P, y, pred = pending[0]
+        else:
+            P, y, pred = (np.concatenate(part) for part in zip(*pending, strict=True))
+        self._add(P, y, pred)
 
     def _count(
         self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None, k: int | None = None
     ) -> None:
         """Add ``w`` (default 1) at ``[y, pred]``; ``k``: a known bound on both (saves two scans)."""
         k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1 if k is None else k
-        if k > len(self.confusion):
+        if k > len(self._confusion):
             grown = np.zeros((k, k))
-            grown[: len(self.confusion), : len(self.confusion)] = self.confusion
-            self.confusion = grown
-        k = len(self.confusion)
-        self.confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
+            grown[: len(self._confusion), : len(self._confusion)] = self._confusion
+            self._confusion = grown
+        k = len(self._confusion)
+        self._confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
 
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
-        m = len(y)
+        self._settle()
         pred = P.argmax(axis=1)
+        correct = self._add(P, y, pred)
+        return 1.0 - correct
+
+    def _add(self, P: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        m = len(y)
         self._count(y, pred, k=P.shape[1])  # labels index P's columns: both are below its width
         correct = (pred == y).astype(np.float64)
         loss = -np.log(np.clip(P[np.arange(m), y], 1e-15, None))
         self._correct_ring.push(correct, aligned=True)
         self._loss_ring.push(loss, aligned=True)
-        self.n += len(y)
-        return 1.0 - correct
+        self._n += m
+        return correct
 
     @property
     def _correct(self) -> np.ndarray:
         """0/1 correctness of the window's events, at position event number mod window."""
+        self._settle()
         assert self._correct_ring.data is not None
         return self._correct_ring.data
 
     @property
     def _loss(self) -> np.ndarray:
+        self._settle()
         assert self._loss_ring.data is not None
         return self._loss_ring.data
 
     @property
     def filled(self) -> int:
         """Newest events held in the window (fewer than ``n`` after a resize)."""
+        self._settle()
         return self._correct_ring.size
 
-    @staticmethod
-    def _recent(ring: Ring) -> float:
+    def _recent(self, ring: Ring) -> float:
+        self._settle()
         return float(ring.newest(ring.size).mean()) if ring.size else float("nan")
 
     @property
@@ -116,7 +159,8 @@ class Prequential:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n = int(state["n"])
+        self._pending, self._pending_rows = [], 0
+        self._n = int(state["n"])
         # The window may have been resized since the save: keep the newest values that fit, at the
         # ring positions this window expects (index = event number mod window).
         saved_c = np.array(state["correct"], dtype=np.float64)
@@ -128,7 +172,7 @@ class Prequential:
             data[events % self.window] = saved[events % len(saved)]
             ring.restore(data, k, self.n % self.window)
         cells = np.asarray(state["confusion"], dtype=np.float64).reshape(-1, 3)
-        self.confusion = np.zeros((0, 0))
+        self._confusion = np.zeros((0, 0))
         self._count(cells[:, 0].astype(np.int64), cells[:, 1].astype(np.int64), cells[:, 2])
 
 
@@ -269,31 +313,38 @@ def _lockstep(
     # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
     # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
     eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
-    scale = np.zeros((L, steps * mb))
-    Xp = np.zeros((L, steps * mb, D))
-    Yp = np.zeros((L, steps * mb, K))
+    # Built in the (steps, L, mb, ·) layout the loop reads: row r of learner i is step r // mb,
+    # slot r % mb (padding rows stay zero: weight 0).
+    rows = np.arange(int(n.max()))
+    at_step, at_slot = rows // mb, rows % mb
+    Xp = np.zeros((steps, L, mb, D))
+    Yp = np.zeros((steps, L, mb, K))
+    scale = np.zeros((steps, L, mb))
     for i, (_, X, y, w) in enumerate(jobs):
-        Xp[i, : n[i]] = X
-        Yp[i, np.arange(n[i]), y] = 1.0
-        scale[i, : n[i]] = w * np.repeat(eta[i] / np.maximum(counts[:, i], 1), mb)[: n[i]]
-    Xw = Xp * scale[:, :, None]
-    # (steps, L, mb, ·): each step's chunks are one contiguous block.
-    Xp = Xp.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
-    Xw = Xw.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
-    Yp = Yp.reshape(L, steps, mb, K).transpose(1, 0, 2, 3).copy()
+        t, r = at_step[: n[i]], at_slot[: n[i]]
+        Xp[t, i, r] = X
+        Yp[t, i, r, y] = 1.0
+        scale[t, i, r] = w * (eta[i] / np.maximum(counts[t, i], 1))
+    Xw = Xp * scale[..., None]
     # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
     decay = np.ones((steps, L, 1, D))
     decay[..., :-1] = np.where(counts > 0, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
     theta = np.stack([j[0].theta for j in jobs])
     for i, job in enumerate(jobs):
         job[0].theta = theta[i]
+    # The step below is ~10 calls on arrays of a few hundred numbers: their overhead is the cost,
+    # so views and buffers are made once and the reductions called without ndarray's wrappers.
+    theta_t = theta.transpose(0, 2, 1)
+    Z = np.empty((L, mb, K))
+    Z_t = Z.transpose(0, 2, 1)
+    vmax, vsum = np.maximum.reduce, np.add.reduce
     for t in range(steps):
-        Z = np.matmul(Xp[t], theta.transpose(0, 2, 1))
-        Z -= Z.max(axis=2, keepdims=True)
+        np.matmul(Xp[t], theta_t, out=Z)
+        Z -= vmax(Z, axis=2, keepdims=True)
         np.exp(Z, out=Z)
-        Z /= Z.sum(axis=2, keepdims=True)
+        Z /= vsum(Z, axis=2, keepdims=True)
         Z -= Yp[t]
-        G = np.matmul(Z.transpose(0, 2, 1), Xw[t])
+        G = np.matmul(Z_t, Xw[t])
         if sgd:
             theta *= decay[t]
             theta -= G

@@ -99,6 +99,25 @@ def conformal_quantile(scores: np.ndarray, alpha: float) -> float:
     return float(x[max(k, 1) - 1])
 
 
+def class_conformal_quantiles(
+    scores: np.ndarray, labels: np.ndarray, n_classes: int, alpha: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`conformal_quantile` of each class's scores (classes ``0 … n_classes − 1``; NaN for a
+    class without a finite score) and each class's number of points, from one sort of all of them
+    (a sort per class cost more than the calibration's arithmetic)."""
+    finite = np.isfinite(scores)
+    x, lab = scores[finite], labels[finite]
+    ranked = x[np.lexsort((x, lab))]  # by class, then score
+    held = np.bincount(lab, minlength=n_classes)
+    start = np.cumsum(held) - held  # where each class's run begins in ranked
+    n = held[:n_classes]
+    k = np.minimum(n, np.ceil((n + 1) * (1.0 - alpha)).astype(np.int64))
+    out = np.full(n_classes, np.nan)
+    some = n > 0
+    out[some] = ranked[(start[:n_classes] + np.maximum(k, 1) - 1)[some]]
+    return out, np.bincount(labels, minlength=n_classes)[:n_classes]
+
+
 class RoutingPolicy:
     """Stateful router; :meth:`swap` installs new settings at run time (hot reload)."""
 
@@ -171,15 +190,13 @@ class RoutingPolicy:
         if alpha <= 0.0:  # the test is off
             return np.full(n_classes, np.inf), float("inf")
         pooled = conformal_quantile(scores, alpha)
-        out = np.full(n_classes, pooled)
         needed = self.settings.min_class_calibration
         if split:
             needed = max(needed, int(np.ceil((1.0 - alpha) / alpha - 1e-9)))
-        for c in range(n_classes):  # a loop over classes, not events
-            mine = scores[labels == c]
-            if len(mine) >= needed:
-                out[c] = conformal_quantile(mine, alpha)
-        return np.nan_to_num(out, nan=np.inf), float(np.nan_to_num(pooled, nan=np.inf))
+        own, counts = class_conformal_quantiles(scores, labels, n_classes, alpha)
+        out = np.where(counts >= needed, own, pooled)
+        # NaN (no finite score) is "never": quantiles of finite scores are never infinite.
+        return np.where(np.isnan(out), np.inf, out), np.inf if np.isnan(pooled) else pooled
 
     def calibrate(
         self,
