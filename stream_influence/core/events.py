@@ -768,7 +768,8 @@ def _stack(rows: list[list[Any] | _Floats], width: int) -> np.ndarray:
     if not rows:
         return np.zeros((0, width))
     if type(rows[0]) is _BUFFER:  # the plain-event pass's buffers (never mixed with other rows)
-        return np.frombuffer(b"".join(rows), dtype=np.float64).reshape(len(rows), width).copy()  # type: ignore[arg-type]
+        # Joined into a bytearray: the array is writable without a second copy.
+        return np.frombuffer(bytearray().join(rows), dtype=np.float64).reshape(len(rows), width)  # type: ignore[arg-type]
     floats = [r for r, row in enumerate(rows) if type(row) is _Floats]
     if len(floats) == len(rows):
         joined = b"".join([row.data for row in rows])  # type: ignore[union-attr]

@@ -308,7 +308,8 @@ def _lockstep(
     K, D = first.theta.shape
     n = np.array([len(j[1]) for j in jobs])
     steps = int(-(-n.max() // mb))
-    counts = np.clip(n[None, :] - mb * np.arange(steps)[:, None], 0, mb)  # (steps, L) rows per chunk
+    # (steps, L) rows per chunk (np.clip, less its Python wrappers)
+    counts = np.minimum(np.maximum(n[None, :] - mb * np.arange(steps)[:, None], 0), mb)
     sgd = s.optimizer == "sgd"
     # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
     # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
@@ -320,11 +321,12 @@ def _lockstep(
     Xp = np.zeros((steps, L, mb, D))
     Yp = np.zeros((steps, L, mb, K))
     scale = np.zeros((steps, L, mb))
+    per_row = eta / np.maximum(counts, 1)  # (steps, L): a chunk's rows share η / rows
     for i, (_, X, y, w) in enumerate(jobs):
         t, r = at_step[: n[i]], at_slot[: n[i]]
         Xp[t, i, r] = X
         Yp[t, i, r, y] = 1.0
-        scale[t, i, r] = w * (eta[i] / np.maximum(counts[t, i], 1))
+        scale[t, i, r] = w * per_row[t, i]
     Xw = Xp * scale[..., None]
     # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
     decay = np.ones((steps, L, 1, D))
@@ -335,18 +337,18 @@ def _lockstep(
     # The step below is ~10 calls on arrays of a few hundred numbers: their overhead is the cost,
     # so views and buffers are made once and the reductions called without ndarray's wrappers.
     theta_t = theta.transpose(0, 2, 1)
-    Z = np.empty((L, mb, K))
+    Z, G = np.empty((L, mb, K)), np.empty((L, K, D))
     Z_t = Z.transpose(0, 2, 1)
-    vmax, vsum = np.maximum.reduce, np.add.reduce
-    for t in range(steps):
-        np.matmul(Xp[t], theta_t, out=Z)
+    vmax, vsum, matmul = np.maximum.reduce, np.add.reduce, np.matmul
+    for t, (Xt, Yt, Xwt, decay_t) in enumerate(zip(Xp, Yp, Xw, decay, strict=True)):
+        matmul(Xt, theta_t, out=Z)
         Z -= vmax(Z, axis=2, keepdims=True)
         np.exp(Z, out=Z)
         Z /= vsum(Z, axis=2, keepdims=True)
-        Z -= Yp[t]
-        G = np.matmul(Z_t, Xw[t])
+        Z -= Yt
+        matmul(Z_t, Xwt, out=G)
         if sgd:
-            theta *= decay[t]
+            theta *= decay_t
             theta -= G
             continue
         for i, job in enumerate(jobs):

@@ -71,6 +71,7 @@ from stream_influence.core.settings import PolicySettings
 __all__ = ["REASONS", "RoutingDecision", "RoutingPolicy", "conformal_quantile"]
 
 REASONS = ("warmup", "helpful", "within_band", "model_agrees", "rate_cap", "harmful")
+_HELPFUL_OR_BAND = np.array(["within_band", "helpful"], dtype=object)  # indexed by score ≤ accept
 
 
 @dataclass(slots=True)
@@ -166,7 +167,7 @@ class RoutingPolicy:
     def above_threshold_rate(self) -> float:
         """Rolling share of routed points scoring above their threshold, before the gate."""
         above = self._above.values()
-        return float(above.mean()) if len(above) else 0.0
+        return float(np.add.reduce(above) / len(above)) if len(above) else 0.0  # mean, unwrapped
 
     def alpha_of(self, test: str) -> float:
         """α of one calibrated test (``influence`` or ``reference_loss``); the hybrid splits α
@@ -327,7 +328,7 @@ class RoutingPolicy:
             harmful[:] = False
         # The alarm's pre-gate share counts every test that fires (all evidence).
         self._above.push((harmful | loss_test).astype(np.float64))
-        reasons = np.where(score <= s.accept_threshold, "helpful", "within_band").astype(object)
+        reasons = _HELPFUL_OR_BAND[(score <= s.accept_threshold).view(np.uint8)]
         if s.require_disagreement and disagree is not None:
             if s.class_fair_gate and labels is not None and loss_test.any():
                 self._count_gate(labels, loss_test, disagree, n)
@@ -342,9 +343,10 @@ class RoutingPolicy:
 
         # How many quarantines keep the rolling rate ≤ cap once this batch enters the window.
         window = min(self._flags.capacity, self._flags.size + n)
-        kept_q = self._flags.values().sum() - self._flags.oldest(n).sum() if n < self._flags.capacity else 0.0
+        flags = self._flags
+        kept_q = np.add.reduce(flags.values()) - np.add.reduce(flags.oldest(n)) if n < flags.capacity else 0.0
         allowed = max(0, int(np.floor(s.max_quarantine_rate * window - kept_q + 1e-9)))
-        wanted = int(harmful.sum())
+        wanted = int(np.count_nonzero(harmful))
         capped_now = wanted > allowed
         self.alarm = capped_now or self.above_threshold_rate > s.max_quarantine_rate
         if capped_now:

@@ -86,6 +86,8 @@ class Ring:
         k = max(0, min(k, self.size + k - self.capacity, self.size))
         if self.size < self.capacity:
             return self.data[:k]
+        if self.pos + k <= self.capacity:  # no wrap: a slice, not an index array
+            return self.data[self.pos : self.pos + k]
         return self.data[(self.pos + np.arange(k)) % self.capacity]
 
     def restore(self, data: np.ndarray | None, size: int, pos: int) -> None:

@@ -40,7 +40,7 @@ __all__ = ["Evidence", "Scorer", "head_inputs"]
 
 def head_inputs(standardizer: Standardizer, features: np.ndarray, standardize: bool) -> np.ndarray:
     """Standardised (when ``standardize``), augmented head inputs ``x̃ = [φ; 1]`` of φ-features."""
-    return augment(standardizer.transform(features) if standardize else features)
+    return standardizer.transform_augmented(features) if standardize else augment(features)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,9 +104,10 @@ class Scorer:
         assert snap.theta is not None and snap.curvature is not None
         X = self.inputs(features)
         P = softmax(X @ snap.theta.T)
-        scores = Scores.missing(len(X))
         if snap.scorable:
             scores = snap.direction.score(P, one_hot(labels, snap.n_classes), X, snap.curvature)
+        else:
+            scores = Scores.missing(len(X))
         ref = snap.reference_model
         if ref is None:
             reference_loss = None
