@@ -114,6 +114,8 @@ STAGES = [
     ("learn (routed + shadow)", "stream_influence.core.learner", "HeadLearner", "learn"),
     ("predict (routed + shadow)", "stream_influence.core.learner", "HeadLearner", "predict_proba"),
     ("prequential metrics", "stream_influence.core.learner", "Prequential", "update"),
+    ("prequential metrics", "stream_influence.core.learner", "Prequential", "defer"),
+    ("prequential metrics", "stream_influence.core.learner", "Prequential", "_settle"),
     ("drift (ADWIN)", "stream_influence.core.learner", "DriftMonitor", "update"),
     ("curvature update", "stream_influence.core.curvature", "Curvature", "update"),
     ("score", "stream_influence.core.influence", "InfluenceScorer", "score"),
@@ -127,8 +129,9 @@ STAGES = [
 def stage_profile(events: int, budget: float) -> tuple[list[tuple[str, float]], float]:
     """µs per event in each stage of the issue-11 cell (default estimator), and the total.
 
-    Each stage's method is wrapped with a CPU-time clock; what no stage covers (the engine's
-    own glue, micro-batch slicing, result assembly, the clocks themselves) is the remainder.
+    Each stage's method is wrapped with a CPU-time clock; a stage called inside another counts
+    for itself only (exclusive times); what no stage covers (the engine's own glue, micro-batch
+    slicing, result assembly, the clocks themselves) is the remainder.
     """
     import importlib
 
@@ -139,6 +142,7 @@ def stage_profile(events: int, budget: float) -> tuple[list[tuple[str, float]], 
     eng = new_engine(d, K, kind, X, y)
     spent: dict[str, float] = {}
     undo: list[Callable[[], None]] = []
+    inner: list[float] = []  # per active stage: CPU time of the stages called inside it
 
     def wrap(label: str, owner: type, name: str) -> None:
         original = owner.__dict__[name]
@@ -146,10 +150,14 @@ def stage_profile(events: int, budget: float) -> tuple[list[tuple[str, float]], 
         @functools.wraps(original)
         def timed(*args, **kwargs):
             c = time.process_time()
+            inner.append(0.0)
             try:
                 return original(*args, **kwargs)
             finally:
-                spent[label] = spent.get(label, 0.0) + time.process_time() - c
+                took = time.process_time() - c
+                spent[label] = spent.get(label, 0.0) + took - inner.pop()
+                if inner:
+                    inner[-1] += took
 
         setattr(owner, name, timed)
         undo.append(lambda: setattr(owner, name, original))
@@ -255,6 +263,13 @@ def main() -> int:
     ap.add_argument("--dims", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--classes", type=int, nargs="+", default=[2, 10])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 512])
+    ap.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=list(KINDS),
+        help="curvature estimators (grid and --baseline)",
+    )
     ap.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md")
     ap.add_argument("--baseline", metavar="REF", help="also measure the issue-11 cell at git revision REF")
     ap.add_argument("--repeats", type=int, default=3, help="--baseline: runs per side (median)")
@@ -282,7 +297,7 @@ def main() -> int:
                 raws = encode(Xs, ys, 900)
                 r_rate, r_n = river_rate(Xs, ys, K, args.events, args.budget)
                 print(f"d={d} K={K}: River learn_one {r_rate:,.0f} ev/s ({r_n} events)", flush=True)
-                kinds = [k for k in KINDS if k != "exact" or K * (d + 1) <= EXACT_MAX]
+                kinds = [k for k in args.kinds if k != "exact" or K * (d + 1) <= EXACT_MAX]
                 for kind in kinds:
                     for b in args.batches:
                         cap = args.events_b1 if b == 1 else args.events
@@ -335,7 +350,7 @@ def main() -> int:
                 f"baseline {args.baseline} vs this tree, d={TARGET[0]} K={TARGET[1]} batch {TARGET[3]}:",
                 flush=True,
             )
-            kinds = [k for k in KINDS if k != "exact" or TARGET[1] * (TARGET[0] + 1) <= EXACT_MAX]
+            kinds = [k for k in args.kinds if k != "exact" or TARGET[1] * (TARGET[0] + 1) <= EXACT_MAX]
             before_after = baseline_cells(
                 args.baseline, kinds, args.events, args.budget, args.repeats, args.threads
             )

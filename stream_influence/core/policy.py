@@ -243,9 +243,10 @@ class RoutingPolicy:
             self.reference_thresholds = self._class_quantiles(
                 losses, reference_labels, n_classes, alpha, bool(split)
             )[0]
-            for a in np.unique(self._fair_alphas(alpha, n_classes)):  # class_fair_gate: thinned classes
+            fair = self._fair_alphas(alpha, n_classes)
+            for a in np.unique(fair):  # class_fair_gate: thinned classes
                 if a < alpha:
-                    thin = self._fair_alphas(alpha, n_classes) == a
+                    thin = fair == a
                     q = self._class_quantiles(losses, reference_labels, n_classes, float(a), True)[0]
                     self.reference_thresholds[thin] = q[thin]
 

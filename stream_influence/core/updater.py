@@ -273,7 +273,10 @@ class Updater:
         self._update_curvature(X, P, weights)
         accept = ~decision.quarantine
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
+        if len(accept) and accept.all():  # the common case: the rows themselves, no copies
+            routed = [(self.routed, X, labels, weights)]
+        else:
+            routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
         self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
         self.model_version += bool(routed)
 
