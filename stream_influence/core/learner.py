@@ -64,6 +64,8 @@ class Prequential:
     def defer(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """:meth:`update`, counted later (at the latest before any read, and once ``window`` events
         wait); returns the 0/1 errors now.  ``P`` and ``y`` must not change afterwards."""
+        if self._pending and self._pending[-1][0].shape[1] != P.shape[1]:
+            self._settle()  # the head grew a class: count the narrower predictions first
         pred = P.argmax(axis=1)
         self._pending.append((P, y, pred))
         self._pending_rows += len(y)
