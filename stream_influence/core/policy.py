@@ -278,7 +278,7 @@ class RoutingPolicy:
         """The threshold each of ``n`` points (with class indices ``labels``) is compared with."""
         s = self.settings
         if s.mode == "calibrated":
-            if labels is not None and len(self.class_thresholds) > int(labels.max(initial=-1)):
+            if labels is not None and len(self.class_thresholds) > int(np.maximum.reduce(labels, initial=-1)):
                 return self.class_thresholds[labels]
             return np.full(n, self.threshold)
         threshold = s.quarantine_threshold
@@ -383,7 +383,7 @@ class RoutingPolicy:
     ) -> np.ndarray:
         """``ℓ_ref / ρ_y`` per point (> 1: the reference-loss test fires; 0 without the evidence)."""
         rho = self.reference_thresholds
-        if reference_loss is None or labels is None or len(rho) <= int(labels.max(initial=-1)):
+        if reference_loss is None or labels is None or len(rho) <= int(np.maximum.reduce(labels, initial=-1)):
             return np.zeros(n)
         # ρ_y = 0 (a jointly calibrated class whose held-out scores rarely pass the floor): any
         # positive loss passes, the floor decides.
