@@ -16,6 +16,7 @@ learner sees it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -234,12 +235,14 @@ class HeadLearner:
             for j in jobs
         ):
             raise ValueError("learners that learn alongside share settings and head shape")
+        squares: dict[int, float] = {}  # Σ‖x̃‖² per input array (the routed head often gets all rows)
         for learner, Xj, _, _ in jobs:
             if len(Xj):
+                sq = squares.get(id(Xj))
+                if sq is None:
+                    sq = squares[id(Xj)] = float(np.einsum("bd,bd->", Xj, Xj))
                 seen = learner.updates + learner.trusted_updates
-                learner.sq_norm += (float(np.einsum("bd,bd->", Xj, Xj)) - len(Xj) * learner.sq_norm) / (
-                    seen + len(Xj)
-                )
+                learner.sq_norm += (sq - len(Xj) * learner.sq_norm) / (seen + len(Xj))
         _lockstep([j for j in jobs if len(j[1])], solve)
         for learner, Xj, _, _ in jobs:
             if trusted:
@@ -308,24 +311,20 @@ def _lockstep(
     s = first.settings
     mb, L = s.minibatch, len(jobs)
     K, D = first.theta.shape
-    n = np.array([len(j[1]) for j in jobs])
-    steps = int(-(-n.max() // mb))
-    # (steps, L) rows per chunk (np.clip, less its Python wrappers)
-    counts = np.minimum(np.maximum(n[None, :] - mb * np.arange(steps)[:, None], 0), mb)
+    counts, at_step, at_slot = _step_layout(tuple(len(j[1]) for j in jobs), mb)
+    steps = len(counts)
     sgd = s.optimizer == "sgd"
     # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
     # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
     eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
     # Built in the (steps, L, mb, ·) layout the loop reads: row r of learner i is step r // mb,
     # slot r % mb (padding rows stay zero: weight 0).
-    rows = np.arange(int(n.max()))
-    at_step, at_slot = rows // mb, rows % mb
     Xp = np.zeros((steps, L, mb, D))
     Yp = np.zeros((steps, L, mb, K))
     scale = np.zeros((steps, L, mb))
     per_row = eta / np.maximum(counts, 1)  # (steps, L): a chunk's rows share η / rows
     for i, (_, X, y, w) in enumerate(jobs):
-        t, r = at_step[: n[i]], at_slot[: n[i]]
+        t, r = at_step[: len(X)], at_slot[: len(X)]
         Xp[t, i, r] = X
         Yp[t, i, r, y] = 1.0
         scale[t, i, r] = w * per_row[t, i]
@@ -360,6 +359,19 @@ def _lockstep(
     if sgd:
         for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
             job[0].steps += live_steps
+
+
+@functools.lru_cache(maxsize=256)
+def _step_layout(n: tuple[int, ...], mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For learners with ``n`` rows each in steps of ``mb``: the rows each learner has in each
+    step (``steps × L``), and each row's step and slot (the micro-batches repeat these shapes)."""
+    rows = np.arange(max(n))
+    steps = -(-max(n) // mb)
+    counts = np.clip(np.array(n)[None, :] - mb * np.arange(steps)[:, None], 0, mb)
+    out = counts, rows // mb, rows % mb
+    for a in out:
+        a.flags.writeable = False  # shared by every call with these shapes
+    return out
 
 
 def _adwin_step(detector: drift.ADWIN) -> Callable[[float], bool]:
