@@ -11,7 +11,10 @@ Decisions, reasons, alarms, drift flags, model versions and every integer and st
 state must be equal.  Float arrays must be *bitwise* equal where the recording's digest matches —
 on the machine that recorded it they are (``GOLDEN_BITWISE=1`` makes that a requirement);
 elsewhere numpy may pick other SIMD kernels for ``exp`` and sums, whose last bits differ, so the
-fallback compares the array's sums, extremes and a strided sample within a relative 1e-12.
+fallback compares the array's sums, extremes and a strided sample within a relative 1e-12 (the
+curvature's eigenvectors excepted: their signs are arbitrary).  Checked by hand: a change of the
+curvature's batch weight by a factor 1 + 1e-10 fails it (scores); softmax without its max shift
+(a rounding-level change) passes the fallback and fails only the bitwise check.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from tests.golden.engine_golden import RUNS, SAMPLE, digest, load, summary
 
 RECORDING = Path(__file__).parent / "golden" / "engine.json.gz"
 RTOL = 1e-12
+# Eigenvectors are defined up to sign (and, for repeated eigenvalues, up to a rotation), so off the
+# bitwise path they are not compared element by element; everything computed from them (scores,
+# the served inverse) still is.
+EIGENVECTORS = (".QA", ".QG")
 
 
 @pytest.fixture(scope="module")
@@ -55,13 +62,15 @@ def test_engine_reproduces_the_recorded_run(name: str, recorded: dict[str, Any])
         if "sha256" in rec:
             if digest(actual) != rec["sha256"]:
                 not_bitwise.append(key)
-                _close(summary(actual), np.asarray(rec["summary"]), key)
+                if not key.endswith(EIGENVECTORS):
+                    _close(summary(actual), np.asarray(rec["summary"]), key)
             continue
         expected = np.asarray(rec["values"]).reshape(rec["shape"])
         if rec["dtype"] == "f":
             if not np.array_equal(actual.ravel(), expected.ravel(), equal_nan=True):
                 not_bitwise.append(key)
-                _close(actual.ravel(), expected.ravel(), key)
+                if not key.endswith(EIGENVECTORS):
+                    _close(actual.ravel(), expected.ravel(), key)
         else:
             assert actual.ravel().tolist() == rec["values"], key
     if os.environ.get("GOLDEN_BITWISE") == "1":
