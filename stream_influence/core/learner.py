@@ -424,12 +424,13 @@ class DriftMonitor:
         changed_at = -1
         rising = False
         step = _adwin_step(self._detector)
-        for j, e in enumerate(errors.tolist()):
-            if step(e):
-                changed_at = j
-                seen = np.concatenate([self._history, errors[: j + 1]])
-                rising = self._detector.estimation > float(seen.mean())
-                break  # the detector is replaced below: what it would see next does not matter
+        values = iter(errors.tolist())
+        # any() stops at the first detection, leaving `values` just past it (a loop in C).
+        if any(map(step, values)):
+            changed_at = j = len(errors) - 1 - sum(1 for _ in values)
+            seen = np.concatenate([self._history, errors[: j + 1]])
+            rising = self._detector.estimation > float(seen.mean())
+            # the detector is replaced below: what it would see next does not matter
         if changed_at >= 0:
             self._detector = self._fresh()
             self._history = np.zeros(0, dtype=np.uint8)
