@@ -545,11 +545,19 @@ def fetch_hold(
             delays.extend(now - m.timestamp for m in msgs)
     stop.set()
     thread.join(30)
+    while c.poll(timeout_ms=200):  # the rest of the stream: the topic is idle from here on
+        pass
+    # What the setting costs an idle consumer: the CPU its polling thread spends on empty fetches.
+    cpu0, wall0 = time.thread_time(), time.monotonic()
+    while time.monotonic() - wall0 < 3.0:
+        c.poll(timeout_ms=500)
+    idle = (time.thread_time() - cpu0) / (time.monotonic() - wall0)
     c.close()
     return {
         "p50_ms": float(np.percentile(delays, 50)),
         "p99_ms": float(np.percentile(delays, 99)),
         "max_ms": float(max(delays)),
+        "idle_cpu_percent": 100 * idle,
     }
 
 
@@ -597,6 +605,14 @@ def main() -> int:
     ap.add_argument(
         "--before", type=Path, help="a --json-out of the same command on the code before, shown beside"
     )
+    ap.add_argument("--label", default="", help="names the code this run measured (kept in --json-out)")
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="--json-out files of repeated runs (before and after alternated) listed in the docs",
+    )
     ap.add_argument("--write-docs", action="store_true")
     args = ap.parse_args()
     n = args.events
@@ -629,6 +645,7 @@ def main() -> int:
     rows = breakdown(r)
     total_wall = r["wall_excl"]["total loop thread"]
     result = {
+        "label": args.label,
         "events": r["events"],
         "load_before": load0,
         "load_after": os.getloadavg()[0],
@@ -655,11 +672,20 @@ def main() -> int:
         args.json_out.write_text(json.dumps(result, indent=2))
     if args.write_docs:
         before = json.loads(args.before.read_text()) if args.before else None
-        write_docs(result, n, args, before)
+        runs = [json.loads(f.read_text()) for f in args.runs] + (
+            [result] if args.runs else []
+        )  # this run last
+        write_docs(result, n, args, before, runs)
     return 0
 
 
-def write_docs(r: dict[str, Any], n: int, args: argparse.Namespace, before: dict[str, Any] | None) -> None:
+def write_docs(
+    r: dict[str, Any],
+    n: int,
+    args: argparse.Namespace,
+    before: dict[str, Any] | None,
+    runs: list[dict[str, Any]],
+) -> None:
     stages = r["stages_us_per_event"]
     total = stages["total loop thread"]["wall"]
     b = before["stages_us_per_event"] if before else None
@@ -711,7 +737,7 @@ def write_docs(r: dict[str, Any], n: int, args: argparse.Namespace, before: dict
         f"| {key} | {ms(btl, 'stalls', key)} | {ms(tl, 'stalls', key)} |" for key in tl.get("stalls", {})
     )
     fetch_rows = "\n".join(
-        f"| {w} | {f['p50_ms']:.0f} / {f['p99_ms']:.0f} / {f['max_ms']:.0f} |"
+        f"| {w} | {f['p50_ms']:.0f} / {f['p99_ms']:.0f} / {f['max_ms']:.0f} | {f['idle_cpu_percent']:.1f} % |"
         for w, f in r.get("fetch_hold", {}).items()
     )
 
@@ -734,6 +760,13 @@ def write_docs(r: dict[str, Any], n: int, args: argparse.Namespace, before: dict
         if lat_top
         else "No latency phase was run."
     )
+    parts = {
+        k: v
+        for k, v in tl.get("p99", {}).items()
+        if k not in ("total", "batches", "writer CPU (thread time)")
+    }
+    parts = {k: v for k, v in parts.items() if "inside" not in k}  # overlapping rows
+    left = ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])[:3])
     findings = ""
     if before and btl and tl:
         findings = f"""
@@ -760,14 +793,40 @@ What made the tail, from the timeline of every batch (the *before* columns), and
    last poll returned less than `max_poll_records`) it waits for the write — at most one
    `checkpoint.every_seconds` — before it polls, so the writer thread has the interpreter to
    itself: {ms(tl, "p99", "write done → loop notices")} ms after.
-4. **Not the cause:** the writer thread's CPU ({ms(btl, "p50", "writer CPU (thread time)")} ms per write: serialisation
+4. **Small beside these:** the writer thread's CPU ({ms(btl, "p50", "writer CPU (thread time)")} ms per write: serialisation
    stays on the loop thread, sha256 and fsync release the interpreter), the second flush
-   ({ms(btl, "p99", "noticed → commit sent (second flush)")} ms), the synchronous commit ({ms(btl, "p99", "commit round trip")} ms), waiting for
-   the previous write ({ms(btl, "p99", "processed → capture: previous write still running")} ms).
-5. **What is left** is the design: waiting for the next checkpoint (up to `checkpoint.every_seconds`
-   = 50 ms: {ms(tl, "p99", "processed → capture: waiting for the cadence")} ms in the slowest batches) and the write itself
-   (four fsyncs: {ms(tl, "p99", "write: fsyncs")} ms there; {stat(tl, "stalls", "fsync max ms"):.0f} ms the slowest fsync).
+   ({ms(btl, "p99", "noticed → commit sent (second flush)")} ms in the slowest batches), the synchronous commit
+   ({ms(btl, "p99", "commit round trip")} ms), waiting for the previous write
+   ({ms(btl, "p99", "processed → capture: previous write still running")} ms).
+5. **What is left** in the slowest 1 % after: {left}.  Waiting for the next checkpoint is the
+   design (up to `checkpoint.every_seconds` = 50 ms), the write is four fsyncs on a shared disk,
+   and the loop thread's own speed sets the rest: on a loaded machine a chunk takes longer and a
+   batch waits behind the chunks polled before it (the loop thread ran at
+   {r["service_loop_rate"]:,.0f} events/s in this run's stage phase, against {float(top):,.0f} offered).
 """
+    run_rows = "\n".join(
+        f"| {i} | {x.get('label') or '?'} | {x['load_before']:.1f} → {x['load_after']:.1f} | "
+        + " | ".join(
+            f"{x['latency'][rate]['p50_ms']:.0f} / {x['latency'][rate]['p99_ms']:.0f} / {x['latency'][rate]['max_ms']:.0f}"
+            if rate in x.get("latency", {})
+            else "–"
+            for rate in args.rates.split(",")
+        )
+        + f" | {x['service_loop_rate']:,.0f} |"
+        for i, x in enumerate(runs, 1)
+    )
+    runs_table = (
+        f"""
+**Repeated runs** (the same command, the code before and after alternated, one after the other; the
+load is the 1-minute average before → after each run; poll → commit p50 / p99 / max ms):
+
+| run | code | load | {" | ".join(f"{float(rate):,.0f} events/s" for rate in args.rates.split(","))} | loop thread events/s |
+|---|---|---|{"---|" * len(args.rates.split(","))}---|
+{run_rows}
+"""
+        if runs
+        else ""
+    )
     load_note = (
         " — other work shared the cores, so the absolute rates are low and noisy; read the shares and the ratios"
         if loaded > 0.5 * (os.cpu_count() or 1)
@@ -806,11 +865,11 @@ the offset commit that covers it):
 {lat_table}
 
 {verdict}
-
+{runs_table}
 **Where a batch's time went** at {float(top):,.0f} events/s (ms; mean over the median batches — 49th to 51st
 percentile — and over the slowest 1 %; every batch's timeline: when it was polled, its chunk processed,
 the checkpoint that holds it captured, written on the writer thread, noticed by the loop, its commit
-sent and acknowledged; the last four rows overlap the others):
+sent and acknowledged; the last three rows overlap the others):
 
 | part of poll → commit | before, median | before, slowest 1 % | after, median | after, slowest 1 % |
 |---|---|---|---|---|
@@ -823,10 +882,11 @@ Stalls in the same phase:
 {stall_rows}
 
 **Fetch hold of the broker** (a raw kafka-python consumer, no service, reading a stream paced at
-{float(top):,.0f} events/s; produce → poll p50 / p99 / max ms):
+{float(top):,.0f} events/s: produce → poll p50 / p99 / max ms; then the same consumer on the idle
+topic for 3 s: the CPU its polling thread spends, in % of one core):
 
-| fetch_max_wait_ms | produce → poll |
-|---|---|
+| fetch_max_wait_ms | produce → poll | idle consumer CPU |
+|---|---|---|
 {fetch_rows}
 {findings}"""
     write_section("service_stages", section)

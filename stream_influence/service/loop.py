@@ -327,14 +327,15 @@ class Service:
                 "no kafka.reference_topic and engine.reference.seed_from_stream is 0: the reference "
                 "set stays empty, so routing stays in warm-up and accepts everything; configure one"
             )
-        # What start-up built (modules, settings, the restored engine) lives as long as the
-        # process: frozen, a full collection no longer walks it.  Unfrozen, one took 60-250 ms on
-        # the loop thread every few seconds, the largest stall in poll → commit (issue 11).
-        gc.collect()
-        gc.freeze()
         self.consumer = self.broker.consumer()
         self._subscribe()
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
+        # What start-up built (modules, settings, the restored engine, the clients) lives as long
+        # as the process: frozen, a full collection no longer walks it (_shutdown unfreezes).
+        # Unfrozen, one took up to 170 ms on the loop thread every few seconds: the largest
+        # stall in poll → commit (issue 11; docs/benchmarks.md, service_stages).
+        gc.collect()
+        gc.freeze()
         gave_up = False
         try:
             while True:
