@@ -542,8 +542,9 @@ class AppSettings(BaseSettings):
     blas_threads: int = Field(
         default=1,
         ge=0,
-        description="Threads of the BLAS libraries (OpenBLAS, MKL) in the service process, set when the "
-        "service starts (0: leave the libraries' default, one per core).  The engine's products are "
+        description="Threads of the BLAS libraries (OpenBLAS, MKL) in the process, set when the service "
+        "(every role) or an offline command (replay, score, requeue, demo) starts (0: leave the "
+        "libraries' default, one per core).  The engine's products are "
         "small (a 512-event batch against a 65 × 10 head), so more threads only add hand-offs and "
         "spinning: with two threads on a 2-core machine the engine spent 5-7× the CPU per event "
         "(docs/benchmarks.md, section `service`).  Results do not depend on it.",
