@@ -141,6 +141,7 @@ def consumer_config(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
             "session.timeout.ms": k.session_timeout_ms,
             "heartbeat.interval.ms": k.heartbeat_interval_ms,
             "max.poll.interval.ms": k.max_poll_interval_ms,
+            "fetch.wait.max.ms": k.fetch_max_wait_ms,
         }
     )
     return _with_passthrough(conf, k)
