@@ -7,7 +7,7 @@ test); the same paths run against the real broker in tests/test_service_poison.p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from stream_influence.io.broker import (
     BrokerTrouble,
     Delivery,
     OutputRecord,
+    Queued,
     Record,
     RecordRefused,
     TopicPartition,
@@ -47,6 +48,15 @@ class MemoryProducer:
         d = Delivery(record)
         self._pending.append(d)
         return d
+
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        deliveries: list[Delivery] = []
+        for record in records:
+            try:
+                deliveries.append(self.produce(record))
+            except RecordRefused as exc:
+                return Queued(deliveries, exc)
+        return Queued(deliveries, None)
 
     def flush(self, timeout_s: float) -> None:
         for d in self._pending:

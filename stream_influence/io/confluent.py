@@ -54,6 +54,7 @@ from stream_influence.io.broker import (
     BrokerTrouble,
     Delivery,
     OutputRecord,
+    Queued,
     Rebalance,
     RebalanceKind,
     Record,
@@ -519,6 +520,16 @@ class ConfluentProducer:
             self._unserved = 0
             self._p.poll(0)
         return delivery
+
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        # librdkafka queues a record in C: one produce() per record is its batch path.
+        deliveries: list[Delivery] = []
+        for record in records:
+            try:
+                deliveries.append(self.produce(record))
+            except RecordRefused as exc:
+                return Queued(deliveries, exc)
+        return Queued(deliveries, None)
 
     def flush(self, timeout_s: float) -> None:
         left = self._p.flush(timeout_s)

@@ -12,6 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from stream_influence.core.decisions import DecisionRecord
 from stream_influence.errors import OutputError
 from stream_influence.io.broker import Headers, OutputRecord
@@ -145,9 +147,22 @@ def _num(x: float | None) -> bytes:
     return b"nan" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x)).encode()
 
 
+def _nums(xs: Sequence[float | None] | np.ndarray) -> list[bytes]:
+    """``_num`` of every value, in one pass (the shortest repr of each float64; None and NaN
+    ``nan``): one join and one encode for the whole column instead of a call per value."""
+    values = np.asarray(xs, dtype=np.float64).tolist()
+    return " ".join(map(repr, values)).encode().split(b" ") if values else []
+
+
+def _ints(xs: Sequence[int]) -> list[bytes]:
+    """``str(x).encode()`` of every int, in one pass."""
+    return " ".join(map(str, xs)).encode().split(b" ") if len(xs) else []
+
+
 class ChunkHeaders:
     """The headers of one chunk's outputs: what every output of the chunk shares (source topic
-    and partition, policy and model versions) is encoded once, not once per message."""
+    and partition, policy and model versions) is encoded once, not once per message, and the
+    per-message numbers a column at a time (:meth:`quarantine_many`)."""
 
     __slots__ = ("_source", "_versions")
 
@@ -160,6 +175,11 @@ class ChunkHeaders:
 
     def source(self, offset: int) -> list[tuple[str, bytes]]:
         return [*self._source, ("source_offset", str(offset).encode())]
+
+    def source_many(self, offsets: Sequence[int]) -> list[list[tuple[str, bytes]]]:
+        """:meth:`source` of every offset."""
+        a, b = self._source
+        return [[a, b, ("source_offset", o)] for o in _ints(offsets)]
 
     def dead_letter(self, original: Headers | None, reason: str, detail: str, offset: int) -> Headers:
         return [
@@ -180,15 +200,56 @@ class ChunkHeaders:
         cosine_influence: float,
         threshold: float,
     ) -> Headers:
+        return self.quarantine_many(
+            [original],
+            [offset],
+            reasons=[reason],
+            influence=[influence],
+            relative_influence=[relative_influence],
+            cosine_influence=[cosine_influence],
+            threshold=[threshold],
+        )[0]
+
+    def quarantine_many(
+        self,
+        originals: Sequence[Headers | None],
+        offsets: Sequence[int],
+        *,
+        reasons: Sequence[str],
+        influence: Sequence[float] | np.ndarray,
+        relative_influence: Sequence[float] | np.ndarray,
+        cosine_influence: Sequence[float] | np.ndarray,
+        threshold: Sequence[float] | np.ndarray,
+    ) -> list[Headers]:
+        """The quarantine-copy headers of a chunk's messages (the input's own headers, the source,
+        the routing reason, the scores and the versions), one list per message."""
+        src_topic, src_partition = self._source
+        policy, model = self._versions
+        reason_of = {r: ("reason", r.encode()) for r in set(reasons)}
         return [
-            *_keep(original),
-            *self.source(offset),
-            ("reason", reason.encode()),
-            ("influence", _num(influence)),
-            ("relative_influence", _num(relative_influence)),
-            ("cosine_influence", _num(cosine_influence)),
-            ("threshold", _num(threshold)),
-            *self._versions,
+            [
+                *(_keep(original) if original else ()),
+                src_topic,
+                src_partition,
+                ("source_offset", offset),
+                reason_of[reason],
+                ("influence", inf),
+                ("relative_influence", rel),
+                ("cosine_influence", cos),
+                ("threshold", thr),
+                policy,
+                model,
+            ]
+            for original, offset, reason, inf, rel, cos, thr in zip(
+                originals,
+                _ints(offsets),
+                reasons,
+                _nums(influence),
+                _nums(relative_influence),
+                _nums(cosine_influence),
+                _nums(threshold),
+                strict=True,
+            )
         ]
 
 
