@@ -462,6 +462,7 @@ class _Appender:
         return (
             kafka_version in APPENDER_VERSIONS
             and type(client).send is _PLAIN_SEND
+            and "send" not in vars(client)
             and cfg["key_serializer"] is None
             and cfg["value_serializer"] is None
             and not (tm is not None and tm.is_transactional())
@@ -481,7 +482,6 @@ class _Appender:
             raise TypeError("headers must be list-type")
         n = len(headers)
         parts: list[bytes] = [b"", b"", b"", b"", _VARINT[n] if n < _NVARINT else _varint_bytes(n)]
-        add = parts.append
         names = self._names
         unencodable: UnicodeEncodeError | None = None
         for item in headers:
@@ -502,10 +502,8 @@ class _Appender:
                     names[name] = enc
             elif type(v) is not bytes and not isinstance(v, bytes):
                 raise TypeError("All headers items must be (str, bytes) tuples")
-            add(enc)
             n = len(v)
-            add(_VARINT[n] if n < _NVARINT else _varint_bytes(n))
-            add(v)
+            parts += (enc, _VARINT[n] if n < _NVARINT else _varint_bytes(n), v)
         for at, what, k_v in ((0, "key", key), (2, "value", value)):
             if k_v is None:
                 parts[at] = b"\x01"  # null: length -1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -111,9 +112,12 @@ def fit_record(rec: OutputRecord, limit: int) -> OutputRecord:
     still too big, the input's own headers dropped and the key cut), with the original value's size
     and SHA-256 in ``original_size`` / ``original_sha256``.  Raises :class:`OutputError` if even
     the service's own headers do not fit."""
-    # Cheap bound first (batch header 61 B, record framing ≤ 36 B, ≤ 10 B per header): the hot
-    # path never pays for the exact estimate.
-    payload = len(rec.key or b"") + len(rec.value or b"") + sum(len(n) * 4 + len(v) for n, v in rec.headers)
+    # Cheap bound first (batch header 61 B, record framing ≤ 36 B, ≤ 10 B per header, ≤ 4 UTF-8
+    # bytes per character of a header; summed in C, no Python call per header): the hot path
+    # never pays for the exact estimate.
+    payload = (
+        len(rec.key or b"") + len(rec.value or b"") + 4 * sum(map(len, chain.from_iterable(rec.headers)))
+    )
     if (
         payload + 128 + 16 * len(rec.headers) <= limit
         or record_size(rec.key, rec.value, rec.headers) <= limit
