@@ -23,6 +23,7 @@ from stream_influence.io.broker import (
     Record,
     RecordRefused,
     TopicPartition,
+    produce_each,
 )
 from stream_influence.io.records import OUTPUT_FAILED, header_dict
 from stream_influence.service.emitter import Emitter, OutputsNotAcknowledged
@@ -51,13 +52,7 @@ class MemoryProducer:
         return d
 
     def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
-        deliveries: list[Delivery] = []
-        for record in records:
-            try:
-                deliveries.append(self.produce(record))
-            except RecordRefused as exc:
-                return Queued(deliveries, exc)
-        return Queued(deliveries, None)
+        return produce_each(self.produce, records)
 
     def flush(self, timeout_s: float) -> None:
         for d in self._pending:

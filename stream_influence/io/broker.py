@@ -59,6 +59,7 @@ __all__ = [
     "RecordRefused",
     "TopicPartition",
     "open_broker",
+    "produce_each",
 ]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -264,6 +265,18 @@ class Broker(Protocol):
 
     def producer(self) -> BrokerProducer:
         """A new output producer (at-least-once, stable keys)."""
+
+
+def produce_each(produce: Callable[[OutputRecord], Delivery], records: Sequence[OutputRecord]) -> Queued:
+    """:meth:`BrokerProducer.produce_many` as one ``produce`` per record, for a producer whose
+    per-record call is already as cheap as a batch would be (librdkafka queues in C)."""
+    deliveries: list[Delivery] = []
+    for record in records:
+        try:
+            deliveries.append(produce(record))
+        except RecordRefused as exc:
+            return Queued(deliveries, exc)
+    return Queued(deliveries, None)
 
 
 def open_broker(k: KafkaSettings) -> Broker:

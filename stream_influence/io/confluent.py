@@ -60,6 +60,7 @@ from stream_influence.io.broker import (
     Record,
     RecordRefused,
     TopicPartition,
+    produce_each,
 )
 
 __all__ = [
@@ -522,14 +523,7 @@ class ConfluentProducer:
         return delivery
 
     def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
-        # librdkafka queues a record in C: one produce() per record is its batch path.
-        deliveries: list[Delivery] = []
-        for record in records:
-            try:
-                deliveries.append(self.produce(record))
-            except RecordRefused as exc:
-                return Queued(deliveries, exc)
-        return Queued(deliveries, None)
+        return produce_each(self.produce, records)  # librdkafka queues a record in C
 
     def flush(self, timeout_s: float) -> None:
         left = self._p.flush(timeout_s)
