@@ -167,7 +167,7 @@ def run_service(bootstrap: str, topic: str, ref: str, n: int, workdir: Path) -> 
 
     def timed_step() -> None:
         # The clock starts with the first processed batch (the group join is not the loop's work).
-        if not t.on and service.engine.counters.consumed:
+        if "first" not in box and service.engine.counters.consumed:  # once: not again after the end
             t.on = True
             box["first"] = service.engine.counters.consumed
         step()
