@@ -24,7 +24,7 @@ from kafka.record.default_records import DefaultRecordBatchBuilder
 from stream_influence.config import KafkaSettings
 from stream_influence.io import kafka_python as kp
 from stream_influence.io.broker import Delivery, OutputRecord, open_broker
-from stream_influence.io.records import ChunkHeaders, _num
+from stream_influence.io.records import RECORD_FRAMING, ChunkHeaders, _num, record_size
 from tests.fixtures.broker import Broker, fresh_topic
 from tests.fixtures.service_events import read_topic
 
@@ -119,16 +119,17 @@ def test_the_batch_cut_falls_where_sends_does_to_the_byte() -> None:
 
 
 def test_send_counts_record_size_as_the_appender_does() -> None:
-    """The appender's size check uses send's estimate: the batch header plus the most framing a
-    record takes (kafka-python's constants), plus the encoded key, value and headers."""
+    """The appender's size check uses send's estimate (the batch header plus the most framing a
+    record takes, plus the encoded key, value and headers), which is records.record_size's."""
     assert (
         DefaultRecordBatchBuilder.HEADER_STRUCT.size + DefaultRecordBatchBuilder.MAX_RECORD_OVERHEAD
-        == kp._ESTIMATE_OVERHEAD
+        == RECORD_FRAMING
     )
     appender = kp._Appender(RecordAccumulator(message_version=2), 1_048_576, wakeup=lambda: None)
     for r in _records("out", 60):
-        size = kp._ESTIMATE_OVERHEAD + len(appender.encode(r.key, r.value, r.headers))
+        size = RECORD_FRAMING + len(appender.encode(r.key, r.value, r.headers))
         assert size == DefaultRecordBatchBuilder.estimate_size_in_bytes(r.key, r.value, r.headers)
+        assert size == record_size(r.key, r.value, r.headers)  # what fit_record cuts to
 
 
 def _appended(n: int = 6) -> tuple[RecordAccumulator, Any, list[kp._RecordDelivery]]:

@@ -57,6 +57,7 @@ from stream_influence.io.broker import (
     RecordRefused,
     TopicPartition,
 )
+from stream_influence.io.records import RECORD_FRAMING
 
 __all__ = [
     "KafkaPythonBroker",
@@ -411,9 +412,6 @@ def _transient(exc: BaseException | None) -> bool:
 #: kafka-python releases whose producer internals :class:`_Appender` was written against and is
 #: tested with (tests/test_produce_many.py): any other release takes the plain ``send``.
 APPENDER_VERSIONS = frozenset({"3.0.12"})
-# Record format v2, as kafka-python counts a record against max_request_size: batch header (61 B)
-# plus the most a record's own framing takes (DefaultRecordBatchBuilder.estimate_size_in_bytes).
-_ESTIMATE_OVERHEAD = 61 + 21
 _BYTES_LIKE = (bytes, bytearray, memoryview)
 
 
@@ -516,8 +514,8 @@ class _Appender:
         if unencodable is not None:
             raise unencodable
         body = b"".join(parts)
-        # send's own check, on its own estimate (the batch header and the most framing a record takes)
-        size = _ESTIMATE_OVERHEAD + len(body)
+        # send's own check, on its own estimate (records.record_size: kafka-python's, to the byte)
+        size = RECORD_FRAMING + len(body)
         if size > self.max_request_size:
             raise MessageSizeTooLargeError(
                 f"The message is {size} bytes when serialized which is larger than the maximum"

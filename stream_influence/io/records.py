@@ -22,6 +22,7 @@ from stream_influence.io.broker import Headers, OutputRecord
 __all__ = [
     "OUTPUT_FAILED",
     "OWN_HEADERS",
+    "RECORD_FRAMING",
     "ChunkHeaders",
     "OutputRecord",
     "dead_letter_headers",
@@ -65,6 +66,8 @@ OWN_HEADERS = frozenset(
 # timestamp delta 10, offset delta 5, attributes 1).
 _BATCH_HEADER = 61
 _RECORD_OVERHEAD = 21
+#: What :func:`record_size` adds to the encoded key, value and headers.
+RECORD_FRAMING = _BATCH_HEADER + _RECORD_OVERHEAD
 
 
 def encode_key(text: str) -> bytes:
@@ -91,7 +94,7 @@ def _bytes_size(b: bytes | None) -> int:
 def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
     """Bytes the record takes in a batch of its own, as a producer counts it against
     ``max_request_size`` (record format v2, every broker since Kafka 0.11)."""
-    size = _BATCH_HEADER + _RECORD_OVERHEAD + _bytes_size(key) + _bytes_size(value)
+    size = RECORD_FRAMING + _bytes_size(key) + _bytes_size(value)
     size += _varint_size(len(headers))
     for name, v in headers:
         size += _bytes_size(name.encode()) + _bytes_size(v)
