@@ -671,6 +671,14 @@ class KafkaPythonProducer:
     def max_request_size(self) -> int:
         return self._max
 
+    def _one_partition(self, topic: str) -> int | None:
+        """The partition of ``topic`` when its cached metadata has exactly one, else None."""
+        try:
+            parts = self.client._metadata.partitions_for_topic(topic)  # no public non-blocking API
+        except Exception:
+            return None
+        return next(iter(parts)) if parts and len(parts) == 1 else None
+
     def _partition(self, record: OutputRecord) -> int | None:
         """The partition ``send`` would pick for ``record``, where that is certain from cached
         metadata; None: ``send`` decides (metadata unknown — it waits for it — or a key-less record
@@ -720,12 +728,22 @@ class KafkaPythonProducer:
     def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
         deliveries: list[Delivery] = []
         refused: RecordRefused | None = None
-        appender = self._appender if self._appender is not None and _Appender.usable(self.client) else None
+        appender = self._appender
+        if appender is not None and (self.client._closed or not _Appender.usable(self.client)):
+            appender = None  # send decides (a closed producer: send raises, broker trouble)
         runs: dict[_KafkaTP, list[tuple[bytes, _RecordDelivery]]] = {}  # per partition, in order
+        one: dict[str, int | None] = {}  # per topic of this call: its partition, if it has only one
         timestamp_ms = int(time.time() * 1000)
         try:
             for record in records:
-                partition = None if appender is None or self.client._closed else self._partition(record)
+                partition = None
+                if appender is not None:
+                    topic = record.topic
+                    partition = (
+                        one[topic] if topic in one else one.setdefault(topic, self._one_partition(topic))
+                    )
+                    if partition is None:
+                        partition = self._partition(record)
                 if partition is None:  # send decides: first queue what precedes it
                     self._append(runs, timestamp_ms)
                     try:
