@@ -685,21 +685,17 @@ class KafkaPythonProducer:
         on a topic of several partitions, which the partitioner spreads).  Naming the one
         partition of a single-partition topic also saves ``send`` hashing every key (murmur2 in
         Python: ~10 % of a ``send``)."""
-        try:
-            parts = self.client._metadata.partitions_for_topic(record.topic)  # no public non-blocking API
-        except Exception:
-            return None
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return next(iter(parts))
+        one = self._one_partition(record.topic)
+        if one is not None:
+            return one
         key, value = record.key, record.value
         if type(key) not in _BYTES_LIKE:
             return None  # key-less, or a key send refuses itself
         try:
-            return int(self.client._partition(record.topic, None, key, value, key, value))
+            partition = self.client._partition(record.topic, None, key, value, key, value)
         except Exception:
             return None
+        return None if partition is None else int(partition)  # None: the topic's metadata is unknown
 
     def _send(self, record: OutputRecord) -> Delivery:
         """``record`` through kafka-python's own ``send``."""
