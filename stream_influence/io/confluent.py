@@ -54,11 +54,13 @@ from stream_influence.io.broker import (
     BrokerTrouble,
     Delivery,
     OutputRecord,
+    Queued,
     Rebalance,
     RebalanceKind,
     Record,
     RecordRefused,
     TopicPartition,
+    produce_each,
 )
 
 __all__ = [
@@ -520,6 +522,9 @@ class ConfluentProducer:
             self._unserved = 0
             self._p.poll(0)
         return delivery
+
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        return produce_each(self.produce, records)  # librdkafka queues a record in C
 
     def flush(self, timeout_s: float) -> None:
         left = self._p.flush(timeout_s)
