@@ -131,11 +131,13 @@ def class_conformal_quantiles(
 def _bh_pass(p: np.ndarray, window: np.ndarray, level: float) -> np.ndarray:
     """Which of ``p`` are at or below the Benjamini–Hochberg threshold at ``level`` over ``window``
     (the recent p-values, ``p`` included)."""
-    window = np.sort(window)
-    ok = np.flatnonzero(window <= level * np.arange(1, len(window) + 1) / max(len(window), 1))
+    # The threshold is never above the level, so only the p-values at or below it are sorted:
+    # their ranks are their ranks in the whole window.
+    low = np.sort(window[window <= level])
+    ok = np.flatnonzero(low <= level * np.arange(1, len(low) + 1) / max(len(window), 1))
     if len(ok) == 0:
         return np.zeros(len(p), bool)
-    return p <= window[ok[-1]]
+    return p <= low[ok[-1]]
 
 
 class RoutingPolicy:
@@ -169,6 +171,7 @@ class RoutingPolicy:
         self.plain_loss_calibration: list[np.ndarray] = []
         self._padded_plain: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None
         self._plain_pvalues = Ring(settings.rate_window)
+        self._plain_batch: np.ndarray | None = None  # the last observed batch's plain p-values
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -451,9 +454,11 @@ class RoutingPolicy:
         p = self._pvalues_of(labels, stat)
         if p is None:
             return None
+        self._plain_batch = None
         if s.floor_reference_loss and s.floor_yield_fdr > 0:
             plain = self._pvalues_of(labels, reference_loss, plain=True)
             self._plain_pvalues.push(np.ones(len(p)) if plain is None else plain)
+            self._plain_batch = plain  # what _strong_test ranks (decide calls it right after)
         self._pvalues.push(p)
         return p
 
@@ -517,11 +522,10 @@ class RoutingPolicy:
     ) -> np.ndarray:
         """``floor_yield_fdr``: events whose conformal p-value against the *plain* trusted losses
         of their class (no floor) passes Benjamini–Hochberg at that stricter level over the recent
-        window (fed by :meth:`observe`) — the evidence strong enough to override the sign floor."""
-        if labels is None or reference_loss is None:
-            return np.zeros(n, bool)
-        p = self._pvalues_of(labels, reference_loss, plain=True)
-        if p is None:
+        window — both from :meth:`observe`, which :meth:`_adaptive_test` has just called for this
+        batch — the evidence strong enough to override the sign floor."""
+        p = self._plain_batch
+        if labels is None or reference_loss is None or p is None or len(p) != n:
             return np.zeros(n, bool)
         return _bh_pass(p, self._plain_pvalues.values(), self.settings.floor_yield_fdr)
 
