@@ -159,8 +159,8 @@ floor (*no_floor*) this grid is still +0.5 point on noisy cells (16/24 against t
 filter), but it quarantines helpful events on clean streams of the routing ablation (0 % noise
 runs within half a point of unfiltered 11/16 there, against 13/16 with the floor). Levels tried
 before this run (development runs, one seed on the non-Hyperplane cells, two on Hyperplane, and the
-routing ablation's grid): 0.10 and 0.20 changed nothing in 16 of 18 non-Hyperplane noisy cells,
-0.30 lost 0.3 point there; on Hyperplane 0.15 and 0.20 gained 0.5 point; on the ablation grid
+routing ablation's grid): of the 18 non-Hyperplane noisy cells 0.10 changed none and 0.20 four
+(net +0.01 point), 0.30 lost 0.3 point there; on Hyperplane 0.15 and 0.20 gained 0.5 point; on the ablation grid
 0.10/0.15 were worse than the floor alone in at most one run of 64, 0.25 gained 0.1 point more but
 was worse in 6. Other forms named in the issue (the floor yielding by the reference model's
 cross-fitted confidence, or per class by how well it separates the class's clean losses from the
