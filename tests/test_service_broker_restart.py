@@ -30,7 +30,7 @@ from tests.fixtures.service_events import (
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_service_survives_a_broker_restart(tmp_path: Path) -> None:
+def test_service_survives_a_broker_restart(tmp_path: Path, kafka_client: str) -> None:
     broker = Broker(log_dir=tmp_path).start()
     topic = "restart-events"
     outputs = [f"{topic}.quarantine", f"{topic}.dead-letter", f"{topic}.decisions"]
@@ -43,7 +43,7 @@ def test_service_survives_a_broker_restart(tmp_path: Path) -> None:
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"decisions_topic": outputs[2]},
+            kafka={"client": kafka_client, "decisions_topic": outputs[2]},
             checkpoint={"every_seconds": 0.5},
         )
         log = tmp_path / "svc.log"
@@ -73,7 +73,7 @@ def test_service_survives_a_broker_restart(tmp_path: Path) -> None:
         broker.stop()
 
 
-def test_outputs_that_cannot_be_flushed_roll_the_model_back(tmp_path: Path) -> None:
+def test_outputs_that_cannot_be_flushed_roll_the_model_back(tmp_path: Path, kafka_client: str) -> None:
     """The broker dies after a window was processed but before its outputs were flushed: the
     window must not reach a checkpoint (the model rolls back) and is replayed later."""
     broker = Broker(log_dir=tmp_path).start()
@@ -93,6 +93,7 @@ def test_outputs_that_cannot_be_flushed_roll_the_model_back(tmp_path: Path) -> N
             # Every decision is an output the checkpoint must flush; a huge linger keeps them all
             # in the producer until that flush, so the outage deterministically hits unsent outputs.
             kafka={
+                "client": kafka_client,
                 "decisions_topic": outputs[2],
                 "flush_timeout_seconds": 3,
                 "producer_linger_ms": 60_000,
@@ -134,7 +135,9 @@ def test_outputs_that_cannot_be_flushed_roll_the_model_back(tmp_path: Path) -> N
         broker.stop()
 
 
-def test_sigterm_while_the_broker_is_down_still_exits_zero_within_the_grace_period(tmp_path: Path) -> None:
+def test_sigterm_while_the_broker_is_down_still_exits_zero_within_the_grace_period(
+    tmp_path: Path, kafka_client: str
+) -> None:
     broker = Broker(log_dir=tmp_path).start()
     proc = None
     grace = 8.0
@@ -142,7 +145,12 @@ def test_sigterm_while_the_broker_is_down_still_exits_zero_within_the_grace_peri
         topic = broker.create_topic("down-term-events")
         produce(broker.bootstrap, topic, events(3_000, seed=41)[0])
         cfg = write_config(
-            tmp_path / "cfg.yaml", broker.bootstrap, topic, tmp_path / "ck", shutdown_grace_seconds=grace
+            tmp_path / "cfg.yaml",
+            broker.bootstrap,
+            topic,
+            tmp_path / "ck",
+            kafka={"client": kafka_client},
+            shutdown_grace_seconds=grace,
         )
         proc = start_service(cfg, tmp_path / "svc.log")
         wait_for(lambda: consumed(tmp_path / "ck") >= 3_000, 60, what="consumed")

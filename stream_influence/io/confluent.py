@@ -75,6 +75,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 # librdkafka's own log lines, delivered through Python logging (and so through the secret filter).
 rdkafka_log = logging.getLogger("stream_influence.io.librdkafka")
+# The start-up check's own lines: every failed connection attempt logs the cause again, which the
+# check's one error names once; held back unless debug logging is on (as kafka-python's are).
+check_log = rdkafka_log.getChild("check")
+check_log.addHandler(logging.NullHandler())
 
 EXTRA_HINT = "install the optional extra: pip install 'stream-influence[confluent]'"
 
@@ -541,10 +545,14 @@ class ConfluentBroker:
         client_module()  # a missing extra is a ConfigError now, not at the first client
         self.k = k
 
-    def _admin(self, timeout_s: float | None = None) -> tuple[Any, _Errors]:
+    def _admin(
+        self, timeout_s: float | None = None, logger: logging.Logger | None = None
+    ) -> tuple[Any, _Errors]:
         conf = admin_config(self.k)
         errors = _Errors()
         conf["error_cb"] = errors
+        if logger is not None:
+            conf["logger"] = logger
         if timeout_s is not None:
             conf["socket.timeout.ms"] = max(10, int(timeout_s * 1000))
         return _build("AdminClient", conf), errors
@@ -552,7 +560,8 @@ class ConfluentBroker:
     def check(self, timeout_s: float | None = None) -> None:
         timeout_s = self.k.startup_timeout_seconds if timeout_s is None else timeout_s
         started = time.monotonic()
-        admin, errors = self._admin(timeout_s)
+        check_log.propagate = rdkafka_log.isEnabledFor(logging.DEBUG)  # -v shows every attempt
+        admin, errors = self._admin(timeout_s, check_log)
         try:
             admin.list_topics(timeout=timeout_s)
         except Exception as exc:
