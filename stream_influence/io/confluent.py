@@ -231,6 +231,9 @@ class ConfluentConsumer:
         # Partitions handed to librdkafka at the next poll(), with their start offsets (see
         # _take_assignment); OFFSET_INVALID: the committed offset, else auto_offset_reset.
         self._pending: dict[TopicPartition, int] = {}
+        # Partitions librdkafka was told to start at their beginning: until a record comes, their
+        # position is the log start offset (librdkafka reports none before the first record).
+        self._from_start: set[TopicPartition] = set()
         self._metadata: dict[str, tuple[float, set[int] | None]] = {}  # topic → (when, partitions)
         self._brokers_up: bool | None = None
         self._hand_over: Callable[[], None] | None = None
@@ -243,6 +246,7 @@ class ConfluentConsumer:
         for tp in tps:
             self._positions.pop(tp, None)
             self._pending.pop(tp, None)
+            self._from_start.discard(tp)
         if kind is not RebalanceKind.ASSIGNED:
             self._revoked = True
 
@@ -289,6 +293,7 @@ class ConfluentConsumer:
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
         self._c.assign([])
         self._positions.clear()
+        self._from_start.clear()
         self._pending = dict.fromkeys(partitions, self._ck.OFFSET_BEGINNING)
 
     def _take_assignment(self) -> None:
@@ -303,6 +308,11 @@ class ConfluentConsumer:
                     ck.TopicPartition(tp.topic, tp.partition, self._positions.get(tp, ck.OFFSET_INVALID))
                 )
         parts.extend(ck.TopicPartition(tp.topic, tp.partition, off) for tp, off in self._pending.items())
+        for tp, off in self._pending.items():
+            if off == ck.OFFSET_BEGINNING:
+                self._from_start.add(tp)
+            else:
+                self._from_start.discard(tp)
         self._pending = {}
         self._c.assign(parts)
 
@@ -384,6 +394,10 @@ class ConfluentConsumer:
         ck = self._ck
         try:
             self._c.seek(ck.TopicPartition(tp.topic, tp.partition, offset))
+            if offset == ck.OFFSET_BEGINNING:
+                self._from_start.add(tp)
+            else:
+                self._from_start.discard(tp)
         except ck.KafkaException as exc:
             err = _kafka_exception(exc)
             if err is None or err.code() != ck.KafkaError._STATE:
@@ -402,17 +416,25 @@ class ConfluentConsumer:
             return None
         if p.offset >= 0:
             return p.offset
+        if tp in self._from_start:
+            # Started at the beginning and nothing consumed yet (an empty partition, or records
+            # still on their way): the log start offset, once a fetch has reported it.
+            return self._watermarks(tp)[0]
         # Nothing consumed yet and no seek: the committed offset, else where auto_offset_reset
         # would start; unknown until librdkafka has fetched (lag is then simply not reported).
         return None
 
-    def highwater(self, tp: TopicPartition) -> int | None:
+    def _watermarks(self, tp: TopicPartition) -> tuple[int | None, int | None]:
+        """(log start, high watermark) as the last fetch response reported them."""
         ck = self._ck
         try:
-            _low, high = self._c.get_watermark_offsets(ck.TopicPartition(tp.topic, tp.partition), cached=True)
+            low, high = self._c.get_watermark_offsets(ck.TopicPartition(tp.topic, tp.partition), cached=True)
         except ck.KafkaException:
-            return None
-        return high if high >= 0 else None
+            return None, None
+        return (low if low >= 0 else None), (high if high >= 0 else None)
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self._watermarks(tp)[1]
 
     def committed(self, tps: Sequence[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int | None]:
         ck = self._ck
