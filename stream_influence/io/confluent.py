@@ -32,14 +32,14 @@ offset the last fetch reported.
 **Broker quirks (Tansu, the test broker).**  A ListOffsets query for the latest offset
 (``get_watermark_offsets`` without ``cached``, ``offsets_for_times``) answers 1 on Tansu, not the
 end of the partition; :meth:`ConfluentConsumer.highwater` uses the high watermark of the last fetch
-response (``cached=True``), which is right on Tansu and on Apache Kafka alike.  Deleting a topic that a consumer
-is assigned crashes librdkafka 2.16.0 (confluent-kafka 2.16.1) on Tansu: SIGSEGV on librdkafka's own
-thread (``rd_kafka_metadata_cache_find`` with a NULL topic name, from a KIP-951 leader update)
-after Tansu answers the fetch with UNKNOWN_TOPIC_OR_PARTITION and a zero topic id — before any
-call of ours returns, so nothing here can step around it; the re-created reference topic test is
-a strict xfail on this backend, and tests/fixtures/librdkafka_deleted_topic.py reproduces it.  Everything else the service uses (produce with
-headers, idempotence, TLS, group join and rebalance between two members, commit/committed, seek)
-behaves as on Apache Kafka.
+response (``cached=True``), which is right on Tansu and on Apache Kafka alike.  Deleting a topic
+that a consumer is assigned crashes librdkafka 2.16.0 (confluent-kafka 2.16.1) on Tansu: SIGSEGV on
+librdkafka's own thread (``rd_kafka_metadata_cache_find`` with a NULL topic name, from a KIP-951
+leader update) after Tansu answers the fetch with UNKNOWN_TOPIC_OR_PARTITION and a zero topic id —
+before any call of ours returns, so nothing here can step around it; the re-created reference
+topic test is a strict xfail on this backend, and tests/fixtures/librdkafka_deleted_topic.py
+reproduces it.  Everything else the service uses (produce with headers, idempotence, TLS, group
+join and rebalance between two members, commit/committed, seek) behaves as on Apache Kafka.
 """
 
 from __future__ import annotations
