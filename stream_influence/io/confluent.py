@@ -78,7 +78,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-# librdkafka's own log lines, delivered through Python logging (and so through the secret filter).
+# librdkafka's own log lines, delivered through Python logging (and so through the secret filter
+# and the rate limit of repeated client lines, observability/logs.py).
 rdkafka_log = logging.getLogger("stream_influence.io.librdkafka")
 # The start-up check's own lines: every failed connection attempt logs the cause again, which the
 # check's one error names once; held back unless debug logging is on (as kafka-python's are).
@@ -127,12 +128,30 @@ def common_config(k: KafkaSettings) -> dict[str, Any]:
     return conf
 
 
+class _Lines:
+    """librdkafka's ``logger``.  It hands every line over as ``log(level, "%s [%s] %s", facility,
+    client, text)``; each is logged with its facility and client in the template instead, so the
+    rate limit counts a retry storm of one kind (``FAIL`` of one client while the broker is down:
+    ~20 lines a second) apart from every other line."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        if msg == "%s [%s] %s" and len(args) == 3:
+            facility, client, text = args
+            kind = f"{facility} [{client}]".replace("%", "%%")
+            self.logger.log(level, f"{kind} %s", text)
+        else:
+            self.logger.log(level, msg, *args)
+
+
 def _with_passthrough(conf: dict[str, Any], k: KafkaSettings) -> dict[str, Any]:
     # Every client gets every option: librdkafka ignores (and logs) a property of the other kind.
     conf.update(
         {key: v.get_secret_value() if isinstance(v, SecretStr) else v for key, v in k.client_options.items()}
     )
-    conf["logger"] = rdkafka_log
+    conf["logger"] = _Lines(rdkafka_log)
     return conf
 
 
@@ -579,7 +598,7 @@ class ConfluentBroker:
         errors = _Errors()
         conf["error_cb"] = errors
         if logger is not None:
-            conf["logger"] = logger
+            conf["logger"] = _Lines(logger)
         if timeout_s is not None:
             conf["socket.timeout.ms"] = max(10, int(timeout_s * 1000))
         return _build("AdminClient", conf), errors
