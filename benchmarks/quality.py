@@ -32,7 +32,9 @@ part measures the offline ``score`` audit's ROC-AUC for flipped labels against i
 default's justification).
 
 Run: ``OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py`` (≲ 20 min on 2 cores;
-``--quick`` for a small subset while developing; ``--from-json`` re-renders saved results).
+``--quick`` for a small subset while developing; ``--from-json`` re-renders saved results;
+``--diagnose DATASET NOISE KIND TRUSTED SEED`` explains one cell: the routing reason of each
+flip the matched-budget filter drops and routing learns).
 Writes the ``quality`` section of docs/benchmarks.md, docs/quality.png and
 benchmarks/results/quality.json.
 """
@@ -134,6 +136,49 @@ HEADERS = {
 }
 
 
+# What round q7 (issue 9) found; the numbers come from the commands quoted (``--diagnose`` prints
+# them for one cell) and from this run's variant table, which a re-run refreshes.
+ROUND_NOTES = """**Round q7: why the same budget ranked worse, and what changed.**
+
+- *The sign floor, not the threshold split or the gate, is what the matched filter gets past.*
+  `benchmarks/quality.py --diagnose hyperplane 0.2 symmetric 200 0` (today's default; a
+  development run with the fixed threshold showed the same, 179 of 181): of the flips the
+  matched-budget filter drops and routing learns, every one (588 of 588) was accepted as
+  `helpful` — its influence score was ≤ 0, so the reference-loss test, which had fired, was not
+  allowed to quarantine it; they sit all along the stream (quartiles of position 0.30 / 0.55 /
+  0.75: not a warm-up effect), and the gate passed them. With `policy.floor_reference_loss:
+  false` the same cell's recall goes from 0.83 to 0.98 (the filter at that budget: 0.97).
+  Same picture on `mnist_cnn 0.4 symmetric 10/class 0` (168 of 168 `helpful`); on
+  `random_rbf 0.4 symmetric 10/class 1` it is the threshold instead (281 of 307
+  `within_band`: a reference model fitted on 50 points ranks flips barely better than clean
+  events). The floor is the product's stated guarantee (README; tests/test_routing.py
+  `test_no_evidence_quarantines_a_helpful_event`), so it stays the default; *no_floor* in the
+  variant tables measures what it costs.
+- *Tiny trusted sets.* No measured minimum separates where the reference model's loss test
+  helps from where it hurts: its cross-fitted held-out accuracy on the trusted points was 1.00
+  on hyperplane/20 seed 1, where 20.9 % of clean stream events then scored above its fixed
+  threshold (nominal 5 %) and routing lost 5.4 points to unfiltered, and 0.60 on
+  unscaled_correlated/40 seed 0, where the test gained up to 4.2 points; at 10 per class the
+  hybrid minus the influence test alone ranged from −4.7 to +7.4 points per run.  Instead of a
+  minimum, the threshold now comes from the stream:
+- *`policy.adaptive_fdr` (default 0.5): a stream-adaptive reference-loss test.* Each event's
+  reference loss gets a conformal p-value among the trusted points' cross-fitted losses of its
+  class (jointly with the floor, as before); the test fires at or below the Benjamini–Hochberg
+  threshold at level 0.5 over the last `rate_window` events, instead of at a fixed α/2
+  quantile. On a clean stream the p-values are uniform and the threshold stays near zero; with
+  many flips it opens. In this run (variant table above) against the fixed threshold
+  (*fixed_threshold*, the previous default): clean and benign cells within half a point of
+  unfiltered 10/10 (was 9/10), at most 2.0 % of clean events quarantined (was 6.5 %), beats
+  unfiltered in 23/24 noisy cells (was 22/24), noisy mean about equal; not better against the
+  α-calibrated filter or at 40 % noise. Levels 0.35/0.65/0.75/0.85 and BH over the influence
+  and loss p-values together (Bonferroni) were tried on the non-MNIST cells and not kept (0.85
+  broke the clean cells; the joint test never opened with 20-point calibration sets, p ≥ 2/21);
+  so were the margin objective with the adaptive test, and 10 cross-fitting folds (+0.1 point).
+- *Left as it was:* the gate (in the four `--diagnose` cells above it held back 1 of the 1,268
+  flips the filter dropped and routing learned: `model_agrees`) and the α/2 split.
+"""
+
+
 # -- settings --------------------------------------------------------------------------------
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
@@ -177,16 +222,60 @@ def run_engine(
     t0 = time.perf_counter()
     eng = InfluenceEngine(settings)
     eng.add_reference(ref_raws)
-    quarantine = []
+    quarantine, reasons = [], []
     for i in range(0, len(raws), POLL):
-        quarantine.append(eng.process(raws[i : i + POLL]).quarantine.astype(bool))
+        r = eng.process(raws[i : i + POLL])
+        quarantine.append(r.quarantine.astype(bool))
+        reasons += r.reasons
     classes = np.array([int(c) for c in eng.schema.classes])
     pred = classes[eng.predict_proba(stream.X_test).argmax(1)]
     return {
         "test": float((pred == stream.y_test).mean()),
         "quarantine": np.concatenate(quarantine),
+        "reasons": np.array(reasons),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def diagnose(name: str, noise: float, kind: str, trusted: str, seed: int, overrides: dict[str, Any]) -> None:
+    """Why the routed engine and the matched-budget loss filter quarantine different events in one
+    cell: the routing reason of each flip the filter drops and routing learns (``helpful``: the
+    sign floor, ``model_agrees``: the gate, ``within_band``: below both thresholds), where in the
+    stream they are, and the clean events routing drops that the filter keeps."""
+    grid = next(g for g in FULL if g.name == name)
+    stream = load_stream(
+        name, noise=noise, noise_kind=kind, seed=seed, n_events=grid.events, max_test=grid.max_test,
+        **TRUSTED[trusted],  # type: ignore[arg-type]
+    )  # fmt: skip
+    settings = routed_settings(overrides, grid)
+    routed = run_engine(
+        stream, Stream.encode(stream.event_dicts()), Stream.encode(stream.reference_dicts()), settings
+    )
+    phi = make_extractor(settings.model)
+    data = Data(
+        phi.transform(stream.X_events), phi.transform(stream.X_ref), phi.transform(stream.X_test), stream,
+        settings.learner, warm_epochs(settings),
+    )  # fmt: skip
+    ev_loss, _ = reference_model_losses(data)
+    q, c = routed["quarantine"], stream.corrupted
+    lf = np.zeros(len(q), dtype=bool)
+    lf[np.argsort(-ev_loss)[: int(q.sum())]] = True
+    print(f"{name}/{trusted} {_label(noise, kind)} seed {seed}: budget {int(q.sum())}, flips {int(c.sum())}")
+    for label, m in (("routed", q), ("matched filter", lf)):
+        print(f"  {label}: recall {(m & c).sum() / max(c.sum(), 1):.3f}, clean removed {int((m & ~c).sum())}")
+    missed = lf & ~q & c
+    reasons, counts = np.unique(routed["reasons"][missed], return_counts=True)
+    print(
+        f"  flips the filter drops and routing learns: {int(missed.sum())}; routing reasons:",
+        dict(zip(reasons.tolist(), counts.tolist(), strict=True)),
+    )
+    pos = np.flatnonzero(missed) / len(q)
+    if len(pos):
+        print(
+            "  their position in the stream (quartiles):",
+            np.round(np.percentile(pos, [25, 50, 75]), 2).tolist(),
+        )
+    print(f"  clean events routing drops and the filter keeps: {int((q & ~lf & ~c).sum())}")
 
 
 class Plain:
@@ -597,6 +686,66 @@ def variants_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def variant_targets(rows: list[dict[str, Any]]) -> str:
+    """Routed and each variant against the targets a variant can be held to on its own (the
+    matched-budget filter is matched to *routed*'s budget, so it is left out here)."""
+    names = ["routed", *dict.fromkeys(n for r in rows for n in r.get("variants", {}))]
+    if len(names) == 1:
+        return ""
+
+    def acc(r: dict[str, Any], n: str) -> float | None:
+        return r["routed"] if n == "routed" else r["variants"].get(n, {}).get("test")
+
+    noisy = [r for r in rows if r["noise"] > 0]
+    clean = [r for r in rows if r["noise"] == 0]
+    lines = [
+        "| | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+
+    def line(label: str, f: Any) -> None:
+        lines.append(f"| {label} | " + " | ".join(f(n) for n in names) + " |")
+
+    def mean(rs: list[dict[str, Any]], n: str) -> str:
+        xs = [a for r in rs if (a := acc(r, n)) is not None]
+        return _f(float(np.mean(xs)), 4) if xs else "–"
+
+    def count(rs: list[dict[str, Any]], n: str, ok: Any) -> str:
+        xs = [ok(a, r) for r in rs if (a := acc(r, n)) is not None]
+        return f"{sum(xs)}/{len(xs)}"
+
+    def gap40(n: str) -> str:
+        gs = [
+            (a - r["unfiltered"]) / (r["oracle"] - r["unfiltered"])
+            for r in noisy
+            if r["noise"] == 0.4 and (a := acc(r, n)) is not None and r["oracle"] - r["unfiltered"] > 0.005
+        ]
+        return f"{100 * float(np.mean(gs)):.0f} %" if gs else "–"
+
+    def max_clean_q(n: str) -> str:
+        xs = [
+            r["routed.clean_quarantined"] if n == "routed" else r["variants"][n]["clean_quarantined"]
+            for r in clean
+            if n == "routed" or n in r["variants"]
+        ]
+        return _pct(max(xs)) if xs else "–"
+
+    line("mean accuracy, noisy cells", lambda n: mean(noisy, n))
+    line("mean accuracy, clean + benign cells", lambda n: mean(clean, n))
+    line(
+        "clean/benign: ≥ unfiltered − 0.5 pt",
+        lambda n: count(clean, n, lambda a, r: a >= r["unfiltered"] - 0.005),
+    )
+    line("clean/benign: max clean quarantined %", max_clean_q)
+    line("noisy: beats unfiltered", lambda n: count(noisy, n, lambda a, r: a > r["unfiltered"]))
+    line(
+        "noisy: ≥ ref-loss α − 0.5 pt",
+        lambda n: count(noisy, n, lambda a, r: a >= r["refloss_alpha"] - 0.005),
+    )
+    line("gap recovered at 40 % sym (mean)", gap40)
+    return "\n".join(lines)
+
+
 def audit_table(
     audit: list[dict[str, Any]], fidelity: list[dict[str, Any]]
 ) -> tuple[str, list[str], float | None]:
@@ -751,9 +900,11 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
 
         out.append(
             "- Why routing misses the filter targets (detection table, noisy cells): routed precision "
-            f"{span('routed', 'precision')} but recall {span('routed', 'recall')} — the calibrated threshold "
-            f"and the disagreement gate keep clean quarantine at {span('routed', 'clean_quarantined', True)}, so "
-            "many flips are still learned; the α-calibrated loss filter recalls "
+            f"{span('routed', 'precision')} but recall {span('routed', 'recall')}, clean quarantine "
+            f"{span('routed', 'clean_quarantined', True)} — many flips are still learned (of those the "
+            "matched filter drops and routing learns, 893 of 1,268 in the four cells diagnosed below had "
+            "an influence score at or below the sign floor); the "
+            "α-calibrated loss filter recalls "
             f"{span('refloss_alpha', 'recall')} while dropping {span('refloss_alpha', 'clean_quarantined', True)} "
             f"of clean events (and {span('refloss_alpha', 'hard_clean_quarantined', True)} of the hard ones), and "
             f"small-loss, handed the true noise rate, recalls {span('small_loss', 'recall')}.  Reference-only wins "
@@ -830,7 +981,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--no-doc", action="store_true", help="print the tables only")
     p.add_argument("--from-json", type=Path, help="re-render the doc from a saved results file")
+    p.add_argument(
+        "--diagnose",
+        nargs=5,
+        metavar=("DATASET", "NOISE", "KIND", "TRUSTED", "SEED"),
+        help="one cell: which flips the matched-budget filter drops that routing learns, and why",
+    )
     args = p.parse_args(argv)
+    if args.diagnose:
+        name, noise, kind, trusted, seed = args.diagnose
+        diagnose(name, float(noise), kind, trusted, int(seed), json.loads(args.routed))
+        return 0
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
         return render(
@@ -933,19 +1094,23 @@ def render(
     rows = summarize(results)
     acc, det = tables(rows)
     vt = variants_table(rows)
+    vtargets = variant_targets(rows)
     variants = (
         "\nRouted variants on the same streams (test accuracy; clean-q % / hard-q % / P / R; events/s), "
         f"each the routed settings plus (an `exact` variant is skipped where K·D > {MAX_EXACT_VARIANT}): "
         + "; ".join(f"*{n}* `{json.dumps(v)}`" for n, v in variant_overrides.items())
         + "\n\n"
         + vt
+        + "\n\nEach against the targets it can be held to alone (the matched-budget filter follows "
+        + "*routed*'s budget, so it is compared in the verdict only):\n\n"
+        + vtargets
         + "\n"
         if vt
         else ""
     )
     atable, anotes, _ = audit_table(audit, fidelity)
     lines = verdicts(rows, anotes)
-    print(acc, det, vt, atable, "\n".join(lines), sep="\n\n")
+    print(acc, det, vt, vtargets, atable, "\n".join(lines), sep="\n\n")
     if args.no_doc:
         return 0
     out_json = ROOT / "benchmarks" / "results" / "quality.json"
@@ -1017,6 +1182,8 @@ makes a sweep too slow here.
 ### Verdict against the issue's targets
 
 {chr(10).join(lines)}
+
+{ROUND_NOTES}
 """
     write_section("quality", body, args.doc)
     print(f"wrote {args.doc} ({wall:.0f} s)", file=sys.stderr)

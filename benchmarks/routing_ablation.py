@@ -5,30 +5,36 @@ and 30 % pair flips, with a clean trusted set of 10 points per class or of 200 p
 through the engine with the default routing and with one part changed at a time:
 
 * ``default``: calibrated policy (α = 0.10) with ``policy.evidence: hybrid`` — quarantine when the
-  influence test (at α/2) or the reference-loss test (at α/2: the event's label loss under a head
-  fitted on the trusted set alone, against the cross-fitted losses of the trusted points of its
-  class, calibrated jointly with the sign floor) fires, the latter only for a harmful influence
-  sign — the disagreement gate with ``policy.class_fair_gate`` (each class's loss test thinned to
-  the least-passed class's gate pass-through), warm start on the trusted set, micro-batches of 64
+  influence test (at α/2) or the reference-loss test (the event's label loss under a head fitted
+  on the trusted set alone: its conformal p-value among the cross-fitted losses of the trusted
+  points of its class, calibrated jointly with the sign floor, at or below the Benjamini–Hochberg
+  threshold of ``policy.adaptive_fdr`` over recent events) fires, the latter only for a harmful
+  influence sign — the disagreement gate, warm start on the trusted set, micro-batches of 64
   inside polls of 512;
+* ``fixed_threshold``: the reference-loss test at a fixed α/2 per-class quantile, thinned per
+  class by ``policy.class_fair_gate`` (``adaptive_fdr: 0``; the default of round q6);
+* ``no_floor``: the default without the sign floor on the reference-loss test
+  (``policy.floor_reference_loss: false``);
 * ``influence``: the influence test alone at α (``policy.evidence: influence``, the default
   before round q6);
 * ``cold``: no warm start (the learners start at zero);
 * ``no_gate``: quarantine on the calibrated threshold alone;
 * ``mb512``: one micro-batch per poll (the old granularity);
 * ``alpha05``: α = 0.05;
-* ``hybrid``: the hybrid with the plain gate (``policy.class_fair_gate: false``);
-* ``ref_sign``: the reference-loss test alone at α, with the influence sign (``hybrid_split: 1``);
-* ``union``: both tests at α/2, no sign condition;
-* ``ref_loss``: ``policy.evidence: reference_loss`` — the reference-loss test alone at α: the
-  loss filter built from the engine's own calibrated machinery (what influence must beat);
+* ``hybrid``: ``fixed_threshold`` with the plain gate (``policy.class_fair_gate: false``);
+* ``ref_sign``: the reference-loss test alone at a fixed α, with the influence sign
+  (``hybrid_split: 1``);
+* ``union``: both tests at a fixed α/2, no sign condition;
+* ``ref_loss``: ``policy.evidence: reference_loss`` — the reference-loss test alone at a fixed α:
+  the loss filter built from the engine's own calibrated machinery (what influence must beat);
 * ``margin``: the margin objective (classification influence, ``influence.objective: margin``);
 * ``relative``: ``relative_influence`` as the calibrated score;
-* ``hybrid_25``: the hybrid with a quarter of α for the reference-loss test (``hybrid_split: 0.25``);
-* ``hybrid_ungated``: the hybrid with the disagreement gate on the influence test only
+* ``hybrid_25``: ``fixed_threshold`` with a quarter of α for the reference-loss test
+  (``hybrid_split: 0.25``);
+* ``hybrid_ungated``: ``fixed_threshold`` with the disagreement gate on the influence test only
   (``policy.gate_reference_loss: false``): the reference-loss test, calibrated jointly with the
   floor, quarantines each class at its share of α by itself;
-* ``hybrid_alpha20``: the default at α = 0.2;
+* ``hybrid_alpha20``: ``fixed_threshold`` at α = 0.2;
 * ``absolute``: the old rule (absolute cosine threshold 0.02, no gate, cold start, a warm-up of
   min(500, events / 3) events, micro-batch 512);
 
@@ -91,24 +97,27 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
     "cold": {"learner": {"warm_start_epochs": 0}},
     "no_gate": {"policy": {"require_disagreement": False}},
+    "fixed_threshold": {"policy": {"adaptive_fdr": 0.0}},
+    "no_floor": {"policy": {"floor_reference_loss": False}},
     "mb512": {"influence": {"micro_batch": POLL}},
     "alpha05": {"policy": {"false_quarantine_rate": 0.05}},
     "influence": {"policy": {"evidence": "influence"}},
-    "hybrid": {"policy": {"evidence": "hybrid", "class_fair_gate": False}},
-    "ref_sign": {"policy": {"evidence": "hybrid", "hybrid_split": 1.0}},
+    "hybrid": {"policy": {"evidence": "hybrid", "class_fair_gate": False, "adaptive_fdr": 0.0}},
+    "ref_sign": {"policy": {"evidence": "hybrid", "hybrid_split": 1.0, "adaptive_fdr": 0.0}},
     "union": {
         "policy": {
             "evidence": "hybrid",
             "quarantine_threshold": -1e9,  # no sign floor: a plain union of the two tests
             "accept_threshold": -1e9,
+            "adaptive_fdr": 0.0,
         }
     },
-    "ref_loss": {"policy": {"evidence": "reference_loss"}},
+    "ref_loss": {"policy": {"evidence": "reference_loss", "adaptive_fdr": 0.0}},
     "margin": {"influence": {"objective": "margin"}},
     "relative": {"policy": {"score": "relative_influence"}},
-    "hybrid_25": {"policy": {"evidence": "hybrid", "hybrid_split": 0.25}},
-    "hybrid_ungated": {"policy": {"evidence": "hybrid", "gate_reference_loss": False}},
-    "hybrid_alpha20": {"policy": {"evidence": "hybrid", "false_quarantine_rate": 0.2}},
+    "hybrid_25": {"policy": {"evidence": "hybrid", "hybrid_split": 0.25, "adaptive_fdr": 0.0}},
+    "hybrid_ungated": {"policy": {"evidence": "hybrid", "gate_reference_loss": False, "adaptive_fdr": 0.0}},
+    "hybrid_alpha20": {"policy": {"evidence": "hybrid", "false_quarantine_rate": 0.2, "adaptive_fdr": 0.0}},
     "absolute": {
         "policy": {"mode": "absolute", "quarantine_threshold": 0.02, "require_disagreement": False},
         "learner": {"warm_start_epochs": 0},
@@ -313,7 +322,8 @@ def render(
         "clean events quarantined (%), *P/R* = precision/recall of the quarantine route. Bold: the best of "
         "the non-routing baselines.",
         "",
-        "**Parts of the default routing** (`policy.evidence: hybrid` with the class-fair gate):",
+        "**Parts of the default routing** (`policy.evidence: hybrid` with the adaptive reference-loss "
+        "test, `policy.adaptive_fdr`):",
         "",
         "| dataset | trusted | noise | default | cq | P/R | cold | no gate | cq | mb 512 | α .05 | cq | old rule"
         " | cq | unfiltered | unfilt. warm | ref only | loss filter |",
@@ -336,7 +346,8 @@ def render(
     lines += [
         "",
         "**Evidence** (`policy.evidence`, calibrated per class at α = 0.10, gate on): *default* (hybrid, "
-        "class-fair gate), *influence* (the influence test alone, the default before round q6), *hybrid* "
+        "adaptive loss test), *influence* (the influence test alone, the default before round q6); with the "
+        "loss test at a fixed threshold (`adaptive_fdr: 0`): *hybrid* "
         "(influence at α/2 or reference loss at α/2 with a harmful influence sign, plain gate), *ref+sign* "
         "(the reference-loss test alone at α, with the sign), *union* (both at α/2, no sign condition), *ref "
         "loss* (the reference-loss test alone at α: the loss filter built from the same machinery). *LF*: the "
@@ -358,16 +369,17 @@ def render(
         )
     lines += [
         "",
-        "**Class-fair hybrids** (issue 9, round q6; α = 0.10 unless named): *hybrid* (the plain gate), "
-        "*hybrid ungated* (the gate on the influence test only), *hybrid α .2* (the default at α = 0.2). "
+        "**Class-fair hybrids** (issue 9, round q6, all with the fixed threshold; α = 0.10 unless named): "
+        "*fixed* (`fixed_threshold`: the class-fair gate, the default of round q6), *hybrid* (the plain gate), "
+        "*hybrid ungated* (the gate on the influence test only), *hybrid α .2* (*fixed* at α = 0.2). "
         "*LF*: the matched-budget loss filter with the default's budget.",
         "",
-        "| dataset | trusted | noise | default | cq | hybrid | cq | hybrid ungated | cq | P/R "
+        "| dataset | trusted | noise | fixed | cq | hybrid | cq | hybrid ungated | cq | P/R "
         "| hybrid α .2 | cq | LF | unfiltered |",
         "|---|---|---|---|---:|---|---:|---|---:|---|---|---:|---|---|",
     ]
     for r in cells:
-        d, h, u, a = r["default"], r["hybrid"], r["hybrid_ungated"], r["hybrid_alpha20"]
+        d, h, u, a = r["fixed_threshold"], r["hybrid"], r["hybrid_ungated"], r["hybrid_alpha20"]
         lines.append(
             f"| {r['dataset']} | {r['trusted']} | {_noise(r)} | {fmt(d['acc'])} | {fmt(d['clean_q'], True)} "
             f"| {fmt(h['acc'])} | {fmt(h['clean_q'], True)} "
@@ -477,6 +489,7 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
 
 BALANCE_VARIANTS = [
     "default",
+    "fixed_threshold",
     "influence",
     "hybrid",
     "hybrid_ungated",
@@ -550,37 +563,45 @@ def decisions(
 
     worst_clean = min(clean, key=lambda r: r["default"]["acc"] - r["unfiltered"])
     bal = ""
-    if balance:
-        g = balance["default"][0]
-        p = balance["hybrid"][0]
+    if balance and "fixed_threshold" in balance:
+        g, f = balance["default"][0], balance["fixed_threshold"][0]
         bal = (
             f" On tests/test_routing.py's imbalanced clean stream it quarantines the classes at "
-            f"{100 * g[0]:.1f} % and {100 * g[1]:.1f} % (the plain-gate hybrid: {100 * p[0]:.1f} % and "
-            f"{100 * p[1]:.1f} %; limit: within 2 points)."
+            f"{100 * g[0]:.1f} % and {100 * g[1]:.1f} % (fixed threshold: {100 * f[0]:.1f} % and "
+            f"{100 * f[1]:.1f} %; limit: within 2 points)."
         )
+
+    def max_cq(v: str) -> str:
+        return f"{100 * max(r[v]['clean_q'] for r in clean):.1f} %"
+
     out = [
-        "**Decisions (defaults), round q6.** **`policy.evidence` is now `hybrid` with "
-        "`policy.class_fair_gate`** (the influence test at α/2 or the reference-loss test at α/2, the "
-        "latter thinned per class to the gate pass-through of the least-passed class). Against the "
-        f"influence test alone (the previous default) it gains {gap('default', 'influence', noisy):+.1f} "
-        f"points on noisy runs (per seed: {seeds('default', 'influence')}) and "
-        f"{gap('default', 'influence', clean):+.1f} at 0 % noise; it is within half a point of the "
-        f"matched-budget loss filter in {within('default', 'loss_filter')} noisy runs (influence: "
-        f"{within('influence', 'loss_filter')}, the plain-gate hybrid: {within('hybrid', 'loss_filter')}); "
-        f"at 0 % noise it stays within half a point of unfiltered in {harmless('default')} runs (influence: "
-        f"{harmless('influence')}) and quarantines at most "
-        f"{100 * max(r['default']['clean_q'] for r in clean):.1f} % of clean events (α + 1 = 11 %)."
+        "**Decisions (defaults), round q7.** **The reference-loss test's threshold now comes from the "
+        "stream (`policy.adaptive_fdr: 0.5`)**: each event's conformal p-value among the trusted points' "
+        "cross-fitted losses of its class, at or below the Benjamini–Hochberg threshold over the last "
+        "`rate_window` events, instead of a fixed α/2 quantile thinned per class. Against the fixed "
+        f"threshold (*fixed_threshold*, the default of round q6) it is {gap('default', 'fixed_threshold', noisy):+.1f} "
+        f"points on noisy runs (per seed: {seeds('default', 'fixed_threshold')}) and "
+        f"{gap('default', 'fixed_threshold', clean):+.1f} at 0 % noise, where it stays within half a point of "
+        f"unfiltered in {harmless('default')} runs (fixed: {harmless('fixed_threshold')}) and quarantines at "
+        f"most {max_cq('default')} of clean events (fixed: {max_cq('fixed_threshold')}; α + 1 = 11 %)."
         + bal
         + " "
-        "Why the class-fair gate: the gate (quarantine only what the model does not predict) passes a "
-        "class-dependent share of the loss test's firings on clean data — the model's prior waves a "
-        "frequent class's surprising events through and lets a rare class's through the gate — so "
-        "the plain-gate hybrid quarantined the rare class ten times as often. Thinning each class's share "
-        "of α by g_min / g_y (g_y: the share of class y's recent loss-test firings the gate passed) "
-        "evens the classes out on clean data, and costs nothing on noisy data, where flips pass the "
-        "gate in every class. The other parts stay (default − variant, noisy / 0 % noise, points): "
+        "Without the sign floor on the loss test (*no_floor*, `policy.floor_reference_loss: false`) it is "
+        f"{gap('no_floor', 'default', noisy):+.1f} points against the default on noisy runs and "
+        f"{gap('no_floor', 'default', clean):+.1f} at 0 % noise (≥ unfiltered − 0.5 in {harmless('no_floor')}, "
+        f"clean quarantined up to {max_cq('no_floor')}); the floor — never quarantine an event whose learning "
+        "would lower the trusted loss — is the routing's stated guarantee and stays the default. "
+        "The other parts stay (default − variant, noisy / 0 % noise, points): "
         f"{parts('cold')} (warm start), {parts('no_gate')} (gate), {parts('mb512')} (micro-batch 64), "
         f"{parts('alpha05')} (α = 0.10).",
+        "",
+        "**Round q6: the class-fair gate** (with the fixed threshold, `adaptive_fdr: 0`): the gate "
+        "(quarantine only what the model does not predict) passes a class-dependent share of the loss "
+        "test's firings on clean data — the model's prior waves a frequent class's surprising events "
+        "through and lets a rare class's through the gate — so the plain-gate hybrid quarantined the rare "
+        "class ten times as often. Thinning each class's share of α by g_min / g_y (g_y: the share of class "
+        "y's recent loss-test firings the gate passed) evens the classes out on clean data, and costs "
+        "nothing on noisy data, where flips pass the gate in every class.",
         "",
         "**Does influence earn its place?** Beside the reference-loss test alone at α from the same "
         f"machinery (*ref loss*) the default is {gap('default', 'ref_loss', noisy):+.1f} points on noisy runs "
@@ -589,8 +610,7 @@ def decisions(
         f"{gap('ref_sign', 'ref_loss', noisy):+.1f} against it, and the union without the floor "
         f"{gap('union', 'ref_loss', noisy):+.1f} (against the default: per seed "
         f"{seeds('union', 'default')}). The floor — never quarantine an event whose learning lowers the "
-        "trusted loss — stays: it is the sign convention the routing is built on, and dropping it is a "
-        "product decision this measurement alone does not make. The margin objective (*margin*) is "
+        "trusted loss — stays (see *no_floor* above). The margin objective (*margin*) is "
         f"{gap('margin', 'default', noisy):+.1f} on noisy runs but {gap('margin', 'default', clean):+.1f} "
         f"at 0 % noise, where it stays within half a point of unfiltered in {harmless('margin')} runs and "
         f"quarantines up to {100 * max(r['margin']['clean_q'] for r in clean):.1f} % of clean events; "
@@ -650,16 +670,16 @@ def _q6(
 
     def line(v: str) -> str:
         return (
-            f"`{v}` {gap(v, 'default', noisy):+.1f} points against the default on noisy runs, "
-            f"{gap(v, 'default', clean):+.1f} at 0 % noise; within half a point of the loss filter in "
+            f"`{v}` {gap(v, 'fixed_threshold', noisy):+.1f} points against *fixed_threshold* on noisy runs, "
+            f"{gap(v, 'fixed_threshold', clean):+.1f} at 0 % noise; within half a point of the loss filter in "
             f"{within(v, 'loss_filter')} noisy runs; at 0 % noise ≥ unfiltered − 0.5 in {harmless(v)} "
             f"(worst {worst(v)}), clean quarantined up to {100 * max(r[v]['clean_q'] for r in clean):.1f} %; "
             f"class balance {gaps(v)}"
         )
 
     return [
-        "**Round q6, the other candidates (none becomes the default)**, each against the default "
-        f"(class balance {gaps('default')}):",
+        "**Round q6, the other candidates (none became the default)**, each against the fixed-threshold "
+        f"default of that round (class balance {gaps('fixed_threshold')}):",
         "",
         f"- {line('hybrid')}: the plain gate unbalances the classes.",
         f"- {line('hybrid_ungated')}. Taking the gate off the loss test also balances the classes (each "

@@ -154,6 +154,17 @@ class KafkaSettings(_Frozen):
     decisions_topic: str | None = Field(default=None, description="Optional audit of every decision.")
     max_poll_records: int = Field(default=512, ge=1, description="Poll batch size.")
     poll_timeout_ms: int = Field(default=500, ge=1, description="Longest wait of one poll for records.")
+    fetch_max_wait_ms: int = Field(
+        default=20,
+        ge=0,
+        description="Longest time the broker may hold a fetch request that has no new records "
+        "(kafka-python fetch_max_wait_ms, librdkafka fetch.wait.max.ms; both default to 500).  "
+        "Short, because a chunk's last records wait for the next fetch when the partition has "
+        "more: Apache Kafka answers a waiting fetch as soon as records arrive, but the embedded "
+        "test broker held it even while records arrived (produce → poll p50 129 ms at 500, 9 ms "
+        "at 20; docs/benchmarks.md, service_stages).  The cost: an idle consumer fetches this "
+        "often (1.8 % of a core at 20, 0.1 % at 500, same run).",
+    )
     session_timeout_ms: int = Field(
         default=45_000,
         ge=1000,
@@ -531,8 +542,9 @@ class AppSettings(BaseSettings):
     blas_threads: int = Field(
         default=1,
         ge=0,
-        description="Threads of the BLAS libraries (OpenBLAS, MKL) in the service process, set when the "
-        "service starts (0: leave the libraries' default, one per core).  The engine's products are "
+        description="Threads of the BLAS libraries (OpenBLAS, MKL) in the process, set when the service "
+        "(every role) or an offline command (replay, score, requeue, demo) starts (0: leave the "
+        "libraries' default, one per core).  The engine's products are "
         "small (a 512-event batch against a 65 × 10 head), so more threads only add hand-offs and "
         "spinning: with two threads on a 2-core machine the engine spent 5-7× the CPU per event "
         "(docs/benchmarks.md, section `service`).  Results do not depend on it.",
@@ -596,6 +608,17 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def limit_blas_threads(threads: int) -> None:
+    """Limit every loaded BLAS library to ``threads`` threads for the whole process (0: leave
+    them alone): ``blas_threads``, applied by ``run`` (every role) and the offline commands
+    (``replay``, ``score``, ``requeue``, ``demo``).  BLAS thread pools are process-wide, so this
+    is a start-up setting, not a per-batch context."""
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads, user_api="blas")
 
 
 def load_config(path: Path | None = None) -> AppSettings:

@@ -7,9 +7,10 @@ test); the same paths run against the real broker in tests/test_service_poison.p
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pytest
 
 from stream_influence.config import AppSettings
@@ -18,9 +19,11 @@ from stream_influence.io.broker import (
     BrokerTrouble,
     Delivery,
     OutputRecord,
+    Queued,
     Record,
     RecordRefused,
     TopicPartition,
+    produce_each,
 )
 from stream_influence.io.records import OUTPUT_FAILED, header_dict
 from stream_influence.service.emitter import Emitter, OutputsNotAcknowledged
@@ -47,6 +50,9 @@ class MemoryProducer:
         d = Delivery(record)
         self._pending.append(d)
         return d
+
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        return produce_each(self.produce, records)
 
     def flush(self, timeout_s: float) -> None:
         for d in self._pending:
@@ -178,3 +184,43 @@ def test_broker_trouble_is_never_blamed_on_one_record(how: str) -> None:
     assert not [r for r in producer.sent if header_dict(r.headers).get("reason") == OUTPUT_FAILED]
     emitter.discard()
     assert emitter.producer is None and emitter.send_error is None and emitter.inflight == []
+
+
+def test_a_chunk_reaches_the_producer_a_kind_at_a_time_and_refusals_keep_their_place() -> None:
+    """The emitter hands the producer each kind of output of a chunk in one ``produce_many``
+    call (dead letters, quarantine copies, accepted copies, decisions); a copy refused for itself
+    splits its call, and its dead letter is queued right after it — the order one ``produce``
+    per record gave."""
+    cfg, msgs, result = _chunk()
+    qtopic, dlq = cfg.kafka.quarantine_topic, cfg.kafka.dead_letter_topic
+    copies = [msgs[int(result.events.index[j])].offset for j in np.flatnonzero(result.quarantine)]
+    victims = {copies[2], copies[5]}
+
+    def refuse(rec: OutputRecord) -> BaseException | None:
+        if rec.topic == qtopic and int(header_dict(rec.headers)["source_offset"]) in victims:
+            return RecordRefused("ValueError: a header cannot be encoded")
+        return None
+
+    class Counting(MemoryProducer):
+        def __init__(self) -> None:
+            super().__init__(refuse=refuse)
+            self.calls, self.queued = 0, []
+
+        def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+            self.calls += 1
+            q = super().produce_many(records)
+            self.queued += [
+                (r.topic, int(header_dict(r.headers).get("source_offset", -1)))
+                for r in records[: len(q.deliveries)]
+            ]
+            return q
+
+    producer = Counting()
+    emitter = Emitter(cfg.kafka, lambda kind, n: None)
+    emitter.producer = producer
+    emitter.emit(TP, msgs, result)
+    assert emitter.send_error is None
+    assert producer.calls == 4 + 2 * len(victims)  # each victim: the split, and its dead letter
+    rejected = [(dlq, msgs[rej.index].offset) for rej in result.rejects]
+    expected = rejected + [(dlq, o) if o in victims else (qtopic, o) for o in copies]
+    assert [q for q in producer.queued if q[0] in (qtopic, dlq)] == expected

@@ -174,15 +174,18 @@ def test_the_gate_unbalances_the_hybrid_and_the_class_fair_gate_rebalances_it() 
     plainly gated loss test waves the majority's surprising events through (the model predicts the
     majority) and quarantines the minority's.  Two fixes balance it: the loss test ungated
     (``gate_reference_loss: false``, each class near its share of α), or — the default — thinned
-    per class to the least-passed class's gate pass-through (``class_fair_gate``)."""
-    plain = _imbalanced_rates(gate=True, evidence="hybrid", class_fair_gate=False)
+    per class to the least-passed class's gate pass-through (``class_fair_gate``).  All of this is
+    about the loss test's fixed per-class threshold (``adaptive_fdr: 0``); the stream-adaptive
+    default barely fires on a clean stream (test_imbalanced_clean_classes_are_quarantined_at_similar_rates)."""
+    fixed = {"evidence": "hybrid", "adaptive_fdr": 0.0}
+    plain = _imbalanced_rates(gate=True, class_fair_gate=False, **fixed)
     assert abs(plain[0] - plain[1]) > 0.02, plain.round(3).tolist()
-    ungated_loss = _imbalanced_rates(gate=True, evidence="hybrid", gate_reference_loss=False)
+    ungated_loss = _imbalanced_rates(gate=True, gate_reference_loss=False, **fixed)
     assert abs(ungated_loss[0] - ungated_loss[1]) <= 0.02, ungated_loss.round(3).tolist()
     assert ungated_loss.max() <= 0.1 + 0.02 and ungated_loss.min() > plain.min(), ungated_loss.round(
         3
     ).tolist()
-    fair = _imbalanced_rates(gate=True, evidence="hybrid", class_fair_gate=True)
+    fair = _imbalanced_rates(gate=True, class_fair_gate=True, **fixed)
     assert abs(fair[0] - fair[1]) <= 0.02 and fair.max() < plain.max(), fair.round(3).tolist()
 
 
@@ -618,3 +621,88 @@ def test_class_fair_gate_thins_the_loss_test_of_the_class_the_gate_passes_most()
     assert on_before.tolist() == off_before.tolist()  # no gate counts yet: nothing thinned
     assert on_after[0] == on_before[0]
     assert on_after[1] == conformal_quantile(losses[labels == 1], 0.1 / 2 * 0.5) > on_before[1]
+
+
+# -- the stream-adaptive reference-loss test (policy.adaptive_fdr) ----------------------------
+def _loss_policy(adaptive_fdr: float, floor: bool = True) -> RoutingPolicy:
+    """The reference-loss test alone, ungated, calibrated on 100 trusted losses per class ~ Exp(1)."""
+    rng = np.random.default_rng(11)
+    policy = RoutingPolicy(
+        PolicySettings(
+            evidence="reference_loss",
+            require_disagreement=False,
+            adaptive_fdr=adaptive_fdr,
+            floor_reference_loss=floor,
+            max_quarantine_rate=1.0,
+        )
+    )
+    labels = np.repeat([0, 1], 100)
+    policy.calibrate(np.ones(200), labels, 2, rng.exponential(size=200), labels, np.ones(200))
+    return policy
+
+
+def _route_losses(policy: RoutingPolicy, losses: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
+    n = len(losses)
+    labels = np.arange(n) % 2
+    scores = np.ones(n) if scores is None else scores
+    q = [
+        policy.decide(scores[i : i + 64], True, labels[i : i + 64], None, losses[i : i + 64]).quarantine
+        for i in range(0, n, 64)
+    ]
+    return np.concatenate(q)
+
+
+def test_the_adaptive_threshold_stays_shut_on_clean_losses_and_opens_with_the_share_of_surprises() -> None:
+    """Clean events (losses from the trusted points' own distribution): the fixed threshold
+    quarantines its α, the Benjamini–Hochberg threshold over the stream's conformal p-values next
+    to nothing.  With 40 % surprising events (loss shifted by 1.5 nats) the adaptive threshold rises:
+    it catches more of them than the fixed one, and the clean share among what it quarantines
+    stays under its level q."""
+    rng = np.random.default_rng(12)
+    clean = rng.exponential(size=4000)
+    fixed, adaptive = _route_losses(_loss_policy(0.0), clean), _route_losses(_loss_policy(0.5), clean)
+    assert 0.05 < fixed.mean() <= 0.15 and adaptive.mean() <= 0.01, (fixed.mean(), adaptive.mean())
+    flipped = rng.random(4000) < 0.4
+    noisy = rng.exponential(size=4000) + 1.5 * flipped
+    fixed, adaptive = _route_losses(_loss_policy(0.0), noisy), _route_losses(_loss_policy(0.5), noisy)
+    recall_fixed, recall_adaptive = fixed[flipped].mean(), adaptive[flipped].mean()
+    assert recall_adaptive > recall_fixed + 0.05, (recall_fixed, recall_adaptive)
+    assert (adaptive & ~flipped).sum() / adaptive.sum() <= 0.5
+
+
+def test_the_adaptive_threshold_keeps_the_floor_unless_it_is_turned_off() -> None:
+    """A very surprising label whose learning would lower the trusted loss (score ≤ the floor) is
+    accepted with the floor (the default), quarantined by the loss test alone without it."""
+    rng = np.random.default_rng(13)
+    flipped = rng.random(2000) < 0.4
+    losses = rng.exponential(size=2000) + 6.0 * flipped
+    scores = np.where(np.arange(2000) % 3 == 0, -1.0, 1.0)  # a third would lower the trusted loss
+    for floor in (True, False):
+        q = _route_losses(_loss_policy(0.5, floor=floor), losses, scores)
+        below = q[scores <= 0]
+        assert (below.sum() == 0) if floor else (below.sum() > 100), (floor, int(below.sum()))
+
+
+def test_the_adaptive_default_quarantines_less_of_a_clean_stream_and_as_many_flips() -> None:
+    """Engine level, digits: on the clean stream the adaptive default quarantines under 1 % (the
+    fixed threshold, adaptive_fdr 0, more than twice that share); at 40 % flips it still finds
+    80 % of them."""
+    rates = {}
+    for noise in (0.0, 0.4):
+        s = load_stream("digits", noise=noise, seed=0)
+        for fdr in (0.0, 0.5):
+            engine = engine_for(s.n_classes, s.n_features, policy={"adaptive_fdr": fdr})
+            engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
+            q, _ = run(engine, s.X_events, s.y_events)
+            rates[noise, fdr] = (q[~s.corrupted].mean(), q[s.corrupted].mean() if s.corrupted.any() else 0)
+    assert rates[0.0, 0.5][0] <= 0.01 and rates[0.0, 0.5][0] * 2 <= rates[0.0, 0.0][0], rates
+    assert rates[0.4, 0.5][1] >= 0.8, rates
+
+
+def test_the_adaptive_window_survives_a_checkpoint() -> None:
+    policy = _loss_policy(0.5)
+    _route_losses(policy, np.random.default_rng(14).exponential(size=300) + 3.0)
+    back = _loss_policy(0.5)
+    back.load_state_dict(copy.deepcopy(policy.state_dict()))
+    losses = np.random.default_rng(15).exponential(size=256) + 2.0
+    np.testing.assert_array_equal(_route_losses(back, losses), _route_losses(policy, losses))

@@ -119,7 +119,7 @@ def test_every_broker_call_and_checkpoint_comes_from_the_loop_thread_through_reb
     off_loop = [(who, thread, method) for who, thread, method in log.calls if thread != f"loop-{who}"]
     assert off_loop == [], off_loop[:10]
     methods = {method for _, _, method in log.calls}
-    assert {"poll", "rebalances", "commit", "committed", "seek", "produce", "flush"} <= methods, methods
+    assert {"poll", "rebalances", "commit", "committed", "seek", "produce_many", "flush"} <= methods, methods
     # Checkpoints (including those at revocation) are written by the loop threads only.
     assert {reason for _, reason in saves} >= {"revocation", "shutdown"}, saves
     assert {thread for thread, _ in saves} <= {"loop-a", "loop-b"}, saves

@@ -41,10 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from stream_influence.config import limit_blas_threads, load_config
     from stream_influence.tooling.demo import DemoOptions, format_report, run_demo
 
     if not 0.0 <= args.noise < 1.0:
         raise SystemExit("error: --noise must be in [0, 1)")
+    # The clean-label oracle (and the in-process fallback) run the engine in this process too.
+    limit_blas_threads(load_config().blas_threads)
     opts = DemoOptions(
         dataset=args.dataset,
         noise=args.noise,

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stream_influence.config import load_config
+from stream_influence.config import limit_blas_threads, load_config
 from stream_influence.offline.replay import DEFAULT_SEED_REFERENCE, replay
 
 
@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    limit_blas_threads(cfg.blas_threads)
     progress_cb, stop = _progress(args.events, quiet=args.quiet)
     try:
         result = replay(

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_influence.config import AppSettings, load_config
+from stream_influence.config import AppSettings, limit_blas_threads, load_config
 from stream_influence.core.router import Router
 from stream_influence.core.scorer import Scorer
 from stream_influence.core.snapshot import ModelSnapshot
@@ -170,6 +170,7 @@ def requeue(
 
 def _requeue(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    limit_blas_threads(cfg.blas_threads)
     ledger = args.ledger or Path(cfg.checkpoint.directory) / "requeue-ledger.json"
     report = requeue(cfg, to=args.to, ledger=ledger, dry_run=args.dry_run, timeout=args.timeout)
     target = args.to or cfg.kafka.topic

@@ -64,11 +64,11 @@ def _report_rejects(name: str, rejects: list[Reject]) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    settings = EngineSettings()
-    if args.config is not None:
-        from stream_influence.config import load_config
+    from stream_influence.config import limit_blas_threads, load_config
 
-        settings = load_config(args.config).engine
+    cfg = load_config(args.config)  # without --config: the defaults (and the environment)
+    limit_blas_threads(cfg.blas_threads)
+    settings = cfg.engine if args.config is not None else EngineSettings()
     if args.l2 <= 0:
         print("error: --l2 must be > 0", file=sys.stderr)
         return 2

@@ -459,7 +459,8 @@ class InfluenceEngine:
             m = len(q)
             reasons = ["scorer_quarantine" if x else "scorer_accept" for x in q.tolist()]
             d = RoutingDecision(q, reasons, float("nan"), False, self.policy.version, np.full(m, np.nan))
-            drifted |= self.updater.update(batch.subset(np.arange(i, i + m)), d, self.schema, self.policy)
+            part = batch.subset(np.arange(i, i + m))
+            drifted |= self.updater.update(part, d, self.schema, self.policy, observe=True)
             parts.append(d)
         k = int(quarantine.sum())
         c.accepted += n - k

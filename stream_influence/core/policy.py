@@ -29,11 +29,16 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    quarantines a clean event with probability ≤ α; a class too small for the conformal rank at its
    share of α uses the pooled quantile).  With every evidence the floor holds: the reference-loss test
    fires only for a score above ``quarantine_threshold`` (learning the event would raise the
-   trusted loss);
+   trusted loss; ``floor_reference_loss: false`` drops that condition for this test alone).
+   With ``adaptive_fdr`` = q > 0 (default) the reference-loss test's threshold is set by the
+   stream instead of ρ_y: each event gets the conformal p-value of its statistic among those of
+   the trusted points of its class, and the test fires at or below the Benjamini–Hochberg threshold
+   at level q over the last ``rate_window`` events — near 0 on a clean stream (its p-values are
+   uniform), rising with the share of labels the trusted model finds surprising;
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
    clean data the model's prior waves a frequent class's surprising events through), so with
-   ``class_fair_gate`` (default) each class's share of α for that test is thinned by
+   the fixed threshold (``adaptive_fdr: 0``) and ``class_fair_gate`` (default) each class's share of α for that test is thinned by
    ``g_min / g_y``, ``g_y`` the share of class ``y``'s recent firings the gate let through:
    on clean data no class is quarantined more than another, and on a noisy stream, where flips
    pass the gate in every class, the test keeps its share.  With ``gate_reference_loss: false``
@@ -121,6 +126,10 @@ class RoutingPolicy:
         # those the gate let through, over about rate_window events.
         self._fired = np.zeros(0)
         self._passed = np.zeros(0)
+        # adaptive_fdr: per class, the sorted calibration statistic of the loss test (what the
+        # conformal p-values are ranked against), and the recent p-values of the stream.
+        self.loss_calibration: list[np.ndarray] = []
+        self._pvalues = Ring(settings.rate_window)
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -128,9 +137,11 @@ class RoutingPolicy:
         The caller re-runs :meth:`calibrate` (the engine does) since α may have changed.
         """
         old_scores, old_flags, old_above = self._scores, self._flags, self._above
-        fired, passed = self._fired, self._passed
+        fired, passed, old_p, cal = self._fired, self._passed, self._pvalues, self.loss_calibration
         self._install(settings)
-        self._fired, self._passed = fired, passed
+        self._fired, self._passed, self.loss_calibration = fired, passed, cal
+        if old_p.capacity == settings.rate_window:
+            self._pvalues = old_p
         if old_scores.capacity == settings.quantile_window:
             self._scores = old_scores
         if old_flags.capacity == settings.rate_window:
@@ -219,8 +230,18 @@ class RoutingPolicy:
         if has_reference:
             assert reference_losses is not None and reference_labels is not None
             losses = reference_losses
-            if reference_scores is not None and len(reference_scores) == len(losses):
+            if (
+                s.floor_reference_loss
+                and reference_scores is not None
+                and len(reference_scores) == len(losses)
+            ):
                 losses = np.where(reference_scores > s.quarantine_threshold, losses, 0.0)
+            pooled = np.sort(losses[np.isfinite(losses)])
+            self.loss_calibration = []
+            for c in range(n_classes):
+                mine = losses[(reference_labels == c) & np.isfinite(losses)]
+                small = len(mine) < s.min_class_calibration
+                self.loss_calibration.append(pooled if small else np.sort(mine))
             alpha = self.alpha_of("reference_loss")
             self.reference_thresholds = self._class_quantiles(
                 losses, reference_labels, n_classes, alpha, bool(split)
@@ -303,7 +324,14 @@ class RoutingPolicy:
         surprise = self._reference_excess(labels, reference_loss, n)
         # The floor holds for every evidence: an event whose learning would lower the trusted
         # loss (score ≤ quarantine_threshold) is never quarantined, however surprising its label.
-        loss_test = (surprise > 1.0) & (score > s.quarantine_threshold)
+        loss_test = surprise > 1.0
+        if s.floor_reference_loss:
+            loss_test &= score > s.quarantine_threshold
+        if self.adaptive:
+            # The stream-adaptive threshold replaces ρ_y (the floor still holds).
+            loss_test = self._adaptive_test(score, labels, reference_loss, n)
+            if s.floor_reference_loss:
+                loss_test &= score > s.quarantine_threshold
         if s.mode != "calibrated" or s.evidence == "influence":
             loss_test[:] = False
         elif s.evidence == "reference_loss":
@@ -339,13 +367,67 @@ class RoutingPolicy:
             reasons[capped] = "rate_cap"
 
         by_loss = harmful & loss_test & ~(score > thresholds)
-        if by_loss.any():
+        if by_loss.any() and s.floor_reference_loss:
             thresholds = np.where(by_loss, s.quarantine_threshold, thresholds)
         self._flags.push(harmful.astype(np.float64))
         self._scores.push(score)
         return RoutingDecision(
             harmful, reasons.tolist(), self.threshold, self.alarm, self.version, thresholds
         )
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the reference-loss test uses the stream-adaptive threshold (``adaptive_fdr``)."""
+        s = self.settings
+        return s.adaptive_fdr > 0 and s.mode == "calibrated" and s.evidence != "influence"
+
+    def observe(
+        self, score: np.ndarray, labels: np.ndarray | None, reference_loss: np.ndarray | None
+    ) -> np.ndarray | None:
+        """Push a routed batch's conformal p-values of the reference-loss test into the window the
+        adaptive threshold is taken over; returns them (None without the evidence).
+
+        ``p = (1 + #{trusted statistics of the class ≥ x}) / (n_y + 1)``, ``x`` the statistic the
+        trusted points were calibrated on (with the floor: ``ℓ_ref``, or 0 for a score at or below
+        it).  The router's :meth:`decide` calls it; an updater learning decisions taken elsewhere
+        (scale-out) calls it too, so the snapshots it publishes carry the same window.
+        """
+        cal = self.loss_calibration
+        if reference_loss is None or labels is None or len(cal) <= int(labels.max(initial=-1)):
+            return None
+        s = self.settings
+        stat = reference_loss
+        if s.floor_reference_loss:
+            stat = np.where(score > s.quarantine_threshold, reference_loss, 0.0)
+        p = np.ones(len(stat))
+        for c in np.unique(labels):  # a loop over classes, not events
+            mine = labels == c
+            ref = cal[int(c)]
+            above = len(ref) - np.searchsorted(ref, stat[mine], side="left")
+            p[mine] = (1.0 + above) / (len(ref) + 1.0)
+        self._pvalues.push(p)
+        return p
+
+    def _adaptive_test(
+        self, score: np.ndarray, labels: np.ndarray | None, reference_loss: np.ndarray | None, n: int
+    ) -> np.ndarray:
+        """``adaptive_fdr``: events whose conformal p-value (:meth:`observe`) is at or below the
+        Benjamini–Hochberg threshold over the recent window, this batch included.
+
+        The p-value of a clean event exchangeable with the trusted points is super-uniform, so BH
+        at level ``q`` bounds the expected share of clean events among those it flags by ``q``
+        (Bates et al. 2023, "Testing for outliers with conformal p-values"): the threshold rises
+        only with the share of the stream the trusted points make look surprising.
+        """
+        p = self.observe(score, labels, reference_loss)
+        if p is None:
+            return np.zeros(n, bool)
+        window = np.sort(self._pvalues.values())
+        ranks = np.arange(1, len(window) + 1)
+        ok = np.flatnonzero(window <= self.settings.adaptive_fdr * ranks / len(window))
+        if len(ok) == 0:
+            return np.zeros(n, bool)
+        return p <= window[ok[-1]]
 
     def _count_gate(self, labels: np.ndarray, fired: np.ndarray, disagree: np.ndarray, n: int) -> None:
         """Decayed per-class counts of loss-test firings (at the full share of α, whatever the
@@ -380,6 +462,7 @@ class RoutingPolicy:
             **self._scores.state("scores"),
             **self._flags.state("flags"),
             **self._above.state("above"),
+            **self._pvalues.state("pvalues"),
             "gate_fired": self._fired,
             "gate_passed": self._passed,
         }
@@ -392,5 +475,7 @@ class RoutingPolicy:
         self._flags.load(state, "flags")
         if "above_data" in state:  # absent from checkpoints of the previous release
             self._above.load(state, "above")
+        if "pvalues_data" in state:  # absent from checkpoints before adaptive_fdr
+            self._pvalues.load(state, "pvalues")
         self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
         self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()

@@ -78,6 +78,7 @@ class Router:
         theirs = snapshot.policy
         self.policy.class_thresholds = theirs.class_thresholds.copy()
         self.policy.reference_thresholds = theirs.reference_thresholds.copy()
+        self.policy.loss_calibration = [c.copy() for c in theirs.loss_calibration]
         self.policy.threshold = theirs.threshold
 
     @property

@@ -259,7 +259,8 @@ class PolicySettings(_Frozen):
         le=1,
         description="evidence hybrid: the share of α given to the reference-loss test; the "
         "influence test gets the rest (1: the reference-loss test alone at α, still only for "
-        "scores above quarantine_threshold).",
+        "scores above quarantine_threshold). With adaptive_fdr > 0 the reference-loss test sets "
+        "its own threshold from the stream and only the influence test's share counts.",
     )
     gate_reference_loss: bool = Field(
         default=True,
@@ -268,10 +269,29 @@ class PolicySettings(_Frozen):
         "reference-loss test, calibrated jointly with the floor, then quarantines each clean "
         "class at most at its share of α on its own, whatever the model predicts.",
     )
+    floor_reference_loss: bool = Field(
+        default=True,
+        description="evidence reference_loss/hybrid: the reference-loss test fires only for a "
+        "score above quarantine_threshold (the sign floor), and is calibrated jointly with it. "
+        "False: the test fires on the reference loss alone (calibrated on the plain cross-fitted "
+        "losses); the influence test keeps its floor.",
+    )
+    adaptive_fdr: float = Field(
+        default=0.5,
+        ge=0,
+        lt=1,
+        description="evidence reference_loss/hybrid: the reference-loss test's threshold adapts "
+        "to the stream (0: the fixed per-class threshold at its share of α). Each event's reference "
+        "loss gets a conformal p-value against the cross-fitted trusted losses of its class; the "
+        "test fires at or below the Benjamini–Hochberg threshold at this false discovery rate over "
+        "the last rate_window events. On a clean stream that threshold stays near 0; as the share "
+        "of surprising labels grows it rises, and recall with it. Measured in docs/benchmarks.md "
+        "(quality).",
+    )
     class_fair_gate: bool = Field(
         default=True,
-        description="evidence reference_loss/hybrid with require_disagreement: thin each class's "
-        "reference-loss test to the gate pass-through of the least-passed class (the share of the "
+        description="evidence reference_loss/hybrid with require_disagreement and the fixed "
+        "threshold (adaptive_fdr 0): thin each class's reference-loss test to the gate pass-through of the least-passed class (the share of the "
         "class's recent loss-test firings the gate let through, measured on the stream over "
         "rate_window events): on clean data the gate passes a class-dependent share (the model's "
         "prior waves a frequent class through), so the loss test then quarantines no class more "

@@ -340,6 +340,11 @@ def encode_snapshot(snapshot: ModelSnapshot) -> bytes:
         "policy_threshold": policy.threshold,
         "class_thresholds": _inf_safe(policy.class_thresholds),
         "reference_thresholds": _inf_safe(policy.reference_thresholds),
+        # adaptive_fdr: the per-class calibration statistics, concatenated.
+        "loss_calibration": {
+            "values": np.concatenate([np.zeros(0), *policy.loss_calibration]),
+            "sizes": np.array([len(c) for c in policy.loss_calibration], dtype=np.int64),
+        },
     }
     if snapshot.reference_model is not None:
         state["reference_model"] = snapshot.reference_model.state_dict()
@@ -375,6 +380,11 @@ def decode_snapshot(data: bytes, source: str = "model snapshot") -> ModelSnapsho
         policy.threshold = float(state["policy_threshold"])
         policy.class_thresholds = _from_inf_safe(state["class_thresholds"])
         policy.reference_thresholds = _from_inf_safe(state["reference_thresholds"])
+        if "loss_calibration" in state:  # absent from snapshots before adaptive_fdr
+            cal = state["loss_calibration"]
+            sizes = np.asarray(cal["sizes"], dtype=np.int64).ravel()
+            values = np.array(cal["values"], dtype=np.float64).ravel()
+            policy.loss_calibration = np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
         reference_model = None
         if "reference_model" in state:
             reference_model = ReferenceModel(settings.influence, settings.seed)

@@ -236,11 +236,18 @@ class Updater:
             self.direction.events_since_refresh += n
 
     def update(
-        self, batch: EventBatch, decision: RoutingDecision, schema: Schema, policy: RoutingPolicy
+        self,
+        batch: EventBatch,
+        decision: RoutingDecision,
+        schema: Schema,
+        policy: RoutingPolicy,
+        observe: bool = False,
     ) -> bool:
         """Learn a batch routed elsewhere (by a scorer process, from an older snapshot): the
         same steps as the engine, the decisions taken as given; ``policy`` is recalibrated when
-        the learned side changed.  Returns whether the drift detector fired."""
+        the learned side changed.  ``observe``: the decisions came from another policy object
+        (score workers), so this one's adaptive-threshold window (``policy.adaptive_fdr``) is fed
+        here, as the deciding router fed its own.  Returns whether the drift detector fired."""
         F = self.extractor.transform(batch.features)
         wanted = Router(policy).uses_reference_loss
         warm = self.not_warm_reason() is None
@@ -248,6 +255,13 @@ class Updater:
             self.calibrate(policy)
         view = self.view(schema, policy, None)
         evidence = Scorer(view).evidence_of(F, batch.labels)
+        ref = self.usable_reference_model(wanted)
+        if (
+            observe and warm and policy.adaptive and ref is not None
+        ):  # the adaptive threshold's window, as one process
+            policy.observe(
+                evidence.scores.get(policy.settings.score), batch.labels, ref.loss(F, batch.labels)
+            )
         self.count_scored(len(batch))
         return self.learn(evidence, decision, batch.weights)
 

@@ -7,8 +7,8 @@ same protocol) implements three small protocols:
   clients below, built from one :class:`~stream_influence.config.KafkaSettings`;
 - :class:`BrokerConsumer` — a group member (``subscribe``) or a group-less reader (``assign``):
   poll, seek, position, high watermark, committed offsets, commit, close, reachability;
-- :class:`BrokerProducer` — asynchronous ``produce`` with one :class:`Delivery` per record,
-  ``flush``, close.
+- :class:`BrokerProducer` — asynchronous ``produce`` (and ``produce_many``, a chunk's records at
+  once) with one :class:`Delivery` per record, ``flush``, close.
 
 Only typed values cross the seam: :class:`TopicPartition`, :class:`ConsumedRecord` (consumed;
 :class:`Record` is one),
@@ -52,12 +52,14 @@ __all__ = [
     "Delivery",
     "Headers",
     "OutputRecord",
+    "Queued",
     "Rebalance",
     "RebalanceKind",
     "Record",
     "RecordRefused",
     "TopicPartition",
     "open_broker",
+    "produce_each",
 ]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -167,6 +169,15 @@ class BrokerTrouble(StreamInfluenceError):
     the window is rolled back and replayed, not any single record blamed."""
 
 
+class Queued(NamedTuple):
+    """What :meth:`BrokerProducer.produce_many` queued: the deliveries of the first
+    ``len(deliveries)`` records, and why the record after them was refused (then the records
+    after that one were not tried), or None when every record was queued."""
+
+    deliveries: list[Delivery]
+    refused: RecordRefused | None
+
+
 class BrokerConsumer(Protocol):
     """A consumer: a group member after :meth:`subscribe`, a plain reader after :meth:`assign`."""
 
@@ -227,6 +238,12 @@ class BrokerProducer(Protocol):
         """Queue ``record``.  Raises :class:`RecordRefused` for this record alone, or
         :class:`BrokerTrouble` when it cannot be queued in time."""
 
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        """Queue ``records`` in order, as many :meth:`produce` calls would, stopping at the first
+        one refused (:class:`Queued`), so the caller can act on it before the rest are queued.
+        Raises :class:`BrokerTrouble` when they cannot be queued in time (the window is rolled
+        back, and what was queued with it discarded)."""
+
     def flush(self, timeout_s: float) -> None:
         """Wait until every queued record is answered; :class:`BrokerTrouble` past ``timeout_s``."""
 
@@ -248,6 +265,18 @@ class Broker(Protocol):
 
     def producer(self) -> BrokerProducer:
         """A new output producer (at-least-once, stable keys)."""
+
+
+def produce_each(produce: Callable[[OutputRecord], Delivery], records: Sequence[OutputRecord]) -> Queued:
+    """:meth:`BrokerProducer.produce_many` as one ``produce`` per record, for a producer whose
+    per-record call is already as cheap as a batch would be (librdkafka queues in C)."""
+    deliveries: list[Delivery] = []
+    for record in records:
+        try:
+            deliveries.append(produce(record))
+        except RecordRefused as exc:
+            return Queued(deliveries, exc)
+    return Queued(deliveries, None)
 
 
 def open_broker(k: KafkaSettings) -> Broker:

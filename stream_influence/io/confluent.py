@@ -59,11 +59,13 @@ from stream_influence.io.broker import (
     BrokerTrouble,
     Delivery,
     OutputRecord,
+    Queued,
     Rebalance,
     RebalanceKind,
     Record,
     RecordRefused,
     TopicPartition,
+    produce_each,
 )
 
 __all__ = [
@@ -169,6 +171,7 @@ def consumer_config(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
             "session.timeout.ms": k.session_timeout_ms,
             "heartbeat.interval.ms": k.heartbeat_interval_ms,
             "max.poll.interval.ms": k.max_poll_interval_ms,
+            "fetch.wait.max.ms": k.fetch_max_wait_ms,
         }
     )
     return _with_passthrough(conf, k)
@@ -569,6 +572,9 @@ class ConfluentProducer:
             self._unserved = 0
             self._p.poll(0)
         return delivery
+
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        return produce_each(self.produce, records)  # librdkafka queues a record in C
 
     def flush(self, timeout_s: float) -> None:
         left = self._p.flush(timeout_s)

@@ -39,8 +39,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as _KafkaTP
 from kafka.admin import NewTopic
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError
+from kafka.errors import IllegalStateError, KafkaError, KafkaTimeoutError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata
+from kafka.version import __version__ as kafka_version
 from pydantic import SecretStr
 
 from stream_influence.config import KafkaSettings
@@ -50,11 +51,13 @@ from stream_influence.io.broker import (
     ConsumedRecord,
     Delivery,
     OutputRecord,
+    Queued,
     Rebalance,
     RebalanceKind,
     RecordRefused,
     TopicPartition,
 )
+from stream_influence.io.records import RECORD_FRAMING
 
 __all__ = [
     "KafkaPythonBroker",
@@ -72,6 +75,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+try:  # kafka-python internals, for _Appender only (another release may lay them out differently)
+    from kafka.producer.producer_batch import ProducerBatch
+    from kafka.record.memory_records import MemoryRecordsBuilder
+except ImportError:  # pragma: no cover - depends on the installed release
+    kafka_version = "unknown"
 
 
 # -- client options -------------------------------------------------------------------------
@@ -119,6 +128,7 @@ def consumer_options(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
         enable_auto_commit=False,
         auto_offset_reset=k.auto_offset_reset,
         max_poll_records=k.max_poll_records,
+        fetch_max_wait_ms=k.fetch_max_wait_ms,
         session_timeout_ms=k.session_timeout_ms,
         heartbeat_interval_ms=k.heartbeat_interval_ms,
         max_poll_interval_ms=k.max_poll_interval_ms,
@@ -400,40 +410,303 @@ def _transient(exc: BaseException | None) -> bool:
     return isinstance(exc, KafkaTimeoutError | IllegalStateError) or bool(getattr(exc, "retriable", False))
 
 
+#: kafka-python releases whose producer internals :class:`_Appender` was written against and is
+#: tested with (tests/test_produce_many.py): any other release takes the plain ``send``.
+APPENDER_VERSIONS = frozenset({"3.0.12"})
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _varint_bytes(n: int) -> bytes:
+    """``n`` as Kafka encodes a signed varint (zig-zag, 7 bits a byte, low bits first)."""
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n > 0x7F:
+        out.append(0x80 | (n & 0x7F))
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+# Zig-zag varints of the lengths and deltas most records have, looked up rather than encoded.
+_VARINT = [_varint_bytes(n) for n in range(1 << 12)]
+_NVARINT = len(_VARINT)
+
+
+class _Appender:
+    """Appends records to a :class:`kafka.KafkaProducer`'s accumulator many at a time: each
+    record's key, value and headers are encoded to record format v2 bytes once (``send`` encodes
+    and sizes the headers three times, in pure Python), and a partition's records are appended
+    under one acquisition of its lock, straight into the open batch's buffer.
+
+    What the broker receives is what ``send`` would have queued, byte for byte: the same record
+    bytes in the same batches (same ``batch_size`` cut), partition and order; only the records'
+    create timestamps are taken once per call instead of once per record.  The checks ``send``
+    makes (closed, key/value/header types, size, metadata) are made here with the same outcome;
+    whatever this path does not cover — an unknown topic, a key-less record the partitioner
+    would spread, serialisers, transactions, another kafka-python release, a ``send``
+    that something (a tracing instrumentation, a test) wrapped — takes ``send`` itself.
+    """
+
+    def __init__(self, accumulator: Any, max_request_size: int, wakeup: Callable[[], None]) -> None:
+        self.acc = accumulator
+        self.max_request_size = max_request_size
+        self.wakeup = wakeup  # the producer's sender thread: a batch is ready
+        self._names: dict[str, bytes] = {}  # header name → its encoding
+
+    @staticmethod
+    def usable(client: KafkaProducer) -> bool:
+        """True when this path reproduces ``client.send`` (see the class docstring)."""
+        cfg = client.config
+        tm = client._transaction_manager
+        return (
+            kafka_version in APPENDER_VERSIONS
+            and type(client).send is _PLAIN_SEND
+            and "send" not in vars(client)
+            and cfg["key_serializer"] is None
+            and cfg["value_serializer"] is None
+            and not (tm is not None and tm.is_transactional())
+            and client._accumulator.config["message_version"] == 2
+        )
+
+    def encode(self, key: Any, value: Any, headers: Any) -> bytes:
+        """The record's key, value and headers in record format v2 (the record's body after its
+        attributes and two deltas).  Raises what ``send`` raises for a record it refuses, checking
+        in ``send``'s order: key or value, the headers' types, the key's and value's types, the
+        header names' encoding, the size."""
+        if value is None and key is None:
+            raise ValueError("Need at least one: key or value")
+        if headers is None:
+            headers = []
+        elif not isinstance(headers, list):
+            raise TypeError("headers must be list-type")
+        n = len(headers)
+        parts: list[bytes] = [b"", b"", b"", b"", _VARINT[n] if n < _NVARINT else _varint_bytes(n)]
+        names = self._names
+        unencodable: UnicodeEncodeError | None = None
+        for item in headers:
+            if not (type(item) is tuple or isinstance(item, tuple)) or len(item) != 2:
+                raise TypeError("All headers items must be (str, bytes) tuples")
+            name, v = item
+            enc = names.get(name) if type(name) is str else None
+            if enc is None:
+                if not isinstance(name, str) or not isinstance(v, bytes):
+                    raise TypeError("All headers items must be (str, bytes) tuples")
+                try:
+                    raw = name.encode("utf-8")
+                except UnicodeEncodeError as exc:  # send finds this later, when it sizes the record
+                    unencodable = unencodable or exc
+                    continue
+                enc = _varint_bytes(len(raw)) + raw
+                if len(names) < 4096:  # names repeat; a stream of unique ones must not grow this
+                    names[name] = enc
+            elif type(v) is not bytes and not isinstance(v, bytes):
+                raise TypeError("All headers items must be (str, bytes) tuples")
+            n = len(v)
+            parts += (enc, _VARINT[n] if n < _NVARINT else _varint_bytes(n), v)
+        for at, what, k_v in ((0, "key", key), (2, "value", value)):
+            if k_v is None:
+                parts[at] = b"\x01"  # null: length -1
+            elif type(k_v) in _BYTES_LIKE:
+                n = len(k_v)
+                parts[at] = _VARINT[n] if n < _NVARINT else _varint_bytes(n)
+                parts[at + 1] = k_v
+            else:
+                raise TypeError(f"Unsupported type for serialized {what}: {type(k_v)}")
+        if unencodable is not None:
+            raise unencodable
+        body = b"".join(parts)
+        # send's own check, on its own estimate (records.record_size: kafka-python's, to the byte)
+        size = RECORD_FRAMING + len(body)
+        if size > self.max_request_size:
+            raise MessageSizeTooLargeError(
+                f"The message is {size} bytes when serialized which is larger than the maximum"
+                " request size you have configured with the max_request_size configuration"
+            )
+        return body
+
+    def append(self, tp: _KafkaTP, records: list[tuple[bytes, _RecordDelivery]], timestamp_ms: int) -> None:
+        """Append ``records`` (body from :meth:`encode`, delivery) to ``tp`` in order, under one
+        acquisition of its lock, as ``RecordAccumulator.append`` would one by one."""
+        acc = self.acc
+        now = time.monotonic()
+        new_batch = False
+        acc._appends_in_progress.increment()
+        try:
+            with acc._tp_lock(tp):
+                if acc._closed:
+                    raise IllegalStateError("RecordAccumulator is closed")
+                dq = acc._batches[tp]
+                batch = dq[-1] if dq else None
+                b = batch.records._builder if batch is not None and not batch.records._closed else None
+                run: list[_RecordDelivery] = []  # appended to `batch` by this call
+                for body, delivery in records:
+                    while True:
+                        if b is None:
+                            if run:
+                                _Run.register(batch, run)
+                                run = []
+                            batch = ProducerBatch(
+                                tp,
+                                MemoryRecordsBuilder(
+                                    acc.config["message_version"],
+                                    acc.config["compression_attrs"],
+                                    acc.config["batch_size"],
+                                ),
+                                now=now,
+                            )
+                            dq.append(batch)
+                            acc._incomplete.add(batch)
+                            new_batch = True
+                            b = batch.records._builder
+                        assert batch is not None
+                        offset = batch.records._next_offset
+                        first = b._first_timestamp is None
+                        delta = 0 if first else timestamp_ms - b._first_timestamp
+                        head = (
+                            b"\x00"  # attributes
+                            + (_VARINT[delta] if 0 <= delta < _NVARINT else _varint_bytes(delta))
+                            + (_VARINT[offset] if offset < _NVARINT else _varint_bytes(offset))
+                        )
+                        length = len(head) + len(body)
+                        prefix = _VARINT[length] if length < _NVARINT else _varint_bytes(length)
+                        required = len(prefix) + length
+                        buf = b._buffer
+                        if first or required + len(buf) <= b._batch_size:
+                            break
+                        b = None  # the batch is full: the record opens the next one
+                    if first:
+                        b._first_timestamp = b._max_timestamp = timestamp_ms
+                    elif b._max_timestamp < timestamp_ms:
+                        b._max_timestamp = timestamp_ms
+                    b._num_records += 1
+                    b._last_offset = offset
+                    buf += prefix
+                    buf += head
+                    buf += body
+                    batch.records._next_offset = offset + 1
+                    if required > batch.max_record_size:
+                        batch.max_record_size = required
+                    batch.last_append = now
+                    delivery.index = offset
+                    batch._record_futures.append(delivery)  # rebound if the batch is ever split
+                    run.append(delivery)
+                if run:
+                    _Run.register(batch, run)
+                full = len(dq) > 1 or (batch is not None and batch.records.is_full())
+        finally:
+            acc._appends_in_progress.decrement()
+        if full or new_batch:
+            self.wakeup()
+
+
+class _RecordDelivery(Delivery):
+    """The :class:`Delivery` of a record :class:`_Appender` queued.  It stands in the batch's
+    record futures, where kafka-python keeps one ``FutureRecordMetadata`` per record only to
+    :meth:`rebind` it when it splits a batch the broker found too large; otherwise the batch's
+    answer reaches it through :class:`_Run` — no future, lock or callback per record."""
+
+    __slots__ = ("index",)  # the record's offset in its batch, set when appended
+
+    def answer(self, result: tuple[int, int, Callable[[int], BaseException] | None]) -> None:
+        errors = result[2]  # per record of the batch, None when the batch was taken
+        exc = errors(self.index) if errors is not None else None
+        self.resolve(exc, transient=_transient(exc))
+
+    def fail(self, exc: BaseException) -> None:
+        self.resolve(exc, transient=_transient(exc))
+
+    def rebind(self, produce_future: Any, index: int) -> None:
+        """Called by ``RecordAccumulator.split_and_reenqueue`` on the I/O thread: the record moved
+        to a new batch (the old batch's answer never comes)."""
+        self.index = index
+        produce_future._add_cb_eb(self.answer, self.fail)
+
+
+class _Run:
+    """The records one :meth:`_Appender.append` call put into one batch: resolved together when
+    the broker answers for the batch (on kafka-python's I/O thread; only fields are set)."""
+
+    __slots__ = ("deliveries",)
+
+    def __init__(self, deliveries: list[_RecordDelivery]) -> None:
+        self.deliveries = deliveries
+
+    @classmethod
+    def register(cls, batch: Any, deliveries: list[_RecordDelivery]) -> None:
+        run = cls(deliveries)
+        batch.produce_future._add_cb_eb(run.answer, run.fail)
+
+    def answer(self, result: tuple[int, int, Callable[[int], BaseException] | None]) -> None:
+        for d in self.deliveries:
+            d.answer(result)
+
+    def fail(self, exc: BaseException) -> None:
+        for d in self.deliveries:
+            d.fail(exc)
+
+
+_PLAIN_SEND = KafkaProducer.send
+
+
 class KafkaPythonProducer:
     """:class:`~stream_influence.io.broker.BrokerProducer` over a :class:`kafka.KafkaProducer`.
 
-    Deliveries are resolved from kafka-python's futures on the loop thread at :meth:`flush` (no
-    callback per record)."""
+    :meth:`produce_many` (and :meth:`produce`, one record) appends records through
+    :class:`_Appender` where that reproduces ``send``, and through ``send`` itself otherwise.  An
+    appended record's delivery is resolved when the broker answers for its batch (one callback
+    per batch, on kafka-python's I/O thread); a sent one's from its future on the loop thread at
+    :meth:`flush`.  Either way every delivery is done when :meth:`flush` returns."""
 
     def __init__(self, client: KafkaProducer) -> None:
         self.client = client
         self._max = int(client.config["max_request_size"])
         self._pending: list[tuple[Any, Delivery]] = []
         self._resolve_at = 4096
+        self._appender = (
+            _Appender(client._accumulator, self._max, client._sender.wakeup)
+            if kafka_version in APPENDER_VERSIONS
+            else None
+        )
 
     @property
     def max_request_size(self) -> int:
         return self._max
 
-    def _only_partition(self, topic: str) -> int | None:
-        """0 when the topic's cached metadata has that one partition, else None (the client's
-        partitioner decides).  Where the partitioner could only pick 0, naming it saves it
-        hashing every key (murmur2 in Python: ~10 % of a ``send``)."""
+    def _one_partition(self, topic: str) -> int | None:
+        """The partition of ``topic`` when its cached metadata has exactly one, else None."""
         try:
             parts = self.client._metadata.partitions_for_topic(topic)  # no public non-blocking API
         except Exception:
             return None
-        return 0 if parts == {0} else None
+        return next(iter(parts)) if parts and len(parts) == 1 else None
 
-    def produce(self, record: OutputRecord) -> Delivery:
+    def _partition(self, record: OutputRecord) -> int | None:
+        """The partition ``send`` would pick for ``record``, where that is certain from cached
+        metadata; None: ``send`` decides (metadata unknown — it waits for it — or a key-less record
+        on a topic of several partitions, which the partitioner spreads).  Naming the one
+        partition of a single-partition topic also saves ``send`` hashing every key (murmur2 in
+        Python: ~10 % of a ``send``)."""
+        one = self._one_partition(record.topic)
+        if one is not None:
+            return one
+        key, value = record.key, record.value
+        if type(key) not in _BYTES_LIKE:
+            return None  # key-less, or a key send refuses itself
+        try:
+            partition = self.client._partition(record.topic, None, key, value, key, value)
+        except Exception:
+            return None
+        return None if partition is None else int(partition)  # None: the topic's metadata is unknown
+
+    def _send(self, record: OutputRecord) -> Delivery:
+        """``record`` through kafka-python's own ``send``."""
         try:
             future = self.client.send(
                 record.topic,
                 value=record.value,
                 key=record.key,
                 headers=record.headers,
-                partition=self._only_partition(record.topic),
+                partition=self._partition(record),
             )
         except (KafkaTimeoutError, IllegalStateError) as exc:  # buffer full, metadata unknown
             raise BrokerTrouble(repr(exc)) from exc
@@ -441,11 +714,69 @@ class KafkaPythonProducer:
             raise RecordRefused(f"{type(exc).__name__}: {exc}") from exc
         delivery = Delivery(record)
         self._pending.append((future, delivery))
+        return delivery
+
+    def produce(self, record: OutputRecord) -> Delivery:
+        q = self.produce_many([record])
+        if q.refused is not None:
+            raise q.refused
+        return q.deliveries[0]
+
+    def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
+        deliveries: list[Delivery] = []
+        refused: RecordRefused | None = None
+        appender = self._appender
+        if appender is not None and (self.client._closed or not _Appender.usable(self.client)):
+            appender = None  # send decides (a closed producer: send raises, broker trouble)
+        runs: dict[_KafkaTP, list[tuple[bytes, _RecordDelivery]]] = {}  # per partition, in order
+        one: dict[str, int | None] = {}  # per topic of this call: its partition, if it has only one
+        timestamp_ms = int(time.time() * 1000)
+        try:
+            for record in records:
+                partition = None
+                if appender is not None:
+                    topic = record.topic
+                    partition = (
+                        one[topic] if topic in one else one.setdefault(topic, self._one_partition(topic))
+                    )
+                    if partition is None:
+                        partition = self._partition(record)
+                if partition is None:  # send decides: first queue what precedes it
+                    self._append(runs, timestamp_ms)
+                    try:
+                        deliveries.append(self._send(record))
+                    except RecordRefused as exc:
+                        refused = exc
+                        break
+                    continue
+                assert appender is not None
+                try:
+                    body = appender.encode(record.key, record.value, record.headers)
+                except Exception as exc:  # as _send: this record only (encoding, size)
+                    refused = RecordRefused(f"{type(exc).__name__}: {exc}")
+                    break
+                delivery = _RecordDelivery(record)
+                tp = _KafkaTP(record.topic, partition)
+                run = runs.get(tp)
+                if run is None:
+                    run = runs[tp] = []
+                run.append((body, delivery))
+                deliveries.append(delivery)
+            self._append(runs, timestamp_ms)
+        except IllegalStateError as exc:  # closed meanwhile
+            raise BrokerTrouble(repr(exc)) from exc
         if len(self._pending) >= self._resolve_at:
             # A long run between flushes must not keep every answered future.
             self._resolve()
             self._resolve_at = len(self._pending) + 4096
-        return delivery
+        return Queued(deliveries, refused)
+
+    def _append(self, runs: dict[_KafkaTP, list[tuple[bytes, _RecordDelivery]]], timestamp_ms: int) -> None:
+        if runs:
+            assert self._appender is not None
+            for tp, run in runs.items():
+                self._appender.append(tp, run, timestamp_ms)
+            runs.clear()
 
     def _resolve(self) -> None:
         still: list[tuple[Any, Delivery]] = []

@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
+from itertools import chain
 from typing import Any
+
+import numpy as np
 
 from stream_influence.core.decisions import DecisionRecord
 from stream_influence.errors import OutputError
@@ -19,6 +22,7 @@ from stream_influence.io.broker import Headers, OutputRecord
 __all__ = [
     "OUTPUT_FAILED",
     "OWN_HEADERS",
+    "RECORD_FRAMING",
     "ChunkHeaders",
     "OutputRecord",
     "dead_letter_headers",
@@ -62,6 +66,8 @@ OWN_HEADERS = frozenset(
 # timestamp delta 10, offset delta 5, attributes 1).
 _BATCH_HEADER = 61
 _RECORD_OVERHEAD = 21
+#: What :func:`record_size` adds to the encoded key, value and headers.
+RECORD_FRAMING = _BATCH_HEADER + _RECORD_OVERHEAD
 
 
 def encode_key(text: str) -> bytes:
@@ -88,7 +94,7 @@ def _bytes_size(b: bytes | None) -> int:
 def record_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
     """Bytes the record takes in a batch of its own, as a producer counts it against
     ``max_request_size`` (record format v2, every broker since Kafka 0.11)."""
-    size = _BATCH_HEADER + _RECORD_OVERHEAD + _bytes_size(key) + _bytes_size(value)
+    size = RECORD_FRAMING + _bytes_size(key) + _bytes_size(value)
     size += _varint_size(len(headers))
     for name, v in headers:
         size += _bytes_size(name.encode()) + _bytes_size(v)
@@ -109,9 +115,12 @@ def fit_record(rec: OutputRecord, limit: int) -> OutputRecord:
     still too big, the input's own headers dropped and the key cut), with the original value's size
     and SHA-256 in ``original_size`` / ``original_sha256``.  Raises :class:`OutputError` if even
     the service's own headers do not fit."""
-    # Cheap bound first (batch header 61 B, record framing ≤ 36 B, ≤ 10 B per header): the hot
-    # path never pays for the exact estimate.
-    payload = len(rec.key or b"") + len(rec.value or b"") + sum(len(n) * 4 + len(v) for n, v in rec.headers)
+    # Cheap bound first (batch header 61 B, record framing ≤ 36 B, ≤ 10 B per header, ≤ 4 UTF-8
+    # bytes per character of a header; summed in C, no Python call per header): the hot path
+    # never pays for the exact estimate.
+    payload = (
+        len(rec.key or b"") + len(rec.value or b"") + 4 * sum(map(len, chain.from_iterable(rec.headers)))
+    )
     if (
         payload + 128 + 16 * len(rec.headers) <= limit
         or record_size(rec.key, rec.value, rec.headers) <= limit
@@ -145,9 +154,22 @@ def _num(x: float | None) -> bytes:
     return b"nan" if x is None or (isinstance(x, float) and math.isnan(x)) else repr(float(x)).encode()
 
 
+def _nums(xs: Sequence[float | None] | np.ndarray) -> list[bytes]:
+    """``_num`` of every value, in one pass (the shortest repr of each float64; None and NaN
+    ``nan``): one join and one encode for the whole column instead of a call per value."""
+    values = np.asarray(xs, dtype=np.float64).tolist()
+    return " ".join(map(repr, values)).encode().split(b" ") if values else []
+
+
+def _ints(xs: Sequence[int]) -> list[bytes]:
+    """``str(x).encode()`` of every int, in one pass."""
+    return " ".join(map(str, xs)).encode().split(b" ") if len(xs) else []
+
+
 class ChunkHeaders:
     """The headers of one chunk's outputs: what every output of the chunk shares (source topic
-    and partition, policy and model versions) is encoded once, not once per message."""
+    and partition, policy and model versions) is encoded once, not once per message, and the
+    per-message numbers a column at a time (:meth:`quarantine_many`)."""
 
     __slots__ = ("_source", "_versions")
 
@@ -160,6 +182,11 @@ class ChunkHeaders:
 
     def source(self, offset: int) -> list[tuple[str, bytes]]:
         return [*self._source, ("source_offset", str(offset).encode())]
+
+    def source_many(self, offsets: Sequence[int]) -> list[list[tuple[str, bytes]]]:
+        """:meth:`source` of every offset."""
+        a, b = self._source
+        return [[a, b, ("source_offset", o)] for o in _ints(offsets)]
 
     def dead_letter(self, original: Headers | None, reason: str, detail: str, offset: int) -> Headers:
         return [
@@ -180,15 +207,56 @@ class ChunkHeaders:
         cosine_influence: float,
         threshold: float,
     ) -> Headers:
+        return self.quarantine_many(
+            [original],
+            [offset],
+            reasons=[reason],
+            influence=[influence],
+            relative_influence=[relative_influence],
+            cosine_influence=[cosine_influence],
+            threshold=[threshold],
+        )[0]
+
+    def quarantine_many(
+        self,
+        originals: Sequence[Headers | None],
+        offsets: Sequence[int],
+        *,
+        reasons: Sequence[str],
+        influence: Sequence[float] | np.ndarray,
+        relative_influence: Sequence[float] | np.ndarray,
+        cosine_influence: Sequence[float] | np.ndarray,
+        threshold: Sequence[float] | np.ndarray,
+    ) -> list[Headers]:
+        """The quarantine-copy headers of a chunk's messages (the input's own headers, the source,
+        the routing reason, the scores and the versions), one list per message."""
+        src_topic, src_partition = self._source
+        policy, model = self._versions
+        reason_of = {r: ("reason", r.encode()) for r in set(reasons)}
         return [
-            *_keep(original),
-            *self.source(offset),
-            ("reason", reason.encode()),
-            ("influence", _num(influence)),
-            ("relative_influence", _num(relative_influence)),
-            ("cosine_influence", _num(cosine_influence)),
-            ("threshold", _num(threshold)),
-            *self._versions,
+            [
+                *(_keep(original) if original else ()),
+                src_topic,
+                src_partition,
+                ("source_offset", offset),
+                reason_of[reason],
+                ("influence", inf),
+                ("relative_influence", rel),
+                ("cosine_influence", cos),
+                ("threshold", thr),
+                policy,
+                model,
+            ]
+            for original, offset, reason, inf, rel, cos, thr in zip(
+                originals,
+                _ints(offsets),
+                reasons,
+                _nums(influence),
+                _nums(relative_influence),
+                _nums(cosine_influence),
+                _nums(threshold),
+                strict=True,
+            )
         ]
 
 

@@ -134,6 +134,15 @@ class PendingCheckpoint:
         """True once the checkpoint is durable, or its write failed (:meth:`result` raises)."""
         return self._future.done()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds for the write to end; True if it has (errors are
+        raised by :meth:`result`)."""
+        try:
+            self._future.exception(timeout)
+        except TimeoutError:
+            return False
+        return True
+
     def result(self, timeout: float | None = None) -> Path:
         """Wait until the checkpoint is durable; raises the write's error."""
         return self._future.result(timeout)

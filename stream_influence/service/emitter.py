@@ -13,8 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,12 +23,10 @@ from stream_influence.core.engine import BatchResult
 from stream_influence.errors import OutputError
 from stream_influence.io.broker import (
     BrokerProducer,
-    BrokerTrouble,
     ConsumedRecord,
     Delivery,
     Headers,
     OutputRecord,
-    RecordRefused,
     TopicPartition,
 )
 from stream_influence.io.records import (
@@ -50,16 +48,19 @@ class OutputsNotAcknowledged(Exception):
     """Outputs of the window were not acknowledged: the window must be rolled back."""
 
 
-@dataclass(frozen=True, slots=True)
-class Sent:
+class Sent(NamedTuple):
     """An output in flight, with the input message it stands for (to dead-letter it instead if
-    the broker refuses this one record)."""
+    the broker refuses this one record).  A named tuple: one is made per output."""
 
     delivery: Delivery
     tp: TopicPartition
     message: ConsumedRecord
     #: The event's one destination (dead letter / quarantine copy), not an audit copy.
     destination: bool
+
+
+#: Called for an output that cannot be sent, with its position in the batch and why.
+Refused = Callable[[int, str], None]
 
 
 def _copy_key(event_id: str | None, tp: TopicPartition, offset: int) -> bytes:
@@ -91,51 +92,121 @@ class Emitter:
             self._count(kind, n)
 
     # -- producing ------------------------------------------------------------------------
-    def send(
-        self, rec: OutputRecord, tp: TopicPartition, m: ConsumedRecord, *, destination: bool
-    ) -> str | None:
-        """Queue ``rec`` (cut to the producer's size limit).  Returns why *this record* cannot be
-        sent (the caller dead-letters its message), or None: queued, or broker trouble that rolls
-        the whole window back."""
+    def send_many(
+        self,
+        recs: Sequence[OutputRecord | str],
+        tp: TopicPartition,
+        msgs: Sequence[ConsumedRecord],
+        *,
+        destination: bool,
+        refused: Refused,
+    ) -> None:
+        """Queue ``recs[i]`` (cut to the producer's size limit) for input message ``msgs[i]``,
+        in order, handing the producer as many at a time as it will take.  An entry that is a
+        ``str`` is an output that could not be built (why).  For each output that cannot be
+        sent — not built, not cut to fit, or refused by the producer for itself —
+        ``refused(i, why)`` is called before the outputs after it are queued, so what it
+        produces instead (a dead letter) lands where one-by-one sends would have put it.  Broker
+        trouble stops here: the window is rolled back at the next checkpoint."""
         if self.send_error is not None:
-            return None  # this window is rolled back at the next checkpoint anyway
+            return  # this window is rolled back at the next checkpoint anyway
         producer = self.producer
         if producer is None:
             self.send_error = OutputsNotAcknowledged("no producer for the outputs")
-            return None
-        try:
-            # Cut before produce: the producer must never raise for a size we can know.
-            rec = fit_record(rec, producer.max_request_size)
-            delivery = producer.produce(rec)
-        except BrokerTrouble as exc:
-            self.last_failure = f"{rec.topic} for {tp.topic}-{tp.partition}@{m.offset}: {exc}"
-            log.error("cannot produce an output (%s): the window will be rolled back", self.last_failure)
-            self.send_error = exc
-            return None
-        except RecordRefused as exc:  # this record only: encoding, serialisation, size
-            return str(exc)
-        except Exception as exc:  # building it: a size that cannot fit, an unencodable header
-            return f"{type(exc).__name__}: {exc}"
-        self.inflight.append(Sent(delivery, tp, m, destination))
-        return None
+            return
+        limit = producer.max_request_size
+        inflight = self.inflight
+        i, n = 0, len(recs)
+        while i < n:
+            # The outputs up to the next one that cannot be built or cut ...
+            ready: list[OutputRecord] = []
+            why: str | None = None
+            end = i
+            while end < n:
+                rec = recs[end]
+                if isinstance(rec, str):
+                    why = rec
+                    break
+                try:
+                    # Cut before produce: the producer must never raise for a size we can know.
+                    ready.append(fit_record(rec, limit))
+                except Exception as exc:  # a size that cannot fit, an unencodable header
+                    why = f"{type(exc).__name__}: {exc}"
+                    break
+                end += 1
+            # ... go to the producer together, up to each one it refuses.
+            k = 0
+            while k < len(ready):
+                try:
+                    queued = producer.produce_many(ready[k:] if k else ready)
+                except Exception as exc:  # BrokerTrouble; anything else leaves unknown what was queued
+                    m = msgs[i + k]
+                    self.last_failure = f"{ready[k].topic} for {tp.topic}-{tp.partition}@{m.offset}: {exc}"
+                    log.error(
+                        "cannot produce an output (%s): the window will be rolled back", self.last_failure
+                    )
+                    self.send_error = exc
+                    return
+                for delivery in queued.deliveries:
+                    inflight.append(Sent(delivery, tp, msgs[i + k], destination))
+                    k += 1
+                if queued.refused is not None:  # this record only: encoding, serialisation, size
+                    refused(i + k, str(queued.refused))
+                    k += 1
+                    if self.send_error is not None:
+                        return
+            if why is not None:
+                refused(end, why)
+                if self.send_error is not None:
+                    return
+                end += 1
+            i = end
 
-    def _send_copy(self, rec: OutputRecord, tp: TopicPartition, m: ConsumedRecord) -> None:
-        """An accepted copy or a decision record: an audit, not the event's destination, so a
-        refused one is logged (the event already is in its one place) rather than dead-lettered."""
-        why = self.send(rec, tp, m, destination=False)
-        if why is not None:
-            log.error("%s-%d@%d: no copy to %s: %s", tp.topic, tp.partition, m.offset, rec.topic, why)
+    def send(
+        self, rec: OutputRecord, tp: TopicPartition, m: ConsumedRecord, *, destination: bool
+    ) -> str | None:
+        """Queue one output (:meth:`send_many`).  Returns why *this record* cannot be sent (the
+        caller dead-letters its message), or None: queued, or broker trouble that rolls the
+        whole window back."""
+        why: list[str] = []
+        self.send_many([rec], tp, [m], destination=destination, refused=lambda _, w: why.append(w))
+        return why[0] if why else None
+
+    def _send_copies(self, recs: list[OutputRecord], tp: TopicPartition, msgs: list[ConsumedRecord]) -> None:
+        """Accepted copies or decision records: audits, not the events' destinations, so a refused
+        one is logged (the event already is in its one place) rather than dead-lettered."""
+
+        def refused(i: int, why: str) -> None:
+            m = msgs[i]
+            log.error("%s-%d@%d: no copy to %s: %s", tp.topic, tp.partition, m.offset, recs[i].topic, why)
+
+        self.send_many(recs, tp, msgs, destination=False, refused=refused)
+
+    def dead_letters(
+        self, tp: TopicPartition, letters: Sequence[tuple[ConsumedRecord, str, str]], h: ChunkHeaders
+    ) -> None:
+        """Each input message ``m`` of ``letters`` (message, reason, detail) to the dead-letter
+        topic, with its original key, value and headers."""
+        topic = self.k.dead_letter_topic
+        recs = [
+            OutputRecord(
+                topic, key=m.key, value=m.value, headers=h.dead_letter(m.headers, reason, detail, m.offset)
+            )
+            for m, reason, detail in letters
+        ]
+
+        def refused(i: int, why: str) -> None:  # e.g. an input header that cannot be re-encoded
+            m, _, detail = letters[i]
+            self.minimal_dead_letter(tp, m, f"{detail}; dead letter refused: {why}")
+
+        self.send_many(recs, tp, [m for m, _, _ in letters], destination=True, refused=refused)
+        self.count("dead_letter", len(letters))
 
     def dead_letter(
         self, tp: TopicPartition, m: ConsumedRecord, reason: str, detail: str, h: ChunkHeaders
     ) -> None:
         """The input message ``m`` to the dead-letter topic (original key, value and headers)."""
-        headers = h.dead_letter(m.headers, reason, detail, m.offset)
-        rec = OutputRecord(self.k.dead_letter_topic, key=m.key, value=m.value, headers=headers)
-        why = self.send(rec, tp, m, destination=True)
-        if why is not None:  # e.g. an input header that cannot be re-encoded: keep only our own
-            self.minimal_dead_letter(tp, m, f"{detail}; dead letter refused: {why}")
-        self.count("dead_letter", 1)
+        self.dead_letters(tp, [(m, reason, detail)], h)
 
     def minimal_dead_letter(self, tp: TopicPartition, m: ConsumedRecord, detail: str) -> None:
         """The last resort for a message whose full dead letter cannot be sent: our own headers
@@ -150,25 +221,35 @@ class Emitter:
             log.error("cannot produce even a minimal dead letter (%s)", self.last_failure)
             self.send_error = OutputError(self.last_failure)
 
-    def quarantine_copy(
-        self, tp: TopicPartition, m: ConsumedRecord, event_id: str, headers: Headers, h: ChunkHeaders
-    ) -> str | None:
-        """The quarantine copy of ``m`` (its value, keyed by the event id) — the event's one place.
-        Returns None, or why it could not be sent: then ``m`` is dead-lettered instead."""
-        try:
-            rec = OutputRecord(
-                self.k.quarantine_topic, key=encode_key(event_id), value=m.value, headers=headers
-            )
-        except OutputError as exc:
-            why: str | None = str(exc)
-        else:
-            why = self.send(rec, tp, m, destination=True)
-        if why is None:
-            return None
-        why = f"quarantine copy: {why}"
-        log.warning("%s-%d@%d: %s; dead-lettered instead", tp.topic, tp.partition, m.offset, why)
-        self.dead_letter(tp, m, OUTPUT_FAILED, why, h)
-        return why
+    def quarantine_copies(
+        self,
+        tp: TopicPartition,
+        msgs: Sequence[ConsumedRecord],
+        event_ids: Sequence[str],
+        headers: Sequence[Headers],
+        h: ChunkHeaders,
+    ) -> dict[int, str]:
+        """The quarantine copy of each message ``msgs[i]`` (its value, keyed by its event id, with
+        ``headers[i]``) — the event's one place.  Returns why, by position, for the copies that
+        could not be sent: those messages are dead-lettered instead."""
+        topic = self.k.quarantine_topic
+        recs: list[OutputRecord | str] = []
+        for m, event_id, hs in zip(msgs, event_ids, headers, strict=True):
+            try:
+                recs.append(OutputRecord(topic, key=encode_key(event_id), value=m.value, headers=hs))
+            except OutputError as exc:
+                recs.append(str(exc))
+        failed: dict[int, str] = {}
+
+        def refused(i: int, why: str) -> None:
+            m = msgs[i]
+            why = f"quarantine copy: {why}"
+            log.warning("%s-%d@%d: %s; dead-lettered instead", tp.topic, tp.partition, m.offset, why)
+            self.dead_letter(tp, m, OUTPUT_FAILED, why, h)
+            failed[i] = why
+
+        self.send_many(recs, tp, msgs, destination=True, refused=refused)
+        return failed
 
     def emit(
         self,
@@ -179,59 +260,52 @@ class Emitter:
         quarantine_copies: bool = True,
     ) -> None:
         """Produce the chunk's outputs: dead letters, quarantine copies (unless a score worker
-        leaves them to the updater), then the optional accepted copies and decision records."""
+        leaves them to the updater), then the optional accepted copies and decision records —
+        each kind handed to the producer a chunk at a time."""
         k = self.k
         topic, part = tp.topic, tp.partition
         h = ChunkHeaders(topic, part, r.policy_version, r.model_version)
-        for rej in r.rejects:
-            self.dead_letter(tp, msgs[rej.index], rej.reason.value, rej.detail, h)
-        s = r.scores
+        if r.rejects:
+            self.dead_letters(tp, [(msgs[rej.index], rej.reason.value, rej.detail) for rej in r.rejects], h)
         index = r.events.index.tolist()
         ids = r.events.ids
         failed: dict[int, str] = {}  # input index → why its quarantine copy failed
-        n_q = 0
         quarantined = np.flatnonzero(r.quarantine).tolist() if quarantine_copies else []
         if quarantined:
-            inf, rel, cos = s.influence.tolist(), s.relative_influence.tolist(), s.cosine_influence.tolist()
-            thresholds = r.thresholds.tolist()
-            for j in quarantined:
-                m = msgs[index[j]]
-                headers = h.quarantine(
-                    m.headers,
-                    m.offset,
-                    reason=r.reasons[j],
-                    influence=inf[j],
-                    relative_influence=rel[j],
-                    cosine_influence=cos[j],
-                    threshold=thresholds[j],
-                )
-                why = self.quarantine_copy(tp, m, ids[j], headers, h)
-                if why is None:
-                    n_q += 1
-                else:
-                    failed[index[j]] = why
-        self.count("quarantine", n_q)
+            q_msgs = [msgs[index[j]] for j in quarantined]
+            s = r.scores
+            headers = h.quarantine_many(
+                [m.headers for m in q_msgs],
+                [m.offset for m in q_msgs],
+                reasons=[r.reasons[j] for j in quarantined],
+                influence=s.influence[quarantined],
+                relative_influence=s.relative_influence[quarantined],
+                cosine_influence=s.cosine_influence[quarantined],
+                threshold=r.thresholds[quarantined],
+            )
+            why = self.quarantine_copies(tp, q_msgs, [ids[j] for j in quarantined], headers, h)
+            failed = {index[quarantined[i]]: w for i, w in why.items()}
+        self.count("quarantine", len(quarantined) - len(failed))
         if k.accepted_topic:
-            n = 0
-            for j in np.flatnonzero(~r.quarantine).tolist():
-                m = msgs[index[j]]
-                rec = OutputRecord(
-                    k.accepted_topic,
-                    key=_copy_key(ids[j], tp, m.offset),
-                    value=m.value,
-                    headers=h.source(m.offset),
-                )
-                self._send_copy(rec, tp, m)
-                n += 1
-            self.count("accepted", n)
+            accepted = np.flatnonzero(~r.quarantine).tolist()
+            a_msgs = [msgs[index[j]] for j in accepted]
+            sources = h.source_many([m.offset for m in a_msgs])
+            recs = [
+                OutputRecord(k.accepted_topic, key=_copy_key(ids[j], tp, m.offset), value=m.value, headers=hs)
+                for j, m, hs in zip(accepted, a_msgs, sources, strict=True)
+            ]
+            self._send_copies(recs, tp, a_msgs)
+            self.count("accepted", len(recs))
         if k.decisions_topic:
+            recs = []
             for i, rec_d in enumerate(r.records()):
                 m = msgs[i]
                 if i in failed:  # the audit says where the event really went
                     rec_d = {**rec_d, "decision": "dead_letter", "reason": OUTPUT_FAILED, "detail": failed[i]}
                 key = _copy_key(rec_d["id"], tp, m.offset)
                 value = decision_value(rec_d, topic, part, m.offset)
-                self._send_copy(OutputRecord(k.decisions_topic, key=key, value=value, headers=[]), tp, m)
+                recs.append(OutputRecord(k.decisions_topic, key=key, value=value, headers=[]))
+            self._send_copies(recs, tp, msgs)
             self.count("decisions", len(msgs))
 
     # -- acknowledgement ------------------------------------------------------------------

@@ -29,6 +29,7 @@ the process died.  See docs/architecture.md for the guarantees step by step.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -41,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from stream_influence.config import AppSettings
+from stream_influence.config import AppSettings, limit_blas_threads
 from stream_influence.core.engine import BatchResult, EngineSummary, InfluenceEngine
 from stream_influence.errors import ConfigError, ReplayLimitError
 from stream_influence.io.broker import (
@@ -64,17 +64,9 @@ from stream_influence.service.emitter import Emitter, Sent
 from stream_influence.service.health import Health
 from stream_influence.service.reload import PolicyReloader
 
-__all__ = ["Service", "limit_blas_threads", "run_service"]
+__all__ = ["Service", "run_service"]
 
 log = logging.getLogger(__name__)
-
-
-def limit_blas_threads(threads: int) -> None:
-    """Limit every loaded BLAS library to ``threads`` threads for the whole process (0: leave
-    them alone).  BLAS thread pools are process-wide, so this is a start-up setting, not a
-    per-batch context."""
-    if threads > 0:
-        threadpool_limits(limits=threads, user_api="blas")
 
 
 @dataclass(slots=True)
@@ -135,6 +127,7 @@ class Service:
         # engine half-updated, and such a state must never reach a checkpoint.
         self.torn = False
         self.replays = 0  # consecutive rollbacks of the current window
+        self.rollbacks = 0  # every rollback (a drain stops when one happens between its chunks)
         self._resume_at = 0.0  # back-off: no chunk is processed before this (monotonic) time
         # First offset of each partition not yet counted in the metrics (a replay is not new input).
         self.counted: dict[tuple[str, int], int] = {}
@@ -142,6 +135,7 @@ class Service:
         self.last_checkpoint = time.monotonic()
         self.uncommitted_polls: list[float] = []  # poll times of chunks not committed yet
         self.writing: _Writing | None = None  # the interval checkpoint on the writer thread
+        self.caught_up = False  # the last poll returned less than max_poll_records
         self.needs_rollback = False
         self.broker_up = True
         self._lag = LagCheck()
@@ -336,6 +330,12 @@ class Service:
         self.consumer = self.broker.consumer()
         self._subscribe()
         log.info("consuming %s as group %s", self.k.topic, self.k.group_id)
+        # What start-up built (modules, settings, the restored engine, the clients) lives as long
+        # as the process: frozen, a full collection no longer walks it (_shutdown unfreezes).
+        # Unfrozen, one took up to 170 ms on the loop thread every few seconds: the largest
+        # stall in poll → commit (issue 11; docs/benchmarks.md, service_stages).
+        gc.collect()
+        gc.freeze()
         gave_up = False
         try:
             while True:
@@ -357,6 +357,7 @@ class Service:
         return 1 if gave_up else code
 
     def _shutdown(self) -> int:
+        gc.unfreeze()  # collectable again once this service is gone (tests run many per process)
         code = 0
         try:
             # A checkpoint being written holds a consistent state (captured between chunks): let
@@ -559,8 +560,15 @@ class Service:
         return timeout
 
     def _step(self) -> None:
+        if self.writing is not None and self.caught_up:
+            # Caught up, so nothing is waiting: let the write finish (the writer thread has the
+            # interpreter to itself meanwhile) and commit at once, rather than after the next
+            # chunk.  At most one cadence: a stalled disk must not stop the stream.
+            self.writing.pending.wait(self.cfg.checkpoint.every_seconds)
+            self._commit_if_durable()
         polled = self.consumer.poll(self._poll_timeout_ms(), self.k.max_poll_records)
         t_poll = time.monotonic()
+        self.caught_up = sum(len(m) for m in polled.values()) < self.k.max_poll_records
         self._on_rebalance()
         if self.needs_rollback:
             self._rollback()
@@ -586,10 +594,10 @@ class Service:
             buf.extend(msgs)
         if self.reader is not None:
             self._add_reference(self.reader.poll(0))
+        self._commit_if_durable()
         for tp in list(self.pending):
             self._drain(tp, t_poll)
-        if self.writing is not None and self.writing.pending.done():
-            self._committed_write()
+        self._commit_if_durable()
         if (
             self.dirty
             and self.writing is None
@@ -639,6 +647,7 @@ class Service:
             if pos is not None and pos > offsets[-1] + 1:
                 chunks = plan_chunks(offsets, B, cuts, pos, hw)
         done = 0
+        rollbacks = self.rollbacks
         for chunk in chunks:
             if done and not self._can_process():
                 break
@@ -648,6 +657,9 @@ class Service:
                 self.cuts[tp].add(msgs[-1].offset + 1)
             self._process(tp, msgs, self.pending_t0.get(tp, t_poll))
             self.pending_t0[tp] = t_poll
+            self._commit_if_durable()
+            if self.rollbacks != rollbacks:
+                return  # the window was rolled back: the buffers are gone, the records re-fetched
         if done:
             del buf[:done]
         if not buf:
@@ -795,6 +807,13 @@ class Service:
         w.pending.result()
         self.uncommitted_polls[:0] = w.polls
 
+    def _commit_if_durable(self) -> None:
+        """Commit the interval checkpoint's offsets as soon as its write is done: checked after
+        the poll and between chunks, not once a step, so a commit does not wait for the rest of
+        the step (a chunk takes tens of milliseconds under load)."""
+        if self.writing is not None and self.writing.pending.done():
+            self._committed_write()
+
     def _committed_write(self) -> None:
         """The interval checkpoint is durable: commit its offsets — only with every output
         produced so far acknowledged (the commit never runs ahead of an output), else the window
@@ -848,6 +867,7 @@ class Service:
         :class:`ReplayLimitError` (the service stops rather than loop for ever)."""
         self.needs_rollback = False
         self.replays += 1
+        self.rollbacks += 1
         self._await_write()  # the checkpoint being written is the one to restore
         self._restore()
         if self.replays > self.k.max_window_replays:

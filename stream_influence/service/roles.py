@@ -296,28 +296,29 @@ class ScoreService(Service):
         dead-letters the event."""
         assert self.snapshot is not None
         sid, s = self.snapshot.id, r.scores
-        inf, rel, cos = s.influence.tolist(), s.relative_influence.tolist(), s.cosine_influence.tolist()
-        thresholds, quarantine = r.thresholds.tolist(), r.quarantine.tolist()
         h = ChunkHeaders(tp.topic, tp.partition, r.policy_version, sid.version)
-        for j, i in enumerate(r.events.index.tolist()):
-            m = msgs[i]
-            headers = h.quarantine(
-                m.headers,
-                m.offset,
-                reason=r.reasons[j],
-                influence=inf[j],
-                relative_influence=rel[j],
-                cosine_influence=cos[j],
-                threshold=thresholds[j],
-            )
-            rec = update_record(
-                self.s.updates_topic, m.value, headers, tp.topic, tp.partition, quarantine[j], sid
-            )
-            why = self.emitter.send(rec, tp, m, destination=True)
-            if why is None:
-                continue
+        index = r.events.index.tolist()
+        ev_msgs = [msgs[i] for i in index]
+        headers = h.quarantine_many(
+            [m.headers for m in ev_msgs],
+            [m.offset for m in ev_msgs],
+            reasons=r.reasons,
+            influence=s.influence,
+            relative_influence=s.relative_influence,
+            cosine_influence=s.cosine_influence,
+            threshold=r.thresholds,
+        )
+        recs = [
+            update_record(self.s.updates_topic, m.value, hs, tp.topic, tp.partition, q, sid)
+            for m, hs, q in zip(ev_msgs, headers, r.quarantine.tolist(), strict=True)
+        ]
+
+        def refused(j: int, why: str) -> None:
+            m = ev_msgs[j]
             log.warning("%s-%d@%d: no updates record: %s", tp.topic, tp.partition, m.offset, why)
             self.emitter.dead_letter(tp, m, OUTPUT_FAILED, f"updates record: {why}", h)
+
+        self.emitter.send_many(recs, tp, ev_msgs, destination=True, refused=refused)
         n = len(r.events)
         if n:
             key = (tp.topic, tp.partition)
@@ -482,14 +483,11 @@ class UpdateService(Service):
         (the single process's, less the updates topic's own).  Flushed before the checkpoint that
         records the event as learned, so a replay of this window re-sends identical keyed copies."""
         h = ChunkHeaders(tp.topic, tp.partition)
-        n = 0
-        for j, i in enumerate(batch.index.tolist()):
-            if not quarantine[i]:
-                continue
-            m = keep[i]
-            headers = [(k, v) for k, v in (m.headers or []) if k not in _UPDATES_ONLY]
-            n += self.emitter.quarantine_copy(tp, m, batch.ids[j], headers, h) is None
-        self.emitter.count("quarantine", n)
+        rows = [(j, i) for j, i in enumerate(batch.index.tolist()) if quarantine[i]]
+        q_msgs = [keep[i] for _, i in rows]
+        headers = [[(k, v) for k, v in (m.headers or []) if k not in _UPDATES_ONLY] for m in q_msgs]
+        failed = self.emitter.quarantine_copies(tp, q_msgs, [batch.ids[j] for j, _ in rows], headers, h)
+        self.emitter.count("quarantine", len(rows) - len(failed))
 
     def _checkpoint_extra(self) -> dict[str, Any]:
         self.engine.prepare_snapshot()  # what workers read must match the head saved with it
