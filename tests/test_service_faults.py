@@ -30,7 +30,7 @@ from stream_influence.config import load_config
 from stream_influence.core.engine import InfluenceEngine
 from stream_influence.core.influence import InfluenceScorer
 from stream_influence.core.learner import HeadLearner
-from stream_influence.io.broker import Delivery, TopicPartition, open_broker
+from stream_influence.io.broker import TopicPartition, open_broker
 from stream_influence.service.checkpoint import CheckpointStore
 from stream_influence.service.loop import Service
 from tests.fixtures.broker import Broker, fresh_topic
@@ -179,12 +179,6 @@ def test_commit_follows_flush_and_checkpoint(broker: Broker, tmp_path: Path, kaf
     checked: list[int] = []
     # Recorded, not asserted in the hook: the service logs and survives a failing commit.
     violations: list[str] = []
-    deliveries: list[Delivery] = []  # every output the service produced, in order
-
-    def produced(call: Call) -> Delivery:
-        delivery = call.proceed()
-        deliveries.append(delivery)
-        return delivery
 
     def checked_commit(call: Call) -> Any:
         offsets: dict[TopicPartition, int] = dict(call.args[0])
@@ -209,7 +203,7 @@ def test_commit_follows_flush_and_checkpoint(broker: Broker, tmp_path: Path, kaf
         return call.proceed()
 
     seam = Seam(open_broker(cfg.kafka))
-    seam.on("producer", "produce", produced)
+    deliveries = seam.deliveries()  # every output the service produced, in order
     seam.on("consumer", "commit", checked_commit)
     svc = ServiceThread(cfg, broker=seam)
     holder.append(svc)

@@ -33,7 +33,7 @@ from stream_influence.core.engine import InfluenceEngine
 from stream_influence.io import records as kafka_io
 from stream_influence.io.broker import BrokerTrouble, OutputRecord, RecordRefused, open_broker
 from tests.fixtures.broker import Broker, fresh_topic
-from tests.fixtures.seam import Call, Seam, raising, refusal
+from tests.fixtures.seam import Call, Seam, raising
 from tests.fixtures.service_events import (
     ServiceThread,
     consumed,
@@ -414,8 +414,7 @@ def test_a_record_the_broker_refuses_dead_letters_its_message_once(
         )
     )
 
-    def victims_dead_letter(call: Call) -> bool:
-        (rec,) = call.args
+    def victims_dead_letter(rec: OutputRecord) -> bool:
         h = dict(rec.headers or [])
         return bool(
             rec.topic == cfg.kafka.dead_letter_topic
@@ -427,7 +426,7 @@ def test_a_record_the_broker_refuses_dead_letters_its_message_once(
         return RecordRefused("injected: over the broker's message.max.bytes")
 
     seam = Seam(open_broker(cfg.kafka))
-    refused = seam.inject("producer", "produce", refusal(too_large), when=victims_dead_letter, times=None)
+    refused = seam.refuse(victims_dead_letter, too_large)
     caplog.set_level(logging.INFO, logger="stream_influence")
     svc = ServiceThread(cfg, broker=seam)
     try:
