@@ -103,3 +103,24 @@ def test_prequential_windows_match_the_history_whatever_the_chunking() -> None:
         assert metrics.rolling_accuracy == pytest.approx(np.mean(correct[-window:]))
         assert metrics.rolling_log_loss == pytest.approx(np.mean(losses[-window:]))
         assert metrics.cumulative_accuracy == pytest.approx(np.mean(correct))
+
+
+def test_deferred_prequential_counts_equal_counting_each_batch() -> None:
+    """``Prequential.defer`` (what the engine calls per micro-batch) returns the same errors at
+    once and leaves, whenever it is read, the very state of ``update`` per batch — across a ring
+    wrap, a pile-up longer than the window (counted on its own) and a head that grows a class."""
+    from stream_influence.core.learner import Prequential
+
+    rng = np.random.default_rng(7)
+    window = 12
+    eager, lazy = Prequential(window), Prequential(window)
+    for m, k in [(5, 3), (4, 3), (2, 4), (9, 4), (3, 4), (14, 4), (2, 5), (6, 5)]:
+        P = rng.dirichlet(np.ones(k), size=m)
+        y = rng.integers(0, k, m)
+        assert lazy.defer(P, y).tolist() == eager.update(P, y).tolist()
+        if (m, k) == (2, 5):  # a read in between settles what waits
+            assert lazy.rolling_log_loss == eager.rolling_log_loss
+    for (key, a), b in zip(eager.state_dict().items(), lazy.state_dict().values(), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), key
+    assert lazy.n == eager.n == 45
+    assert lazy.cumulative_accuracy == eager.cumulative_accuracy

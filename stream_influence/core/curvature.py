@@ -137,7 +137,7 @@ class Curvature(ABC):
         if len(X) == 0:
             return
         w = np.ones(len(X)) if w is None else w
-        m = float(w.sum())
+        m = float(np.add.reduce(w))  # w.sum(), without its Python wrapper (once per micro-batch)
         if m <= 0:
             return
         alpha = self.batch_weight(m)
@@ -321,11 +321,11 @@ class KFACCurvature(Curvature):
         tau = w - np.einsum("bk,bk->b", Pw, P)  # wᵢ (1 − ‖pᵢ‖²)
         self.A *= beta
         self.A += (X * tau[:, None]).T @ X
-        self.tau = beta * self.tau + float(tau.sum())
+        self.tau = beta * self.tau + float(np.add.reduce(tau))
         # Σ wᵢ (diag pᵢ − pᵢpᵢᵀ) without the b × K × K stack.
         self.G *= beta
         self.G -= Pw.T @ P
-        self.G.flat[:: self.n_classes + 1] += Pw.sum(axis=0)  # the diagonal
+        self.G.flat[:: self.n_classes + 1] += np.add.reduce(Pw, axis=0)  # the diagonal
         # Refresh the eigenbases on schedule, and whenever the evidence doubled (early on).
         if (
             self.events_since_refactor >= self.settings.refactor_every
@@ -353,7 +353,7 @@ class KFACCurvature(Curvature):
     def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
         r2 = np.square(R @ self.QG)
         x2 = np.square(X @ self.QA)
-        return ((r2 @ self._inv) * x2).sum(1)
+        return np.add.reduce((r2 @ self._inv) * x2, axis=1)
 
     def dense_hessian(self) -> np.ndarray:
         n = self.n_classes * self.dim

@@ -370,7 +370,8 @@ class InfluenceEngine:
             self.add_reference_events(batch.subset(np.arange(min(seed, n))))
 
         mb = self.settings.influence.micro_batch
-        parts = [self._route_micro_batch(F[i : i + mb], batch, i) for i in range(0, n, mb)]
+        losses = _ChunkReferenceLoss(F, batch.labels)
+        parts = [self._route_micro_batch(F[i : i + mb], batch, i, losses) for i in range(0, n, mb)]
         scores = Scores.concat([p[0] for p in parts])
         decisions = [p[1] for p in parts]
         last = decisions[-1]
@@ -425,13 +426,16 @@ class InfluenceEngine:
         up, warm = self.updater, self.warm
         F = self.extractor.transform(batch.features)
         mb = self.settings.influence.micro_batch
+        losses = _ChunkReferenceLoss(F, batch.labels)
         parts = []
         for i in range(0, n, mb):  # the policy's windows see the events in micro-batches, as in one process
             # s = H⁻¹∇L_R is refreshed as often as in one process, against this (snapshot) head.
             if up.refresh_direction():
                 self._calibrate()
             view = up.view(self.schema, self.policy, up.usable_reference_model(self.uses_reference_model))
-            evidence = Scorer(view).evidence_of(F[i : i + mb], batch.labels[i : i + mb])
+            labels = batch.labels[i : i + mb]
+            reference_loss = losses.of(view.reference_model, i, i + len(labels))
+            evidence = Scorer(view).evidence_of(F[i : i + mb], labels, reference_loss)
             up.count_scored(len(evidence.labels))
             parts.append((evidence.scores, self.router.decide(evidence, warm)))
         decision = _joined([d for _, d in parts])
@@ -480,7 +484,7 @@ class InfluenceEngine:
             self._calibrate()
 
     def _route_micro_batch(
-        self, F: np.ndarray, chunk: EventBatch, start: int
+        self, F: np.ndarray, chunk: EventBatch, start: int, losses: _ChunkReferenceLoss
     ) -> tuple[Scores, RoutingDecision, bool]:
         """Score, route, then learn one micro-batch (matrix products, no per-event loop)."""
         up = self.updater
@@ -494,7 +498,7 @@ class InfluenceEngine:
         if up.begin(F, warm=warm, trusted_reference=self.trusted_reference, reference_evidence=wanted):
             self._calibrate()
         view = up.view(self.schema, self.policy, up.usable_reference_model(wanted))
-        evidence = Scorer(view).evidence_of(F, labels)
+        evidence = Scorer(view).evidence_of(F, labels, losses.of(view.reference_model, start, start + m))
         up.count_scored(m)
         if warm:
             self._warn_small_reference()
@@ -634,6 +638,27 @@ class InfluenceEngine:
             up.curvature.load_state_dict(state["curvature"])
             up.standardizer.load_state_dict(state["standardizer"])
             self._calibrate()
+
+
+class _ChunkReferenceLoss:
+    """``ℓ_ref`` of a whole chunk's events, computed once per reference-model fit.
+
+    An event's reference loss depends only on the event and the fitted reference model, which
+    changes only when it is refitted (a new ``theta``), so the chunk's micro-batches share one
+    product instead of one each; a refit inside the chunk recomputes it.
+    """
+
+    def __init__(self, features: np.ndarray, labels: np.ndarray) -> None:
+        self.features, self.labels = features, labels
+        self._theta: np.ndarray | None = None
+        self._loss = np.zeros(0)
+
+    def of(self, model: ReferenceModel | None, start: int, stop: int) -> np.ndarray | None:
+        if model is None:
+            return None
+        if self._theta is not model.theta:
+            self._theta, self._loss = model.theta, model.loss(self.features, self.labels)
+        return self._loss[start:stop]
 
 
 def _joined(decisions: list[RoutingDecision]) -> RoutingDecision:

@@ -409,16 +409,32 @@ def _simd_event(parse: Any, raw: bytes) -> tuple[str, int | str, _Floats] | dict
         return None
 
 
+@dataclass(slots=True)
+class _Plain:
+    """The plain events of a batch as columns (no tuple per event): ids, simdjson's float64
+    buffers of the features, class indices and input positions; weight 1, no timestamp."""
+
+    ids: list[str] = field(default_factory=list)
+    rows: list[Any] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
+
+    def entries(self, width: int) -> list[tuple[str, Any, int, float, float, int]]:
+        """As :meth:`Schema.decode_batch`'s per-event entries (rows wrapped as :class:`_Floats`)."""
+        rows = [_Floats(r, width) for r in self.rows]
+        n = len(rows)
+        return list(zip(self.ids, rows, self.codes, [1.0] * n, [math.nan] * n, self.index, strict=True))
+
+
 def _plain_events(
     raws: Sequence[bytes | str | None], known: dict[str, int], width: int, max_bytes: int
-) -> tuple[list[tuple[str, Any, int, float, float, int]], list[int]]:
+) -> tuple[_Plain, list[int]]:
     """The plain events of a batch whose label is already known and whose width is ``width``,
     accepted in one pass (the hot path of :meth:`Schema.decode_batch` with simdjson).
 
-    Returns ``(valid, rest)``: valid entries as :meth:`Schema.decode_batch` builds them (weight 1,
-    no timestamp) except that the features are simdjson's float64 buffer itself (``width``
-    numbers; :func:`_floats` wraps it where a row is needed), and the input positions of every
-    other message, for the full rules.  An event
+    Returns ``(valid, rest)``: the valid events as columns (:class:`_Plain`; the features are
+    simdjson's float64 buffer itself, ``width`` numbers; :func:`_floats` wraps it where a row is
+    needed), and the input positions of every other message, for the full rules.  An event
     is taken here only where :func:`_simd_event` would return its plain tuple *and* the full rules
     would then accept it whatever came before it in the batch (earlier messages can only add
     labels or set the width, never take one away): the same answer, minus the per-message calls.
@@ -437,9 +453,9 @@ def _plain_events(
                 by_int[int(key)] = code
         except ValueError:
             pass
-    valid: list[tuple[str, Any, int, float, float, int]] = []
+    valid = _Plain()
+    ids, rows, codes, index = valid.ids.append, valid.rows.append, valid.codes.append, valid.index.append
     rest: list[int] = []
-    nan = math.nan
     for i, raw in enumerate(raws):
         if type(raw) is not bytes or not 0 < len(raw) <= max_bytes or raw[0] != 123:  # "{"
             rest.append(i)
@@ -461,7 +477,10 @@ def _plain_events(
                     # one "[" only (as_buffer would flatten [1, [2]]); find() is a memchr
                     and raw.find(b"[", raw.find(b"[") + 1) < 0
                 ):
-                    valid.append((eid, feats.as_buffer(of_type="d"), code, 1.0, nan, i))
+                    rows(feats.as_buffer(of_type="d"))  # first: it raises for a non-number
+                    ids(eid)
+                    codes(code)
+                    index(i)
                     continue
         except (KeyError, ValueError, TypeError, RuntimeError):
             pass
@@ -599,7 +618,7 @@ class Schema:
             # Details quote the offending value (an id may be a megabyte-long list): keep them short.
             rejects.append(Reject(i, reason, detail if len(detail) <= 300 else detail[:297] + "..."))
 
-        fast: list[tuple[str, Any, int, float, float, int]] = []
+        fast = _Plain()
         todo: Sequence[int] = range(len(raws))
         fast_width = self.n_features
         if self._loads is load_simd and fast_width:
@@ -695,29 +714,36 @@ class Schema:
                 self.n_features = len(feats)
             valid.append((eid, feats, label, float(w), ts, i))
 
-        if fast:
-            # Plain events were accepted first: merge them back into input order.  Their rows are
-            # bare buffers: joined as they are when they are all the rows, else wrapped.
-            if valid:
-                wrapped = [(e, _Floats(f, fast_width), c, w, t, i) for e, f, c, w, t, i in fast]
-                valid = sorted(wrapped + valid, key=lambda v: v[5])
-            else:
-                valid = fast
-        ids, rows, labels, weights, stamps, index = (
-            (list(c) for c in zip(*valid, strict=True)) if valid else ([], [], [], [], [], [])
-        )
         width = self.n_features or 0
-        X = _stack(rows, width)
+        if fast.ids and not valid:  # every valid event is plain (the hot path): no entry per event
+            n = len(fast.ids)
+            rows: list[Any] = fast.rows
+            X = _stack(rows, width)
+            batch = EventBatch(
+                ids=fast.ids,
+                features=X,
+                labels=np.array(fast.codes, dtype=np.int64),
+                weights=np.ones(n),
+                timestamps=np.full(n, math.nan),
+                index=np.array(fast.index, dtype=np.int64),
+            )
+        else:
+            if fast.ids:  # plain events were accepted first: merge them back into input order
+                valid = sorted(fast.entries(width) + valid, key=lambda v: v[5])
+            ids, rows, labels, weights, stamps, index = (
+                (list(c) for c in zip(*valid, strict=True)) if valid else ([], [], [], [], [], [])
+            )
+            X = _stack(rows, width)
+            batch = EventBatch(
+                ids=ids,
+                features=X,
+                labels=np.asarray(labels, dtype=np.int64),
+                weights=np.asarray(weights, dtype=np.float64),
+                timestamps=np.asarray(stamps, dtype=np.float64),
+                index=np.asarray(index, dtype=np.int64),
+            )
         # NaN compares False, so this one test rejects non-finite and out-of-range rows alike.
         ok = (np.abs(X) <= max_abs).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
-        batch = EventBatch(
-            ids=ids,
-            features=X,
-            labels=np.asarray(labels, dtype=np.int64),
-            weights=np.asarray(weights, dtype=np.float64),
-            timestamps=np.asarray(stamps, dtype=np.float64),
-            index=np.asarray(index, dtype=np.int64),
-        )
         if not ok.all():
             for pos in np.flatnonzero(~ok).tolist():
                 reason = _feature_problem(_floats(rows[pos], width), max_abs)
@@ -768,7 +794,8 @@ def _stack(rows: list[list[Any] | _Floats], width: int) -> np.ndarray:
     if not rows:
         return np.zeros((0, width))
     if type(rows[0]) is _BUFFER:  # the plain-event pass's buffers (never mixed with other rows)
-        return np.frombuffer(b"".join(rows), dtype=np.float64).reshape(len(rows), width).copy()  # type: ignore[arg-type]
+        # Joined into a bytearray: the array is writable without a second copy.
+        return np.frombuffer(bytearray().join(rows), dtype=np.float64).reshape(len(rows), width)  # type: ignore[arg-type]
     floats = [r for r, row in enumerate(rows) if type(row) is _Floats]
     if len(floats) == len(rows):
         joined = b"".join([row.data for row in rows])  # type: ignore[union-attr]

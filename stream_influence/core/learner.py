@@ -16,6 +16,7 @@ learner sees it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,59 +36,104 @@ class Prequential:
     """Cumulative accuracy (a confusion matrix of counts) plus rolling accuracy and log-loss.
 
     All counters are numpy arrays updated with one vectorised call per batch: this runs for every
-    event of both learners, so no per-event Python.
+    event of both learners, so no per-event Python.  The engine hands its micro-batches over with
+    :meth:`defer`, which only predicts and returns the errors; the counting is done for many
+    micro-batches at once, before anything reads the metrics (the same counts: integer sums,
+    per-event values and ring positions do not depend on how the events are grouped).
     """
 
     def __init__(self, window: int) -> None:
         self.window = window
-        self.confusion = np.zeros((0, 0))  # [true, predicted] counts (weights of restored cells)
+        self._confusion = np.zeros((0, 0))  # [true, predicted] counts (weights of restored cells)
         # Ring position = event number mod window (the layout checkpoints store).
         self._correct_ring = Ring(window)
         self._loss_ring = Ring(window)
-        self.n = 0
+        self._n = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (P, y, argmax P)
+        self._pending_rows = 0
+
+    @property
+    def n(self) -> int:
+        self._settle()
+        return self._n
+
+    @property
+    def confusion(self) -> np.ndarray:
+        self._settle()
+        return self._confusion
+
+    def defer(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """:meth:`update`, counted later (at the latest before any read, and once ``window`` events
+        wait); returns the 0/1 errors now.  ``P`` and ``y`` must not change afterwards."""
+        if self._pending and self._pending[-1][0].shape[1] != P.shape[1]:
+            self._settle()  # the head grew a class: count the narrower predictions first
+        pred = P.argmax(axis=1)
+        self._pending.append((P, y, pred))
+        self._pending_rows += len(y)
+        if self._pending_rows >= self.window:
+            self._settle()
+        return (pred != y).astype(np.float64)
+
+    def _settle(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if len(pending) == 1:
+            P, y, pred = pending[0]
+        else:
+            P, y, pred = (np.concatenate(part) for part in zip(*pending, strict=True))
+        self._add(P, y, pred)
 
     def _count(
         self, y: np.ndarray, pred: np.ndarray, w: np.ndarray | None = None, k: int | None = None
     ) -> None:
         """Add ``w`` (default 1) at ``[y, pred]``; ``k``: a known bound on both (saves two scans)."""
         k = int(max(y.max(initial=-1), pred.max(initial=-1))) + 1 if k is None else k
-        if k > len(self.confusion):
+        if k > len(self._confusion):
             grown = np.zeros((k, k))
-            grown[: len(self.confusion), : len(self.confusion)] = self.confusion
-            self.confusion = grown
-        k = len(self.confusion)
-        self.confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
+            grown[: len(self._confusion), : len(self._confusion)] = self._confusion
+            self._confusion = grown
+        k = len(self._confusion)
+        self._confusion += np.bincount(y * k + pred, weights=w, minlength=k * k).reshape(k, k)
 
     def update(self, P: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Score predictions ``P`` against labels ``y``; returns the 0/1 errors."""
-        m = len(y)
+        self._settle()
         pred = P.argmax(axis=1)
+        correct = self._add(P, y, pred)
+        return 1.0 - correct
+
+    def _add(self, P: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+        m = len(y)
         self._count(y, pred, k=P.shape[1])  # labels index P's columns: both are below its width
         correct = (pred == y).astype(np.float64)
         loss = -np.log(np.clip(P[np.arange(m), y], 1e-15, None))
         self._correct_ring.push(correct, aligned=True)
         self._loss_ring.push(loss, aligned=True)
-        self.n += len(y)
-        return 1.0 - correct
+        self._n += m
+        return correct
 
     @property
     def _correct(self) -> np.ndarray:
         """0/1 correctness of the window's events, at position event number mod window."""
+        self._settle()
         assert self._correct_ring.data is not None
         return self._correct_ring.data
 
     @property
     def _loss(self) -> np.ndarray:
+        self._settle()
         assert self._loss_ring.data is not None
         return self._loss_ring.data
 
     @property
     def filled(self) -> int:
         """Newest events held in the window (fewer than ``n`` after a resize)."""
+        self._settle()
         return self._correct_ring.size
 
-    @staticmethod
-    def _recent(ring: Ring) -> float:
+    def _recent(self, ring: Ring) -> float:
+        self._settle()
         return float(ring.newest(ring.size).mean()) if ring.size else float("nan")
 
     @property
@@ -116,7 +162,8 @@ class Prequential:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.n = int(state["n"])
+        self._pending, self._pending_rows = [], 0
+        self._n = int(state["n"])
         # The window may have been resized since the save: keep the newest values that fit, at the
         # ring positions this window expects (index = event number mod window).
         saved_c = np.array(state["correct"], dtype=np.float64)
@@ -128,7 +175,7 @@ class Prequential:
             data[events % self.window] = saved[events % len(saved)]
             ring.restore(data, k, self.n % self.window)
         cells = np.asarray(state["confusion"], dtype=np.float64).reshape(-1, 3)
-        self.confusion = np.zeros((0, 0))
+        self._confusion = np.zeros((0, 0))
         self._count(cells[:, 0].astype(np.int64), cells[:, 1].astype(np.int64), cells[:, 2])
 
 
@@ -188,12 +235,14 @@ class HeadLearner:
             for j in jobs
         ):
             raise ValueError("learners that learn alongside share settings and head shape")
+        squares: dict[int, float] = {}  # Σ‖x̃‖² per input array (the routed head often gets all rows)
         for learner, Xj, _, _ in jobs:
             if len(Xj):
+                sq = squares.get(id(Xj))
+                if sq is None:
+                    sq = squares[id(Xj)] = float(np.einsum("bd,bd->", Xj, Xj))
                 seen = learner.updates + learner.trusted_updates
-                learner.sq_norm += (float(np.einsum("bd,bd->", Xj, Xj)) - len(Xj) * learner.sq_norm) / (
-                    seen + len(Xj)
-                )
+                learner.sq_norm += (sq - len(Xj) * learner.sq_norm) / (seen + len(Xj))
         _lockstep([j for j in jobs if len(j[1])], solve)
         for learner, Xj, _, _ in jobs:
             if trusted:
@@ -262,40 +311,54 @@ def _lockstep(
     s = first.settings
     mb, L = s.minibatch, len(jobs)
     K, D = first.theta.shape
-    n = np.array([len(j[1]) for j in jobs])
-    steps = int(-(-n.max() // mb))
-    counts = np.clip(n[None, :] - mb * np.arange(steps)[:, None], 0, mb)  # (steps, L) rows per chunk
+    counts, at_step, at_slot = _step_layout(tuple(len(j[1]) for j in jobs), mb)
+    steps = len(counts)
     sgd = s.optimizer == "sgd"
     # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
     # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
     eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
-    scale = np.zeros((L, steps * mb))
-    Xp = np.zeros((L, steps * mb, D))
-    Yp = np.zeros((L, steps * mb, K))
-    for i, (_, X, y, w) in enumerate(jobs):
-        Xp[i, : n[i]] = X
-        Yp[i, np.arange(n[i]), y] = 1.0
-        scale[i, : n[i]] = w * np.repeat(eta[i] / np.maximum(counts[:, i], 1), mb)[: n[i]]
-    Xw = Xp * scale[:, :, None]
-    # (steps, L, mb, ·): each step's chunks are one contiguous block.
-    Xp = Xp.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
-    Xw = Xw.reshape(L, steps, mb, D).transpose(1, 0, 2, 3).copy()
-    Yp = Yp.reshape(L, steps, mb, K).transpose(1, 0, 2, 3).copy()
+    # Built in the (steps, L, mb, ·) layout the loop reads: row r of learner i is step r // mb,
+    # slot r % mb (padding rows stay zero: weight 0).
+    per_row = eta / np.maximum(counts, 1)  # (steps, L): a chunk's rows share η / rows
+    _, X0, y0, w0 = jobs[0]
+    if len(X0) == steps * mb and all(j[1] is X0 and j[2] is y0 and j[3] is w0 for j in jobs):
+        # Every learner learns the same rows, filling every step (the routed head when nothing
+        # of the micro-batch was quarantined): the same arrays, in three calls.
+        Xp = np.repeat(X0.reshape(steps, 1, mb, D), L, axis=1)
+        Yp = np.zeros((steps, L, mb, K))
+        Yp[at_step, :, at_slot, y0] = 1.0
+        scale = w0.reshape(steps, 1, mb) * per_row[:, :, None]
+    else:
+        Xp = np.zeros((steps, L, mb, D))
+        Yp = np.zeros((steps, L, mb, K))
+        scale = np.zeros((steps, L, mb))
+        for i, (_, X, y, w) in enumerate(jobs):
+            t, r = at_step[: len(X)], at_slot[: len(X)]
+            Xp[t, i, r] = X
+            Yp[t, i, r, y] = 1.0
+            scale[t, i, r] = w * per_row[t, i]
+    Xw = Xp * scale[..., None]
     # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
     decay = np.ones((steps, L, 1, D))
     decay[..., :-1] = np.where(counts > 0, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
     theta = np.stack([j[0].theta for j in jobs])
     for i, job in enumerate(jobs):
         job[0].theta = theta[i]
-    for t in range(steps):
-        Z = np.matmul(Xp[t], theta.transpose(0, 2, 1))
-        Z -= Z.max(axis=2, keepdims=True)
+    # The step below is ~10 calls on arrays of a few hundred numbers: their overhead is the cost,
+    # so views and buffers are made once and the reductions called without ndarray's wrappers.
+    theta_t = theta.transpose(0, 2, 1)
+    Z, G = np.empty((L, mb, K)), np.empty((L, K, D))
+    Z_t = Z.transpose(0, 2, 1)
+    vmax, vsum, matmul = np.maximum.reduce, np.add.reduce, np.matmul
+    for t, (Xt, Yt, Xwt, decay_t) in enumerate(zip(Xp, Yp, Xw, decay, strict=True)):
+        matmul(Xt, theta_t, out=Z)
+        Z -= vmax(Z, axis=2, keepdims=True)
         np.exp(Z, out=Z)
-        Z /= Z.sum(axis=2, keepdims=True)
-        Z -= Yp[t]
-        G = np.matmul(Z.transpose(0, 2, 1), Xw[t])
+        Z /= vsum(Z, axis=2, keepdims=True)
+        Z -= Yt
+        matmul(Z_t, Xwt, out=G)
         if sgd:
-            theta *= decay[t]
+            theta *= decay_t
             theta -= G
             continue
         for i, job in enumerate(jobs):
@@ -305,6 +368,19 @@ def _lockstep(
     if sgd:
         for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
             job[0].steps += live_steps
+
+
+@functools.lru_cache(maxsize=256)
+def _step_layout(n: tuple[int, ...], mb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For learners with ``n`` rows each in steps of ``mb``: the rows each learner has in each
+    step (``steps × L``), and each row's step and slot (the micro-batches repeat these shapes)."""
+    rows = np.arange(max(n))
+    steps = -(-max(n) // mb)
+    counts = np.clip(np.array(n)[None, :] - mb * np.arange(steps)[:, None], 0, mb)
+    out = counts, rows // mb, rows % mb
+    for a in out:
+        a.flags.writeable = False  # shared by every call with these shapes
+    return out
 
 
 def _adwin_step(detector: drift.ADWIN) -> Callable[[float], bool]:
@@ -357,12 +433,13 @@ class DriftMonitor:
         changed_at = -1
         rising = False
         step = _adwin_step(self._detector)
-        for j, e in enumerate(errors.tolist()):
-            if step(e):
-                changed_at = j
-                seen = np.concatenate([self._history, errors[: j + 1]])
-                rising = self._detector.estimation > float(seen.mean())
-                break  # the detector is replaced below: what it would see next does not matter
+        values = iter(errors.tolist())
+        # any() stops at the first detection, leaving `values` just past it (a loop in C).
+        if any(map(step, values)):
+            changed_at = j = len(errors) - 1 - sum(1 for _ in values)
+            seen = np.concatenate([self._history, errors[: j + 1]])
+            rising = self._detector.estimation > float(seen.mean())
+            # the detector is replaced below: what it would see next does not matter
         if changed_at >= 0:
             self._detector = self._fresh()
             self._history = np.zeros(0, dtype=np.uint8)

@@ -33,9 +33,11 @@ __all__ = [
 
 
 def softmax(Z: np.ndarray) -> np.ndarray:
-    Z = Z - Z.max(axis=1, keepdims=True)
+    # The ufuncs' reductions directly (what ndarray.max/sum call, less their Python wrappers):
+    # this runs several times per micro-batch on a few hundred numbers.
+    Z = Z - np.maximum.reduce(Z, axis=1, keepdims=True)
     np.exp(Z, out=Z)
-    Z /= Z.sum(axis=1, keepdims=True)
+    Z /= np.add.reduce(Z, axis=1, keepdims=True)
     return Z
 
 
@@ -133,8 +135,8 @@ class Standardizer:
         if len(X) == 0 or (self.freeze_after is not None and self.n >= self.freeze_after):
             return
         nb = float(len(X))
-        mb = X.mean(axis=0)
-        m2b = np.square(X - mb).sum(axis=0)
+        mb = np.add.reduce(X, axis=0) / len(X)  # X.mean(axis=0), without its Python wrapper
+        m2b = np.add.reduce(np.square(X - mb), axis=0)
         delta = mb - self.mean
         tot = self.n + nb
         self.mean = self.mean + delta * (nb / tot)
@@ -148,6 +150,15 @@ class Standardizer:
 
     def transform(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean) * self._scale
+
+    def transform_augmented(self, X: np.ndarray) -> np.ndarray:
+        """``augment(transform(X))`` computed in place in the augmented array (one array less)."""
+        out = np.empty((len(X), X.shape[1] + 1))
+        body = out[:, :-1]
+        np.subtract(X, self.mean, out=body)
+        body *= self._scale
+        out[:, -1] = 1.0
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {"n": self.n, "mean": self.mean, "m2": self.m2}

@@ -42,21 +42,24 @@ class Ring:
         """Append rows.  A push longer than the ring keeps its newest ``capacity`` rows, written
         from ``pos`` — or, ``aligned``, where they would have landed row by row, so that a row's
         position stays (rows ever pushed) mod capacity (the prequential window's layout)."""
-        if len(x) == 0:
+        n, cap = len(x), self.capacity
+        if n == 0:
             return
         if self.data is None:
-            self.data = np.zeros((self.capacity, *x.shape[1:]), dtype=self.dtype)
+            self.data = np.zeros((cap, *x.shape[1:]), dtype=self.dtype)
         start = self.pos
-        if len(x) > self.capacity:
+        if n > cap:
             if aligned:
-                start = (self.pos + len(x) - self.capacity) % self.capacity
-            x = x[-self.capacity :]
-        if start + len(x) <= self.capacity:  # no wrap: a slice, not an index array
-            self.data[start : start + len(x)] = x
-        else:
-            self.data[(start + np.arange(len(x))) % self.capacity] = x
-        self.pos = int((start + len(x)) % self.capacity)
-        self.size = min(self.capacity, self.size + len(x))
+                start = (self.pos + n - cap) % cap
+            x, n = x[-cap:], cap
+        if start + n <= cap:  # no wrap: a slice, not an index array
+            self.data[start : start + n] = x
+        else:  # two slices
+            head = cap - start
+            self.data[start:] = x[:head]
+            self.data[: n - head] = x[head:]
+        self.pos = (start + n) % cap
+        self.size = min(cap, self.size + n)
 
     def values(self) -> np.ndarray:
         """The rows held, in storage order (order-free statistics need no copy)."""
@@ -86,6 +89,8 @@ class Ring:
         k = max(0, min(k, self.size + k - self.capacity, self.size))
         if self.size < self.capacity:
             return self.data[:k]
+        if self.pos + k <= self.capacity:  # no wrap: a slice, not an index array
+            return self.data[self.pos : self.pos + k]
         return self.data[(self.pos + np.arange(k)) % self.capacity]
 
     def restore(self, data: np.ndarray | None, size: int, pos: int) -> None:

@@ -40,7 +40,7 @@ __all__ = ["Evidence", "Scorer", "head_inputs"]
 
 def head_inputs(standardizer: Standardizer, features: np.ndarray, standardize: bool) -> np.ndarray:
     """Standardised (when ``standardize``), augmented head inputs ``x̃ = [φ; 1]`` of φ-features."""
-    return augment(standardizer.transform(features) if standardize else features)
+    return standardizer.transform_augmented(features) if standardize else augment(features)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,15 +94,23 @@ class Scorer:
             raise NotWarmError("the snapshot has no model yet: no valid event was learned")
         return self.evidence_of(self.snapshot.extractor.transform(batch.features), batch.labels)
 
-    def evidence_of(self, features: np.ndarray, labels: np.ndarray) -> Evidence:
-        """:meth:`evidence` for φ-features already computed (the engine's hot path)."""
+    def evidence_of(
+        self, features: np.ndarray, labels: np.ndarray, reference_loss: np.ndarray | None = None
+    ) -> Evidence:
+        """:meth:`evidence` for φ-features already computed (the engine's hot path);
+        ``reference_loss``: the snapshot's reference model's ``ℓ_ref`` of these events, when the
+        caller already has it (the engine computes a whole chunk's in one product)."""
         snap = self.snapshot
         assert snap.theta is not None and snap.curvature is not None
         X = self.inputs(features)
         P = softmax(X @ snap.theta.T)
-        scores = Scores.missing(len(X))
         if snap.scorable:
             scores = snap.direction.score(P, one_hot(labels, snap.n_classes), X, snap.curvature)
+        else:
+            scores = Scores.missing(len(X))
         ref = snap.reference_model
-        reference_loss = ref.loss(features, labels) if ref is not None else None
+        if ref is None:
+            reference_loss = None
+        elif reference_loss is None:
+            reference_loss = ref.loss(features, labels)
         return Evidence(X, P, labels, scores, reference_loss)

@@ -83,6 +83,7 @@ class Updater:
         self.shadow: HeadLearner | None = None
         self.warm_started = False  # both learners have learned the trusted set (warm start)
         self.dim = 0  # D = φ width + 1
+        self._shortfall: tuple[Any, str | None] = (None, None)  # (buffer, version) → reason
 
     # -- model construction ----------------------------------------------------------------
     @property
@@ -127,6 +128,13 @@ class Updater:
 
     def reference_shortfall(self) -> str | None:
         """Why the reference set cannot calibrate routing yet (None: it can)."""
+        # Asked once per micro-batch; the answer changes only with the buffer (its version).
+        key = (self.reference, self.reference.version)
+        if self._shortfall[0] != key:
+            self._shortfall = (key, self._reference_shortfall())
+        return self._shortfall[1]
+
+    def _reference_shortfall(self) -> str | None:
         r = self.settings.reference
         if self.reference.size < r.min_size:
             return f"reference set has {self.reference.size}/{r.min_size} points"
@@ -273,13 +281,16 @@ class Updater:
         """
         assert self.routed and self.shadow and self.curvature
         X, P, labels = evidence.inputs, evidence.probs, evidence.labels
-        errors = self.routed.metrics.update(P, labels)
-        self.shadow.metrics.update(self.shadow.predict_proba(X), labels)
+        errors = self.routed.metrics.defer(P, labels)
+        self.shadow.metrics.defer(self.shadow.predict_proba(X), labels)
 
         self._update_curvature(X, P, weights)
         accept = ~decision.quarantine
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
-        routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
+        if len(accept) and accept.all():  # the common case: the rows themselves, no copies
+            routed = [(self.routed, X, labels, weights)]
+        else:
+            routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
         self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
         self.model_version += bool(routed)
 

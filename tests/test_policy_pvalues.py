@@ -1,0 +1,32 @@
+"""The conformal p-values of the adaptive reference-loss test do not depend on how they are
+counted: the per-class search (large batches against large trusted sets) and the one-table
+comparison the hot path uses for small ones give the same numbers, ties, 0, ∞ and NaN included."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stream_influence.core.policy import RoutingPolicy
+from stream_influence.core.settings import PolicySettings
+
+
+def test_pvalues_are_the_same_whichever_way_they_are_counted() -> None:
+    rng = np.random.default_rng(5)
+    policy = RoutingPolicy(PolicySettings(floor_reference_loss=False))
+    sizes = [300, 7, 120, 1]
+    policy.loss_calibration = [np.sort(rng.exponential(size=n).round(2)) for n in sizes]
+    n = 400  # 400 × 300 comparisons: over the table's budget, so one batch takes the per-class search
+    labels = rng.integers(0, len(sizes), n)
+    stat = rng.exponential(size=n).round(2)  # rounded: many ties with the trusted statistics
+    stat[:4] = [0.0, np.inf, np.nan, policy.loss_calibration[0][10]]
+    score = np.ones(n)
+    searched = policy.observe(score, labels, stat)
+    assert policy._padded is not None and n * policy._padded[1].shape[1] > 1 << 16
+    tabled = np.concatenate(
+        [policy.observe(score[i : i + 64], labels[i : i + 64], stat[i : i + 64]) for i in range(0, n, 64)]
+    )
+    assert searched is not None
+    assert np.array_equal(searched, tabled)
+    # ∞ and NaN: no trusted statistic is at least as large, p = 1 / (n_y + 1); 0: every one is, p = 1.
+    assert searched[1] == 1.0 / (sizes[labels[1]] + 1.0) and searched[2] == 1.0 / (sizes[labels[2]] + 1.0)
+    assert searched[0] == 1.0
