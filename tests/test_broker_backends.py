@@ -107,6 +107,33 @@ def test_records_watermarks_and_seek(broker: EmbeddedBroker, kafka_client: str) 
     reader.close(5000)
 
 
+def test_an_empty_partition_read_from_its_beginning_is_caught_up(
+    broker: EmbeddedBroker, kafka_client: str
+) -> None:
+    """Position and high watermark of an empty partition become known once the reader has
+    fetched, so "read to the end" (the scale-out updater's start on a new model topic) ends.
+    librdkafka reports no position before the first record: the confluent updater never started."""
+    topic = fresh_topic(broker, "be-empty")
+    backend = open_broker(_settings(kafka_client, broker.bootstrap, topic))
+    reader = backend.consumer(group=False)
+    tp = TopicPartition(topic, 0)
+    _until("partition metadata", lambda: reader.partitions_for(topic) == {0})
+    reader.assign([tp])
+    reader.seek_to_beginning(tp)
+
+    def caught_up() -> bool:
+        assert not reader.poll(200, 100), "records from an empty partition"
+        return reader.highwater(tp) == 0 and reader.position(tp) == 0
+
+    _until("position 0 = high watermark 0", caught_up)
+    # And it moves on with the first records.
+    _fill(backend, topic, 3, 1)
+    got: dict[TopicPartition, list[Record]] = {}
+    _until("3 records", lambda: _drain(reader, got) or len(got.get(tp, [])) == 3)
+    _until("position 3", lambda: _drain(reader, got) or (reader.position(tp), reader.highwater(tp)) == (3, 3))
+    reader.close(5000)
+
+
 def test_a_record_too_large_is_refused_alone(broker: EmbeddedBroker, kafka_client: str) -> None:
     topic = fresh_topic(broker, "be-big")
     p = open_broker(_settings(kafka_client, broker.bootstrap, topic)).producer()

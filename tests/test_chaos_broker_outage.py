@@ -65,7 +65,7 @@ def _source_offsets(messages: list[Any]) -> Counter[int]:
 
 
 def test_service_resumes_by_itself_after_a_30s_outage_nothing_lost_nothing_learned_twice(
-    persistent_broker: PersistentBroker, tmp_path: Path
+    persistent_broker: PersistentBroker, tmp_path: Path, kafka_client: str
 ) -> None:
     broker = persistent_broker
     topic = broker.create_topic("outage")
@@ -89,6 +89,7 @@ def test_service_resumes_by_itself_after_a_30s_outage_nothing_lost_nothing_learn
         topic,
         ckdir,
         kafka={
+            "client": kafka_client,
             "reference_topic": ref,
             "decisions_topic": decisions,
             "process_batch_size": BATCH,

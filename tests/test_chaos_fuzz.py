@@ -69,7 +69,7 @@ def _alive_until(proc: subprocess.Popen[bytes], goal: int, ckdir: Path, log: Pat
 
 
 def test_fuzzed_bad_messages_and_two_kill_minus_nine_each_offset_decided_once(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, kafka_client: str
 ) -> None:
     bad: list[bytes | None] = [
         m
@@ -103,7 +103,12 @@ def test_fuzzed_bad_messages_and_two_kill_minus_nine_each_offset_decided_once(
         broker.bootstrap,
         topic,
         ckdir,
-        kafka={"reference_topic": ref, "decisions_topic": decisions, "process_batch_size": BATCH},
+        kafka={
+            "client": kafka_client,
+            "reference_topic": ref,
+            "decisions_topic": decisions,
+            "process_batch_size": BATCH,
+        },
         checkpoint={"every_events": 2000, "every_seconds": 1.0},
     )
     log = tmp_path / "svc.log"

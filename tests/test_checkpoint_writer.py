@@ -102,7 +102,7 @@ def test_a_failed_background_write_is_raised_not_swallowed(
 
 @pytest.mark.integration
 def test_with_the_default_cadence_offsets_are_committed_soon_after_the_poll(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, kafka_client: str
 ) -> None:
     """The default ``checkpoint.every_seconds`` commits a small, idle-after stream's offsets without
     waiting for ``every_events`` events or a long timer (the previous default waited 30 s)."""
@@ -116,6 +116,7 @@ def test_with_the_default_cadence_offsets_are_committed_soon_after_the_poll(
             broker.bootstrap,
             topic,
             tmp_path / "ck",
+            kafka={"client": kafka_client},
             checkpoint={"every_events": default.every_events, "every_seconds": default.every_seconds},
             metrics={"enabled": False},
         )

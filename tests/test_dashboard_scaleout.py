@@ -28,13 +28,13 @@ TIMEOUT = float(os.environ.get("DASHBOARD_SCALEOUT_TIMEOUT", "90"))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, port: int) -> Path:
+def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, port: int, client: str) -> Path:
     return write_config(
         tmp / f"{name}.yaml",
         broker.bootstrap,
         topic,
         tmp / name,
-        kafka={"reference_topic": ref},
+        kafka={"client": client, "reference_topic": ref},
         checkpoint={"every_events": 500, "every_seconds": 0.5},
         metrics={"enabled": True, "host": "127.0.0.1", "port": port},
         scaleout={
@@ -60,7 +60,7 @@ def _start(config: Path, role: str, log: Path) -> subprocess.Popen[bytes]:
 
 
 def test_every_scale_out_panel_has_data_for_one_worker_and_the_updater(
-    broker: Broker, prometheus_factory, tmp_path: Path
+    broker: Broker, prometheus_factory, tmp_path: Path, kafka_client: str
 ) -> None:
     topic = fresh_topic(broker, "dash-scale", partitions=2)
     ref = fresh_topic(broker, "dash-scale-ref")
@@ -71,7 +71,7 @@ def test_every_scale_out_panel_has_data_for_one_worker_and_the_updater(
     instances = {role: f"127.0.0.1:{port}" for role, port in ports.items()}
     logs = {role: tmp_path / f"{role}.log" for role in ports}
     procs = {
-        role: _start(_config(tmp_path, role, broker, topic, ref, ports[role]), role, logs[role])
+        role: _start(_config(tmp_path, role, broker, topic, ref, ports[role], kafka_client), role, logs[role])
         for role in ("update", "score")
     }
 

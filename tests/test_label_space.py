@@ -141,7 +141,9 @@ def test_replay_dead_letters_labels_outside_the_reference_file(tmp_path: Path) -
 
 
 @pytest.mark.integration
-def test_service_dead_letters_stream_labels_outside_the_reference(broker: Broker, tmp_path: Path) -> None:
+def test_service_dead_letters_stream_labels_outside_the_reference(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     """Reference topic with classes {0, 1, 2}; stream events labelled 7 arrive during the warm-up.
 
     Before the fix, label 7 became a fourth class; now each is dead-lettered ``unknown_label``
@@ -157,7 +159,11 @@ def test_service_dead_letters_stream_labels_outside_the_reference(broker: Broker
         messages.insert(10 + 7 * j, s)  # all inside the first 300 events: the warm-up
     produce(broker.bootstrap, topic, messages)
     cfg = write_config(
-        tmp_path / "cfg.yaml", broker.bootstrap, topic, tmp_path / "ck", kafka={"reference_topic": ref}
+        tmp_path / "cfg.yaml",
+        broker.bootstrap,
+        topic,
+        tmp_path / "ck",
+        kafka={"client": kafka_client, "reference_topic": ref},
     )
     log = tmp_path / "svc.log"
     proc = start_service(cfg, log)

@@ -81,7 +81,7 @@ def _count(bootstrap: str, topic: str) -> int:
 
 
 def test_service_metrics_in_prometheus_match_the_output_topics(
-    broker: Broker, prometheus_factory, tmp_path: Path
+    broker: Broker, prometheus_factory, tmp_path: Path, kafka_client: str
 ) -> None:
     b = broker.bootstrap
     events_topic = fresh_topic(broker, "events", partitions=2)
@@ -101,6 +101,7 @@ def test_service_metrics_in_prometheus_match_the_output_topics(
     port = free_port()
     cfg = {
         "kafka": {
+            "client": kafka_client,
             "bootstrap_servers": b,
             "topic": events_topic,
             "group_id": f"g-{events_topic}",

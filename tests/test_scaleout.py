@@ -73,7 +73,7 @@ def _learned(ckdir: Path) -> int:
     return 0 if ck is None else int(ck.engine.events_seen)
 
 
-def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, ckdir: Path) -> Path:
+def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, ckdir: Path, client: str) -> Path:
     return write_config(
         tmp / f"{name}.yaml",
         broker.bootstrap,
@@ -82,7 +82,7 @@ def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, ckdir: P
         # A small SGD step: the final head then measures what routing let through, not the last
         # few hundred steps (at the default 0.1 it moves by ±1.5 points with the learning order).
         engine={"reference": {"min_size": 100}, "learner": {"learning_rate": 0.02}},
-        kafka={"reference_topic": ref, "process_batch_size": 500},
+        kafka={"client": client, "reference_topic": ref, "process_batch_size": 500},
         # Staleness: a worker scores at most 2 × 256 events on one snapshot, and the updater
         # publishes one per 256 events learned (or per 0.5 s).
         checkpoint={"every_events": 256, "every_seconds": 0.5},
@@ -104,7 +104,7 @@ def _accuracy(engine: InfluenceEngine, X: np.ndarray, y: np.ndarray, *, shadow: 
 
 
 def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
-    broker: Broker, tmp_path: Path
+    broker: Broker, tmp_path: Path, kafka_client: str
 ) -> None:
     rng = random.Random(7)
     topic = fresh_topic(broker, "scale", partitions=PARTITIONS)
@@ -117,7 +117,9 @@ def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
     for b in malformed(N_BAD, seed=23):
         messages.insert(rng.randrange(len(messages) + 1), b)
     # What the trusted schema rejects (the bad messages; a label the trusted set lacked would be too).
-    probe = InfluenceEngine(load_config(_config(tmp_path, "probe", broker, topic, ref, tmp_path)).engine)
+    probe = InfluenceEngine(
+        load_config(_config(tmp_path, "probe", broker, topic, ref, tmp_path, kafka_client)).engine
+    )
     probe.add_reference(refs)
     everything = messages + more
     bad_at = {r.index for r in probe.decode(everything, learn=False)[1]}
@@ -125,9 +127,10 @@ def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
     assert set(malformed(N_BAD, seed=23)) <= rejected
 
     upd_dir = tmp_path / "updater"
-    upd_cfg = _config(tmp_path, "updater", broker, topic, ref, upd_dir)
+    upd_cfg = _config(tmp_path, "updater", broker, topic, ref, upd_dir, kafka_client)
     score_cfgs = [
-        _config(tmp_path, f"scorer{i}", broker, topic, ref, tmp_path / f"scorer{i}") for i in range(SCORERS)
+        _config(tmp_path, f"scorer{i}", broker, topic, ref, tmp_path / f"scorer{i}", kafka_client)
+        for i in range(SCORERS)
     ]
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -159,7 +162,7 @@ def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
 
         # -- phase 2: a second updater fences the first, then learns more ---------------------
         upd2_dir = tmp_path / "updater2"
-        upd2_cfg = _config(tmp_path, "updater2", broker, topic, ref, upd2_dir)
+        upd2_cfg = _config(tmp_path, "updater2", broker, topic, ref, upd2_dir, kafka_client)
         second = _start(upd2_cfg, "update", logs / "updater2.log")
         procs.append(second)
         assert updater.wait(TIMEOUT) == FENCED_EXIT, "the first updater was not fenced"

@@ -2,11 +2,14 @@
 
 The service runs in a thread of the test process against the real embedded broker, so a fault can
 be injected at one stage — decode, score, learn, emit, flush, checkpoint write, commit — by
-patching that stage to raise :class:`InjectedCrash` (a ``BaseException``: like the process dying
+making that stage raise :class:`InjectedCrash` (a ``BaseException``: like the process dying
 there, nothing in the service may swallow it) once, in the middle of an un-checkpointed window.
-The crashed service then closes its consumer (the path where kafka-python runs the revocation
-hook); a second service restarts from the checkpoint directory, and its final model must equal one
-uninterrupted run over the same events (≤ 1e-9), with every event counted once.
+The engine and service stages are patched on their classes; the broker stages (flush, commit) are
+injected at the broker seam (:class:`tests.fixtures.seam.Seam`), so every test runs on both
+backends (``kafka_client``).  The crashed service then closes its consumer (the path where
+kafka-python runs the revocation hook); a second service restarts from the checkpoint directory,
+and its final model must equal one uninterrupted run over the same events (≤ 1e-9), with every
+event counted once.
 
 One subprocess test crashes a real ``stream-influence run`` process the same way.
 """
@@ -22,15 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
 
 from stream_influence.config import load_config
 from stream_influence.core.engine import InfluenceEngine
 from stream_influence.core.influence import InfluenceScorer
 from stream_influence.core.learner import HeadLearner
+from stream_influence.io.broker import TopicPartition, open_broker
 from stream_influence.service.checkpoint import CheckpointStore
 from stream_influence.service.loop import Service
 from tests.fixtures.broker import Broker, fresh_topic
+from tests.fixtures.seam import Call, Seam
 from tests.fixtures.service_events import (
     ServiceThread,
     consumed,
@@ -55,24 +59,33 @@ class InjectedCrash(BaseException):
     """The process dying at the patched instruction."""
 
 
-# stage → (owner, method) patched at class level; every call goes through it.
+# stage → (owner, method) patched at class level (every call goes through it), or (role, method)
+# of the broker seam (every call of the service's own backend goes through it).
 STAGES: dict[str, tuple[Any, str]] = {
     "decode": (InfluenceEngine, "decode"),
     "score": (InfluenceScorer, "score"),
     "learn": (HeadLearner, "learn"),
     "emit": (Service, "_emit"),
-    "flush": (KafkaProducer, "flush"),
+    "flush": ("producer", "flush"),
     "checkpoint write": (CheckpointStore, "save"),
-    "commit": (KafkaConsumer, "commit"),
+    "commit": ("consumer", "commit"),
 }
 
 
-def _inject(monkeypatch: pytest.MonkeyPatch, stage: str, armed: Callable[[], bool]) -> list[str]:
+def _inject(monkeypatch: pytest.MonkeyPatch, seam: Seam, stage: str, armed: Callable[[], bool]) -> list[str]:
     """Make ``stage`` raise once, the first time it runs while ``armed()``; returns a list that
     holds the stage's name once it fired."""
     owner, name = STAGES[stage]
-    original = getattr(owner, name)
     fired: list[str] = []
+    if isinstance(owner, str):  # a broker stage: at the seam, on either backend
+
+        def crash(_call: Call) -> Any:
+            fired.append(stage)
+            raise InjectedCrash(stage)
+
+        seam.inject(owner, name, crash, when=lambda _call: armed())
+        return fired
+    original = getattr(owner, name)
 
     def faulty(*args: Any, **kwargs: Any) -> Any:
         if not fired and armed():
@@ -97,7 +110,7 @@ def _stream(broker: Broker, name: str) -> tuple[str, str, list[bytes], list[byte
     return topic, ref, refs, messages
 
 
-def _config(broker: Broker, tmp_path: Path, topic: str, ref: str, **kafka: Any) -> Path:
+def _config(broker: Broker, tmp_path: Path, topic: str, ref: str, client: str, **kafka: Any) -> Path:
     # 100 records a poll and 750 events a checkpoint: chunk 4 is processed in a window that is
     # not checkpointed yet, so the crash falls where a checkpoint would be wrong.
     return write_config(
@@ -106,6 +119,7 @@ def _config(broker: Broker, tmp_path: Path, topic: str, ref: str, **kafka: Any) 
         topic,
         tmp_path / "ck",
         kafka={
+            "client": client,
             "reference_topic": ref,
             "process_batch_size": BATCH,
             "max_poll_records": 100,
@@ -133,15 +147,16 @@ def _assert_equals_uninterrupted(cfg_path: Path, refs: list[bytes], messages: li
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_a_crash_at_any_stage_applies_every_event_once(
-    stage: str, broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    stage: str, broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kafka_client: str
 ) -> None:
     topic, ref, refs, messages = _stream(broker, f"fault-{stage.replace(' ', '-')}")
-    cfg_path = _config(broker, tmp_path, topic, ref)
+    cfg_path = _config(broker, tmp_path, topic, ref, kafka_client)
     cfg = load_config(cfg_path)
 
     holder: list[ServiceThread] = []
-    fired = _inject(monkeypatch, stage, lambda: bool(holder) and holder[0].service.batches >= 4)
-    first = ServiceThread(cfg)
+    seam = Seam(open_broker(cfg.kafka))
+    fired = _inject(monkeypatch, seam, stage, lambda: bool(holder) and holder[0].service.batches >= 4)
+    first = ServiceThread(cfg, broker=seam)
     holder.append(first)
     first.wait_done(90)
     assert fired == [stage], f"the fault at {stage} never fired"
@@ -155,43 +170,49 @@ def test_a_crash_at_any_stage_applies_every_event_once(
     _assert_equals_uninterrupted(cfg_path, refs, messages)
 
 
-def test_commit_follows_flush_and_checkpoint(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_commit_follows_flush_and_checkpoint(broker: Broker, tmp_path: Path, kafka_client: str) -> None:
     """Every offset the service commits is already in a checkpoint on disk, and every output of
     the events below it is acknowledged: committing first (then crashing) would lose them."""
     topic, ref, _, messages = _stream(broker, "commit-order")
-    cfg = load_config(_config(broker, tmp_path, topic, ref))
+    cfg = load_config(_config(broker, tmp_path, topic, ref, kafka_client))
     holder: list[ServiceThread] = []
     checked: list[int] = []
     # Recorded, not asserted in the hook: the service logs and survives a failing commit.
     violations: list[str] = []
-    original = KafkaConsumer.commit
 
-    def checked_commit(consumer: KafkaConsumer, offsets: Any = None, **kwargs: Any) -> Any:
-        if holder and consumer is holder[0].service.consumer.client and offsets:
+    def checked_commit(call: Call) -> Any:
+        offsets: dict[TopicPartition, int] = dict(call.args[0])
+        if holder and offsets:
             service = holder[0].service
             ck = CheckpointStore(cfg.checkpoint.directory).latest()
-            for tp, meta in offsets.items():
+            for tp, offset in offsets.items():
                 stored = ck.offsets.get((tp.topic, tp.partition)) if ck is not None else None
-                if stored is None or stored < meta.offset:
+                if stored is None or stored < offset:
                     violations.append(
-                        f"commit of {tp.topic}-{tp.partition}@{meta.offset} before a checkpoint "
+                        f"commit of {tp.topic}-{tp.partition}@{offset} before a checkpoint "
                         f"holds it (latest checkpoint: {stored})"
                     )
-            if service.inflight or service.producer.client._accumulator.has_incomplete:
-                violations.append(f"commit at {dict(offsets)} while outputs are unacknowledged")
-            checked.append(max(m.offset for m in offsets.values()))
-        return original(consumer, offsets, **kwargs)
+            # Backend-neutral "every output acknowledged": each delivery answered, none failed.
+            unacked = [d for d in deliveries if not d.done or d.error is not None]
+            if service.inflight or unacked:
+                violations.append(
+                    f"commit at {offsets} while outputs are unacknowledged "
+                    f"({len(service.inflight)} in flight, {len(unacked)} unanswered or failed)"
+                )
+            checked.append(max(offsets.values()))
+        return call.proceed()
 
-    monkeypatch.setattr(KafkaConsumer, "commit", checked_commit)
-    svc = ServiceThread(cfg)
+    seam = Seam(open_broker(cfg.kafka))
+    deliveries = seam.deliveries()  # every output the service produced, in order
+    seam.on("consumer", "commit", checked_commit)
+    svc = ServiceThread(cfg, broker=seam)
     holder.append(svc)
     wait_for(lambda: svc.consumed() >= len(messages), 90, what="all consumed")
     assert svc.stop() == 0, svc.error
     assert violations == []
     assert len(checked) >= 3, f"too few commits checked: {checked}"
     assert checked[-1] == len(messages)
+    assert deliveries, "the seam saw no outputs"
     # The decisions of every committed offset are in their topic.
     decisions = read_topic(broker.bootstrap, f"{topic}.decisions", at_least=len(messages))
     assert {json.loads(m.value)["source_offset"] for m in decisions} == set(range(len(messages)))
@@ -219,11 +240,13 @@ sys.exit(main(["run", "--config", sys.argv[1]]))
 """
 
 
-def test_a_real_process_crashing_in_emit_applies_every_event_once(broker: Broker, tmp_path: Path) -> None:
+def test_a_real_process_crashing_in_emit_applies_every_event_once(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     """Defect 2 with a real process: an exception in ``_emit`` ends the process (exit 1) and
     ``consumer.close()`` must not checkpoint the half-processed engine on the way out."""
     topic, ref, refs, messages = _stream(broker, "fault-process")
-    cfg_path = _config(broker, tmp_path, topic, ref)
+    cfg_path = _config(broker, tmp_path, topic, ref, kafka_client)
     log = tmp_path / "svc.log"
     script = tmp_path / "faulty_run.py"
     script.write_text(FAULTY_RUN)

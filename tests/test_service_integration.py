@@ -275,14 +275,18 @@ def test_sigterm_exits_zero_with_final_checkpoint_and_commit(
         c.close()
 
 
-def test_requeue_republishes_what_passes_once(broker: Broker, tmp_path: Path) -> None:
+def test_requeue_republishes_what_passes_once(broker: Broker, tmp_path: Path, kafka_client: str) -> None:
     topic = fresh_topic(broker, "rq")
     ref = fresh_topic(broker, "rq-ref")
     target = fresh_topic(broker, "rq-out")
     produce(broker.bootstrap, ref, events(300, seed=7, prefix="ref")[0])
     produce(broker.bootstrap, topic, events(4_000, noise=0.3, seed=9)[0])
     cfg = write_config(
-        tmp_path / "cfg.yaml", broker.bootstrap, topic, tmp_path / "ck", kafka={"reference_topic": ref}
+        tmp_path / "cfg.yaml",
+        broker.bootstrap,
+        topic,
+        tmp_path / "ck",
+        kafka={"client": kafka_client, "reference_topic": ref},
     )
     proc = start_service(cfg, tmp_path / "svc.log")
     try:
@@ -298,7 +302,7 @@ def test_requeue_republishes_what_passes_once(broker: Broker, tmp_path: Path) ->
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"reference_topic": ref},
+            kafka={"client": kafka_client, "reference_topic": ref},
             engine={
                 "policy": {"warmup_events": 300, "accept_threshold": -2.0, "quarantine_threshold": threshold}
             },
@@ -323,13 +327,16 @@ def test_requeue_republishes_what_passes_once(broker: Broker, tmp_path: Path) ->
     assert all(dict(m.headers)["requeued_from"].startswith(f"{topic}.quarantine:".encode()) for m in out)
 
 
-def test_produce_cli_loads_a_jsonl_file(broker: Broker, tmp_path: Path) -> None:
+def test_produce_cli_loads_a_jsonl_file(broker: Broker, tmp_path: Path, kafka_client: str) -> None:
     topic = fresh_topic(broker, "cli-produce")
     raws = events(3_000, seed=4)[0] + [b"not json"]
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(raws) + b"\n\n")  # a blank line is skipped, not sent
+    cfg = write_config(
+        tmp_path / "cfg.yaml", broker.bootstrap, topic, tmp_path / "ck", kafka={"client": kafka_client}
+    )
     out = subprocess.run(
-        [sys.executable, "-m", "stream_influence", "produce", str(path), "--topic", topic,
+        [sys.executable, "-m", "stream_influence", "produce", str(path), "--topic", topic, "--config", str(cfg),
          "--bootstrap", broker.bootstrap, "--key-from-id", "--quiet"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip

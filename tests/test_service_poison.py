@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
-from kafka.future import Future
 
-from stream_influence.config import load_config
+from stream_influence.config import AppSettings, load_config
 from stream_influence.core.engine import InfluenceEngine
 from stream_influence.io import records as kafka_io
+from stream_influence.io.broker import BrokerTrouble, OutputRecord, RecordRefused, open_broker
 from tests.fixtures.broker import Broker, fresh_topic
+from tests.fixtures.seam import Call, Seam, raising
 from tests.fixtures.service_events import (
     ServiceThread,
     consumed,
@@ -237,23 +237,18 @@ def test_a_quarantined_event_whose_id_cannot_be_encoded_is_dead_lettered(
     assert (audit[index]["decision"], audit[index]["reason"]) == ("dead_letter", kafka_io.OUTPUT_FAILED)
 
 
-def _flaky_flush(monkeypatch: pytest.MonkeyPatch, failures: int) -> list[int]:
-    """The output producer's flush times out ``failures`` times (broker trouble), then works."""
-    original = KafkaProducer.flush
-    count: list[int] = []
-
-    def flush(self: KafkaProducer, timeout: float | None = None) -> None:
-        if len(count) < failures:
-            count.append(1)
-            raise KafkaTimeoutError("injected: flush timed out")
-        return original(self, timeout)
-
-    monkeypatch.setattr(KafkaProducer, "flush", flush)
-    return count
+def _flaky_flush(cfg: AppSettings, failures: int | None) -> tuple[Seam, list[Call]]:
+    """The backend of ``cfg`` at the seam, whose output producer's flush times out ``failures``
+    times (None: always) — broker trouble — then works; and the list of the flushes that failed."""
+    seam = Seam(open_broker(cfg.kafka))
+    fired = seam.inject(
+        "producer", "flush", raising(lambda: BrokerTrouble("injected: flush timed out")), times=failures
+    )
+    return seam, fired
 
 
 def test_a_window_that_never_gets_through_stops_the_service_after_the_replay_limit(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture, kafka_client: str
 ) -> None:
     topic = fresh_topic(broker, "replay-limit")
     messages = events(1200, seed=61)[0]
@@ -264,14 +259,14 @@ def test_a_window_that_never_gets_through_stops_the_service_after_the_replay_lim
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"max_window_replays": 3, "replay_backoff_seconds": 0.1},
+            kafka={"client": kafka_client, "max_window_replays": 3, "replay_backoff_seconds": 0.1},
             checkpoint={"every_events": 500},
             metrics={"enabled": False},
         )
     )
-    failures = _flaky_flush(monkeypatch, failures=10**9)
+    seam, failures = _flaky_flush(cfg, failures=None)
     caplog.set_level(logging.WARNING, logger="stream_influence")
-    svc = ServiceThread(cfg)
+    svc = ServiceThread(cfg, broker=seam)
     svc.wait_done(90)  # today: rolls back and replays for ever
     assert svc.code == 1 and svc.error is None
     assert failures, "the injected fault never ran"
@@ -286,7 +281,7 @@ def test_a_window_that_never_gets_through_stops_the_service_after_the_replay_lim
 
 
 def test_a_replayed_window_is_counted_once(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture, kafka_client: str
 ) -> None:
     """Defect 9: ``events_consumed_total`` counted replayed windows again (87,500 for 19,982)."""
     topic = fresh_topic(broker, "count-once")
@@ -298,13 +293,13 @@ def test_a_replayed_window_is_counted_once(
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"replay_backoff_seconds": 0.1},
+            kafka={"client": kafka_client, "replay_backoff_seconds": 0.1},
             checkpoint={"every_events": 500},
         )
     )
-    failures = _flaky_flush(monkeypatch, failures=2)
+    seam, failures = _flaky_flush(cfg, failures=2)
     caplog.set_level(logging.INFO, logger="stream_influence")
-    svc = ServiceThread(cfg)
+    svc = ServiceThread(cfg, broker=seam)
     try:
         wait_for(lambda: consumed(tmp_path / "ck") >= len(messages), 90, what="all consumed")
     finally:
@@ -320,49 +315,84 @@ def test_a_replayed_window_is_counted_once(
     assert total == len(messages), "decisions add up to the consumed count"
 
 
-# kafka-python only: deleting an assigned topic crashes librdkafka 2.16.1 on the embedded broker
-# (see stream_influence/io/confluent.py, "Broker quirks").
-def test_a_recreated_reference_topic_is_read_again(broker: Broker, tmp_path: Path) -> None:
+class LibrdkafkaCrash(AssertionError):
+    """The service process died of SIGSEGV: librdkafka's crash on a deleted topic (below)."""
+
+
+# Reproduction and analysis: tests/fixtures/librdkafka_deleted_topic.py.  The crash is inside
+# librdkafka (its own thread, before any poll returns): nothing the service does steps around it.
+LIBRDKAFKA_DELETED_TOPIC = (
+    "librdkafka 2.16.0 (confluent-kafka 2.16.1) dies of SIGSEGV on the embedded Tansu broker when a "
+    "topic its consumer is assigned to is deleted: Tansu answers the Fetch with UNKNOWN_TOPIC_OR_PART, a "
+    "zero topic id and a KIP-951 current leader; librdkafka's rd_kafka_metadata_update_op then looks the "
+    "topic up by a NULL name (strcmp in rd_kafka_metadata_cache_find, thread rdk:main). Reproduce: "
+    "python -m tests.fixtures.librdkafka_deleted_topic (exit -11). Apache Kafka does not answer so. "
+    "strict: passes once librdkafka or the broker is fixed, and then this mark must go"
+)
+
+
+def test_a_recreated_reference_topic_is_read_again(
+    broker: Broker, tmp_path: Path, kafka_client: str, request: pytest.FixtureRequest
+) -> None:
     """Defect 9: after the reference topic is deleted and re-created the reader kept its old
-    offset (past the new end) and never saw the new trusted events."""
+    offset (past the new end) and never saw the new trusted events.  A real process, so that
+    librdkafka's crash (confluent, on this broker) is seen as what it is."""
+    if kafka_client == "confluent":
+        request.applymarker(
+            pytest.mark.xfail(strict=True, raises=LibrdkafkaCrash, reason=LIBRDKAFKA_DELETED_TOPIC)
+        )
     topic = fresh_topic(broker, "ref-recreate")
     ref = fresh_topic(broker, "ref-recreate-ref")
     produce(broker.bootstrap, ref, events(150, seed=81, prefix="old")[0])
     produce(broker.bootstrap, topic, events(600, seed=82)[0])
-    cfg = load_config(
-        write_config(
-            tmp_path / "cfg.yaml",
-            broker.bootstrap,
-            topic,
-            tmp_path / "ck",
-            kafka={"reference_topic": ref},
-            metrics={"enabled": False},
-        )
+    ckdir = tmp_path / "ck"
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        broker.bootstrap,
+        topic,
+        ckdir,
+        kafka={"client": kafka_client, "reference_topic": ref},
+        checkpoint={"every_seconds": 0.5},  # the reference events are seen in checkpoints
+        metrics={"enabled": False},
     )
-    svc = ServiceThread(cfg)
+    log = tmp_path / "svc.log"
+    proc = start_service(cfg, log)
+
+    def alive() -> bool:
+        if proc.poll() is None:
+            return True
+        died = LibrdkafkaCrash if proc.returncode == -signal.SIGSEGV else AssertionError
+        raise died(f"the service died (exit {proc.returncode}): {_text(log)[-2000:]}")
 
     def reference_events() -> int:
-        return int(svc.service.engine.counters.reference_events)  # an int read: no lock needed
+        ck = latest_checkpoint(ckdir)
+        return 0 if ck is None else int(ck.engine.counters.reference_events)
 
     try:
-        wait_for(lambda: svc.consumed() >= 600 and reference_events() == 150, 60, what="first run")
+        wait_for(
+            lambda: alive() and consumed(ckdir) >= 600 and reference_events() == 150, 60, what="first run"
+        )
         admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=5000)
         try:
             admin.delete_topics([ref])
             wait_for(lambda: ref not in admin.list_topics(), 30, what="reference topic deleted")
             time.sleep(1.0)  # let the reader see the topic gone
+            alive()
             admin.create_topics([NewTopic(ref, num_partitions=1, replication_factor=1)])
         finally:
             admin.close()
         produce(broker.bootstrap, ref, events(100, seed=83, prefix="new")[0])
-        wait_for(lambda: reference_events() >= 250, 60, what="the new trusted events read")
+        wait_for(lambda: alive() and reference_events() >= 250, 60, what="the new trusted events read")
         assert reference_events() == 250
     finally:
-        assert svc.stop() == 0, svc.error
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+    assert rc == 0, _text(log)[-3000:]
 
 
 def test_a_record_the_broker_refuses_dead_letters_its_message_once(
-    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    broker: Broker, tmp_path: Path, caplog: pytest.LogCaptureFixture, kafka_client: str
 ) -> None:
     """A broker whose own size limit is below the producer's refuses one dead letter *after*
     ``send`` (a failed future, not retriable), every time.  Today: the window rolls back and
@@ -379,23 +409,26 @@ def test_a_record_the_broker_refuses_dead_letters_its_message_once(
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"replay_backoff_seconds": 0.1},
+            kafka={"client": kafka_client, "replay_backoff_seconds": 0.1},
             metrics={"enabled": False},
         )
     )
-    original = KafkaProducer.send
 
-    def send(
-        self: KafkaProducer, t: str, value: Any = None, key: Any = None, headers: Any = None, **kw: Any
-    ) -> Any:
-        h = dict(headers or [])
-        if t == cfg.kafka.dead_letter_topic and value and h.get("source_offset") == str(victim).encode():
-            return Future().failure(MessageSizeTooLargeError("injected: over the broker's message.max.bytes"))
-        return original(self, t, value=value, key=key, headers=headers, **kw)
+    def victims_dead_letter(rec: OutputRecord) -> bool:
+        h = dict(rec.headers or [])
+        return bool(
+            rec.topic == cfg.kafka.dead_letter_topic
+            and rec.value
+            and h.get("source_offset") == str(victim).encode()
+        )
 
-    monkeypatch.setattr(KafkaProducer, "send", send)
+    def too_large(_rec: OutputRecord) -> BaseException:
+        return RecordRefused("injected: over the broker's message.max.bytes")
+
+    seam = Seam(open_broker(cfg.kafka))
+    refused = seam.refuse(victims_dead_letter, too_large)
     caplog.set_level(logging.INFO, logger="stream_influence")
-    svc = ServiceThread(cfg)
+    svc = ServiceThread(cfg, broker=seam)
     try:
         wait_for(
             lambda: consumed(tmp_path / "ck") >= len(messages) or not svc.thread.is_alive(),
@@ -405,6 +438,7 @@ def test_a_record_the_broker_refuses_dead_letters_its_message_once(
     finally:
         assert svc.stop() == 0, svc.error
     assert consumed(tmp_path / "ck") == len(messages)
+    assert len(refused) == 1, "the victim's full dead letter was refused once, and never sent again"
     assert not [r for r in caplog.records if "rolled back" in r.getMessage()]
     dead = _by_offset(read_topic(broker.bootstrap, f"{topic}.dead-letter", at_least=1))
     assert list(dead) == [victim] and len(dead[victim]) == 1

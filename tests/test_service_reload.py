@@ -23,7 +23,9 @@ def _consumed(port: int) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_policy_file_change_reloads_without_losing_events(broker: Broker, tmp_path: Path) -> None:
+def test_policy_file_change_reloads_without_losing_events(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
     topic = fresh_topic(broker, "reload")
     ref = fresh_topic(broker, "reload-ref")
     decisions = f"{topic}.decisions"
@@ -36,7 +38,7 @@ def test_policy_file_change_reloads_without_losing_events(broker: Broker, tmp_pa
             broker.bootstrap,
             topic,
             tmp_path / "ck",
-            kafka={"reference_topic": ref, "decisions_topic": decisions},
+            kafka={"client": kafka_client, "reference_topic": ref, "decisions_topic": decisions},
             # The fixed-threshold mode, ungated: every decision follows the threshold in force.
             engine={
                 "policy": {"warmup_events": 300, "mode": "absolute", "require_disagreement": False, **policy}

@@ -1,8 +1,8 @@
 """One thread owns Kafka and the engine, through real rebalances on the real broker.
 
 Every call into the broker backend (the :class:`~stream_influence.io.broker.Broker`, its consumers
-and producers) is recorded with the calling thread by a wrapper around the real kafka-python
-backend; two in-process services on the embedded broker go through a member joining and a
+and producers) is recorded with the calling thread at the broker seam (:class:`tests.fixtures.seam.Seam`
+around the real backend, kafka-python or confluent); two in-process services on the embedded broker go through a member joining and a
 member leaving (each an eager rebalance that revokes partitions holding un-checkpointed work).
 Every broker call and every checkpoint write must come from the calling service's loop thread —
 the old design wrote the revocation checkpoint on kafka-python's I/O thread — and the hand-over
@@ -22,6 +22,7 @@ from stream_influence.config import load_config
 from stream_influence.io.broker import open_broker
 from stream_influence.service.checkpoint import CheckpointStore
 from tests.fixtures.broker import Broker, fresh_topic
+from tests.fixtures.seam import Call, Seam
 from tests.fixtures.service_events import (
     ServiceThread,
     events,
@@ -45,38 +46,16 @@ class CallLog:
         self.calls: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
 
-    def record(self, who: str, method: str) -> None:
+    def record(self, who: str, call: Call) -> None:
         with self._lock:
-            self.calls.append((who, threading.current_thread().name, method))
-
-
-class Recording:
-    """Wraps a backend object: every public attribute use is logged; the clients the backend
-    builds (``consumer()``, ``producer()``) come back wrapped too."""
-
-    def __init__(self, target: Any, log: CallLog, who: str) -> None:
-        self._target, self._log, self._who = target, log, who
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._target, name)
-        if name.startswith("_"):
-            return value
-        if not callable(value):  # a property such as max_request_size
-            self._log.record(self._who, name)
-            return value
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self._log.record(self._who, name)
-            result = value(*args, **kwargs)
-            return Recording(result, self._log, self._who) if name in ("consumer", "producer") else result
-
-        return call
+            self.calls.append((who, call.thread, call.method))
 
 
 def _service(cfg_path: Path, log: CallLog, who: str) -> ServiceThread:
     cfg = load_config(cfg_path)
-    broker = Recording(open_broker(cfg.kafka), log, who)
-    return ServiceThread(cfg, broker=broker, name=f"loop-{who}")
+    seam = Seam(open_broker(cfg.kafka))  # every backend call, of the clients it builds too
+    seam.observe(lambda call: log.record(who, call))
+    return ServiceThread(cfg, broker=seam, name=f"loop-{who}")
 
 
 def test_every_broker_call_and_checkpoint_comes_from_the_loop_thread_through_rebalances(

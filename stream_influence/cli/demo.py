@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="where plots and the report go")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus endpoint port (0: any free)")
     p.add_argument(
+        "--client",
+        default="kafka-python",
+        choices=["kafka-python", "confluent"],
+        help="Kafka client of the service and the demo's own readers and producers (kafka.client)",
+    )
+    p.add_argument(
         "--keep-running",
         action="store_true",
         help="leave the broker and service up (Ctrl-C stops) so Prometheus can scrape them",
@@ -51,6 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
         out=args.out,
         metrics_port=args.metrics_port,
         keep_running=args.keep_running,
+        client=args.client,
     )
     report = run_demo(opts, quiet=args.quiet or args.json, verbose=args.verbose)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))

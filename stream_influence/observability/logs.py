@@ -49,7 +49,8 @@ class RateLimitFilter(logging.Filter):
 
     def __init__(
         self,
-        prefixes: tuple[str, ...] = ("kafka",),
+        # The client libraries' loggers: kafka-python's, and librdkafka's (io/confluent.py).
+        prefixes: tuple[str, ...] = ("kafka", "stream_influence.io.librdkafka"),
         burst: int = 3,
         window_s: float = 60.0,
         clock: Callable[[], float] = time.monotonic,

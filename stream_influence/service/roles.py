@@ -124,6 +124,13 @@ def applied_checksum(coordinates: Any) -> int:
     return sum(_coordinate_hash(t, p, o) for t, p, o in coordinates) % 2**64
 
 
+# One produce request in flight per connection, spelled as each backend's client spells it.
+_ONE_IN_FLIGHT = {
+    "kafka-python": "max_in_flight_requests_per_connection",
+    "confluent": "max.in.flight.requests.per.connection",
+}
+
+
 class ScoreService(Service):
     """A score worker (see the module docstring)."""
 
@@ -133,7 +140,7 @@ class ScoreService(Service):
         k = cfg.kafka
         # Records of one source partition must reach the updates topic in offset order (the
         # updater's duplicate test is a high-water mark): no reordering by producer retries.
-        options = {"max_in_flight_requests_per_connection": 1, **k.client_options}
+        options = {_ONE_IN_FLIGHT[k.client]: 1, **k.client_options}
         # The updater owns the trusted set; the worker gets it inside the snapshot.
         kafka = k.model_copy(update={"reference_topic": None, "client_options": options})
         super().__init__(

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -65,6 +65,7 @@ class DemoOptions:
     out: Path = Path("demo-output")
     metrics_port: int = 9400
     keep_running: bool = False
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
     malformed_fraction: float = 0.005
     batch_size: int = 128
     timeout_seconds: float = 300.0
@@ -226,6 +227,7 @@ def _run_service(
     from stream_influence.service.loop import Service
 
     kafka = KafkaSettings(
+        client=opts.client,
         bootstrap_servers=broker.bootstrap,
         topic="demo.events",
         reference_topic="demo.reference",
@@ -383,6 +385,7 @@ def _run_demo(opts: DemoOptions, *, quiet: bool, verbose: bool) -> dict[str, Any
 
     report: dict[str, Any] = {
         "mode": mode,
+        "client": opts.client,
         "dataset": stream.name,
         "noise": opts.noise,
         "noise_kind": opts.noise_kind,
