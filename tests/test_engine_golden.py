@@ -1,7 +1,8 @@
 """The engine decides, scores and learns what it did before the speed work of issue 11.
 
 ``tests/golden/engine.json.gz`` was recorded from main's package at ``dc98d8e`` (without the
-speed work) by ``tests/golden/engine_golden.py``: seven configurations (every curvature estimator, the
+speed work), and re-recorded from branch quality2 at ``1d873e5`` (the same, plus issue 9's
+``policy.floor_yield_fdr`` default, a meant change of behaviour) by ``tests/golden/engine_golden.py``: seven configurations (every curvature estimator, the
 sgd/adam/newton optimizers, calibrated/absolute/quantile policies with each evidence, the margin
 objective, drift, labels learned from the stream with a seeded reference, dead letters, weights,
 timestamps and ``meta`` in the input, chunks that are not multiples of the micro-batch) and the

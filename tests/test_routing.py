@@ -196,7 +196,10 @@ def test_gate_reference_loss_false_leaves_only_the_influence_test_gated() -> Non
     surprising = np.array([5.0, 0.1, 0.1, 5.0])  # ℓ_ref: the first and last fire the loss test
     out = {}
     for gated in (True, False):
-        policy = RoutingPolicy(PolicySettings(evidence="hybrid", gate_reference_loss=gated))
+        # The floor without exceptions (floor_yield_fdr 0: no strong-evidence override).
+        policy = RoutingPolicy(
+            PolicySettings(evidence="hybrid", gate_reference_loss=gated, floor_yield_fdr=0.0)
+        )
         policy.calibrate(
             np.array([0.0, 1.0] * 20),
             np.zeros(40, dtype=np.int64),
@@ -482,7 +485,8 @@ def test_no_evidence_quarantines_a_helpful_event(evidence: str) -> None:
     """Item 6: the floor (README: quarantine_threshold never lets a helpful event be quarantined)
     holds with reference-loss evidence too, on a noisy stream where that test fires often."""
     s = load_stream("digits", noise=0.2, seed=0)
-    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
+    # The floor without exceptions (floor_yield_fdr 0; the default lets strong evidence through).
+    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence, "floor_yield_fdr": 0.0})
     engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     floor = engine.policy.settings.quarantine_threshold
     n_q = n_helpful = 0
@@ -624,7 +628,7 @@ def test_class_fair_gate_thins_the_loss_test_of_the_class_the_gate_passes_most()
 
 
 # -- the stream-adaptive reference-loss test (policy.adaptive_fdr) ----------------------------
-def _loss_policy(adaptive_fdr: float, floor: bool = True) -> RoutingPolicy:
+def _loss_policy(adaptive_fdr: float, floor: bool = True, floor_yield_fdr: float = 0.0) -> RoutingPolicy:
     """The reference-loss test alone, ungated, calibrated on 100 trusted losses per class ~ Exp(1)."""
     rng = np.random.default_rng(11)
     policy = RoutingPolicy(
@@ -633,6 +637,7 @@ def _loss_policy(adaptive_fdr: float, floor: bool = True) -> RoutingPolicy:
             require_disagreement=False,
             adaptive_fdr=adaptive_fdr,
             floor_reference_loss=floor,
+            floor_yield_fdr=floor_yield_fdr,
             max_quarantine_rate=1.0,
         )
     )
@@ -681,6 +686,43 @@ def test_the_adaptive_threshold_keeps_the_floor_unless_it_is_turned_off() -> Non
         q = _route_losses(_loss_policy(0.5, floor=floor), losses, scores)
         below = q[scores <= 0]
         assert (below.sum() == 0) if floor else (below.sum() > 100), (floor, int(below.sum()))
+
+
+def test_the_floor_yields_only_to_strong_evidence() -> None:
+    """floor_yield_fdr: a helpful event (score ≤ the floor) whose label is far more surprising than
+    any trusted point's (a flip, +6 nats) is quarantined, with at most the level's share of clean
+    events among those; helpful events of a clean stream, and helpful events only mildly surprising
+    (+1.5 nats), are not.  With the option
+    off (the old floor) no helpful event is."""
+    rng = np.random.default_rng(16)
+    helpful = np.arange(3000) % 3 == 0
+    scores = np.where(helpful, -1.0, 1.0)
+    clean = rng.exponential(size=3000)
+    q = _route_losses(_loss_policy(0.5, floor_yield_fdr=0.1), clean, scores)
+    assert q[helpful].mean() <= 0.005, q[helpful].mean()
+    flipped = rng.random(3000) < 0.4
+    for shift, wanted in ((6.0, True), (1.5, False)):
+        losses = rng.exponential(size=3000) + shift * flipped
+        q = _route_losses(_loss_policy(0.5, floor_yield_fdr=0.1), losses, scores)
+        caught = q[helpful & flipped].mean()
+        # Benjamini–Hochberg bounds the clean share of what it flags by the level (0.1).
+        false = (q & helpful & ~flipped).sum() / max((q & helpful).sum(), 1)
+        assert (caught > 0.8 if wanted else caught < 0.2) and false <= 0.1, (shift, caught, false)
+        old = _route_losses(_loss_policy(0.5), losses, scores)
+        assert not old[helpful].any()
+        if wanted:
+            assert old[~helpful & flipped].mean() > 0.8  # the level-0.5 test, above the floor
+
+
+def test_the_strong_evidence_window_survives_a_checkpoint() -> None:
+    policy = _loss_policy(0.5, floor_yield_fdr=0.1)
+    scores = np.where(np.arange(300) % 2 == 0, -1.0, 1.0)
+    _route_losses(policy, np.random.default_rng(17).exponential(size=300) + 6.0, scores)
+    back = _loss_policy(0.5, floor_yield_fdr=0.1)
+    back.load_state_dict(copy.deepcopy(policy.state_dict()))
+    losses = np.random.default_rng(18).exponential(size=256) + 4.0
+    s = np.where(np.arange(256) % 2 == 0, -1.0, 1.0)
+    np.testing.assert_array_equal(_route_losses(back, losses, s), _route_losses(policy, losses, s))
 
 
 def test_the_adaptive_default_quarantines_less_of_a_clean_stream_and_as_many_flips() -> None:

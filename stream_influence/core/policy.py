@@ -19,7 +19,8 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    * ``quantile``: the ``1 − quantile`` quantile of recent scores;
 
    calibrated and quantile never go below ``quarantine_threshold`` (default 0: an event whose
-   learning lowers the reference loss is never quarantined).  In calibrated mode
+   learning lowers the reference loss is never quarantined, save on the strong evidence of
+   ``floor_yield_fdr`` below).  In calibrated mode
    ``evidence`` picks what quarantines: the score (``influence``), the event's *reference loss*
    ``ℓ_ref`` (its label's loss under the head fitted on the trusted set alone, see
    :mod:`~stream_influence.core.reference_model`) above ``ρ_y``, the ``(1 − α)`` conformal quantile of
@@ -34,7 +35,10 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    stream instead of ρ_y: each event gets the conformal p-value of its statistic among those of
    the trusted points of its class, and the test fires at or below the Benjamini–Hochberg threshold
    at level q over the last ``rate_window`` events — near 0 on a clean stream (its p-values are
-   uniform), rising with the share of labels the trusted model finds surprising;
+   uniform), rising with the share of labels the trusted model finds surprising.  With
+   ``floor_yield_fdr`` = q' > 0 the floor yields to strong evidence only: an event at or below it
+   is still quarantined by this test when its p-value against the *plain* (unfloored) trusted
+   losses of its class passes Benjamini–Hochberg at the stricter level q' over the same window;
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
    clean data the model's prior waves a frequent class's surprising events through), so with
@@ -124,6 +128,18 @@ def class_conformal_quantiles(
     return out, np.bincount(labels, minlength=n_classes)[:n_classes]
 
 
+def _bh_pass(p: np.ndarray, window: np.ndarray, level: float) -> np.ndarray:
+    """Which of ``p`` are at or below the Benjamini–Hochberg threshold at ``level`` over ``window``
+    (the recent p-values, ``p`` included)."""
+    # The threshold is never above the level, so only the p-values at or below it are sorted:
+    # their ranks are their ranks in the whole window.
+    low = np.sort(window[window <= level])
+    ok = np.flatnonzero(low <= level * np.arange(1, len(low) + 1) / max(len(window), 1))
+    if len(ok) == 0:
+        return np.zeros(len(p), bool)
+    return p <= low[ok[-1]]
+
+
 class RoutingPolicy:
     """Stateful router; :meth:`swap` installs new settings at run time (hot reload)."""
 
@@ -151,6 +167,11 @@ class RoutingPolicy:
         self.loss_calibration: list[np.ndarray] = []
         self._padded: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None  # its table
         self._pvalues = Ring(settings.rate_window)
+        # floor_yield_fdr: the same, on the plain (unfloored) trusted losses.
+        self.plain_loss_calibration: list[np.ndarray] = []
+        self._padded_plain: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None
+        self._plain_pvalues = Ring(settings.rate_window)
+        self._plain_batch: np.ndarray | None = None  # the last observed batch's plain p-values
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -159,10 +180,12 @@ class RoutingPolicy:
         """
         old_scores, old_flags, old_above = self._scores, self._flags, self._above
         fired, passed, old_p, cal = self._fired, self._passed, self._pvalues, self.loss_calibration
+        old_plain, plain_cal = self._plain_pvalues, self.plain_loss_calibration
         self._install(settings)
         self._fired, self._passed, self.loss_calibration = fired, passed, cal
+        self.plain_loss_calibration = plain_cal
         if old_p.capacity == settings.rate_window:
-            self._pvalues = old_p
+            self._pvalues, self._plain_pvalues = old_p, old_plain
         if old_scores.capacity == settings.quantile_window:
             self._scores = old_scores
         if old_flags.capacity == settings.rate_window:
@@ -249,18 +272,14 @@ class RoutingPolicy:
         if has_reference:
             assert reference_losses is not None and reference_labels is not None
             losses = reference_losses
+            self.plain_loss_calibration = self._per_class_sorted(losses, reference_labels, n_classes)
             if (
                 s.floor_reference_loss
                 and reference_scores is not None
                 and len(reference_scores) == len(losses)
             ):
                 losses = np.where(reference_scores > s.quarantine_threshold, losses, 0.0)
-            pooled = np.sort(losses[np.isfinite(losses)])
-            self.loss_calibration = []
-            for c in range(n_classes):
-                mine = losses[(reference_labels == c) & np.isfinite(losses)]
-                small = len(mine) < s.min_class_calibration
-                self.loss_calibration.append(pooled if small else np.sort(mine))
+            self.loss_calibration = self._per_class_sorted(losses, reference_labels, n_classes)
             alpha = self.alpha_of("reference_loss")
             self.reference_thresholds = self._class_quantiles(
                 losses, reference_labels, n_classes, alpha, bool(split)
@@ -271,6 +290,16 @@ class RoutingPolicy:
                     thin = fair == a
                     q = self._class_quantiles(losses, reference_labels, n_classes, float(a), True)[0]
                     self.reference_thresholds[thin] = q[thin]
+
+    def _per_class_sorted(self, stat: np.ndarray, labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
+        """Per class, the sorted calibration statistic (pooled for classes under
+        ``min_class_calibration``): what the conformal p-values are ranked against."""
+        pooled = np.sort(stat[np.isfinite(stat)])
+        out = []
+        for c in range(n_classes):  # a loop over classes, not events
+            mine = stat[(labels == c) & np.isfinite(stat)]
+            out.append(pooled if len(mine) < self.settings.min_class_calibration else np.sort(mine))
+        return out
 
     def gate_pass_through(self, n_classes: int) -> np.ndarray:
         """Per class, the share of recent reference-loss firings the disagreement gate let through
@@ -343,7 +372,8 @@ class RoutingPolicy:
         harmful = score > thresholds
         surprise = self._reference_excess(labels, reference_loss, n)
         # The floor holds for every evidence: an event whose learning would lower the trusted
-        # loss (score ≤ quarantine_threshold) is never quarantined, however surprising its label.
+        # loss (score ≤ quarantine_threshold) is not quarantined by a merely surprising label
+        # (only floor_yield_fdr's strong evidence overrides it).
         loss_test = surprise > 1.0
         if s.floor_reference_loss:
             loss_test &= score > s.quarantine_threshold
@@ -352,6 +382,8 @@ class RoutingPolicy:
             loss_test = self._adaptive_test(score, labels, reference_loss, n)
             if s.floor_reference_loss:
                 loss_test &= score > s.quarantine_threshold
+                if s.floor_yield_fdr > 0:  # the floor yields to strong evidence only
+                    loss_test |= self._strong_test(labels, reference_loss, n)
         if s.mode != "calibrated" or s.evidence == "influence":
             loss_test[:] = False
         elif s.evidence == "reference_loss":
@@ -413,41 +445,60 @@ class RoutingPolicy:
         it).  The router's :meth:`decide` calls it; an updater learning decisions taken elsewhere
         (scale-out) calls it too, so the snapshots it publishes carry the same window.
         """
-        cal = self.loss_calibration
-        if reference_loss is None or labels is None or len(cal) <= int(labels.max(initial=-1)):
+        if reference_loss is None or labels is None:
             return None
         s = self.settings
         stat = reference_loss
         if s.floor_reference_loss:
             stat = np.where(score > s.quarantine_threshold, reference_loss, 0.0)
-        table, sizes = self._padded_calibration()
+        p = self._pvalues_of(labels, stat)
+        if p is None:
+            return None
+        self._plain_batch = None
+        if s.floor_reference_loss and s.floor_yield_fdr > 0:
+            plain = self._pvalues_of(labels, reference_loss, plain=True)
+            self._plain_pvalues.push(np.ones(len(p)) if plain is None else plain)
+            self._plain_batch = plain  # what _strong_test ranks (decide calls it right after)
+        self._pvalues.push(p)
+        return p
+
+    def _pvalues_of(self, labels: np.ndarray, stat: np.ndarray, plain: bool = False) -> np.ndarray | None:
+        """``p = (1 + #{calibration statistics of the class ≥ x}) / (n_y + 1)`` per event against
+        ``loss_calibration`` (``plain``: ``plain_loss_calibration``); None when a label has none."""
+        cal = self.plain_loss_calibration if plain else self.loss_calibration
+        if len(cal) <= int(labels.max(initial=-1)):
+            return None
+        table, sizes = self._padded_calibration(plain)
         if len(stat) * table.shape[1] <= 1 << 16:
             # One comparison over the batch against every class's statistics (NaN-padded: never
             # ≥ x) counts the same as the per-class search below, in a few calls instead of ~6
             # per class; used while the comparisons stay few (small trusted sets).
             above = np.count_nonzero(table[labels] >= stat[:, None], axis=1)
-            p = (1.0 + above) / (sizes[labels] + 1.0)
-        else:
-            p = np.ones(len(stat))
-            for c in np.unique(labels):  # a loop over classes, not events
-                mine = labels == c
-                ref = cal[int(c)]
-                above = len(ref) - np.searchsorted(ref, stat[mine], side="left")
-                p[mine] = (1.0 + above) / (len(ref) + 1.0)
-        self._pvalues.push(p)
+            return (1.0 + above) / (sizes[labels] + 1.0)
+        p = np.ones(len(stat))
+        for c in np.unique(labels):  # a loop over classes, not events
+            mine = labels == c
+            ref = cal[int(c)]
+            above = len(ref) - np.searchsorted(ref, stat[mine], side="left")
+            p[mine] = (1.0 + above) / (len(ref) + 1.0)
         return p
 
-    def _padded_calibration(self) -> tuple[np.ndarray, np.ndarray]:
-        """``loss_calibration`` as one NaN-padded ``classes × longest`` table and the class sizes,
-        made once per calibration (every assignment installs a new list)."""
-        cal = self.loss_calibration
-        cached = self._padded
+    def _padded_calibration(self, plain: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """``loss_calibration`` (``plain``: ``plain_loss_calibration``) as one NaN-padded
+        ``classes × longest`` table and the class sizes, made once per calibration (every
+        assignment installs a new list)."""
+        cal = self.plain_loss_calibration if plain else self.loss_calibration
+        cached = self._padded_plain if plain else self._padded
         if cached is None or cached[0] is not cal:
             width = max((len(r) for r in cal), default=0)
             table = np.full((len(cal), width), np.nan)
             for c, r in enumerate(cal):
                 table[c, : len(r)] = r
-            cached = self._padded = (cal, table, np.array([len(r) for r in cal], dtype=np.int64))
+            cached = (cal, table, np.array([len(r) for r in cal], dtype=np.int64))
+            if plain:
+                self._padded_plain = cached
+            else:
+                self._padded = cached
         return cached[1], cached[2]
 
     def _adaptive_test(
@@ -464,12 +515,19 @@ class RoutingPolicy:
         p = self.observe(score, labels, reference_loss)
         if p is None:
             return np.zeros(n, bool)
-        window = np.sort(self._pvalues.values())
-        ranks = np.arange(1, len(window) + 1)
-        ok = np.flatnonzero(window <= self.settings.adaptive_fdr * ranks / len(window))
-        if len(ok) == 0:
+        return _bh_pass(p, self._pvalues.values(), self.settings.adaptive_fdr)
+
+    def _strong_test(
+        self, labels: np.ndarray | None, reference_loss: np.ndarray | None, n: int
+    ) -> np.ndarray:
+        """``floor_yield_fdr``: events whose conformal p-value against the *plain* trusted losses
+        of their class (no floor) passes Benjamini–Hochberg at that stricter level over the recent
+        window — both from :meth:`observe`, which :meth:`_adaptive_test` has just called for this
+        batch — the evidence strong enough to override the sign floor."""
+        p = self._plain_batch
+        if labels is None or reference_loss is None or p is None or len(p) != n:
             return np.zeros(n, bool)
-        return p <= window[ok[-1]]
+        return _bh_pass(p, self._plain_pvalues.values(), self.settings.floor_yield_fdr)
 
     def _count_gate(self, labels: np.ndarray, fired: np.ndarray, disagree: np.ndarray, n: int) -> None:
         """Decayed per-class counts of loss-test firings (at the full share of α, whatever the
@@ -505,6 +563,7 @@ class RoutingPolicy:
             **self._flags.state("flags"),
             **self._above.state("above"),
             **self._pvalues.state("pvalues"),
+            **self._plain_pvalues.state("plain_pvalues"),
             "gate_fired": self._fired,
             "gate_passed": self._passed,
         }
@@ -519,5 +578,7 @@ class RoutingPolicy:
             self._above.load(state, "above")
         if "pvalues_data" in state:  # absent from checkpoints before adaptive_fdr
             self._pvalues.load(state, "pvalues")
+        if "plain_pvalues_data" in state:  # absent from checkpoints before floor_yield_fdr
+            self._plain_pvalues.load(state, "plain_pvalues")
         self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
         self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()

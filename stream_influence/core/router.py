@@ -79,6 +79,7 @@ class Router:
         self.policy.class_thresholds = theirs.class_thresholds.copy()
         self.policy.reference_thresholds = theirs.reference_thresholds.copy()
         self.policy.loss_calibration = [c.copy() for c in theirs.loss_calibration]
+        self.policy.plain_loss_calibration = [c.copy() for c in theirs.plain_loss_calibration]
         self.policy.threshold = theirs.threshold
 
     @property

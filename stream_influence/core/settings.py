@@ -240,7 +240,8 @@ class PolicySettings(_Frozen):
         description="calibrated: quarantine above the (1 − false_quarantine_rate) quantile of the "
         "held-out scores of the clean reference points of the event's class; absolute: fixed "
         "thresholds; quantile: quarantine the top `quantile` of recent scores. calibrated and "
-        "quantile never quarantine a score ≤ quarantine_threshold.",
+        "quantile never quarantine a score ≤ quarantine_threshold (save the strong-evidence exception "
+        "of floor_yield_fdr).",
     )
     evidence: Literal["influence", "reference_loss", "hybrid"] = Field(
         default="hybrid",
@@ -250,7 +251,8 @@ class PolicySettings(_Frozen):
         "either, α split between them by hybrid_split (Bonferroni, so α still bounds clean "
         "quarantines). With reference_loss and hybrid alike the reference-loss route fires only "
         "when the score is also above quarantine_threshold (learning the event would raise the "
-        "reference loss): the floor holds for every evidence. hybrid (with class_fair_gate) is the "
+        "reference loss): the floor holds for every evidence, yielding only to the strong evidence of "
+        "floor_yield_fdr. hybrid (with class_fair_gate) is the "
         "default: measured in docs/benchmarks.md (routing_ablation, quality).",
     )
     hybrid_split: float = Field(
@@ -288,6 +290,17 @@ class PolicySettings(_Frozen):
         "of surprising labels grows it rises, and recall with it. Measured in docs/benchmarks.md "
         "(quality).",
     )
+    floor_yield_fdr: float = Field(
+        default=0.15,
+        ge=0,
+        lt=1,
+        description="With floor_reference_loss and adaptive_fdr > 0: the sign floor yields only to "
+        "strong evidence — an event scored helpful is still quarantined by the reference-loss test "
+        "when its conformal p-value against the plain (unfloored) cross-fitted trusted losses of its "
+        "class passes Benjamini–Hochberg at this stricter false discovery rate over the last "
+        "rate_window events (0: the floor always holds). Measured in docs/benchmarks.md "
+        "(routing_ablation, quality).",
+    )
     class_fair_gate: bool = Field(
         default=True,
         description="evidence reference_loss/hybrid with require_disagreement and the fixed "
@@ -320,7 +333,7 @@ class PolicySettings(_Frozen):
         default=0.0,
         description="absolute mode: quarantine if score > this; calibrated/quantile: a floor under "
         "the data-driven threshold (0: never quarantine an event whose learning lowers the "
-        "reference loss).",
+        "reference loss, save on the strong evidence of floor_yield_fdr).",
     )
     quantile: float = Field(
         default=0.1, gt=0, lt=1, description="quantile mode: fraction of recent scores quarantined."

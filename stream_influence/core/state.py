@@ -345,6 +345,10 @@ def encode_snapshot(snapshot: ModelSnapshot) -> bytes:
             "values": np.concatenate([np.zeros(0), *policy.loss_calibration]),
             "sizes": np.array([len(c) for c in policy.loss_calibration], dtype=np.int64),
         },
+        "plain_loss_calibration": {
+            "values": np.concatenate([np.zeros(0), *policy.plain_loss_calibration]),
+            "sizes": np.array([len(c) for c in policy.plain_loss_calibration], dtype=np.int64),
+        },
     }
     if snapshot.reference_model is not None:
         state["reference_model"] = snapshot.reference_model.state_dict()
@@ -385,6 +389,11 @@ def decode_snapshot(data: bytes, source: str = "model snapshot") -> ModelSnapsho
             sizes = np.asarray(cal["sizes"], dtype=np.int64).ravel()
             values = np.array(cal["values"], dtype=np.float64).ravel()
             policy.loss_calibration = np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
+        if "plain_loss_calibration" in state:  # absent from snapshots before floor_yield_fdr
+            cal = state["plain_loss_calibration"]
+            sizes = np.asarray(cal["sizes"], dtype=np.int64).ravel()
+            values = np.array(cal["values"], dtype=np.float64).ravel()
+            policy.plain_loss_calibration = np.split(values, np.cumsum(sizes)[:-1]) if len(sizes) else []
         reference_model = None
         if "reference_model" in state:
             reference_model = ReferenceModel(settings.influence, settings.seed)
