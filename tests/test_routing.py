@@ -15,7 +15,7 @@ from stream_influence.core.engine import InfluenceEngine
 from stream_influence.core.events import EventBatch
 from stream_influence.core.influence import InfluenceScorer, reference_gradient
 from stream_influence.core.model import augment, softmax
-from stream_influence.core.policy import RoutingPolicy, conformal_quantile
+from stream_influence.core.policy import QUARANTINE_REASONS, RoutingPolicy, conformal_quantile
 from stream_influence.core.reference_model import ReferenceModel
 from stream_influence.core.settings import (
     CurvatureSettings,
@@ -712,6 +712,28 @@ def test_the_floor_yields_only_to_strong_evidence() -> None:
         assert not old[helpful].any()
         if wanted:
             assert old[~helpful & flipped].mean() > 0.8  # the level-0.5 test, above the floor
+
+
+def test_a_helpful_event_quarantined_on_strong_evidence_is_not_called_harmful() -> None:
+    """The reason of a quarantine says which test made it: ``harmful`` only where the influence
+    score is above the floor; ``surprising_label`` where floor_yield_fdr's strong loss evidence
+    quarantined an event whose score is helpful (the quarantine copy's reason header and the
+    decisions metric carry it)."""
+    rng = np.random.default_rng(19)
+    n = 3000
+    labels = np.arange(n) % 2
+    scores = np.where(np.arange(n) % 3 == 0, -1.0, 1.0)
+    losses = rng.exponential(size=n) + 6.0 * (rng.random(n) < 0.4)
+    policy = _loss_policy(0.5, floor_yield_fdr=0.1)
+    seen = {"harmful": [], "surprising_label": []}
+    for i in range(0, n, 64):
+        d = policy.decide(scores[i : i + 64], True, labels[i : i + 64], None, losses[i : i + 64])
+        for j in np.flatnonzero(d.quarantine):
+            assert d.reasons[j] in QUARANTINE_REASONS, d.reasons[j]
+            seen[d.reasons[j]].append(scores[i + j])
+        assert all(r not in QUARANTINE_REASONS for j, r in enumerate(d.reasons) if not d.quarantine[j])
+    assert seen["harmful"] and seen["surprising_label"], {k: len(v) for k, v in seen.items()}
+    assert min(seen["harmful"]) > 0.0 and max(seen["surprising_label"]) <= 0.0
 
 
 def test_the_strong_evidence_window_survives_a_checkpoint() -> None:

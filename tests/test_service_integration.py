@@ -143,7 +143,13 @@ def test_every_input_offset_is_accounted_for(broker: Broker, tmp_path: Path, kaf
         assert m.value == src.value and m.key.decode() == json.loads(src.value)["id"]
         for name in ("influence", "relative_influence", "cosine_influence", "threshold"):
             assert np.isfinite(float(h[name])), name
-        assert float(h["cosine_influence"]) > float(h["threshold"])  # quarantined for its score
+        # Quarantined for its score, or by the reference-loss test's strong evidence although the
+        # score is helpful (policy.floor_yield_fdr): the reason says which.
+        assert h["reason"] in ("harmful", "surprising_label"), h["reason"]
+        if h["reason"] == "harmful":
+            assert float(h["cosine_influence"]) > float(h["threshold"])
+        else:
+            assert float(h["cosine_influence"]) <= float(h["threshold"])
         assert int(h["policy_version"]) >= 1 and int(h["model_version"]) >= 0
         hits += m.key.decode() in flipped_ids
     # The scores mean something: most quarantined events carry a flipped label.
@@ -303,8 +309,13 @@ def test_requeue_republishes_what_passes_once(broker: Broker, tmp_path: Path, ka
             topic,
             tmp_path / "ck",
             kafka={"client": kafka_client, "reference_topic": ref},
-            engine={
-                "policy": {"warmup_events": 300, "accept_threshold": -2.0, "quarantine_threshold": threshold}
+            engine={  # floor_yield_fdr 0: no evidence overrides the floor, so the threshold decides
+                "policy": {
+                    "warmup_events": 300,
+                    "accept_threshold": -2.0,
+                    "quarantine_threshold": threshold,
+                    "floor_yield_fdr": 0.0,
+                }
             },
         )
         out = subprocess.run(

@@ -38,7 +38,9 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    uniform), rising with the share of labels the trusted model finds surprising.  With
    ``floor_yield_fdr`` = q' > 0 the floor yields to strong evidence only: an event at or below it
    is still quarantined by this test when its p-value against the *plain* (unfloored) trusted
-   losses of its class passes Benjamini–Hochberg at the stricter level q' over the same window;
+   losses of its class passes Benjamini–Hochberg at the stricter level q' over the same window —
+   reason ``surprising_label`` (not ``harmful``: its influence score is helpful; also the reason of
+   a loss-test quarantine at or below the floor with ``floor_reference_loss: false``);
 4. with ``require_disagreement``, a point above ``τ`` whose label the model already predicts
    (argmax = label) is accepted, reason ``model_agrees``: hard-but-correct events are learned.  The gate passes a class-dependent share of the reference-loss test's firings (on
    clean data the model's prior waves a frequent class's surprising events through), so with
@@ -77,9 +79,11 @@ import numpy as np
 from stream_influence.core.ring import Ring
 from stream_influence.core.settings import PolicySettings
 
-__all__ = ["REASONS", "RoutingDecision", "RoutingPolicy", "conformal_quantile"]
+__all__ = ["QUARANTINE_REASONS", "REASONS", "RoutingDecision", "RoutingPolicy", "conformal_quantile"]
 
-REASONS = ("warmup", "helpful", "within_band", "model_agrees", "rate_cap", "harmful")
+REASONS = ("warmup", "helpful", "within_band", "model_agrees", "rate_cap", "harmful", "surprising_label")
+#: The reasons that quarantine (every other reason accepts).
+QUARANTINE_REASONS = ("harmful", "surprising_label")
 _HELPFUL_OR_BAND = np.array(["within_band", "helpful"], dtype=object)  # indexed by score ≤ accept
 
 
@@ -402,6 +406,10 @@ class RoutingPolicy:
         else:
             harmful |= loss_test
         reasons[harmful] = "harmful"
+        # Quarantined by the reference-loss test alone although learning it would lower the
+        # trusted loss (floor_yield_fdr's strong evidence, or floor_reference_loss off): the
+        # influence score did not call it harmful, so the reason must not either.
+        reasons[harmful & ~(score > s.quarantine_threshold)] = "surprising_label"
 
         # How many quarantines keep the rolling rate ≤ cap once this batch enters the window.
         window = min(self._flags.capacity, self._flags.size + n)

@@ -52,7 +52,7 @@ from prometheus_client.samples import Sample
 
 from stream_influence import __version__
 from stream_influence.core.events import RejectReason
-from stream_influence.core.policy import REASONS
+from stream_influence.core.policy import QUARANTINE_REASONS, REASONS
 from stream_influence.errors import CorruptReason
 
 if TYPE_CHECKING:
@@ -72,8 +72,7 @@ PREFIX = "stream_influence_"
 # Decision label values: the keys of BatchResult.counts().
 DECISIONS = ("accepted", "quarantined", "dead_lettered")
 # Reasons each decision can carry (policy.REASONS for valid events, RejectReason for dead letters).
-_ACCEPT_REASONS = tuple(r for r in REASONS if r != "harmful")
-_QUARANTINE_REASONS = ("harmful",)
+_ACCEPT_REASONS = tuple(r for r in REASONS if r not in QUARANTINE_REASONS)
 OUTPUT_KINDS = ("quarantine", "dead_letter", "accepted", "decisions")
 
 # Bucket bounds.  Scores are signed (positive = harmful), so the buckets are symmetric around 0,
@@ -263,7 +262,7 @@ class ServiceMetrics:
         )  # fmt: skip
         for reason in _ACCEPT_REASONS:
             self.decisions.labels("accepted", reason)
-        for reason in _QUARANTINE_REASONS:
+        for reason in QUARANTINE_REASONS:
             self.decisions.labels("quarantined", reason)
         for reject in RejectReason:
             self.decisions.labels("dead_lettered", reject.value)
