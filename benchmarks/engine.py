@@ -189,10 +189,13 @@ def stage_profile(events: int, budget: float) -> tuple[list[tuple[str, float]], 
 # per micro-batch; larger SGD steps: another learner), so they are alternatives for an operator,
 # not optimisations.
 ALTERNATIVES: list[tuple[str, dict]] = [
-    ("defaults (micro-batches of 64, SGD steps of 8)", {}),
-    ("`influence.micro_batch: 512`", {"influence": {"micro_batch": 512}}),
+    ("defaults (micro-batches of 512, SGD steps of 8)", {}),
+    ("`influence.micro_batch: 64` (the default before 0867a73)", {"influence": {"micro_batch": 64}}),
     ("`learner.minibatch: 64`", {"learner": {"minibatch": 64}}),
-    ("both", {"influence": {"micro_batch": 512}, "learner": {"minibatch": 64}}),
+    (
+        "both: micro-batches of 64 and `learner.minibatch: 64`",
+        {"influence": {"micro_batch": 64}, "learner": {"minibatch": 64}},
+    ),
 ]
 
 
@@ -413,15 +416,20 @@ def render(
         f"    {cmd}",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (1-minute load "
-        f"average {os.getloadavg()[0]:.1f} at the end of the run: above the CPU count, other work shared "
-        f"the machine and wall-clock rates are depressed and noisy — the per-CPU-second rates are what one "
-        f"core delivers), BLAS limited to {args.threads} thread(s); Python {platform.python_version()}, "
+        f"average {os.getloadavg()[0]:.1f} at the end of the run"
+        + (
+            ": above the CPU count, other work shared the machine and wall-clock rates are depressed "
+            "and noisy — the per-CPU-second rates are what one core delivers"
+            if os.getloadavg()[0] > (os.cpu_count() or 1)
+            else ""
+        )
+        + f"), BLAS limited to {args.threads} thread(s); Python {platform.python_version()}, "
         f"numpy {_np.__version__}, River {river.__version__}, pysimdjson {version('pysimdjson')}. "
         f"Total run {elapsed:.0f} s.",
         "",
         "Events: Gaussian classes, raw feature scales 0.1–20, 20 % label noise, features written by "
         "`json.dumps` (17 significant digits, ~1.3 kB per event at d=64); default engine settings "
-        "(standardise, micro-batches of 64, refresh s every 256, re-factorise every 4096, calibrated "
+        "(standardise, micro-batches of 512, refresh s every 256, re-factorise every 4096, calibrated "
         "cosine_influence policy) with the class list and width configured, after an untimed warm-up "
         "(300 reference points, 600 events) so every timed event is scored and routed. *engine* = "
         "`process_events` on pre-decoded batches; *raw* = `process` on JSON bytes (decode included), per "
@@ -541,7 +549,7 @@ def render(
         "the micro-batch loop without changing results. The floors: decoding is simdjson's parse (above) "
         "plus the field reads and checks of one Python-level iteration per message (the second `[` "
         "search that proves a flat feature list alone scans the whole message); learning takes 8 "
-        "sequential SGD steps of ~10 calls per micro-batch of 64 (`learner.minibatch` 8; routed and "
+        "sequential SGD steps of ~10 calls per 64 events (`learner.minibatch` 8; routed and "
         "shadow share each step's products); the reference set is re-scored for the held-out "
         "calibration every 256 events (`influence.refresh_every`); the adaptive test's "
         "Benjamini–Hochberg threshold sorts the window of recent p-values (`policy.rate_window`, 2,000) "
