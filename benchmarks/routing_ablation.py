@@ -19,7 +19,7 @@ through the engine with the default routing and with one part changed at a time:
   before round q6);
 * ``cold``: no warm start (the learners start at zero);
 * ``no_gate``: quarantine on the calibrated threshold alone;
-* ``mb512``: one micro-batch per poll (the old granularity);
+* ``mb64``: micro-batches of 64 inside a poll (the default before the micro-batch default became 512, one per default poll);
 * ``alpha05``: α = 0.05;
 * ``hybrid``: ``fixed_threshold`` with the plain gate (``policy.class_fair_gate: false``);
 * ``ref_sign``: the reference-loss test alone at a fixed α, with the influence sign
@@ -100,7 +100,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "fixed_threshold": {"policy": {"adaptive_fdr": 0.0}},
     "no_floor": {"policy": {"floor_reference_loss": False}},
     "floor_only": {"policy": {"floor_yield_fdr": 0.0}},
-    "mb512": {"influence": {"micro_batch": POLL}},
+    "mb64": {"influence": {"micro_batch": 64}},
     "alpha05": {"policy": {"false_quarantine_rate": 0.05}},
     "influence": {"policy": {"evidence": "influence"}},
     "hybrid": {"policy": {"evidence": "hybrid", "class_fair_gate": False, "adaptive_fdr": 0.0}},
@@ -327,7 +327,7 @@ def render(
         "test, `policy.adaptive_fdr`, and the sign floor that yields only to strong evidence, "
         "`policy.floor_yield_fdr`; *floor only*: the floor without that exception, the default of round q7):",
         "",
-        "| dataset | trusted | noise | default | cq | P/R | floor only | cq | cold | no gate | cq | mb 512 | α .05 "
+        "| dataset | trusted | noise | default | cq | P/R | floor only | cq | cold | no gate | cq | mb 64 | α .05 "
         "| cq | old rule | cq | unfiltered | unfilt. warm | ref only | loss filter |",
         "|---|---|---|---|---:|---|---|---:|---|---|---:|---|---|---:|---|---:|---|---|---|---|",
     ]
@@ -341,7 +341,7 @@ def render(
             f"| {_pr(d, r['noise'] > 0)} "
             f"| {fmt(r['floor_only']['acc'])} | {fmt(r['floor_only']['clean_q'], True)} "
             f"| {fmt(r['cold']['acc'])} | {fmt(r['no_gate']['acc'])} | {fmt(r['no_gate']['clean_q'], True)} "
-            f"| {fmt(r['mb512']['acc'])} | {fmt(r['alpha05']['acc'])} | {fmt(r['alpha05']['clean_q'], True)} "
+            f"| {fmt(r['mb64']['acc'])} | {fmt(r['alpha05']['acc'])} | {fmt(r['alpha05']['clean_q'], True)} "
             f"| {fmt(r['absolute']['acc'])} | {fmt(r['absolute']['clean_q'], True)} | "
             + " | ".join(bl)
             + " |"
@@ -631,7 +631,7 @@ def decisions(
         f"clean quarantined up to {max_cq('no_floor')}): the floor stays, yielding only to strong evidence "
         "(round q8 above). "
         "The other parts stay (default − variant, noisy / 0 % noise, points): "
-        f"{parts('cold')} (warm start), {parts('no_gate')} (gate), {parts('mb512')} (micro-batch 64), "
+        f"{parts('cold')} (warm start), {parts('no_gate')} (gate), {parts('mb64')} (micro-batches of 512, one per default poll), "
         f"{parts('alpha05')} (α = 0.10).",
         "",
         "**Round q6: the class-fair gate** (with the fixed threshold, `adaptive_fdr: 0`): the gate "
