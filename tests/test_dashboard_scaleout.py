@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,14 +17,20 @@ import pytest
 from stream_influence.observability.dashboard import all_panels
 from tests.fixtures.broker import Broker, free_port, fresh_topic
 from tests.fixtures.prometheus import JOB, check_dashboard
-from tests.fixtures.service_events import events, latest_checkpoint, produce, wait_for, write_config
+from tests.fixtures.service_events import (
+    events,
+    latest_checkpoint,
+    produce,
+    start_service,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_EVENTS, N_REFERENCE = 3000, 300
 # Generous: two service processes and Prometheus share 2 cores with other work here.
 TIMEOUT = float(os.environ.get("DASHBOARD_SCALEOUT_TIMEOUT", "90"))
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, port: int, client: str) -> Path:
@@ -49,14 +54,7 @@ def _config(tmp: Path, name: str, broker: Broker, topic: str, ref: str, port: in
 
 
 def _start(config: Path, role: str, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_influence", "run", "--role", role, "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=ROOT,
-        )
+    return start_service(config, log, role=role)
 
 
 def test_every_scale_out_panel_has_data_for_one_worker_and_the_updater(

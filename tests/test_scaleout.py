@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,6 +40,7 @@ from tests.fixtures.service_events import (
     malformed,
     produce,
     read_topic,
+    start_service,
     wait_for,
     write_config,
 )
@@ -54,18 +54,10 @@ PARTITIONS = 6
 SCORERS = 3
 # Generous: 5 Python processes share 2 cores with other work on the development machines.
 TIMEOUT = float(os.environ.get("SCALEOUT_TEST_TIMEOUT", "240"))
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _start(config: Path, role: str, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "stream_influence", "run", "--role", role, "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            cwd=ROOT,
-        )
+    return start_service(config, log, role=role)
 
 
 def _learned(ckdir: Path) -> int:
