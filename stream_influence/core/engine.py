@@ -644,7 +644,6 @@ class InfluenceEngine:
             if up.cross_fit is not None and "cross_fit" in state:
                 up.cross_fit.load_state_dict(state["cross_fit"], up.n_classes, up.dim)
             self._calibrate()
-            up.calibrate_self_loss(self.policy)
 
 
 class _ChunkReferenceLoss:

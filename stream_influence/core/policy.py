@@ -615,7 +615,7 @@ class RoutingPolicy:
             **self._above.state("above"),
             **self._pvalues.state("pvalues"),
             **self._plain_pvalues.state("plain_pvalues"),
-            **(self._self_pvalues.state("self_pvalues") if self.settings.self_loss_fdr > 0 else {}),
+            **self._self_loss_state(),
             "gate_fired": self._fired,
             "gate_passed": self._passed,
         }
@@ -632,7 +632,19 @@ class RoutingPolicy:
             self._pvalues.load(state, "pvalues")
         if "plain_pvalues_data" in state:  # absent from checkpoints before floor_yield_fdr
             self._plain_pvalues.load(state, "plain_pvalues")
-        if "self_pvalues_data" in state:  # only with self_loss_fdr
-            self._self_pvalues.load(state, "self_pvalues")
+        if "self_loss_calibration" in state:  # only with self_loss_fdr
+            self.self_loss_calibration = np.array(state["self_loss_calibration"], dtype=np.float64).ravel()
+            if state.get("self_pvalues_data") is not None:
+                self._self_pvalues.load(state, "self_pvalues")
         self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
         self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()
+
+    def _self_loss_state(self) -> dict[str, Any]:
+        """The routed-loss test's window and calibration (only with ``self_loss_fdr``): snapshots
+        carry the calibration to score workers, a checkpoint the one in force when it was taken."""
+        if self.settings.self_loss_fdr <= 0:
+            return {}
+        return {
+            **self._self_pvalues.state("self_pvalues"),
+            "self_loss_calibration": self.self_loss_calibration,
+        }

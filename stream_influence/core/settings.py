@@ -305,7 +305,7 @@ class PolicySettings(_Frozen):
         "(routing_ablation, quality).",
     )
     self_loss_fdr: float = Field(
-        default=0.0,
+        default=0.2,
         ge=0,
         lt=1,
         description="Routed-loss evidence (0: off). Each event's label loss under the routed head "
@@ -316,7 +316,8 @@ class PolicySettings(_Frozen):
         "at this false discovery rate over the last rate_window events — strong evidence that "
         "overrides the sign floor. Shut on a clean stream; it opens as the model learns to "
         "separate flips. Fold heads exist only when this is > 0 at start (a hot reload that turns "
-        "it on has no calibration: the test stays off). Measured in docs/benchmarks.md (quality).",
+        "it on has no calibration: the test stays off). Calibrated mode only. Measured in "
+        "docs/benchmarks.md (quality, routing_ablation).",
     )
     self_loss_folds: int = Field(
         default=2,

@@ -233,7 +233,7 @@ class Updater:
         w = np.ones(len(yr))
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
         if self.cross_fit is not None:  # before the routed head moves: the folds start where it starts
-            self.cross_fit.warm_start(self.routed, Fr, Xr, yr, epochs)
+            self.cross_fit.warm_start(self.routed, Fr, Xr, yr, epochs, solve)
         rng = np.random.default_rng(self.settings.seed)
         for _ in range(epochs):
             order = rng.permutation(len(yr))
@@ -317,7 +317,7 @@ class Updater:
             routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
         if routed and self.cross_fit is not None:  # the fold heads learn what the routed head learns
             routed += self.cross_fit.alongside(*routed[0][1:])
-        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
+        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for all
         self.model_version += bool(routed)
 
         drifted = self.drift.update(errors)
