@@ -643,6 +643,11 @@ class InfluenceEngine:
             up.standardizer.load_state_dict(state["standardizer"])
             if up.cross_fit is not None and "cross_fit" in state:
                 up.cross_fit.load_state_dict(state["cross_fit"], up.n_classes, up.dim)
+            elif up.cross_fit is not None and up.warm_started:
+                # Fold heads are made at the warm start, which this checkpoint is past.
+                log.warning(
+                    "the checkpoint has no fold heads: the routed-loss test (policy.self_loss_fdr) stays off"
+                )
             self._calibrate()
 
 

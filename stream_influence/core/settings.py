@@ -316,7 +316,8 @@ class PolicySettings(_Frozen):
         "at this false discovery rate over the last rate_window events — strong evidence that "
         "overrides the sign floor. Shut on a clean stream; it opens as the model learns to "
         "separate flips. Fold heads exist only when this is > 0 at start (a hot reload that turns "
-        "it on has no calibration: the test stays off). Calibrated mode only. Measured in "
+        "it on has no calibration: the test stays off), and are made at the warm start (a trusted "
+        "reference with learner.warm_start_epochs > 0). Calibrated mode only. Measured in "
         "docs/benchmarks.md (quality, routing_ablation).",
     )
     self_loss_folds: int = Field(
