@@ -21,9 +21,14 @@ from sklearn.datasets import load_digits
 
 from stream_influence.cli import main
 from stream_influence.core.engine import InfluenceEngine
-from stream_influence.core.influence import InfluenceScorer
+from stream_influence.core.influence import InfluenceScorer, reference_gradient
 from stream_influence.core.model import one_hot, softmax
-from stream_influence.core.settings import EngineSettings, InfluenceSettings, SchemaSettings
+from stream_influence.core.settings import (
+    CurvatureSettings,
+    EngineSettings,
+    InfluenceSettings,
+    SchemaSettings,
+)
 from stream_influence.offline.audit import (
     CURVATURE_AT_OPTIMUM,
     DEFAULT_L2,
@@ -36,6 +41,7 @@ from stream_influence.offline.audit import (
     prepare_inputs,
     score_dataset,
 )
+from stream_influence.offline.stationary import settle_on_stream
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +127,35 @@ def ten_class_head(request: pytest.FixtureRequest, digits: tuple[np.ndarray, np.
     y, yr = y_all[train], y_all[ref]
     fit = fit_head(X, y, 10, DEFAULT_L2, augmented=True)
     scores = {k: _influence(k, fit, X, y, Xr, yr) for k in ESTIMATORS}
+    refined = {n: _refined_influence(fit, X, y, Xr, yr, n) for n in (1, 10)}
     picked = np.argsort(scores["exact"])[np.linspace(0, len(X) - 1, 60).astype(int)]
     actual = leave_one_out_changes(fit, X, y, Xr, yr, picked)
     vs_loo = {k: float(stats.spearmanr(-s[picked], actual)[0]) for k, s in scores.items()}
     vs_exact = {k: float(stats.spearmanr(s, scores["exact"])[0]) for k, s in scores.items()}
-    return {"head": request.param, "vs_loo": vs_loo, "vs_exact": vs_exact, "actual": actual}
+    refined_loo = {n: float(stats.spearmanr(-s[picked], actual)[0]) for n, s in refined.items()}
+    refined_exact = {n: float(stats.spearmanr(s, scores["exact"])[0]) for n, s in refined.items()}
+    return {
+        "head": request.param,
+        "vs_loo": vs_loo,
+        "vs_exact": vs_exact,
+        "actual": actual,
+        "refined_loo": refined_loo,
+        "refined_exact": refined_exact,
+    }
+
+
+def _refined_influence(
+    fit: HeadFit, X: np.ndarray, y: np.ndarray, Xr: np.ndarray, yr: np.ndarray, passes: int
+) -> np.ndarray:
+    """I(z) with ``refined`` as a stream leaves it at the optimum: the training points arriving
+    ``passes`` times in micro-batches of 512, the reference direction refreshed before each."""
+    P = softmax(X @ fit.theta.T)
+    grad = reference_gradient(fit.theta, Xr, yr, "loss")
+    settings = CurvatureSettings(kind="refined", damping=fit.l2, forgetting=1.0)
+    est = settle_on_stream(settings, X, P, grad, passes=passes)
+    scorer = InfluenceScorer(InfluenceSettings(objective="loss"))
+    scorer.refresh(fit.theta, est, Xr, yr)
+    return scorer.score(P, one_hot(y, fit.theta.shape[0]), X, est).influence
 
 
 def test_every_estimator_against_leave_one_out(ten_class_head: dict) -> None:
@@ -155,6 +185,18 @@ def test_every_estimator_against_leave_one_out(ten_class_head: dict) -> None:
 )
 def test_ekfac_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
     assert ten_class_head["vs_loo"]["ekfac"] >= 0.95, ten_class_head["vs_loo"]
+
+
+def test_refined_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
+    """issue 9's fidelity target, met by ``refined`` (K-FAC with the reference direction corrected
+    against the exact Hessian on the stream): after the training points arrived ten times as a
+    stream at the optimum its influence ranks like exact's, and already after one pass it is
+    closer to the leave-one-out refits than K-FAC (seed 0, measured in benchmarks/fidelity.py)."""
+    loo, ex = ten_class_head["refined_loo"], ten_class_head["refined_exact"]
+    kfac = ten_class_head["vs_loo"]["kfac"]
+    assert loo[10] >= 0.95 and ex[10] >= 0.99, (loo, ex)
+    assert loo[10] >= ten_class_head["vs_loo"]["exact"] - 0.02, (loo, ten_class_head["vs_loo"])
+    assert loo[1] >= kfac + 0.02, (loo, kfac)  # one pass: already past K-FAC
 
 
 def test_ekfac_equals_exact_on_binary_heads(digits: tuple[np.ndarray, np.ndarray]) -> None:
