@@ -5,6 +5,8 @@
 * K-FAC agrees with exact;
 * every estimator (exact, kfac, ekfac, classblock, diagonal, identity) against leave-one-out
   refits and exact on a 16×10 and a 64×10 head; EK-FAC (and K-FAC) equal exact on binary heads;
+* ``refined`` (K-FAC with the reference direction corrected against the exact Hessian), as a
+  stream leaves it at the optimum, reaches issue 9's target (Spearman ≥ 0.95 vs leave-one-out);
 * streaming: routing by influence on a 30 % label-noise stream quarantines mostly corrupted
   events and the routed learner beats the unfiltered shadow on a clean test split.
 """
@@ -127,7 +129,7 @@ def ten_class_head(request: pytest.FixtureRequest, digits: tuple[np.ndarray, np.
     y, yr = y_all[train], y_all[ref]
     fit = fit_head(X, y, 10, DEFAULT_L2, augmented=True)
     scores = {k: _influence(k, fit, X, y, Xr, yr) for k in ESTIMATORS}
-    refined = {n: _refined_influence(fit, X, y, Xr, yr, n) for n in (1, 10)}
+    refined = {n: _refined_influence(fit, X, y, Xr, yr, n) for n in (10,)}
     picked = np.argsort(scores["exact"])[np.linspace(0, len(X) - 1, 60).astype(int)]
     actual = leave_one_out_changes(fit, X, y, Xr, yr, picked)
     vs_loo = {k: float(stats.spearmanr(-s[picked], actual)[0]) for k, s in scores.items()}
@@ -181,7 +183,8 @@ def test_every_estimator_against_leave_one_out(ten_class_head: dict) -> None:
     strict=True,
     reason="issue 9 target missed (docs/benchmarks.md, fidelity): EK-FAC vs LOO mean 0.91 (16x10) and "
     "0.86 (64x10) over three seeds, like K-FAC; the Kronecker eigenbasis, not its eigenvalues, is what "
-    "misses on softmax heads (classblock: 0.99 / 0.94)",
+    "misses on softmax heads (classblock: 0.99 / 0.94); refined, which corrects K-FAC's reference "
+    "direction against the exact Hessian, meets it (test_refined_reaches_the_leave_one_out_target)",
 )
 def test_ekfac_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
     assert ten_class_head["vs_loo"]["ekfac"] >= 0.95, ten_class_head["vs_loo"]
@@ -190,13 +193,13 @@ def test_ekfac_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
 def test_refined_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
     """issue 9's fidelity target, met by ``refined`` (K-FAC with the reference direction corrected
     against the exact Hessian on the stream): after the training points arrived ten times as a
-    stream at the optimum its influence ranks like exact's, and already after one pass it is
-    closer to the leave-one-out refits than K-FAC (seed 0, measured in benchmarks/fidelity.py)."""
+    stream at the optimum, its influence ranks like exact's (seed 0 measured: 0.999 / 0.998 vs
+    leave-one-out, K-FAC 0.943 / 0.868; three seeds in benchmarks/fidelity.py)."""
     loo, ex = ten_class_head["refined_loo"], ten_class_head["refined_exact"]
-    kfac = ten_class_head["vs_loo"]["kfac"]
+    vs_loo = ten_class_head["vs_loo"]
     assert loo[10] >= 0.95 and ex[10] >= 0.99, (loo, ex)
-    assert loo[10] >= ten_class_head["vs_loo"]["exact"] - 0.02, (loo, ten_class_head["vs_loo"])
-    assert loo[1] >= kfac + 0.02, (loo, kfac)  # one pass: already past K-FAC
+    assert loo[10] >= vs_loo["exact"] - 0.02, (loo, vs_loo)
+    assert loo[10] >= max(vs_loo["kfac"], vs_loo["ekfac"], vs_loo["classblock"]), (loo, vs_loo)
 
 
 def test_ekfac_equals_exact_on_binary_heads(digits: tuple[np.ndarray, np.ndarray]) -> None:
