@@ -351,3 +351,40 @@ def test_score_cli_writes_one_line_per_training_line(
         assert r["decision"] == ("quarantine" if audit.quarantine[k] else "accept")
         assert r["decision"] == "accept" or r["cosine_influence"] > 0.0
         assert np.sign(r["influence"]) == np.sign(r["relative_influence"]) and r["self_influence"] < 0
+
+
+def test_engine_serves_refined_direction_close_to_exact(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Through the engine (refresh before each micro-batch, curvature update after it): with routing
+    that never quarantines, three engines learn the same head from the same digits stream, so their
+    cached ``s = H⁻¹∇L_R`` differ only by the estimator — refined's is several times closer to exact's
+    than K-FAC's.  Measured: relative error 0.074 against K-FAC's 0.29 (64 features + bias, K = 10,
+    ~4 800 events; it keeps closing, 0.06 after 6 passes: each micro-batch's exact product is only
+    its share 1 − γᵐ of the running Hessian, so the correction follows at that pace)."""
+    X_all, y_all = digits
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(y_all))
+    ref, stream = perm[:200], perm[200:]
+    never = {"mode": "absolute", "evidence": "influence", "quarantine_threshold": 1e9}
+    served = {}
+    for kind in ("exact", "kfac", "refined"):
+        settings = EngineSettings(
+            schema=SchemaSettings(classes=list(range(10))),
+            curvature=CurvatureSettings(kind=kind),
+            policy=never,
+        )
+        engine = InfluenceEngine(settings)
+        assert engine.add_reference([_event(int(i), X_all[i], y_all[i]) for i in ref]) == []
+        for _ in range(3):  # the stream three times over, in the default micro-batches of 512
+            for s in range(0, len(stream), 512):
+                rows = stream[s : s + 512]
+                result = engine.process([_event(int(i), X_all[i], y_all[i]) for i in rows])
+                assert not result.quarantine.any()
+        engine.updater.refresh_direction(force=True)
+        served[kind] = (engine.routed.theta.copy(), engine.updater.direction.s.copy())  # type: ignore[union-attr]
+    assert np.array_equal(served["exact"][0], served["refined"][0])  # the same head learned
+    exact = served["exact"][1]
+    err = {
+        k: float(np.linalg.norm(served[k][1] - exact) / np.linalg.norm(exact)) for k in ("kfac", "refined")
+    }
+    assert err["kfac"] >= 0.1, err  # not vacuous: K-FAC's direction is visibly off
+    assert err["refined"] <= 0.12 and err["refined"] <= err["kfac"] / 3, err

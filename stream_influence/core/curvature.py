@@ -53,8 +53,11 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
   after each batch the anchor moves to that point and ``u`` follows by ``(G ⊗ A) δ`` — the only
   approximation, applied to the step ``δ`` (not to the whole direction), and washed out as the
   batches that carry the exact products replace the old evidence.  When the anchor stops moving
-  ``u = C a`` exactly, so the fixed point is the exact solve ``(C + λI)⁻¹∇L_R``; how closely it
-  tracks a moving head and a drifting stream is measured (docs/benchmarks.md, *fidelity*).  This
+  ``u = C a`` exactly, so the fixed point is the exact solve ``(C + λI)⁻¹∇L_R``.  It gets there at
+  the pace exact products replace old evidence in ``C`` (a micro-batch's share, ``1 − γᵐ``), the
+  error along each eigenvector of ``M⁻¹H`` shrinking by about ``ω · b · (1 − γᵐ)`` per batch
+  (``b`` its eigenvalue: slowest where K-FAC overestimates the curvature); how closely it tracks a
+  moving head and a drifting stream is measured (docs/benchmarks.md, *fidelity*).  This
   is iterative refinement (a stationary, preconditioned Richardson iteration) spread over the
   stream, one exact product per batch, rather than CG or LiSSA over a stored data set (torch-influence,
   pyDVL); ``ω < 1`` keeps it stable where K-FAC's curvature is far too low (a stale eigenbasis
