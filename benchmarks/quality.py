@@ -34,7 +34,8 @@ default's justification).
 Run: ``OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py`` (≲ 20 min on 2 cores;
 ``--quick`` for a small subset while developing; ``--from-json`` re-renders saved results;
 ``--diagnose DATASET NOISE KIND TRUSTED SEED`` explains one cell: the routing reason of each
-flip the matched-budget filter drops and routing learns).
+flip the matched-budget filter drops and routing learns; ``--audit-only`` re-runs the ``score``
+audit alone, a few minutes, and re-renders the routing runs from the saved results).
 Writes the ``quality`` section of docs/benchmarks.md, docs/quality.png and
 benchmarks/results/quality.json.
 """
