@@ -298,6 +298,7 @@ def test_score_cli_writes_one_line_per_training_line(
             "relative_influence",
             "cosine_influence",
             "self_influence",
+            "corrected_loss",
             "decision",
             "reason",
         }
