@@ -59,6 +59,7 @@ from stream_influence.core.settings import CurvatureSettings, InfluenceSettings
 from stream_influence.offline.audit import (
     CURVATURE_AT_OPTIMUM,
     DEFAULT_L2,
+    SCORE_L2,
     fit_head,
     leave_one_out_changes,
     mean_hessian,
@@ -305,7 +306,7 @@ def render(rows: list[Row], streams: dict, cost: dict, args: argparse.Namespace,
         f"Total run {elapsed:.0f} s.",
         "",
         f"**At the optimum** — sklearn digits, {N_TRAIN} training / {N_REF} reference points, standardised, "
-        f"L2 = {DEFAULT_L2} (`offline.DEFAULT_L2`, the fidelity checks' L2; the `score` audit defaults to `SCORE_L2` = 0.3), seeds {args.seeds}; heads are classes × features "
+        f"L2 = {DEFAULT_L2} (`offline.DEFAULT_L2`, the fidelity checks' L2; the `score` audit defaults to `SCORE_L2` = {SCORE_L2:g}), seeds {args.seeds}; heads are classes × features "
         "(bias added). Cells: mean (worst) over seeds. *vs LOO*: Spearman of the predicted change "
         f"`−I(z)/n` against the head actually retrained without z, {N_LOO} points spread over the whole "
         "influence range; *vs exact*: Spearman of the influence of all training points against `exact`; "

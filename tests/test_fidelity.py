@@ -343,6 +343,7 @@ def test_score_cli_writes_one_line_per_training_line(
             "relative_influence",
             "cosine_influence",
             "self_influence",
+            "corrected_loss",
             "decision",
             "reason",
         }
