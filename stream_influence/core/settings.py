@@ -317,6 +317,29 @@ class PolicySettings(_Frozen):
         "rate_window events (0: the floor always holds). Measured in docs/benchmarks.md "
         "(routing_ablation, quality).",
     )
+    self_loss_fdr: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Routed-loss evidence (0: off). Each event's label loss under the routed head "
+        "before it learns the event gets a conformal p-value among the trusted points' held-out "
+        "losses under the same head (cross-fitted fold heads, see self_loss_folds), pooled over "
+        "classes after dividing each class's losses by its trusted median; the event is "
+        "quarantined (disagreement gate permitting) when that p-value passes Benjamini–Hochberg "
+        "at this false discovery rate over the last rate_window events — strong evidence that "
+        "overrides the sign floor. Shut on a clean stream; it opens as the model learns to "
+        "separate flips. Fold heads exist only when this is > 0 at start (a hot reload that turns "
+        "it on has no calibration: the test stays off), and are made at the warm start (a trusted "
+        "reference with learner.warm_start_epochs > 0). Calibrated mode only. Measured in "
+        "docs/benchmarks.md (quality, routing_ablation).",
+    )
+    self_loss_folds: int = Field(
+        default=2,
+        ge=2,
+        le=10,
+        description="self_loss_fdr: cross-fitting folds of the trusted set; one extra head per fold "
+        "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
+    )
     class_fair_gate: bool = Field(
         default=True,
         description="evidence reference_loss/hybrid with require_disagreement and the fixed "
