@@ -1151,7 +1151,7 @@ def verdicts(rows: list[dict[str, Any]], audit_notes: list[str]) -> list[str]:
         g = float(np.mean([r["gap_recovered"] for r in s40]))
         out.append(
             f"5. *Recovers ≥ 80 % of the unfiltered → oracle gap at 40 % symmetric noise, on average* — "
-            f"{100 * g:.0f} % ({'met' if g >= 0.8 else 'missed'}); per cell: "
+            f"{100 * g:.1f} % ({'met' if g >= 0.8 else 'missed'}); per cell: "
             + "; ".join(f"{cell(r)} {100 * r['gap_recovered']:.0f} %" for r in s40)
             + "."
         )
