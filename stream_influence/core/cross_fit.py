@@ -124,6 +124,18 @@ class CrossFitHeads:
                 losses[mine] = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(Z)), self.labels[mine]]
         return losses
 
+    def held_out_margins(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
+        """Held-out margins against the label, ``log p(predicted) − log p(y) = max_k z_k − z_y``
+        (≥ 0; 0 when the head predicts the label), of the calibration points under the heads of
+        :meth:`held_out_losses` (``policy.contradiction_rate``)."""
+        margins = np.empty(len(self.labels))
+        for f in range(-1, self.folds):
+            mine = self.fold == f
+            if mine.any():
+                Z = X[mine] @ (routed_theta if f < 0 else self.heads[f].theta).T
+                margins[mine] = Z.max(axis=1) - Z[np.arange(len(Z)), self.labels[mine]]
+        return margins
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "features": self.features,

@@ -118,7 +118,7 @@ class Case:
 MICRO_BATCH = 64
 # Policy settings added after the recording, at the values that reproduce it (issue 9's routed-loss
 # evidence: off, as recorded).
-PINNED = {"self_loss_fdr": 0.0}
+PINNED = {"self_loss_fdr": 0.0, "contradiction_rate": 0.0}
 
 
 def _settings(**parts: Any) -> EngineSettings:
@@ -205,7 +205,12 @@ def _record(out: dict[str, np.ndarray], key: str, value: Any) -> None:
 _NOT_RECORDED = (".reference.features", ".policy.scores_data")
 # Settings added after the recording, which every case pins (PINNED): their keys in the saved
 # settings are not part of the recording.
-_ADDED_SETTINGS = (".policy_settings.self_loss_fdr", ".policy_settings.self_loss_folds")
+_ADDED_SETTINGS = (
+    ".policy_settings.self_loss_fdr",
+    ".policy_settings.self_loss_folds",
+    ".policy_settings.contradiction_rate",
+    ".policy_settings.contradiction_calibration",
+)
 
 
 def _flatten_state(prefix: str, value: Any, out: dict[str, np.ndarray]) -> None:
