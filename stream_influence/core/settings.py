@@ -343,7 +343,7 @@ class PolicySettings(_Frozen):
         "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
     )
     contradiction_rate: float = Field(
-        default=0.2,
+        default=0.4,
         ge=0,
         lt=1,
         description="Spare hard-but-correct events from the loss-evidence tests (0: off). With a "
