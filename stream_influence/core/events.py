@@ -766,9 +766,10 @@ class Schema:
                 timestamps=np.asarray(stamps, dtype=np.float64),
                 index=np.asarray(index, dtype=np.int64),
             )
-        # NaN compares False, so this one test rejects non-finite and out-of-range rows alike.
-        ok = (np.abs(X) <= max_abs).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
-        if not ok.all():
+        # NaN compares False, so these tests reject non-finite and out-of-range rows alike; the
+        # matrix's extremes first (two reductions, no temporaries), rows only when one is off.
+        if len(rows) and not (-max_abs <= X.min() and X.max() <= max_abs):
+            ok = (np.abs(X) <= max_abs).all(axis=1)
             for pos in np.flatnonzero(~ok).tolist():
                 reason = _feature_problem(_floats(rows[pos], width), max_abs)
                 reject(int(batch.index[pos]), reason, _FEATURE_DETAIL[reason])
