@@ -469,3 +469,38 @@ def test_a_fetcher_something_else_changed_is_left_alone() -> None:
     Client._fetcher.config["value_deserializer"] = None
     assert kp._plain_fetches(Client())  # type: ignore[arg-type]
     assert Client._fetcher.PartitionRecords is kp._PlainRecords
+
+
+@pytest.mark.integration
+def test_a_groupless_poll_0_waits_for_no_io_round_trip_while_its_fetch_is_in_flight(broker: Broker) -> None:
+    """The service polls its reference reader with ``poll(0)`` every step; while that reader's
+    fetch is in flight the poll returns at once, and what arrives is still read."""
+    topic = fresh_topic(broker, "fetch-idle")
+    c = open_broker(KafkaSettings(bootstrap_servers=broker.bootstrap, topic=topic)).consumer(group=False)
+    net = c.client._manager._net
+    calls = 0
+    run = net.run
+
+    def counting(*a: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return run(*a)
+
+    net.run = counting
+    try:
+        tp = TopicPartition(topic, 0)
+        c.assign([tp])
+        c.seek(tp, 0)
+        shortcut = 0
+        deadline = time.monotonic() + TIMEOUT
+        while shortcut < 5 and time.monotonic() < deadline:
+            before = calls
+            assert c.poll(0, 100) == {}
+            shortcut += calls == before
+        assert shortcut == 5  # polls that made no round trip
+        produce(broker.bootstrap, topic, [{"value": b"r-%d" % i} for i in range(30)], linger_ms=20)
+        got = _drain(lambda: c.poll(0, 100), 30)
+        assert [r.value for r in got] == [b"r-%d" % i for i in range(30)]
+    finally:
+        net.run = run
+        c.close(5000)

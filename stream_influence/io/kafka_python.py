@@ -419,6 +419,7 @@ class KafkaPythonConsumer:
     def __init__(self, client: KafkaConsumer) -> None:
         self.client = client
         self.plain_fetches = _plain_fetches(client)
+        self._groupless_fast = self.plain_fetches and client.config["group_id"] is None
         self._events: deque[Rebalance] = deque()  # appended on the I/O thread, drained by the loop
         self._lock = threading.Lock()
         self._handed_over: frozenset[TopicPartition] | None = None
@@ -451,7 +452,24 @@ class KafkaPythonConsumer:
         parts = self.client.partitions_for_topic(topic)
         return set(parts) if parts else None
 
+    def _nothing_yet(self) -> bool:
+        """True when a group-less consumer's fetch is still in flight and nothing is buffered: a
+        ``poll(0)`` would only make two round trips to the client's I/O thread (sending no fetch
+        while one is pending on the node, then a zero wait) and return nothing.  The service
+        polls its reference reader so every step (kafka-python 3.0.12's fetcher: FETCH_VERSIONS).
+        The response, once it arrives, is buffered first, then the request marked done: read in
+        this order, a fetch that completes meanwhile is never missed, only read by the next poll."""
+        fetcher = self.client._fetcher
+        return bool(
+            fetcher._nodes_with_pending_fetch_requests
+            and not fetcher._completed_fetches
+            and not fetcher._next_partition_records
+            and fetcher._next_in_line_exception_metadata is None
+        )
+
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[ConsumedRecord]]:
+        if timeout_ms == 0 and self._groupless_fast and self._nothing_yet():
+            return {}
         try:
             polled = self.client.poll(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as exc:
