@@ -77,14 +77,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-try:  # kafka-python internals, for _Appender and _PlainRecords only (another release may differ)
-    from kafka.consumer.fetcher import Fetcher
+try:  # kafka-python internals, for _Appender only (another release may lay them out differently)
     from kafka.producer.producer_batch import ProducerBatch
-    from kafka.protocol.consumer import IsolationLevel
     from kafka.record.memory_records import MemoryRecordsBuilder
-    from kafka.record.util import calc_crc32c
 except ImportError:  # pragma: no cover - depends on the installed release
     kafka_version = "unknown"
+
+try:  # kafka-python internals, for _PlainRecords only
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.protocol.consumer import IsolationLevel
+    from kafka.record.util import calc_crc32c
+
+    _PartitionRecords: Any = Fetcher.PartitionRecords
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed release
+    Fetcher = None  # type: ignore[assignment,misc]
+    _PartitionRecords = object
 
 
 # -- client options -------------------------------------------------------------------------
@@ -319,7 +326,7 @@ class _Listener(AsyncConsumerRebalanceListener):
 FETCH_VERSIONS = frozenset({"3.0.12"})
 
 
-class _PlainRecords(Fetcher.PartitionRecords):  # type: ignore[misc,name-defined]
+class _PlainRecords(_PartitionRecords):  # type: ignore[misc,valid-type]
     """kafka-python's ``Fetcher.PartitionRecords`` (one partition's records of one completed fetch,
     handed out by ``take``) with the records read by :func:`~stream_influence.io.record_batches.read_batches`
     — one loop over the fetch's bytes, one light :class:`~stream_influence.io.record_batches.BatchRecord`
@@ -400,6 +407,7 @@ def _plain_fetches(client: KafkaConsumer) -> bool:
     fetcher = getattr(client, "_fetcher", None)
     if (
         kafka_version not in FETCH_VERSIONS
+        or Fetcher is None
         or type(fetcher) is not Fetcher
         or "PartitionRecords" in vars(fetcher)
         or fetcher.config["key_deserializer"] is not None
