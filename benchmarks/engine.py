@@ -48,7 +48,7 @@ from stream_influence.core.settings import CurvatureSettings, EngineSettings, Sc
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = (64, 10, EngineSettings().curvature.kind, 512)  # d, K, default estimator, batch: ≥ 10× River
 RAW_TARGET = 150_000  # issue 11: events/s with decoding at d=64, K=10, batch 512
-KINDS = ("exact", "kfac", "ekfac", "classblock", "diagonal")
+KINDS = ("exact", "kfac", "ekfac", "classblock", "diagonal", "refined")
 EXACT_MAX = 3000
 
 

@@ -5,6 +5,8 @@
 * K-FAC agrees with exact;
 * every estimator (exact, kfac, ekfac, classblock, diagonal, identity) against leave-one-out
   refits and exact on a 16×10 and a 64×10 head; EK-FAC (and K-FAC) equal exact on binary heads;
+* ``refined`` (K-FAC with the reference direction corrected against the exact Hessian), as a
+  stream leaves it at the optimum, reaches issue 9's target (Spearman ≥ 0.95 vs leave-one-out);
 * streaming: routing by influence on a 30 % label-noise stream quarantines mostly corrupted
   events and the routed learner beats the unfiltered shadow on a clean test split.
 """
@@ -21,9 +23,14 @@ from sklearn.datasets import load_digits
 
 from stream_influence.cli import main
 from stream_influence.core.engine import InfluenceEngine
-from stream_influence.core.influence import InfluenceScorer
+from stream_influence.core.influence import InfluenceScorer, reference_gradient
 from stream_influence.core.model import one_hot, softmax
-from stream_influence.core.settings import EngineSettings, InfluenceSettings, SchemaSettings
+from stream_influence.core.settings import (
+    CurvatureSettings,
+    EngineSettings,
+    InfluenceSettings,
+    SchemaSettings,
+)
 from stream_influence.offline.audit import (
     CURVATURE_AT_OPTIMUM,
     DEFAULT_L2,
@@ -36,6 +43,7 @@ from stream_influence.offline.audit import (
     prepare_inputs,
     score_dataset,
 )
+from stream_influence.offline.stationary import settle_on_stream
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +129,35 @@ def ten_class_head(request: pytest.FixtureRequest, digits: tuple[np.ndarray, np.
     y, yr = y_all[train], y_all[ref]
     fit = fit_head(X, y, 10, DEFAULT_L2, augmented=True)
     scores = {k: _influence(k, fit, X, y, Xr, yr) for k in ESTIMATORS}
+    refined = {n: _refined_influence(fit, X, y, Xr, yr, n) for n in (10,)}
     picked = np.argsort(scores["exact"])[np.linspace(0, len(X) - 1, 60).astype(int)]
     actual = leave_one_out_changes(fit, X, y, Xr, yr, picked)
     vs_loo = {k: float(stats.spearmanr(-s[picked], actual)[0]) for k, s in scores.items()}
     vs_exact = {k: float(stats.spearmanr(s, scores["exact"])[0]) for k, s in scores.items()}
-    return {"head": request.param, "vs_loo": vs_loo, "vs_exact": vs_exact, "actual": actual}
+    refined_loo = {n: float(stats.spearmanr(-s[picked], actual)[0]) for n, s in refined.items()}
+    refined_exact = {n: float(stats.spearmanr(s, scores["exact"])[0]) for n, s in refined.items()}
+    return {
+        "head": request.param,
+        "vs_loo": vs_loo,
+        "vs_exact": vs_exact,
+        "actual": actual,
+        "refined_loo": refined_loo,
+        "refined_exact": refined_exact,
+    }
+
+
+def _refined_influence(
+    fit: HeadFit, X: np.ndarray, y: np.ndarray, Xr: np.ndarray, yr: np.ndarray, passes: int
+) -> np.ndarray:
+    """I(z) with ``refined`` as a stream leaves it at the optimum: the training points arriving
+    ``passes`` times in micro-batches of 512, the reference direction refreshed before each."""
+    P = softmax(X @ fit.theta.T)
+    grad = reference_gradient(fit.theta, Xr, yr, "loss")
+    settings = CurvatureSettings(kind="refined", damping=fit.l2, forgetting=1.0)
+    est = settle_on_stream(settings, X, P, grad, passes=passes)
+    scorer = InfluenceScorer(InfluenceSettings(objective="loss"))
+    scorer.refresh(fit.theta, est, Xr, yr)
+    return scorer.score(P, one_hot(y, fit.theta.shape[0]), X, est).influence
 
 
 def test_every_estimator_against_leave_one_out(ten_class_head: dict) -> None:
@@ -151,10 +183,23 @@ def test_every_estimator_against_leave_one_out(ten_class_head: dict) -> None:
     strict=True,
     reason="issue 9 target missed (docs/benchmarks.md, fidelity): EK-FAC vs LOO mean 0.91 (16x10) and "
     "0.86 (64x10) over three seeds, like K-FAC; the Kronecker eigenbasis, not its eigenvalues, is what "
-    "misses on softmax heads (classblock: 0.99 / 0.94)",
+    "misses on softmax heads (classblock: 0.99 / 0.94); refined, which corrects K-FAC's reference "
+    "direction against the exact Hessian, meets it (test_refined_reaches_the_leave_one_out_target)",
 )
 def test_ekfac_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
     assert ten_class_head["vs_loo"]["ekfac"] >= 0.95, ten_class_head["vs_loo"]
+
+
+def test_refined_reaches_the_leave_one_out_target(ten_class_head: dict) -> None:
+    """issue 9's fidelity target, met by ``refined`` (K-FAC with the reference direction corrected
+    against the exact Hessian on the stream): after the training points arrived ten times as a
+    stream at the optimum, its influence ranks like exact's (seed 0 measured: 0.999 / 0.998 vs
+    leave-one-out, K-FAC 0.943 / 0.868; three seeds in benchmarks/fidelity.py)."""
+    loo, ex = ten_class_head["refined_loo"], ten_class_head["refined_exact"]
+    vs_loo = ten_class_head["vs_loo"]
+    assert loo[10] >= 0.95 and ex[10] >= 0.99, (loo, ex)
+    assert loo[10] >= vs_loo["exact"] - 0.02, (loo, vs_loo)
+    assert loo[10] >= max(vs_loo["kfac"], vs_loo["ekfac"], vs_loo["classblock"]), (loo, vs_loo)
 
 
 def test_ekfac_equals_exact_on_binary_heads(digits: tuple[np.ndarray, np.ndarray]) -> None:
@@ -298,6 +343,7 @@ def test_score_cli_writes_one_line_per_training_line(
             "relative_influence",
             "cosine_influence",
             "self_influence",
+            "corrected_loss",
             "decision",
             "reason",
         }
@@ -306,3 +352,40 @@ def test_score_cli_writes_one_line_per_training_line(
         assert r["decision"] == ("quarantine" if audit.quarantine[k] else "accept")
         assert r["decision"] == "accept" or r["cosine_influence"] > 0.0
         assert np.sign(r["influence"]) == np.sign(r["relative_influence"]) and r["self_influence"] < 0
+
+
+def test_engine_serves_refined_direction_close_to_exact(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Through the engine (refresh before each micro-batch, curvature update after it): with routing
+    that never quarantines, three engines learn the same head from the same digits stream, so their
+    cached ``s = H⁻¹∇L_R`` differ only by the estimator — refined's is several times closer to exact's
+    than K-FAC's.  Measured: relative error 0.074 against K-FAC's 0.29 (64 features + bias, K = 10,
+    ~4 800 events; it keeps closing, 0.06 after 6 passes: each micro-batch's exact product is only
+    its share 1 − γᵐ of the running Hessian, so the correction follows at that pace)."""
+    X_all, y_all = digits
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(len(y_all))
+    ref, stream = perm[:200], perm[200:]
+    never = {"mode": "absolute", "evidence": "influence", "quarantine_threshold": 1e9}
+    served = {}
+    for kind in ("exact", "kfac", "refined"):
+        settings = EngineSettings(
+            schema=SchemaSettings(classes=list(range(10))),
+            curvature=CurvatureSettings(kind=kind),
+            policy=never,
+        )
+        engine = InfluenceEngine(settings)
+        assert engine.add_reference([_event(int(i), X_all[i], y_all[i]) for i in ref]) == []
+        for _ in range(3):  # the stream three times over, in the default micro-batches of 512
+            for s in range(0, len(stream), 512):
+                rows = stream[s : s + 512]
+                result = engine.process([_event(int(i), X_all[i], y_all[i]) for i in rows])
+                assert not result.quarantine.any()
+        engine.updater.refresh_direction(force=True)
+        served[kind] = (engine.routed.theta.copy(), engine.updater.direction.s.copy())  # type: ignore[union-attr]
+    assert np.array_equal(served["exact"][0], served["refined"][0])  # the same head learned
+    exact = served["exact"][1]
+    err = {
+        k: float(np.linalg.norm(served[k][1] - exact) / np.linalg.norm(exact)) for k in ("kfac", "refined")
+    }
+    assert err["kfac"] >= 0.1, err  # not vacuous: K-FAC's direction is visibly off
+    assert err["refined"] <= 0.12 and err["refined"] <= err["kfac"] / 3, err

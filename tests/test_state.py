@@ -58,6 +58,7 @@ CASES = [
     ("exact", "newton"),
     ("ekfac", "sgd"),
     ("classblock", "newton"),
+    ("refined", "sgd"),
 ]
 
 

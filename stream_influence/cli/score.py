@@ -2,8 +2,10 @@
 
 Fits the softmax head on the training events to convergence, then writes one JSON line per
 training line: ``{"id", "influence", "relative_influence", "cosine_influence",
-"self_influence", "decision", "reason"}``; invalid lines become ``{"id": null, "decision":
-"dead_letter", "reason", "detail", "line"}`` (never a crash).  See ``stream_influence.offline.audit``.
+"self_influence", "corrected_loss", "decision", "reason"}``; invalid lines become ``{"id": null,
+"decision": "dead_letter", "reason", "detail", "line"}`` (never a crash).  ``decision`` is the
+routing policy's; to find flipped labels, rank by ``corrected_loss`` (highest first: the label's
+held-out loss corrected toward the trusted set).  See ``stream_influence.offline.audit``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from stream_influence.core.model import make_extractor
 from stream_influence.core.settings import EngineSettings
 from stream_influence.core.state import atomic_write
 from stream_influence.errors import ConfigError, StreamInfluenceError
-from stream_influence.offline.audit import CURVATURE_AT_OPTIMUM, SCORE_L2, score_dataset
+from stream_influence.offline.audit import CURVATURE_AT_OPTIMUM, SCORE_L2, Audit, score_dataset
 from stream_influence.offline.jsonl import iter_lines
 
 
@@ -31,7 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "score",
         help="fit the head on a data set and write every training event's influence",
         description="Offline audit: full-batch fit (float64, to convergence, explicit L2), exact or "
-        "K-FAC Hessian at the optimum, influence of every training event on the reference loss.",
+        "K-FAC Hessian at the optimum, influence of every training event on the reference loss, and "
+        "corrected_loss (rank by it, highest first, to find flipped labels).",
     )
     p.add_argument("--train", type=Path, required=True, help="training events (JSON Lines)")
     p.add_argument("--reference", type=Path, required=True, help="trusted reference events (JSON Lines)")
@@ -129,10 +131,11 @@ def _score(args: argparse.Namespace) -> int:
         f"score {settings.policy.score}): accept={len(train) - n_q} quarantine={n_q} "
         f"dead_letter={len(train_rejects)} classes={schema.classes!r} -> {args.out}"
     )
+    print("to find flipped labels, rank by corrected_loss (highest first)")
     return 0
 
 
-def _render(train: EventBatch, rejects: list[Reject], n_lines: int, audit: Any) -> bytes:
+def _render(train: EventBatch, rejects: list[Reject], n_lines: int, audit: Audit) -> bytes:
     out: list[DecisionRecord | None] = [None] * n_lines
     sc = audit.scores
     cols = zip(
@@ -142,9 +145,11 @@ def _render(train: EventBatch, rejects: list[Reject], n_lines: int, audit: Any) 
         sc.self_influence.tolist(),
         strict=True,
     )
-    q = audit.quarantine.tolist()
+    q, cl = audit.quarantine.tolist(), audit.corrected_loss.tolist()
     for j, (i, eid, scores) in enumerate(zip(train.index.tolist(), train.ids, cols, strict=True)):
-        out[i] = DecisionRecord(eid, "quarantine" if q[j] else "accept", audit.reasons[j], *scores)
+        out[i] = DecisionRecord(
+            eid, "quarantine" if q[j] else "accept", audit.reasons[j], *scores, corrected_loss=cl[j]
+        )
     for r in rejects:
         out[r.index] = DecisionRecord.dead_letter(r.reason.value, r.detail).replace(line=r.index + 1)
     return "".join(f"{rec.to_json()}\n" for rec in out if rec is not None).encode()

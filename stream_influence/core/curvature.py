@@ -43,7 +43,26 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
   ``E[(p_k − p_k²) x̃x̃ᵀ]``, drops the cross-class blocks ``−E[p_k p_l x̃x̃ᵀ]`` and inverts each
   block by Cholesky; measured far closer to exact and to leave-one-out than any Kronecker form on
   10-class heads (docs/benchmarks.md, *fidelity*), at ``K`` times K-FAC's cost per event;
-* ``diagonal`` keeps the exact diagonal of ``C``.
+* ``diagonal`` keeps the exact diagonal of ``C``;
+* ``refined`` is ``kfac`` for every solve but one: the reference direction ``s = H⁻¹∇L_R``
+  (:meth:`Curvature.direction`, the only solve scoring needs) is corrected against the *exact*
+  running Hessian.  It keeps an anchor ``a`` and ``u = C a``, maintained like ``C`` itself:
+  every batch adds its exact Hessian-vector product ``Σ wᵢ (Sᵢ a x̃ᵢ) ⊗ x̃ᵢ`` (two products over
+  the batch, no ``(KD)²`` matrix) and the old part decays with ``C``.  The direction served is one
+  K-FAC-preconditioned step from the anchor, ``a + ω M⁻¹(∇L_R − u − λa)`` with ``M = G ⊗ A + λI``;
+  after each batch the anchor moves to that point and ``u`` follows by ``(G ⊗ A) δ`` — the only
+  approximation, applied to the step ``δ`` (not to the whole direction), and washed out as the
+  batches that carry the exact products replace the old evidence.  When the anchor stops moving
+  ``u = C a`` exactly, so the fixed point is the exact solve ``(C + λI)⁻¹∇L_R``.  It gets there at
+  the pace exact products replace old evidence in ``C`` (a micro-batch's share, ``1 − γᵐ``), the
+  error along each eigenvector of ``M⁻¹H`` shrinking by about ``ω · b · (1 − γᵐ)`` per batch
+  (``b`` its eigenvalue: slowest where K-FAC overestimates the curvature); how closely it tracks a
+  moving head and a drifting stream is measured (docs/benchmarks.md, *fidelity*).  This
+  is iterative refinement (a stationary, preconditioned Richardson iteration) spread over the
+  stream, one exact product per batch, rather than CG or LiSSA over a stored data set (torch-influence,
+  pyDVL); ``ω < 1`` keeps it stable where K-FAC's curvature is far too low (a stale eigenbasis
+  after a drift).  The self-terms ``gᵀH⁻¹g`` (relative and cosine influence, held-out
+  calibration) keep K-FAC's inverse.
 
 >>> import numpy as np
 >>> from stream_influence.core.settings import CurvatureSettings
@@ -74,6 +93,7 @@ __all__ = [
     "EKFACCurvature",
     "ExactCurvature",
     "KFACCurvature",
+    "RefinedCurvature",
     "make_curvature",
 ]
 
@@ -156,6 +176,11 @@ class Curvature(ABC):
     @abstractmethod
     def solve(self, V: np.ndarray) -> np.ndarray:
         """``H⁻¹ v`` for every ``K × D`` matrix ``v`` in ``V`` (shape ``… × K × D``)."""
+
+    def direction(self, grad: np.ndarray) -> np.ndarray:
+        """``H⁻¹∇L_R`` for the reference gradient ``grad`` (``K × D``): the one solve scoring
+        needs, cached by the scorer.  Plain :meth:`solve` here; ``refined`` overrides it."""
+        return self.solve(grad)
 
     @abstractmethod
     def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -479,6 +504,93 @@ class EKFACCurvature(KFACCurvature):
         self.buf_next = int(state["buf_next"])
 
 
+class RefinedCurvature(KFACCurvature):
+    """K-FAC, with the reference direction refined against the exact running Hessian.
+
+    See the module docstring.  Cost per event: K-FAC's plus one Hessian-vector product of the
+    event (``O(KD)``); per refresh one K-FAC solve.
+    """
+
+    kind = "refined"
+    exact = True  # solve() is K-FAC's exact inverse of its own G ⊗ A + λI; direction() is not
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        K, D = self.n_classes, self.dim
+        self.anchor = np.zeros((K, D))
+        self.u = np.zeros((K, D))  # C · anchor: exact for the batches, (G ⊗ A) δ for the moves
+        self.grad = np.zeros((K, D))  # the last reference gradient served; anchor moves towards it
+        self.has_grad = False
+        self.restarts = 0
+
+    def _kron_product(self, V: np.ndarray) -> np.ndarray:
+        """``(G ⊗ A) v`` with the current factors (no damping)."""
+        out = self.G @ V @ self.A
+        return out / self.tau if self.tau > 0 else out
+
+    def _step(self, grad: np.ndarray) -> np.ndarray:
+        residual = grad - self.u - self.settings.damping * self.anchor
+        return self.anchor + self.settings.refine_step * self.solve(residual)
+
+    def direction(self, grad: np.ndarray) -> np.ndarray:
+        if not self.has_grad:  # no anchor yet: start from K-FAC's own solution
+            self._move_anchor_to(self.solve(grad), exact_u=False)
+        self.grad = np.array(grad, dtype=np.float64)
+        self.has_grad = True
+        return self._step(grad)
+
+    def _move_anchor_to(self, new: np.ndarray, *, exact_u: bool = True) -> None:
+        if exact_u:
+            self.u += self._kron_product(new - self.anchor)
+        else:  # (re)start: the whole of C·a from the factors
+            self.u = self._kron_product(new)
+        self.anchor = new
+
+    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        super()._update(X, P, w, beta)
+        if beta == 0.0 and self.has_grad:
+            # C is this batch alone (the first one, or all else forgotten): restart the anchor at
+            # K-FAC's solution, whose product below is then exact — not at a direction served
+            # before this evidence existed (H = λI at the very start).
+            self.anchor = self.solve(self.grad)
+        # u ← β u + Σ wᵢ hᵢ a, the batch's exact product: with zᵢ = a x̃ᵢ (K logits' worth),
+        # Sᵢ zᵢ = pᵢ ∘ (zᵢ − pᵢ·zᵢ), and the sum over i is one product with the batch.
+        Z = X @ self.anchor.T
+        Z -= np.add.reduce(P * Z, axis=1)[:, None]
+        Z *= P
+        Z *= w[:, None]
+        self.u *= beta
+        self.u += Z.T @ X
+        if not self.has_grad:
+            return
+        new = self._step(self.grad)
+        # A step longer than the direction itself is a correction running away (K-FAC far too
+        # flat somewhere) or a new reference: restart from K-FAC's own solution.
+        step = float(np.vdot(new - self.anchor, new - self.anchor))
+        if not step <= float(np.vdot(self.anchor, self.anchor)):  # also catches NaN
+            self.restarts += 1
+            self._move_anchor_to(self.solve(self.grad), exact_u=False)
+            return
+        self._move_anchor_to(new)
+
+    def _arrays(self) -> dict[str, Any]:
+        return {
+            **super()._arrays(),
+            "anchor": self.anchor,
+            "u": self.u,
+            "grad": self.grad,
+            "has_grad": self.has_grad,
+            "restarts": self.restarts,
+        }
+
+    def _load_arrays(self, state: dict[str, Any]) -> None:
+        super()._load_arrays(state)
+        for name in ("anchor", "u", "grad"):
+            setattr(self, name, np.array(state[name], dtype=np.float64))
+        self.has_grad = bool(state["has_grad"])
+        self.restarts = int(state["restarts"])
+
+
 class ClassBlockCurvature(Curvature):
     """The exact Hessian without its cross-class blocks: ``H ≈ blockdiag_k E[S_kk x̃x̃ᵀ] + λI``.
 
@@ -594,6 +706,7 @@ _KINDS: dict[str, type[Curvature]] = {
     "ekfac": EKFACCurvature,
     "classblock": ClassBlockCurvature,
     "diagonal": DiagonalCurvature,
+    "refined": RefinedCurvature,
 }
 
 

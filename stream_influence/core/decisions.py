@@ -11,6 +11,9 @@ write :class:`DecisionRecord` s, one JSON object per input message:
   (``null`` where none exists: dead letters, events before the reference set exists).  Their sign
   convention is the project's: positive = learning the event would raise the trusted reference
   loss (memorise, route away); ``self_influence`` is always ≤ 0;
+* ``corrected_loss`` — the ``score`` audit only: the event's held-out label loss corrected toward
+  the trusted set (nats; higher = the label is more likely wrong), the audit's flipped-label
+  ranking (:func:`stream_influence.offline.audit.corrected_loss`);
 * where the message came from, when it has such a place: ``source_topic``, ``source_partition``,
   ``source_offset`` (Kafka) or ``line`` (a file, 1-based).
 
@@ -52,9 +55,10 @@ class DecisionRecord:
     source_partition: int | None = None
     source_offset: int | None = None
     line: int | None = None
+    corrected_loss: float | None = None
 
     def __post_init__(self) -> None:
-        for name in _SCORES:  # NaN is not JSON: a missing score is null
+        for name in (*_SCORES, "corrected_loss"):  # NaN is not JSON: a missing score is null
             object.__setattr__(self, name, _num(getattr(self, name)))
 
     @classmethod
@@ -69,12 +73,14 @@ class DecisionRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: scores always present (``null`` when missing), ``detail`` for dead
-        letters, the source fields and ``line`` when known."""
+        letters, ``corrected_loss``, the source fields and ``line`` when known."""
         out: dict[str, Any] = {"id": self.id, "decision": self.decision, "reason": self.reason}
         if self.decision == "dead_letter" or self.detail is not None:
             out["detail"] = self.detail
         for name in _SCORES:
             out[name] = getattr(self, name)
+        if self.corrected_loss is not None:
+            out["corrected_loss"] = self.corrected_loss
         if self.source_topic is not None:
             for name in _SOURCE:
                 out[name] = getattr(self, name)

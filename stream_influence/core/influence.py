@@ -195,7 +195,7 @@ class InfluenceScorer:
         R = P - Y
         M = R if self.settings.objective == "loss" else _margin_residuals(Z, Y)
         grad = M.T @ Xr / len(Xr)
-        self.s = curvature.solve(grad)
+        self.s = curvature.direction(grad)
         S = max(float(np.vdot(grad, self.s)), 1e-300)
         self.s_norm = float(np.sqrt(S))
         self.reference_loss = float(-np.log(np.clip(P[np.arange(len(yr)), yr], 1e-300, None)).mean())

@@ -112,13 +112,17 @@ class ModelSettings(_Frozen):
 class CurvatureSettings(_Frozen):
     """Running estimate of the output-layer Hessian ``H = E[(diag p − ppᵀ) ⊗ φφᵀ] + λI``."""
 
-    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal"] = Field(
+    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal", "refined"] = Field(
         default="kfac",
         description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; ekfac: "
         "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); "
-        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal. "
-        "kfac is the default for speed; classblock is the most faithful after exact on 10-class "
-        "heads at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
+        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal; "
+        "refined: kfac, except that the reference direction H⁻¹∇L_R is refined on the stream "
+        "against the exact running Hessian (its fixed point is the exact solve). "
+        "refined is the most faithful after exact (leave-one-out Spearman ≥ 0.95 on the 10-class "
+        "fidelity heads, where kfac, ekfac and classblock miss) at ~2–3 % of the engine's rate; "
+        "kfac stays the default because refined routed no better on the quality grid; classblock "
+        "runs at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
     )
     damping: float = Field(
         default=0.1,
@@ -143,6 +147,15 @@ class CurvatureSettings(_Frozen):
         description="ekfac: most recent points kept (features, probabilities, weight) to re-project "
         "the corrected eigenvalues exactly when the eigenbasis is refreshed; older evidence is "
         "estimated from its K-FAC factors (0: K-FAC eigenvalues as the prior after every refresh).",
+    )
+    refine_step: float = Field(
+        default=0.7,
+        gt=0,
+        le=1,
+        description="refined: step ω of each K-FAC-preconditioned correction of the reference "
+        "direction, s ← s + ω (G ⊗ A + λI)⁻¹ (∇L_R − (H + λI) s); below 1 keeps the correction "
+        "stable where K-FAC underestimates the curvature by a large factor (measured: 1 "
+        "oscillated after a drift, 0.5–0.7 did not; docs/benchmarks.md, fidelity).",
     )
     damping_floor: float = Field(
         default=0.5,
@@ -303,6 +316,29 @@ class PolicySettings(_Frozen):
         "class passes Benjamini–Hochberg at this stricter false discovery rate over the last "
         "rate_window events (0: the floor always holds). Measured in docs/benchmarks.md "
         "(routing_ablation, quality).",
+    )
+    self_loss_fdr: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Routed-loss evidence (0: off). Each event's label loss under the routed head "
+        "before it learns the event gets a conformal p-value among the trusted points' held-out "
+        "losses under the same head (cross-fitted fold heads, see self_loss_folds), pooled over "
+        "classes after dividing each class's losses by its trusted median; the event is "
+        "quarantined (disagreement gate permitting) when that p-value passes Benjamini–Hochberg "
+        "at this false discovery rate over the last rate_window events — strong evidence that "
+        "overrides the sign floor. Shut on a clean stream; it opens as the model learns to "
+        "separate flips. Fold heads exist only when this is > 0 at start (a hot reload that turns "
+        "it on has no calibration: the test stays off), and are made at the warm start (a trusted "
+        "reference with learner.warm_start_epochs > 0). Calibrated mode only. Measured in "
+        "docs/benchmarks.md (quality, routing_ablation).",
+    )
+    self_loss_folds: int = Field(
+        default=2,
+        ge=2,
+        le=10,
+        description="self_loss_fdr: cross-fitting folds of the trusted set; one extra head per fold "
+        "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
     )
     class_fair_gate: bool = Field(
         default=True,

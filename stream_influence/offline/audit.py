@@ -23,6 +23,12 @@ sign convention (positive influence = learning the point raises the reference lo
 decision uses the routing policy's sign rule and thresholds, without warm-up or rate cap (an
 offline audit sees the whole data set at once).
 
+To *rank* events by how likely their label is wrong, the audit adds :func:`corrected_loss`: the
+event's own held-out loss with the influence added (see there).  The cosine influence alone,
+which the routing policy thresholds, discards how wrong a label looks (it normalises the
+gradient away) and missed flips on a misspecified head (``docs/benchmarks.md``, quality,
+"score audit").
+
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
 >>> X = rng.normal(size=(200, 3)); y = (X[:, 0] > 0).astype(int)
@@ -70,6 +76,7 @@ __all__ = [
     "Audit",
     "HeadFit",
     "classblock_curvature",
+    "corrected_loss",
     "diagonal_curvature",
     "ekfac_curvature",
     "exact_curvature",
@@ -89,12 +96,12 @@ __all__ = [
 # 1e-2, 0.84–0.91 at 3e-2; see tests/test_fidelity.py).  The `score` audit defaults to SCORE_L2.
 DEFAULT_L2 = 0.03
 # The `score` audit's default L2, chosen by measurement (benchmarks/quality.py, "score audit" in
-# docs/benchmarks.md): over every bundled stream at 20/40 % symmetric and 30 % pair noise, 0.3 gives
-# the most streams at flipped-label ROC-AUC ≥ 0.9 and the best mean (0.03 left MNIST through the
-# frozen CNN at 0.93–0.94 and digits at 0.97; 1e-3 fell to 0.74; unscaled_correlated, with heavily
-# overlapping classes, stays below 0.9 at every L2), while the exact influence stays faithful to
-# leave-one-out refits (Spearman ≥ 0.998 on digits at every L2 swept).
-SCORE_L2 = 0.3
+# docs/benchmarks.md) for its ranking score `corrected_loss`: over every bundled stream at 20/40 %
+# symmetric and 30 % pair noise, the rule "most streams at flipped-label ROC-AUC ≥ 0.9, then the best
+# mean, among L2s whose exact influence keeps leave-one-out Spearman ≥ 0.95" picks 0.1 (27 of 27,
+# mean 0.9655; 0.03 next at 0.9649, 0.01–0.3 all 27 of 27; 1e-3 and 1 miss some).  The cosine
+# influence alone picked 0.3 and missed unscaled_correlated at 20 and 40 % symmetric noise.
+SCORE_L2 = 0.1
 
 
 def exact_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> ExactCurvature:
@@ -183,6 +190,29 @@ class Audit:
     quarantine: np.ndarray
     reasons: list[str]
     reference_loss: float
+    corrected_loss: np.ndarray  # the flipped-label ranking score (see corrected_loss())
+
+
+def corrected_loss(loss: np.ndarray, scores: Scores, weights: np.ndarray) -> np.ndarray:
+    """Each training point's label loss, held out and corrected toward the trusted set (nats).
+
+    Estimates ``ℓ(zᵢ; Θ₋ᵢ − H⁻¹∇L_R)``: the cross-entropy of the point's own label under the head
+    fitted *without* it and then moved one Newton step toward the trusted reference objective.  To
+    first order in both moves (``Θ₋ᵢ ≈ Θ + wᵢH⁻¹gᵢ/n``, and ``−gᵢᵀH⁻¹∇L_R = I(zᵢ)``)
+
+        corrected_loss(zᵢ) = ℓ(zᵢ; Θ) + wᵢ gᵢᵀH⁻¹gᵢ / n + I(zᵢ)
+                           = loss − wᵢ · self_influence / n + influence.
+
+    Higher = the label is more surprising to a model that did not learn the point and agrees with
+    the trusted set: flipped labels rank high.  The influence enters with the project's sign
+    (positive = learning the point raises the reference loss), so a harmful point scores higher;
+    the held-out term removes the point's own pull toward its label (memorisation).  Why both: on
+    a head that cannot separate the classes, how surprising a label is separates flips from
+    correct events better than the direction of their gradient (the cosine influence) does, while
+    the influence catches what the loss alone misses — flips the fit has partly learned because
+    they are systematic (pair flips), which the trusted set pulls back.
+    """
+    return loss - weights * scores.self_influence / len(loss) + scores.influence
 
 
 def score_dataset(
@@ -225,7 +255,16 @@ def score_dataset(
     if policy.mode == "quantile":
         router.decide(score, warm=False)  # fills the score window only
     decision = router.decide(score, warm=True, labels=y_train, disagree=P.argmax(axis=1) != y_train)
-    return Audit(fit, est, scores, decision.quarantine, decision.reasons, scorer.reference_loss)
+    loss = -np.log(np.clip(P[np.arange(len(y_train)), y_train], 1e-300, None))
+    return Audit(
+        fit,
+        est,
+        scores,
+        decision.quarantine,
+        decision.reasons,
+        scorer.reference_loss,
+        corrected_loss(loss, scores, w),
+    )
 
 
 def reference_loss(theta: np.ndarray, Xr: np.ndarray, yr: np.ndarray) -> float:
