@@ -340,6 +340,15 @@ class PolicySettings(_Frozen):
         description="self_loss_fdr: cross-fitting folds of the trusted set; one extra head per fold "
         "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
     )
+    self_loss_calibrate_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: micro-batches between recomputations of the trusted points' "
+        "held-out losses under the fold heads (1: before every micro-batch, exact). Larger "
+        "values save that cost (about 0.3 µs per event at d = 64, K = 10) and compare each event "
+        "with a calibration up to this many micro-batches old. Measured in docs/benchmarks.md "
+        "(engine) and the folds branch report.",
+    )
     class_fair_gate: bool = Field(
         default=True,
         description="evidence reference_loss/hybrid with require_disagreement and the fixed "

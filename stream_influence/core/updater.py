@@ -90,6 +90,8 @@ class Updater:
         self.cross_fit = (
             CrossFitHeads(settings.learner, p.self_loss_folds, settings.seed) if p.self_loss_fdr > 0 else None
         )
+        # (id of the policy last calibrated, calls left before its calibration is recomputed)
+        self._self_loss_due = (0, 0)
 
     # -- model construction ----------------------------------------------------------------
     @property
@@ -205,6 +207,13 @@ class Updater:
         cf = self.cross_fit
         if cf is None or not cf.ready or self.routed is None or policy.settings.self_loss_fdr <= 0:
             return
+        # self_loss_calibrate_every: the same policy keeps its calibration that many calls.
+        if self._self_loss_due[0] == id(policy) and len(policy.self_loss_calibration):
+            left = self._self_loss_due[1] - 1
+            self._self_loss_due = (id(policy), left)
+            if left > 0:
+                return
+        self._self_loss_due = (id(policy), policy.settings.self_loss_calibrate_every)
         losses = cf.held_out_losses(self.inputs(cf.features), self.routed.theta)
         policy.calibrate_self_loss(losses)
 

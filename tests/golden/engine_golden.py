@@ -205,7 +205,11 @@ def _record(out: dict[str, np.ndarray], key: str, value: Any) -> None:
 _NOT_RECORDED = (".reference.features", ".policy.scores_data")
 # Settings added after the recording, which every case pins (PINNED): their keys in the saved
 # settings are not part of the recording.
-_ADDED_SETTINGS = (".policy_settings.self_loss_fdr", ".policy_settings.self_loss_folds")
+_ADDED_SETTINGS = (
+    ".policy_settings.self_loss_fdr",
+    ".policy_settings.self_loss_folds",
+    ".policy_settings.self_loss_calibrate_every",
+)
 
 
 def _flatten_state(prefix: str, value: Any, out: dict[str, np.ndarray]) -> None:
