@@ -1,0 +1,112 @@
+"""The fold heads' speed work (issues 9 and 11) keeps their results: shared rows laid out once in
+the lockstep SGD, held-out losses in fold order, and the ``policy.self_loss_calibrate_every``
+option that recomputes the calibration only every k micro-batches (the engine-level equality with
+main's recording is ``tests/test_engine_golden.py``'s routed-loss runs)."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import numpy as np
+
+from stream_influence.core.cross_fit import CrossFitHeads
+from stream_influence.core.engine import InfluenceEngine
+from stream_influence.core.events import EventBatch
+from stream_influence.core.learner import HeadLearner
+from stream_influence.core.settings import EngineSettings, LearnerSettings, SchemaSettings
+
+
+def _heads(n: int, K: int, D: int, rng: np.random.Generator) -> list[HeadLearner]:
+    s = LearnerSettings()
+    theta = rng.normal(scale=0.1, size=(K, D))
+    heads = []
+    for i in range(n):
+        h = HeadLearner(s, K, D)
+        h.theta = theta + 0.01 * i
+        h.sq_norm = 3.0 + i  # a different step scale per head
+        heads.append(h)
+    return heads
+
+
+def test_learners_sharing_rows_end_where_separate_copies_leave_them() -> None:
+    """Learners given the *same* arrays (laid out once, then copied) end bit-for-bit where learners
+    given equal but distinct copies (each laid out on its own) do — with a shadow on other rows."""
+    rng = np.random.default_rng(3)
+    K, D, n = 4, 7, 61
+    X, y, w = rng.normal(size=(n, D)), rng.integers(0, K, n), rng.uniform(0.5, 2, n)
+    keep = rng.random(n) > 0.3
+    Xa, ya, wa = X[keep], y[keep], w[keep]
+    shared = _heads(4, K, D, rng)
+    separate = copy.deepcopy(shared)
+    shared[0].learn(X, y, w, alongside=[(h, Xa, ya, wa) for h in shared[1:]])
+    separate[0].learn(X, y, w, alongside=[(h, Xa.copy(), ya.copy(), wa.copy()) for h in separate[1:]])
+    for h, g in zip(shared, separate, strict=True):
+        assert np.array_equal(h.theta, g.theta)
+        assert h.steps == g.steps and h.updates == g.updates
+    assert not np.array_equal(shared[1].theta, shared[2].theta)  # they did learn, each its own way
+
+
+def test_held_out_losses_match_a_per_fold_loop() -> None:
+    """Fold-ordered products and one log-sum-exp give every point's loss under its own fold head
+    (fold −1: the routed head), bit for bit as a plain loop over the folds, in the points' order."""
+    rng = np.random.default_rng(5)
+    K, D, n = 3, 6, 40
+    cf = CrossFitHeads(LearnerSettings(), folds=3)
+    cf.heads = _heads(3, K, D, rng)
+    cf.features = rng.normal(size=(n, D - 1))
+    cf.labels = rng.integers(0, K, n)
+    cf.fold = rng.integers(-1, 3, n)  # interleaved, with late points (−1) among them
+    X = np.hstack([cf.features, np.ones((n, 1))])
+    routed = rng.normal(size=(K, D))
+    # main's loop (0aa009d): a boolean mask per fold, a softmax per fold.
+    expected = np.empty(n)
+    for f in range(-1, 3):
+        mine = cf.fold == f
+        Z = X[mine] @ (routed if f < 0 else cf.heads[f].theta).T
+        Z -= Z.max(axis=1, keepdims=True)
+        expected[mine] = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(Z)), cf.labels[mine]]
+    assert np.array_equal(cf.held_out_losses(X, routed), expected)
+    # And the quantity itself, point by point (other products: equal to rounding).
+    for i in range(n):
+        z = X[i] @ (routed if cf.fold[i] < 0 else cf.heads[cf.fold[i]].theta).T
+        assert abs(expected[i] - (np.log(np.exp(z - z.max()).sum()) - (z[cf.labels[i]] - z.max()))) < 1e-12
+    # New points (add) change the layout: it is made again, not reused stale.
+    cf.add(rng.normal(size=(2, D - 1)), np.array([0, 1]))
+    X2 = np.hstack([cf.features, np.ones((n + 2, 1))])
+    got = cf.held_out_losses(X2, routed)
+    assert np.array_equal(got[:n], expected)
+    tail = X2[n:] @ routed.T
+    tail -= tail.max(axis=1, keepdims=True)
+    np.testing.assert_allclose(got[n:], np.log(np.exp(tail).sum(axis=1)) - tail[[0, 1], [0, 1]], rtol=1e-12)
+
+
+def _engine(**policy: Any) -> InfluenceEngine:
+    base = EngineSettings(
+        schema=SchemaSettings(classes=[0, 1, 2], n_features=5), influence={"micro_batch": 32}
+    )
+    return InfluenceEngine(base.model_copy(update={"policy": base.policy.model_copy(update=policy)}))
+
+
+def test_calibrate_every_k_recomputes_the_held_out_losses_every_k_micro_batches() -> None:
+    """With ``self_loss_calibrate_every: 3`` the routed-loss calibration changes on every third
+    micro-batch only (between, the heads move but the calibration is kept); with 1 (the default)
+    on every one."""
+    rng = np.random.default_rng(9)
+    centers = rng.normal(scale=2.0, size=(3, 5))
+    y = rng.integers(0, 3, 30 + 32 * 12)
+    X = centers[y] + rng.normal(size=(len(y), 5))
+    changes = {}
+    for every in (1, 3):
+        engine = _engine(self_loss_calibrate_every=every)
+        engine.add_reference_events(EventBatch.from_arrays(X[:30], y[:30]))
+        seen = []
+        for i in range(30, len(y), 32):
+            engine.process_events(EventBatch.from_arrays(X[i : i + 32], y[i : i + 32]))
+            seen.append(engine.policy.self_loss_calibration.copy())
+        assert len(seen[0]) == 30
+        changes[every] = [not np.array_equal(a, b) for a, b in itertools.pairwise(seen)]
+    assert all(changes[1])
+    # Micro-batch 0 calibrates; then micro-batches 3, 6, 9, … (change j: batch j → j + 1).
+    assert changes[3] == [(j + 1) % 3 == 0 for j in range(len(changes[3]))]
