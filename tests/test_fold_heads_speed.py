@@ -91,22 +91,45 @@ def _engine(**policy: Any) -> InfluenceEngine:
 
 def test_calibrate_every_k_recomputes_the_held_out_losses_every_k_micro_batches() -> None:
     """With ``self_loss_calibrate_every: 3`` the routed-loss calibration changes on every third
-    micro-batch only (between, the heads move but the calibration is kept); with 1 (the default)
-    on every one."""
+    learned micro-batch only, keyed on the checkpointed model version (between, the heads move
+    but the calibration is kept); with 1 (the default) on every one."""
     rng = np.random.default_rng(9)
     centers = rng.normal(scale=2.0, size=(3, 5))
     y = rng.integers(0, 3, 30 + 32 * 12)
     X = centers[y] + rng.normal(size=(len(y), 5))
-    changes = {}
     for every in (1, 3):
         engine = _engine(self_loss_calibrate_every=every)
         engine.add_reference_events(EventBatch.from_arrays(X[:30], y[:30]))
-        seen = []
+        seen, versions = [], []
         for i in range(30, len(y), 32):
+            versions.append(engine.model_version)
             engine.process_events(EventBatch.from_arrays(X[i : i + 32], y[i : i + 32]))
             seen.append(engine.policy.self_loss_calibration.copy())
         assert len(seen[0]) == 30
-        changes[every] = [not np.array_equal(a, b) for a, b in itertools.pairwise(seen)]
-    assert all(changes[1])
-    # Micro-batch 0 calibrates; then micro-batches 3, 6, 9, … (change j: batch j → j + 1).
-    assert changes[3] == [(j + 1) % 3 == 0 for j in range(len(changes[3]))]
+        assert versions[1:] == list(range(versions[1], versions[1] + len(versions) - 1))  # one per batch
+        changed = [not np.array_equal(a, b) for a, b in itertools.pairwise(seen)]
+        assert changed == [(v - 1) % every == 0 for v in versions[1:]], every
+        if every == 3:
+            assert 3 <= sum(changed) <= 4
+
+
+def test_fold_every_k_steps_the_fold_heads_on_every_kth_micro_batch() -> None:
+    """``self_loss_fold_every: 2``: the fold heads move on every other learned micro-batch only."""
+    rng = np.random.default_rng(4)
+    centers = rng.normal(scale=2.0, size=(3, 5))
+    y = rng.integers(0, 3, 30 + 32 * 8)
+    X = centers[y] + rng.normal(size=(len(y), 5))
+    engine = _engine(self_loss_fold_every=2)
+    engine.add_reference_events(EventBatch.from_arrays(X[:30], y[:30]))
+    moved = []
+    for i in range(30, len(y), 32):
+        cf = engine.updater.cross_fit
+        before = None if cf is None or not cf.heads else cf.heads[0].theta.copy()
+        version = engine.model_version
+        engine.process_events(EventBatch.from_arrays(X[i : i + 32], y[i : i + 32]))
+        if before is not None:
+            moved.append(
+                (version % 2 == 0, not np.array_equal(before, engine.updater.cross_fit.heads[0].theta))
+            )
+    assert len(moved) >= 6
+    assert all(expected == got for expected, got in moved)

@@ -209,6 +209,7 @@ _ADDED_SETTINGS = (
     ".policy_settings.self_loss_fdr",
     ".policy_settings.self_loss_folds",
     ".policy_settings.self_loss_calibrate_every",
+    ".policy_settings.self_loss_fold_every",
 )
 
 
