@@ -133,3 +133,33 @@ def test_fold_every_k_steps_the_fold_heads_on_every_kth_micro_batch() -> None:
             )
     assert len(moved) >= 6
     assert all(expected == got for expected, got in moved)
+
+
+def test_the_cheaper_options_resume_where_an_uninterrupted_engine_goes() -> None:
+    """Both options are keyed on checkpointed state: an engine restored mid-stream from
+    ``state_dict()`` steps its fold heads and recalibrates on the same micro-batches as one that
+    never stopped (bit for bit the same fold heads and calibration at the end)."""
+    rng = np.random.default_rng(12)
+    centers = rng.normal(scale=2.0, size=(3, 5))
+    y = rng.integers(0, 3, 30 + 32 * 10)
+    X = centers[y] + rng.normal(size=(len(y), 5))
+    options = {"self_loss_fold_every": 2, "self_loss_calibrate_every": 3}
+
+    def feed(engine: InfluenceEngine, start: int, stop: int) -> None:
+        for i in range(start, stop, 32):
+            engine.process_events(EventBatch.from_arrays(X[i : i + 32], y[i : i + 32]))
+
+    whole = _engine(**options)
+    whole.add_reference_events(EventBatch.from_arrays(X[:30], y[:30]))
+    feed(whole, 30, len(y))
+    first = _engine(**options)
+    first.add_reference_events(EventBatch.from_arrays(X[:30], y[:30]))
+    feed(first, 30, 30 + 32 * 5)
+    resumed = _engine(**options)
+    resumed.load_state_dict(first.state_dict())
+    feed(resumed, 30 + 32 * 5, len(y))
+    a, b = whole.updater.cross_fit, resumed.updater.cross_fit
+    assert a is not None and b is not None and len(a.heads) == len(b.heads) == 2
+    for ha, hb in zip(a.heads, b.heads, strict=True):
+        assert np.array_equal(ha.theta, hb.theta)
+    assert np.array_equal(whole.policy.self_loss_calibration, resumed.policy.self_loss_calibration)
