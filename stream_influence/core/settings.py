@@ -121,7 +121,9 @@ class CurvatureSettings(_Frozen):
         "against the exact running Hessian (its fixed point is the exact solve). "
         "refined is the most faithful after exact (leave-one-out Spearman ≥ 0.95 on the 10-class "
         "fidelity heads, where kfac, ekfac and classblock miss) at ~2–3 % of the engine's rate; "
-        "kfac stays the default because refined routed no better on the quality grid; classblock "
+        "kfac stays the default because refined routed no better on the quality grid (rounds q8 "
+        "and q10: under the routed-loss policy a noisy-cell mean 0.0005 lower and up to 3.4 % of "
+        "clean events quarantined on clean streams against 1.8 %); classblock "
         "runs at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
     )
     damping: float = Field(
@@ -339,6 +341,25 @@ class PolicySettings(_Frozen):
         le=10,
         description="self_loss_fdr: cross-fitting folds of the trusted set; one extra head per fold "
         "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
+    )
+    self_loss_fold_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: the fold heads learn the accepted events of every k-th learned "
+        "micro-batch only (keyed on the model version; 1: every one, in the same steps as the "
+        "routed head — exact). Larger values save most of the fold heads' learning (about half a "
+        "µs per event at d = 64, K = 10) but leave them less trained than the routed head (larger "
+        "held-out losses: a more cautious test). An option, not the default: measured (speed and "
+        "benchmarks/quality.py --quick) in the commit that added it.",
+    )
+    self_loss_calibrate_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: recompute the trusted points' held-out losses under the fold "
+        "heads once per k learned micro-batches (keyed on the model version, right after the fold "
+        "heads learned when self_loss_fold_every is the same k; 1: before every micro-batch — "
+        "exact). Saves about 0.3 µs per event at d = 64, K = 10; events are compared with a "
+        "calibration up to k − 1 micro-batches old. An option, not the default.",
     )
     class_fair_gate: bool = Field(
         default=True,

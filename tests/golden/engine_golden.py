@@ -205,7 +205,12 @@ def _record(out: dict[str, np.ndarray], key: str, value: Any) -> None:
 _NOT_RECORDED = (".reference.features", ".policy.scores_data")
 # Settings added after the recording, which every case pins (PINNED): their keys in the saved
 # settings are not part of the recording.
-_ADDED_SETTINGS = (".policy_settings.self_loss_fdr", ".policy_settings.self_loss_folds")
+_ADDED_SETTINGS = (
+    ".policy_settings.self_loss_fdr",
+    ".policy_settings.self_loss_folds",
+    ".policy_settings.self_loss_calibrate_every",
+    ".policy_settings.self_loss_fold_every",
+)
 
 
 def _flatten_state(prefix: str, value: Any, out: dict[str, np.ndarray]) -> None:
@@ -256,10 +261,10 @@ def run_case(case: Case) -> dict[str, np.ndarray]:
     return out
 
 
-def run_split(name: str, seed: int) -> dict[str, np.ndarray]:
+def run_split(name: str, seed: int, settings: EngineSettings | None = None) -> dict[str, np.ndarray]:
     """Scale-out: a score worker (``score_events`` on snapshots) and one updater (``learn_events``)."""
     X, y = _stream(seed, 160 + 900)
-    s = _settings()
+    s = _settings() if settings is None else settings
     ref = _encode(X[:160], y[:160], "r", list(range(K)), extras=False)
     updater = InfluenceEngine(s)
     updater.add_reference(ref)  # type: ignore[arg-type]
