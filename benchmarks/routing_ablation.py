@@ -9,8 +9,13 @@ through the engine with the default routing and with one part changed at a time:
   on the trusted set alone: its conformal p-value among the cross-fitted losses of the trusted
   points of its class, calibrated jointly with the sign floor, at or below the Benjamini–Hochberg
   threshold of ``policy.adaptive_fdr`` over recent events) fires, the latter only for a harmful
-  influence sign — the disagreement gate, warm start on the trusted set, micro-batches of 64
-  inside polls of 512;
+  influence sign, or the routed-loss test (the event's label loss under the routed head before it
+  learns it: its conformal p-value among the trusted points' held-out losses under cross-fitted
+  fold heads, at or below the Benjamini–Hochberg threshold of ``policy.self_loss_fdr``; it
+  overrides the sign floor) — the disagreement gate, warm start on the trusted set, micro-batches
+  of 512, one per poll;
+* ``no_self_loss``: the default without the routed-loss evidence (``policy.self_loss_fdr: 0``; the
+  default of round q8);
 * ``fixed_threshold``: the reference-loss test at a fixed α/2 per-class quantile, thinned per
   class by ``policy.class_fair_gate`` (``adaptive_fdr: 0``; the default of round q6);
 * ``no_floor``: the default without the sign floor on the reference-loss test
@@ -95,6 +100,7 @@ DATASETS = ["digits", "phishing", "hyperplane", "mnist"]
 TRUSTED = ["10/class", "200"]
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {},
+    "no_self_loss": {"policy": {"self_loss_fdr": 0.0}},
     "cold": {"learner": {"warm_start_epochs": 0}},
     "no_gate": {"policy": {"require_disagreement": False}},
     "fixed_threshold": {"policy": {"adaptive_fdr": 0.0}},
@@ -324,12 +330,13 @@ def render(
         "the non-routing baselines.",
         "",
         "**Parts of the default routing** (`policy.evidence: hybrid` with the adaptive reference-loss "
-        "test, `policy.adaptive_fdr`, and the sign floor that yields only to strong evidence, "
-        "`policy.floor_yield_fdr`; *floor only*: the floor without that exception, the default of round q7):",
+        "test, `policy.adaptive_fdr`, the sign floor that yields only to strong evidence, "
+        "`policy.floor_yield_fdr`, and the routed-loss test, `policy.self_loss_fdr`; *no routed loss*: "
+        "without it, the default of round q8; *floor only*: the floor without the q8 exception):",
         "",
-        "| dataset | trusted | noise | default | cq | P/R | floor only | cq | cold | no gate | cq | mb 64 | α .05 "
-        "| cq | old rule | cq | unfiltered | unfilt. warm | ref only | loss filter |",
-        "|---|---|---|---|---:|---|---|---:|---|---|---:|---|---|---:|---|---:|---|---|---|---|",
+        "| dataset | trusted | noise | default | cq | P/R | no routed loss | cq | P/R | floor only | cq | cold "
+        "| no gate | cq | mb 64 | α .05 | cq | old rule | cq | unfiltered | unfilt. warm | ref only | loss filter |",
+        "|---|---|---|---|---:|---|---|---:|---|---|---:|---|---|---:|---|---|---:|---|---:|---|---|---|---|",
     ]
     for r in cells:
         d = r["default"]
@@ -339,6 +346,8 @@ def render(
         lines.append(
             f"| {r['dataset']} | {r['trusted']} | {_noise(r)} | {fmt(d['acc'])} | {fmt(d['clean_q'], True)} "
             f"| {_pr(d, r['noise'] > 0)} "
+            f"| {fmt(r['no_self_loss']['acc'])} | {fmt(r['no_self_loss']['clean_q'], True)} "
+            f"| {_pr(r['no_self_loss'], r['noise'] > 0)} "
             f"| {fmt(r['floor_only']['acc'])} | {fmt(r['floor_only']['clean_q'], True)} "
             f"| {fmt(r['cold']['acc'])} | {fmt(r['no_gate']['acc'])} | {fmt(r['no_gate']['clean_q'], True)} "
             f"| {fmt(r['mb64']['acc'])} | {fmt(r['alpha05']['acc'])} | {fmt(r['alpha05']['clean_q'], True)} "
@@ -411,15 +420,16 @@ def render(
     if throughput:
         lines += [
             "",
-            "Throughput cost of micro-batching (`--throughput`): `process_events` on pre-decoded polls of "
-            "512, Gaussian classes, default settings otherwise (K-FAC), after an untimed warm-up; both "
-            "micro-batch sizes timed in the same run on the same events.",
+            "Throughput cost of micro-batching and of the routed-loss test (`--throughput`): `process_events` "
+            "on pre-decoded polls of 512, Gaussian classes, default settings otherwise (K-FAC), after an "
+            "untimed warm-up; every row timed in the same run on the same events.",
             "",
-            "| d | K | micro-batch | events/s | events |",
-            "|---:|---:|---:|---:|---:|",
+            "| d | K | micro-batch | routed loss (`self_loss_fdr`) | events/s | events |",
+            "|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
-            f"| {t['d']} | {t['K']} | {t['micro_batch']} | {t['rate']:,.0f} | {t['events']:,} |"
+            f"| {t['d']} | {t['K']} | {t['micro_batch']} | {t.get('self_loss_fdr', 0.0):g} | {t['rate']:,.0f} "
+            f"| {t['events']:,} |"
             for t in throughput
         ]
     return "\n".join(lines)
@@ -585,6 +595,27 @@ def decisions(
     def cq_mean(v: str) -> str:
         return f"{100 * float(np.mean([r[v]['clean_q'] for r in clean])):.1f} %"
 
+    q9 = []
+    if "no_self_loss" in rows[0]:
+        q9 = [
+            "**Decisions (defaults), round q9: the routed model's own loss as evidence "
+            "(`policy.self_loss_fdr: 0.2`).** Each event's label loss under the routed head before it "
+            "learns the event gets a conformal p-value among the trusted points' held-out losses under the "
+            "same head (cross-fitted: fold heads that never learned the point, then learned every accepted "
+            "event alongside the routed head), pooled over classes; the event is quarantined, gate "
+            "permitting, when that p-value passes Benjamini–Hochberg at 0.2 over the last `rate_window` "
+            "events — strong evidence that overrides the sign floor. Against the default without it "
+            f"(*no routed loss*, round q8's) it is {gap('default', 'no_self_loss', noisy):+.1f} points on noisy "
+            f"runs (per seed: {seeds('default', 'no_self_loss')}; {better('default', 'no_self_loss')}) and "
+            f"{gap('default', 'no_self_loss', clean):+.1f} at 0 % noise, where it stays within half a point of "
+            f"unfiltered in {harmless('default')} runs (without: {harmless('no_self_loss')}) and quarantines "
+            f"{cq_mean('default')} of clean events on average, at most {max_cq('default')} (without: "
+            f"{cq_mean('no_self_loss')}, at most {max_cq('no_self_loss')}); within half a point of the loss "
+            f"filter in {within('default', 'loss_filter')} noisy runs (without: "
+            f"{within('no_self_loss', 'loss_filter')}); recall {recall('default', noisy)} (without: "
+            f"{recall('no_self_loss', noisy)}).",
+            "",
+        ]
     q8 = []
     if "floor_only" in rows[0]:
         q8 = [
@@ -613,6 +644,7 @@ def decisions(
         ]
 
     out = [
+        *q9,
         *q8,
         "**Round q7.** **The reference-loss test's threshold now comes from the "
         "stream (`policy.adaptive_fdr: 0.5`)**: each event's conformal p-value among the trusted points' "
@@ -673,11 +705,28 @@ def decisions(
     if "hybrid_ungated" in rows[0]:
         out += ["", *_q6(rows, balance, gap, within)]
     if tp:
+        runs = {(t["d"], t["micro_batch"], t.get("self_loss_fdr", 0.0) > 0): t["rate"] for t in tp}
+        dims = sorted({t["d"] for t in tp})
+        on = any(t.get("self_loss_fdr", 0.0) > 0 for t in tp)
         cost = [
-            f"d={a['d']}: {a['rate']:,.0f} vs {b['rate']:,.0f} events/s ({100 * (1 - a['rate'] / b['rate']):.0f} % slower)"
-            for a, b in zip(tp[::2], tp[1::2], strict=True)
+            f"d={d}: {runs[d, 64, on]:,.0f} vs {runs[d, POLL, on]:,.0f} events/s "
+            f"({100 * (1 - runs[d, 64, on] / runs[d, POLL, on]):.0f} % slower)"
+            for d in dims
+            if (d, 64, on) in runs and (d, POLL, on) in runs
         ]
         out += ["", "**Micro-batch 64 vs 512 throughput** (K = 10, table below): " + "; ".join(cost) + "."]
+        fold = [
+            f"d={d}: {runs[d, POLL, True]:,.0f} with vs {runs[d, POLL, False]:,.0f} events/s without "
+            f"({100 * (1 - runs[d, POLL, True] / runs[d, POLL, False]):.0f} % slower)"
+            for d in dims
+            if (d, POLL, True) in runs and (d, POLL, False) in runs
+        ]
+        if fold:
+            out += [
+                "",
+                "**The routed-loss test's cost** (its two fold heads learn every accepted event alongside "
+                "the routed head; micro-batch 512): " + "; ".join(fold) + ".",
+            ]
     return out
 
 
@@ -752,9 +801,11 @@ def throughput(seconds: float = 3.0) -> list[dict[str, Any]]:
         n = 24_000
         y = rng.integers(0, K, n)
         X = (centers[y] + rng.normal(size=(n, d))) * np.logspace(-1, 1.3, d)
-        for mb in (64, POLL):
+        for mb, fdr in ((64, None), (POLL, None), (POLL, 0.0)):  # None: the default routed-loss test
             base = EngineSettings(schema=SchemaSettings(classes=list(range(K)), n_features=d))
             s = base.model_copy(update={"influence": base.influence.model_copy(update={"micro_batch": mb})})
+            if fdr is not None:
+                s = s.model_copy(update={"policy": s.policy.model_copy(update={"self_loss_fdr": fdr})})
             eng = InfluenceEngine(s)
             eng.add_reference_events(EventBatch.from_arrays(X[:300], y[:300]))
             eng.process_events(
@@ -767,7 +818,14 @@ def throughput(seconds: float = 3.0) -> list[dict[str, Any]]:
                 if time.perf_counter() - t0 > seconds:
                     break
             out.append(
-                {"d": d, "K": K, "micro_batch": mb, "events": done, "rate": done / (time.perf_counter() - t0)}
+                {
+                    "d": d,
+                    "K": K,
+                    "micro_batch": mb,
+                    "self_loss_fdr": s.policy.self_loss_fdr,
+                    "events": done,
+                    "rate": done / (time.perf_counter() - t0),
+                }
             )
             print(out[-1], flush=True)
     return out

@@ -218,9 +218,16 @@ def test_policy_hot_swap_increments_version_and_takes_effect() -> None:
     X, y, _ = blobs(rng, 100, noise=0.5)
     result = engine.process(encode(X, y))
     assert result.policy_version == 1 and result.quarantine.any()
-    # A floor without exceptions (floor_yield_fdr 0: strong reference-loss evidence does not override it).
+    # A floor without exceptions (floor_yield_fdr and self_loss_fdr 0: strong reference-loss or
+    # routed-loss evidence does not override it).
     v = engine.set_policy(
-        PolicySettings(warmup_events=100, accept_threshold=1.0, quarantine_threshold=1.0, floor_yield_fdr=0.0)
+        PolicySettings(
+            warmup_events=100,
+            accept_threshold=1.0,
+            quarantine_threshold=1.0,
+            floor_yield_fdr=0.0,
+            self_loss_fdr=0.0,
+        )
     )
     assert v == 2 == engine.policy.version == engine.summary().policy_version
     result = engine.process(encode(X, y))

@@ -257,7 +257,9 @@ class IdentityCurvature(Curvature):
 def _correlated_routing(noise: float, kind: str, identity: bool) -> tuple[float, float]:
     """(precision, recall) of the quarantine route on correlated, unscaled features."""
     s = load_stream("digits_correlated", noise=noise, noise_kind=kind, seed=0)  # type: ignore[arg-type]
-    engine = engine_for(s.n_classes, s.n_features)  # default curvature
+    # Default curvature; the routed-loss evidence (self_loss_fdr) reads no curvature, so it is off
+    # here to see the part the inverse Hessian plays in the influence and reference-loss tests.
+    engine = engine_for(s.n_classes, s.n_features, policy={"self_loss_fdr": 0.0})
     engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     if identity:
         engine.curvature = IdentityCurvature(engine.settings.curvature, s.n_classes, s.n_features + 1)
@@ -427,8 +429,8 @@ def test_hybrid_catches_flips_the_influence_test_misses() -> None:
     """Pair flips on digits: the hybrid's recall exceeds the influence test's at equal precision."""
     s = load_stream("digits", noise=0.3, noise_kind="pairflip", seed=0)
     out = {}
-    for evidence in ("influence", "hybrid"):
-        engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence})
+    for evidence in ("influence", "hybrid"):  # the routed-loss evidence off: these two alone
+        engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence, "self_loss_fdr": 0.0})
         engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
         q, _ = run(engine, s.X_events, s.y_events)
         out[evidence] = (float(s.corrupted[q].mean()), float(q[s.corrupted].mean()))
@@ -485,8 +487,13 @@ def test_no_evidence_quarantines_a_helpful_event(evidence: str) -> None:
     """Item 6: the floor (README: quarantine_threshold never lets a helpful event be quarantined)
     holds with reference-loss evidence too, on a noisy stream where that test fires often."""
     s = load_stream("digits", noise=0.2, seed=0)
-    # The floor without exceptions (floor_yield_fdr 0; the default lets strong evidence through).
-    engine = engine_for(s.n_classes, s.n_features, policy={"evidence": evidence, "floor_yield_fdr": 0.0})
+    # The floor without exceptions (floor_yield_fdr and self_loss_fdr 0; the default lets strong
+    # evidence through).
+    engine = engine_for(
+        s.n_classes,
+        s.n_features,
+        policy={"evidence": evidence, "floor_yield_fdr": 0.0, "self_loss_fdr": 0.0},
+    )
     engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
     floor = engine.policy.settings.quarantine_threshold
     n_q = n_helpful = 0

@@ -309,12 +309,13 @@ def test_requeue_republishes_what_passes_once(broker: Broker, tmp_path: Path, ka
             topic,
             tmp_path / "ck",
             kafka={"client": kafka_client, "reference_topic": ref},
-            engine={  # floor_yield_fdr 0: no evidence overrides the floor, so the threshold decides
+            engine={  # floor_yield_fdr and self_loss_fdr 0: no evidence overrides the floor, so the threshold decides
                 "policy": {
                     "warmup_events": 300,
                     "accept_threshold": -2.0,
                     "quarantine_threshold": threshold,
                     "floor_yield_fdr": 0.0,
+                    "self_loss_fdr": 0.0,
                 }
             },
         )

@@ -432,6 +432,7 @@ class InfluenceEngine:
             # s = H⁻¹∇L_R is refreshed as often as in one process, against this (snapshot) head.
             if up.refresh_direction():
                 self._calibrate()
+            up.calibrate_self_loss(self.policy)
             view = up.view(self.schema, self.policy, up.usable_reference_model(self.uses_reference_model))
             labels = batch.labels[i : i + mb]
             reference_loss = losses.of(view.reference_model, i, i + len(labels))
@@ -497,6 +498,7 @@ class InfluenceEngine:
         wanted = self.uses_reference_model
         if up.begin(F, warm=warm, trusted_reference=self.trusted_reference, reference_evidence=wanted):
             self._calibrate()
+        up.calibrate_self_loss(self.policy)
         view = up.view(self.schema, self.policy, up.usable_reference_model(wanted))
         evidence = Scorer(view).evidence_of(F, labels, losses.of(view.reference_model, start, start + m))
         up.count_scored(m)
@@ -610,6 +612,8 @@ class InfluenceEngine:
                     "standardizer": up.standardizer.state_dict(),
                 }
             )
+            if up.cross_fit is not None and up.cross_fit.heads:
+                state["cross_fit"] = up.cross_fit.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -637,6 +641,13 @@ class InfluenceEngine:
             up.shadow.load_state_dict(state["shadow"])
             up.curvature.load_state_dict(state["curvature"])
             up.standardizer.load_state_dict(state["standardizer"])
+            if up.cross_fit is not None and "cross_fit" in state:
+                up.cross_fit.load_state_dict(state["cross_fit"], up.n_classes, up.dim)
+            elif up.cross_fit is not None and up.warm_started:
+                # Fold heads are made at the warm start, which this checkpoint is past.
+                log.warning(
+                    "the checkpoint has no fold heads: the routed-loss test (policy.self_loss_fdr) stays off"
+                )
             self._calibrate()
 
 

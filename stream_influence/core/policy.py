@@ -176,6 +176,10 @@ class RoutingPolicy:
         self._padded_plain: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None
         self._plain_pvalues = Ring(settings.rate_window)
         self._plain_batch: np.ndarray | None = None  # the last observed batch's plain p-values
+        # self_loss_fdr: the trusted points' held-out routed losses (sorted, pooled over classes)
+        # and the stream's p-values.
+        self.self_loss_calibration = np.zeros(0)
+        self._self_pvalues = Ring(settings.rate_window)
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -185,11 +189,13 @@ class RoutingPolicy:
         old_scores, old_flags, old_above = self._scores, self._flags, self._above
         fired, passed, old_p, cal = self._fired, self._passed, self._pvalues, self.loss_calibration
         old_plain, plain_cal = self._plain_pvalues, self.plain_loss_calibration
+        old_self, self_cal = self._self_pvalues, self.self_loss_calibration
         self._install(settings)
+        self.self_loss_calibration = self_cal
         self._fired, self._passed, self.loss_calibration = fired, passed, cal
         self.plain_loss_calibration = plain_cal
         if old_p.capacity == settings.rate_window:
-            self._pvalues, self._plain_pvalues = old_p, old_plain
+            self._pvalues, self._plain_pvalues, self._self_pvalues = old_p, old_plain, old_self
         if old_scores.capacity == settings.quantile_window:
             self._scores = old_scores
         if old_flags.capacity == settings.rate_window:
@@ -305,6 +311,36 @@ class RoutingPolicy:
             out.append(pooled if len(mine) < self.settings.min_class_calibration else np.sort(mine))
         return out
 
+    def calibrate_self_loss(self, losses: np.ndarray) -> None:
+        """Install the trusted points' held-out routed losses (``self_loss_fdr``), pooled over
+        classes and sorted: an event's conformal p-value is ranked among every trusted point, not
+        only the ~10 of its class (a p-value among 10 is at least 1/11, too coarse for
+        Benjamini–Hochberg to open at a strict level).  Pooled as they are: dividing each class's
+        losses by its trusted median or mean first was measured worse (docs/benchmarks.md, round
+        q9) — the median of ~10 skewed losses is tiny for an easy class and blows its tail up."""
+        self.self_loss_calibration = np.sort(losses[np.isfinite(losses)])
+
+    def observe_self_loss(self, labels: np.ndarray | None, self_loss: np.ndarray | None) -> None:
+        """Push a batch's routed-loss p-values into the window without deciding (an updater
+        learning decisions taken by score workers keeps the same window as one process)."""
+        self._self_loss_test(labels, self_loss, 0 if self_loss is None else len(self_loss))
+
+    def _self_loss_test(self, labels: np.ndarray | None, self_loss: np.ndarray | None, n: int) -> np.ndarray:
+        """``self_loss_fdr``: events whose routed loss ``ℓ_θ`` has a conformal p-value
+        ``(1 + #{held-out trusted losses ≥ ℓ_θ}) / (n + 1)`` at or below the Benjamini–Hochberg
+        threshold at that level over the recent window, this batch included (pushed into it).
+
+        A clean event's p-value is super-uniform (its loss is exchangeable with the held-out
+        trusted ones), so on a clean stream BH stays shut; as the routed head learns to separate
+        flipped labels their p-values pile up at ``1/(n + 1)`` and the threshold opens."""
+        cal = self.self_loss_calibration
+        if self.settings.self_loss_fdr <= 0 or labels is None or self_loss is None or len(cal) == 0:
+            return np.zeros(n, bool)
+        above = len(cal) - np.searchsorted(cal, self_loss, side="left")
+        p = (1.0 + above) / (len(cal) + 1.0)
+        self._self_pvalues.push(p)
+        return _bh_pass(p, self._self_pvalues.values(), self.settings.self_loss_fdr)
+
     def gate_pass_through(self, n_classes: int) -> np.ndarray:
         """Per class, the share of recent reference-loss firings the disagreement gate let through
         (NaN: too few firings to tell)."""
@@ -349,12 +385,15 @@ class RoutingPolicy:
         labels: np.ndarray | None = None,
         disagree: np.ndarray | None = None,
         reference_loss: np.ndarray | None = None,
+        self_loss: np.ndarray | None = None,
     ) -> RoutingDecision:
         """Decide for a batch of scores (NaN scores are only allowed while not warm).
 
         ``labels`` (class indices) pick the per-class threshold in calibrated mode; ``disagree``
         (argmax ≠ label, per point) gates quarantines when ``require_disagreement`` is on;
-        ``reference_loss`` (``ℓ_ref`` per point) feeds the reference-loss test of ``evidence``.
+        ``reference_loss`` (``ℓ_ref`` per point) feeds the reference-loss test of ``evidence``;
+        ``self_loss`` (``ℓ_θ``, the routed head's loss before learning the point) the routed-loss
+        test of ``self_loss_fdr``.
         """
         s = self.settings
         n = len(score)
@@ -392,6 +431,10 @@ class RoutingPolicy:
             loss_test[:] = False
         elif s.evidence == "reference_loss":
             harmful[:] = False
+        if (
+            s.self_loss_fdr > 0 and s.mode == "calibrated"
+        ):  # strong evidence: overrides the floor, not the gate
+            loss_test = loss_test | self._self_loss_test(labels, self_loss, n)
         # The alarm's pre-gate share counts every test that fires (all evidence).
         self._above.push((harmful | loss_test).astype(np.float64))
         reasons = _HELPFUL_OR_BAND[(score <= s.accept_threshold).view(np.uint8)]
@@ -572,6 +615,7 @@ class RoutingPolicy:
             **self._above.state("above"),
             **self._pvalues.state("pvalues"),
             **self._plain_pvalues.state("plain_pvalues"),
+            **self._self_loss_state(),
             "gate_fired": self._fired,
             "gate_passed": self._passed,
         }
@@ -588,5 +632,19 @@ class RoutingPolicy:
             self._pvalues.load(state, "pvalues")
         if "plain_pvalues_data" in state:  # absent from checkpoints before floor_yield_fdr
             self._plain_pvalues.load(state, "plain_pvalues")
+        if "self_loss_calibration" in state:  # only with self_loss_fdr
+            self.self_loss_calibration = np.array(state["self_loss_calibration"], dtype=np.float64).ravel()
+            if state.get("self_pvalues_data") is not None:
+                self._self_pvalues.load(state, "self_pvalues")
         self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
         self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()
+
+    def _self_loss_state(self) -> dict[str, Any]:
+        """The routed-loss test's window and calibration (only with ``self_loss_fdr``): snapshots
+        carry the calibration to score workers, a checkpoint the one in force when it was taken."""
+        if self.settings.self_loss_fdr <= 0:
+            return {}
+        return {
+            **self._self_pvalues.state("self_pvalues"),
+            "self_loss_calibration": self.self_loss_calibration,
+        }

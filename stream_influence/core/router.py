@@ -80,6 +80,7 @@ class Router:
         self.policy.reference_thresholds = theirs.reference_thresholds.copy()
         self.policy.loss_calibration = [c.copy() for c in theirs.loss_calibration]
         self.policy.plain_loss_calibration = [c.copy() for c in theirs.plain_loss_calibration]
+        self.policy.self_loss_calibration = theirs.self_loss_calibration.copy()
         self.policy.threshold = theirs.threshold
 
     @property
@@ -101,6 +102,7 @@ class Router:
             evidence.labels,
             evidence.disagree,
             evidence.reference_loss if warm else None,
+            evidence.routed_loss if warm and self.policy.settings.self_loss_fdr > 0 else None,
         )
 
     def unscored(self, n: int) -> RoutingDecision:

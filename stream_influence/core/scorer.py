@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_influence.core.cross_fit import label_loss
 from stream_influence.core.events import EventBatch, Reject
 from stream_influence.core.influence import Scores
 from stream_influence.core.model import Standardizer, augment, one_hot, softmax
@@ -58,6 +59,12 @@ class Evidence:
     labels: np.ndarray
     scores: Scores
     reference_loss: np.ndarray | None
+
+    @property
+    def routed_loss(self) -> np.ndarray:
+        """Per event: ``ℓ_θ = −log p_θ(y | φ(x))`` under the routed head before it learns the
+        event (≥ 0; larger = the label is more surprising to the model that routes)."""
+        return label_loss(self.probs, self.labels)
 
     @property
     def disagree(self) -> np.ndarray:

@@ -121,7 +121,9 @@ class CurvatureSettings(_Frozen):
         "against the exact running Hessian (its fixed point is the exact solve). "
         "refined is the most faithful after exact (leave-one-out Spearman ≥ 0.95 on the 10-class "
         "fidelity heads, where kfac, ekfac and classblock miss) at ~2–3 % of the engine's rate; "
-        "kfac stays the default because refined routed no better on the quality grid; classblock "
+        "kfac stays the default because refined routed no better on the quality grid (rounds q8 "
+        "and q10: under the routed-loss policy a noisy-cell mean 0.0005 lower and up to 3.4 % of "
+        "clean events quarantined on clean streams against 1.8 %); classblock "
         "runs at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
     )
     damping: float = Field(
@@ -316,6 +318,48 @@ class PolicySettings(_Frozen):
         "class passes Benjamini–Hochberg at this stricter false discovery rate over the last "
         "rate_window events (0: the floor always holds). Measured in docs/benchmarks.md "
         "(routing_ablation, quality).",
+    )
+    self_loss_fdr: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Routed-loss evidence (0: off). Each event's label loss under the routed head "
+        "before it learns the event gets a conformal p-value among the trusted points' held-out "
+        "losses under the same head (cross-fitted fold heads, see self_loss_folds), pooled over "
+        "classes after dividing each class's losses by its trusted median; the event is "
+        "quarantined (disagreement gate permitting) when that p-value passes Benjamini–Hochberg "
+        "at this false discovery rate over the last rate_window events — strong evidence that "
+        "overrides the sign floor. Shut on a clean stream; it opens as the model learns to "
+        "separate flips. Fold heads exist only when this is > 0 at start (a hot reload that turns "
+        "it on has no calibration: the test stays off), and are made at the warm start (a trusted "
+        "reference with learner.warm_start_epochs > 0). Calibrated mode only. Measured in "
+        "docs/benchmarks.md (quality, routing_ablation).",
+    )
+    self_loss_folds: int = Field(
+        default=2,
+        ge=2,
+        le=10,
+        description="self_loss_fdr: cross-fitting folds of the trusted set; one extra head per fold "
+        "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
+    )
+    self_loss_fold_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: the fold heads learn the accepted events of every k-th learned "
+        "micro-batch only (keyed on the model version; 1: every one, in the same steps as the "
+        "routed head — exact). Larger values save most of the fold heads' learning (about half a "
+        "µs per event at d = 64, K = 10) but leave them less trained than the routed head (larger "
+        "held-out losses: a more cautious test). An option, not the default: measured (speed and "
+        "benchmarks/quality.py --quick) in the commit that added it.",
+    )
+    self_loss_calibrate_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: recompute the trusted points' held-out losses under the fold "
+        "heads once per k learned micro-batches (keyed on the model version, right after the fold "
+        "heads learned when self_loss_fold_every is the same k; 1: before every micro-batch — "
+        "exact). Saves about 0.3 µs per event at d = 64, K = 10; events are compared with a "
+        "calibration up to k − 1 micro-batches old. An option, not the default.",
     )
     class_fair_gate: bool = Field(
         default=True,

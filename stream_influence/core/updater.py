@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_influence.core.cross_fit import CrossFitHeads
 from stream_influence.core.curvature import Curvature, make_curvature
 from stream_influence.core.events import EventBatch, Schema
 from stream_influence.core.influence import InfluenceScorer, ReferenceBuffer
@@ -84,6 +85,11 @@ class Updater:
         self.warm_started = False  # both learners have learned the trusted set (warm start)
         self.dim = 0  # D = φ width + 1
         self._shortfall: tuple[Any, str | None] = (None, None)  # (buffer, version) → reason
+        # Fold heads for the routed-loss evidence (policy.self_loss_fdr > 0 at start; None: off).
+        p = settings.policy
+        self.cross_fit = (
+            CrossFitHeads(settings.learner, p.self_loss_folds, settings.seed) if p.self_loss_fdr > 0 else None
+        )
 
     # -- model construction ----------------------------------------------------------------
     @property
@@ -106,6 +112,8 @@ class Updater:
             assert self.shadow is not None and self.curvature is not None
             self.routed.resize(n_classes)
             self.shadow.resize(n_classes)
+            if self.cross_fit is not None:
+                self.cross_fit.resize(n_classes)
             self.curvature = make_curvature(self.settings.curvature, n_classes, self.dim)
             self.direction.invalidate()
 
@@ -119,6 +127,8 @@ class Updater:
         """Add trusted points (φ-features, class indices) to the reference buffer."""
         self.reference.add(F, labels)
         self.counters.reference_events += len(F)
+        if self.cross_fit is not None and self.warm_started:
+            self.cross_fit.add(F, labels)
         self.direction.invalidate()
 
     @property
@@ -189,6 +199,21 @@ class Updater:
             return None
         return self.reference_model
 
+    def calibrate_self_loss(self, policy: RoutingPolicy) -> None:
+        """Give ``policy`` the trusted points' held-out routed losses under the current heads
+        (``self_loss_fdr``; they move with every step, so this runs before every routed batch)."""
+        cf = self.cross_fit
+        if cf is None or not cf.ready or self.routed is None or policy.settings.self_loss_fdr <= 0:
+            return
+        # self_loss_calibrate_every k: recomputed once per k learned micro-batches, keyed on the
+        # (checkpointed) model version so a restored engine recomputes where an uninterrupted
+        # one does; right after the fold heads learned (self_loss_fold_every, same counter).
+        every = policy.settings.self_loss_calibrate_every
+        if every > 1 and len(policy.self_loss_calibration) and (self.model_version - 1) % every:
+            return
+        losses = cf.held_out_losses(self.inputs(cf.features), self.routed.theta)
+        policy.calibrate_self_loss(losses)
+
     def calibrate(self, policy: RoutingPolicy) -> None:
         """Calibrate ``policy`` against the current held-out reference scores (and reference model)."""
         if self.routed is None:
@@ -213,6 +238,8 @@ class Updater:
         Xr = self.inputs(Fr)
         w = np.ones(len(yr))
         solve = self.curvature.solve if self.settings.learner.optimizer == "newton" else None
+        if self.cross_fit is not None:  # before the routed head moves: the folds start where it starts
+            self.cross_fit.warm_start(self.routed, Fr, Xr, yr, epochs, solve)
         rng = np.random.default_rng(self.settings.seed)
         for _ in range(epochs):
             order = rng.permutation(len(yr))
@@ -270,6 +297,9 @@ class Updater:
             policy.observe(
                 evidence.scores.get(policy.settings.score), batch.labels, ref.loss(F, batch.labels)
             )
+        if observe and warm and policy.settings.self_loss_fdr > 0:  # the routed-loss window too
+            self.calibrate_self_loss(policy)
+            policy.observe_self_loss(batch.labels, evidence.routed_loss)
         self.count_scored(len(batch))
         return self.learn(evidence, decision, batch.weights)
 
@@ -291,7 +321,12 @@ class Updater:
             routed = [(self.routed, X, labels, weights)]
         else:
             routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
-        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for both
+        # The fold heads learn what the routed head learns (self_loss_fold_every k: on every k-th
+        # learned micro-batch, keyed on the checkpointed model version).
+        fold_turn = self.model_version % self.settings.policy.self_loss_fold_every == 0
+        if routed and self.cross_fit is not None and fold_turn:
+            routed += self.cross_fit.alongside(*routed[0][1:])
+        self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for all
         self.model_version += bool(routed)
 
         drifted = self.drift.update(errors)
@@ -360,6 +395,7 @@ class Updater:
             changed = True
         if changed or refresh or policy is None:
             twin.calibrate(pol)
+        twin.calibrate_self_loss(pol)
         snap = twin.view(copy.deepcopy(schema), pol, twin.usable_reference_model(wanted))
         for arr in (snap.theta, snap.direction.s):
             if arr is not None:

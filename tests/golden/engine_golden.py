@@ -116,6 +116,9 @@ class Case:
 # Micro-batches of 64 (the default when this was recorded; now 512): chunks that are not
 # multiples of the micro-batch keep exercising the learn-then-score order inside a chunk.
 MICRO_BATCH = 64
+# Policy settings added after the recording, at the values that reproduce it (issue 9's routed-loss
+# evidence: off, as recorded).
+PINNED = {"self_loss_fdr": 0.0}
 
 
 def _settings(**parts: Any) -> EngineSettings:
@@ -124,7 +127,12 @@ def _settings(**parts: Any) -> EngineSettings:
         "influence": {"micro_batch": MICRO_BATCH},
     }
     base.update(parts)
-    return EngineSettings(**base)
+    return _pinned(EngineSettings(**base))
+
+
+def _pinned(s: EngineSettings) -> EngineSettings:
+    """``s`` with the settings added after the recording at the values that reproduce it."""
+    return s.model_copy(update={"policy": s.policy.model_copy(update=PINNED)})
 
 
 CASES = [
@@ -173,10 +181,12 @@ CASES = [
     # No trusted source: string labels learned from the stream, the reference seeded from it.
     Case(
         "seeded_learned_labels",
-        EngineSettings(
-            influence={"micro_batch": MICRO_BATCH},
-            reference=ReferenceSettings(seed_from_stream=150),
-            policy=PolicySettings(warmup_events=300, mode="absolute", quarantine_threshold=0.01),
+        _pinned(
+            EngineSettings(
+                influence={"micro_batch": MICRO_BATCH},
+                reference=ReferenceSettings(seed_from_stream=150),
+                policy=PolicySettings(warmup_events=300, mode="absolute", quarantine_threshold=0.01),
+            )
         ),
         seed=7,
         reference=0,
@@ -193,10 +203,18 @@ def _record(out: dict[str, np.ndarray], key: str, value: Any) -> None:
 # Inputs kept as they came (the trusted points' features, the policy's window of the very scores
 # recorded per event): left out of the recording to keep it small.
 _NOT_RECORDED = (".reference.features", ".policy.scores_data")
+# Settings added after the recording, which every case pins (PINNED): their keys in the saved
+# settings are not part of the recording.
+_ADDED_SETTINGS = (
+    ".policy_settings.self_loss_fdr",
+    ".policy_settings.self_loss_folds",
+    ".policy_settings.self_loss_calibrate_every",
+    ".policy_settings.self_loss_fold_every",
+)
 
 
 def _flatten_state(prefix: str, value: Any, out: dict[str, np.ndarray]) -> None:
-    if prefix.endswith(_NOT_RECORDED):
+    if prefix.endswith(_NOT_RECORDED + _ADDED_SETTINGS):
         return
     if isinstance(value, dict):
         for k in sorted(value):
@@ -243,10 +261,10 @@ def run_case(case: Case) -> dict[str, np.ndarray]:
     return out
 
 
-def run_split(name: str, seed: int) -> dict[str, np.ndarray]:
+def run_split(name: str, seed: int, settings: EngineSettings | None = None) -> dict[str, np.ndarray]:
     """Scale-out: a score worker (``score_events`` on snapshots) and one updater (``learn_events``)."""
     X, y = _stream(seed, 160 + 900)
-    s = _settings()
+    s = _settings() if settings is None else settings
     ref = _encode(X[:160], y[:160], "r", list(range(K)), extras=False)
     updater = InfluenceEngine(s)
     updater.add_reference(ref)  # type: ignore[arg-type]
