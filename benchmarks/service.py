@@ -316,7 +316,7 @@ STAGES = (
         ("stream_influence/service/emitter.py",),
         "emit",
     ),
-    ("broker: produce (queue one output)", BACKENDS, "produce"),
+    ("broker: produce_many (queue a chunk's outputs of one kind)", BACKENDS, "produce_many"),
     ("broker: flush (wait for acknowledgements)", BACKENDS, "flush"),
     ("checkpoint: write (`CheckpointStore.save`)", ("stream_influence/service/checkpoint.py",), "save"),
 )

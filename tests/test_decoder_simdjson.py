@@ -291,3 +291,31 @@ def test_out_of_range_plain_events_are_rejected_with_their_reason(mixed: bool) -
         got.append((b.ids, b.features.tobytes(), b.weights.tolist(), [(x.index, x.reason) for x in r]))
     assert got[0] == got[1]
     assert got[0][3] == [(1, R.OUT_OF_RANGE)]
+
+
+def test_plain_pass_leaves_what_its_batch_checks_refuse_to_the_full_rules() -> None:
+    """The plain pass checks the label's class and the flat feature list once over the batch,
+    after its per-message loop: messages shaped like plain events that these checks refuse — a
+    feature list with a nested one-element list (simdjson's buffer would read ``[1, [2]]`` as two
+    numbers), an empty-string or out-of-bound integer label that *is* a configured class, an
+    unknown label — go to the full rules, and the batch decodes as the standard parser does."""
+    s = SchemaSettings(classes=[0, 1, 2**60, ""], n_features=2)
+
+    def ev(i: int, label: str, feats: str = "[1.5, -2]") -> bytes:
+        return f'{{"id": "e{i}", "features": {feats}, "label": {label}}}'.encode()
+
+    raws = [ev(0, "0"), ev(1, "1", "[1, [2]]"), ev(2, '""'), ev(3, str(2**60)), ev(4, '"dog"'), ev(5, "1")]
+    valid, rest = events._plain_events(raws, Schema(s)._index, 2, 1 << 20)
+    assert valid.index == [0, 5] and valid.ids == ["e0", "e5"] and valid.codes == [0, 1]
+    assert rest == [1, 2, 3, 4]
+    got = []
+    for parser in ("simdjson", "json"):
+        b, r = Schema(s, parser=parser).decode_batch(raws)  # type: ignore[arg-type]
+        got.append((b.ids, b.features.tobytes(), b.labels.tolist(), [(x.index, x.reason) for x in r]))
+    assert got[0] == got[1]
+    assert got[0][3] == [
+        (1, R.INVALID_FEATURES),
+        (2, R.INVALID_LABEL),
+        (3, R.INVALID_LABEL),
+        (4, R.UNKNOWN_LABEL),
+    ]

@@ -28,8 +28,10 @@ import numpy as np
 import pytest
 
 from tests.golden.engine_golden import RUNS, SAMPLE, digest, load, summary
+from tests.golden.self_loss_golden import RUNS as SELF_LOSS_RUNS
 
 RECORDING = Path(__file__).parent / "golden" / "engine.json.gz"
+SELF_LOSS_RECORDING = Path(__file__).parent / "golden" / "self_loss.json.gz"
 RTOL = 1e-12
 # Eigenvectors are defined up to sign (and, for repeated eigenvalues, up to a rotation), so off the
 # bitwise path they are not compared element by element; everything computed from them (scores,
@@ -51,8 +53,25 @@ def _close(actual: np.ndarray, expected: np.ndarray, what: str) -> None:
 
 @pytest.mark.parametrize("name", [name for name, _ in RUNS])
 def test_engine_reproduces_the_recorded_run(name: str, recorded: dict[str, Any]) -> None:
-    run = dict(RUNS)[name]
-    arrays = run()
+    _check(name, dict(RUNS)[name](), recorded)
+
+
+@pytest.fixture(scope="module")
+def recorded_self_loss() -> dict[str, Any]:
+    return load(SELF_LOSS_RECORDING)["arrays"]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("name", [name for name, _ in SELF_LOSS_RUNS])
+def test_engine_reproduces_the_recorded_routed_loss_run(
+    name: str, recorded_self_loss: dict[str, Any]
+) -> None:
+    """The same, with the routed-loss evidence on (``tests/golden/self_loss_golden.py``, recorded
+    at ``0aa009d`` before the fold heads' speed work): decisions, scores, the routed-loss
+    calibration and window, and the fold heads' learned state must not change."""
+    _check(name, dict(SELF_LOSS_RUNS)[name](), recorded_self_loss)
+
+
+def _check(name: str, arrays: dict[str, np.ndarray], recorded: dict[str, Any]) -> None:
     mine = {k for k in recorded if k.split("/", 1)[0] == name}
     assert mine, f"nothing recorded for {name}"
     assert set(arrays) == mine, f"state keys changed: {sorted(set(arrays) ^ mine)}"
@@ -89,3 +108,14 @@ def test_the_recording_covers_what_it_claims(recorded: dict[str, Any]) -> None:
     assert harmful >= 50  # quarantines in most configurations, not a stream of accepts
     assert sum(recorded["kfac_drift/drift"]["values"]) >= 1  # the drift reset path ran
     assert recorded["default_kfac/influence"]["summary"][0] > SAMPLE  # digest + summary form
+
+
+def test_the_routed_loss_recording_covers_what_it_claims(recorded_self_loss: dict[str, Any]) -> None:
+    """The routed-loss runs made fold heads, calibrated the test, and the test quarantined."""
+    surprising = 0
+    for name, _ in SELF_LOSS_RUNS:
+        assert f"{name}/state.cross_fit.head1.theta" in recorded_self_loss, name
+        assert recorded_self_loss[f"{name}/state.policy.self_loss_calibration"]["shape"][0] > 0, name
+        surprising += recorded_self_loss[f"{name}/reason"]["values"].count("surprising_label")
+    assert "self_loss_3folds/state.cross_fit.head2.theta" in recorded_self_loss
+    assert surprising >= 10

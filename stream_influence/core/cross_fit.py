@@ -50,6 +50,9 @@ class CrossFitHeads:
         self.features = np.zeros((0, 0))
         self.labels = np.zeros(0, dtype=np.int64)
         self.fold = np.zeros(0, dtype=np.int64)
+        # _layout's cache, with the fold array it was made from (identity: every change installs
+        # a new one).
+        self._sorted: tuple[tuple[np.ndarray], tuple[np.ndarray, list[tuple[int, int, int]]]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -113,15 +116,18 @@ class CrossFitHeads:
 
     def held_out_losses(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
         """Held-out routed losses of the calibration points (head inputs ``X``, in the order of
-        :attr:`features`): a few small products."""
-        losses = np.empty(len(self.labels))
-        for f in range(-1, self.folds):
-            mine = self.fold == f
-            if mine.any():
-                theta = routed_theta if f < 0 else self.heads[f].theta
-                Z = X[mine] @ theta.T
-                Z -= Z.max(axis=1, keepdims=True)
-                losses[mine] = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(Z)), self.labels[mine]]
+        :attr:`features`).  Runs before every micro-batch, so the rows are taken once in fold
+        order: each head's logits are one product on a contiguous block, and the losses one
+        log-sum-exp over all rows (row for row the operations of a per-fold loop)."""
+        order, blocks = self._layout()
+        X = X[order]
+        Z = np.empty((len(X), routed_theta.shape[0]))
+        for f, a, b in blocks:
+            np.matmul(X[a:b], (routed_theta if f < 0 else self.heads[f].theta).T, out=Z[a:b])
+        Z -= Z.max(axis=1, keepdims=True)
+        labels = self.labels[order]
+        losses = np.empty(len(order))
+        losses[order] = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(Z)), labels]
         return losses
 
     def held_out_margins(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
@@ -135,6 +141,17 @@ class CrossFitHeads:
                 Z = X[mine] @ (routed_theta if f < 0 else self.heads[f].theta).T
                 margins[mine] = Z.max(axis=1) - Z[np.arange(len(Z)), self.labels[mine]]
         return margins
+
+    def _layout(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """The points' order sorted by fold (stable) and each fold's ``(fold, start, stop)``
+        block in it; made again only when the folds change."""
+        key = (self.fold,)
+        if self._sorted is None or any(a is not b for a, b in zip(self._sorted[0], key, strict=True)):
+            order = np.argsort(self.fold, kind="stable")
+            folds, starts, counts = np.unique(self.fold[order], return_index=True, return_counts=True)
+            blocks = [(int(f), int(a), int(a + c)) for f, a, c in zip(folds, starts, counts, strict=True)]
+            self._sorted = (key, (order, blocks))
+        return self._sorted[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {

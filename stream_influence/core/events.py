@@ -426,6 +426,23 @@ class _Plain:
         return list(zip(self.ids, rows, self.codes, [1.0] * n, [math.nan] * n, self.index, strict=True))
 
 
+def _plain_labels(known: dict[str, int]) -> dict[str | int, int]:
+    """``known`` keyed as the plain pass reads labels: each non-empty string key as itself, and
+    each key that is an integer's ``str()`` within ±:data:`MAX_LABEL_INT` also as that integer
+    (so an int label is looked up by value, without a ``str()`` per event).  Only exact ``str``
+    and ``int`` labels are looked up here, so ``True`` or ``1.0`` never match ``1``; a label
+    that is empty, beyond the bound or unknown finds nothing and takes the full rules."""
+    out: dict[str | int, int] = {key: code for key, code in known.items() if key}
+    for key, code in known.items():
+        try:
+            value = int(key)
+        except ValueError:
+            continue
+        if str(value) == key and -MAX_LABEL_INT <= value <= MAX_LABEL_INT:
+            out[value] = code
+    return out
+
+
 def _plain_events(
     raws: Sequence[bytes | str | None], known: dict[str, int], width: int, max_bytes: int
 ) -> tuple[_Plain, list[int]]:
@@ -440,53 +457,60 @@ def _plain_events(
     labels or set the width, never take one away): the same answer, minus the per-message calls.
     Messages that do not start with ``{`` (whitespace, a byte-order mark, not an object), or are
     empty or too large, go to ``rest``.
+
+    The per-message loop only parses and reads the three fields (each message's document must be
+    dropped before the next parse); the checks that need no document — the label's class, and a
+    feature list that is flat (``as_buffer`` would flatten ``[1, [2]]``, so the message may hold
+    one ``[`` only) — run once over the batch's columns afterwards.
     """
     parser = getattr(_local, "parser", None)
     if parser is None:
         parser = _local.parser = simdjson.Parser()
     parse = parser.parse
-    # Integer labels match the key str(label): look them up by value, without the str() call.
-    by_int: dict[int, int] = {}
-    for key, code in known.items():
-        try:
-            if str(int(key)) == key:
-                by_int[int(key)] = code
-        except ValueError:
-            pass
-    valid = _Plain()
-    ids, rows, codes, index = valid.ids.append, valid.rows.append, valid.codes.append, valid.index.append
+    taken: list[tuple[int, str, str | int, Any]] = []  # (position, id, label, float64 buffer)
+    take = taken.append
     rest: list[int] = []
+    skip = rest.append
+    doc = feats = eid = label = None
     for i, raw in enumerate(raws):
-        if type(raw) is not bytes or not 0 < len(raw) <= max_bytes or raw[0] != 123:  # "{"
+        if type(raw) is bytes and 0 < len(raw) <= max_bytes and raw[0] == 123:  # "{"
+            try:
+                doc = parse(raw)
+                feats = doc["features"]
+                # Three entries holding the three names: exactly those keys, once each.
+                if len(doc) == 3 and len(feats) == width:
+                    eid, label = doc["id"], doc["label"]
+                    if type(eid) is str and eid and (type(label) is str or type(label) is int):
+                        # AttributeError: features is a string or an object, not a list;
+                        # ValueError: an element is not a number.
+                        take((i, eid, label, feats.as_buffer(of_type="d")))
+                        doc = feats = None  # a parser serves one document: drop its views
+                        continue
+            except (KeyError, ValueError, TypeError, AttributeError, RuntimeError):
+                pass
+            doc = feats = eid = label = None  # eid or label may be views of the document too
+        skip(i)
+    valid = _Plain()
+    if not taken:
+        return valid, rest
+    index, ids, labels, rows = (list(c) for c in zip(*taken, strict=True))
+    codes = list(map(_plain_labels(known).get, labels))
+    texts = raws if len(index) == len(raws) else [raws[i] for i in index]
+    # Each taken message holds a "[" (its features): one per message in all proves every one flat.
+    flat = np.count_nonzero(np.frombuffer(b"".join(texts), np.uint8) == 91) == len(index)  # type: ignore[arg-type]
+    if flat and None not in codes:
+        valid.ids, valid.rows, valid.codes, valid.index = ids, rows, codes, index
+        return valid, rest
+    for k, (i, raw) in enumerate(zip(index, texts, strict=True)):
+        # find() is a memchr: the second "[" of a list that is not flat, if any.
+        if codes[k] is None or (not flat and raw.find(b"[", raw.find(b"[") + 1) >= 0):  # type: ignore[union-attr]
             rest.append(i)
-            continue
-        doc = feats = None  # a parser serves one document: drop its views before the next parse
-        try:
-            doc = parse(raw)
-            if len(doc) == 3:
-                eid, label, feats = doc["id"], doc["label"], doc["features"]
-                tl = type(label)
-                code = known.get(label) if tl is str else by_int.get(label) if tl is int else None
-                if (
-                    code is not None
-                    and type(eid) is str
-                    and eid
-                    and (label != "" if tl is str else -MAX_LABEL_INT <= label <= MAX_LABEL_INT)
-                    and type(feats) is simdjson.Array
-                    and len(feats) == width
-                    # one "[" only (as_buffer would flatten [1, [2]]); find() is a memchr
-                    and raw.find(b"[", raw.find(b"[") + 1) < 0
-                ):
-                    rows(feats.as_buffer(of_type="d"))  # first: it raises for a non-number
-                    ids(eid)
-                    codes(code)
-                    index(i)
-                    continue
-        except (KeyError, ValueError, TypeError, RuntimeError):
-            pass
-        finally:
-            doc = feats = None
-        rest.append(i)
+        else:
+            valid.ids.append(ids[k])
+            valid.rows.append(rows[k])
+            valid.codes.append(codes[k])  # type: ignore[arg-type]
+            valid.index.append(i)
+    rest.sort()
     return valid, rest
 
 
@@ -742,9 +766,10 @@ class Schema:
                 timestamps=np.asarray(stamps, dtype=np.float64),
                 index=np.asarray(index, dtype=np.int64),
             )
-        # NaN compares False, so this one test rejects non-finite and out-of-range rows alike.
-        ok = (np.abs(X) <= max_abs).all(axis=1) if len(rows) else np.zeros(0, dtype=bool)
-        if not ok.all():
+        # NaN compares False, so these tests reject non-finite and out-of-range rows alike; the
+        # matrix's extremes first (two reductions, no temporaries), rows only when one is off.
+        if len(rows) and not (-max_abs <= X.min() and X.max() <= max_abs):
+            ok = (np.abs(X) <= max_abs).all(axis=1)
             for pos in np.flatnonzero(~ok).tolist():
                 reason = _feature_problem(_floats(rows[pos], width), max_abs)
                 reject(int(batch.index[pos]), reason, _FEATURE_DETAIL[reason])

@@ -332,10 +332,16 @@ def _lockstep(
         Xp = np.zeros((steps, L, mb, D))
         Yp = np.zeros((steps, L, mb, K))
         scale = np.zeros((steps, L, mb))
+        laid_out: dict[tuple[int, int, int], int] = {}  # (X, y, w) ids → the slot that has them
         for i, (_, X, y, w) in enumerate(jobs):
             t, r = at_step[: len(X)], at_slot[: len(X)]
-            Xp[t, i, r] = X
-            Yp[t, i, r, y] = 1.0
+            j = laid_out.setdefault((id(X), id(y), id(w)), i)
+            if j == i:
+                Xp[t, i, r] = X
+                Yp[t, i, r, y] = 1.0
+            else:  # the same rows as slot j (the fold heads learn the routed head's): a plain copy
+                Xp[:, i] = Xp[:, j]
+                Yp[:, i] = Yp[:, j]
             scale[t, i, r] = w * per_row[t, i]
     Xw = Xp * scale[..., None]
     # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].

@@ -365,6 +365,25 @@ class PolicySettings(_Frozen):
         "passes with probability ≤ a — the loss tests select disagreeing events; with fewer than "
         "1/a − 1 such points the largest is the level).",
     )
+    self_loss_fold_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: the fold heads learn the accepted events of every k-th learned "
+        "micro-batch only (keyed on the model version; 1: every one, in the same steps as the "
+        "routed head — exact). Larger values save most of the fold heads' learning (about half a "
+        "µs per event at d = 64, K = 10) but leave them less trained than the routed head (larger "
+        "held-out losses: a more cautious test). An option, not the default: measured (speed and "
+        "benchmarks/quality.py --quick) in the commit that added it.",
+    )
+    self_loss_calibrate_every: int = Field(
+        default=1,
+        ge=1,
+        description="self_loss_fdr: recompute the trusted points' held-out losses under the fold "
+        "heads once per k learned micro-batches (keyed on the model version, right after the fold "
+        "heads learned when self_loss_fold_every is the same k; 1: before every micro-batch — "
+        "exact). Saves about 0.3 µs per event at d = 64, K = 10; events are compared with a "
+        "calibration up to k − 1 micro-batches old. An option, not the default.",
+    )
     class_fair_gate: bool = Field(
         default=True,
         description="evidence reference_loss/hybrid with require_disagreement and the fixed "

@@ -205,6 +205,12 @@ class Updater:
         cf = self.cross_fit
         if cf is None or not cf.ready or self.routed is None or policy.settings.self_loss_fdr <= 0:
             return
+        # self_loss_calibrate_every k: recomputed once per k learned micro-batches, keyed on the
+        # (checkpointed) model version so a restored engine recomputes where an uninterrupted
+        # one does; right after the fold heads learned (self_loss_fold_every, same counter).
+        every = policy.settings.self_loss_calibrate_every
+        if every > 1 and len(policy.self_loss_calibration) and (self.model_version - 1) % every:
+            return
         losses = cf.held_out_losses(self.inputs(cf.features), self.routed.theta)
         policy.calibrate_self_loss(losses)
         if policy.settings.contradiction_rate > 0:  # the margin gate's level, from the same heads
@@ -317,7 +323,10 @@ class Updater:
             routed = [(self.routed, X, labels, weights)]
         else:
             routed = [(self.routed, X[accept], labels[accept], weights[accept])] if accept.any() else []
-        if routed and self.cross_fit is not None:  # the fold heads learn what the routed head learns
+        # The fold heads learn what the routed head learns (self_loss_fold_every k: on every k-th
+        # learned micro-batch, keyed on the checkpointed model version).
+        fold_turn = self.model_version % self.settings.policy.self_loss_fold_every == 0
+        if routed and self.cross_fit is not None and fold_turn:
             routed += self.cross_fit.alongside(*routed[0][1:])
         self.shadow.learn(X, labels, weights, solve, alongside=routed)  # one product per step for all
         self.model_version += bool(routed)

@@ -47,6 +47,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
+from operator import is_not, itemgetter
 from types import ModuleType
 from typing import Any
 
@@ -65,7 +67,6 @@ from stream_influence.io.broker import (
     Record,
     RecordRefused,
     TopicPartition,
-    produce_each,
 )
 
 __all__ = [
@@ -240,6 +241,42 @@ def _build(kind: str, conf: dict[str, Any]) -> Any:
         raise
 
 
+def _one_partition(msgs: list[Any], message: Any) -> list[Record] | None:
+    """The records of a ``consume()`` batch in the usual case — every message from one partition,
+    none an error, none with headers, each with a timestamp — else None (the caller's loop then
+    takes each message on its own).  Each field is read for the whole batch by ``map`` over
+    ``confluent_kafka.Message``'s getters (``message``) and the records are built from those
+    columns in C, without a bytecode step per message.
+    """
+    n = len(msgs)
+    topics = list(map(message.topic, msgs))
+    parts = list(map(message.partition, msgs))
+    if topics.count(topics[0]) != n or parts.count(parts[0]) != n:
+        return None
+    # By identity: a KafkaError compared with None raises inside list.count().
+    if any(map(is_not, map(message.error, msgs), repeat(None, n))):
+        return None
+    if list(map(message.headers, msgs)).count(None) != n:
+        return None
+    stamps = list(map(message.timestamp, msgs))  # (type, ms); type 0: the broker reported none
+    if 0 in map(_FIRST, stamps):
+        return None
+    columns = zip(
+        repeat(topics[0], n),
+        repeat(parts[0], n),
+        map(message.offset, msgs),
+        map(message.key, msgs),
+        map(message.value, msgs),
+        repeat((), n),
+        map(_SECOND, stamps),
+        strict=True,
+    )
+    return list(map(tuple.__new__, repeat(Record, n), columns))
+
+
+_FIRST, _SECOND = itemgetter(0), itemgetter(1)
+
+
 class ConfluentConsumer:
     """:class:`~stream_influence.io.broker.BrokerConsumer` on a ``confluent_kafka.Consumer``."""
 
@@ -374,8 +411,15 @@ class ConfluentConsumer:
                 break
             if self._revoked or left <= 0:
                 return out
-        # The hot path: one Record per event, built without a Python-level __new__ frame, grouped
-        # under plain (topic, partition) tuples (equal to, and hashed like, TopicPartition).
+        positions = self._positions
+        one = _one_partition(msgs, self._ck.Message)
+        if one is not None:
+            tp = TopicPartition(one[0].topic, one[0].partition)
+            out[tp] = one
+            positions[tp] = one[-1].offset + 1
+            return out
+        # One Record per event, built without a Python-level __new__ frame, grouped under plain
+        # (topic, partition) tuples (equal to, and hashed like, TopicPartition).
         make = tuple.__new__
         by_tp: dict[tuple[str, int], list[Record]] = {}
         for m in msgs:
@@ -393,7 +437,6 @@ class ConfluentConsumer:
                     (key[0], key[1], m.offset(), m.key(), m.value(), m.headers() or (), ts if kind else None),
                 )
             )
-        positions = self._positions
         for key, batch in by_tp.items():
             tp = TopicPartition(*key)
             out[tp] = batch
@@ -500,6 +543,29 @@ class ConfluentConsumer:
         self._c.close()
 
 
+def _headers(record: OutputRecord) -> list[tuple[str, bytes]] | None:
+    """A record's headers as librdkafka takes them: a list (None: no headers)."""
+    h = record.headers
+    return h if type(h) is list else (list(h) or None)
+
+
+class _Report(Delivery):
+    """A :class:`Delivery` that is its own ``on_delivery`` callback (no closure per record);
+    librdkafka calls it inside ``poll``/``flush``, on the loop thread."""
+
+    __slots__ = ("producer",)
+    producer: ConfluentProducer
+
+    def __call__(self, err: Any, _msg: Any) -> None:
+        if err is None:
+            self.resolve()
+        else:
+            p = self.producer
+            self.resolve(
+                p._ck.KafkaException(err), transient=err.retriable() or err.code() in p._transient_codes
+            )
+
+
 class ConfluentProducer:
     """:class:`~stream_influence.io.broker.BrokerProducer` on a ``confluent_kafka.Producer``."""
 
@@ -532,24 +598,14 @@ class ConfluentProducer:
         return self._max_bytes
 
     def produce(self, record: OutputRecord) -> Delivery:
-        delivery = Delivery(record)
-        transient = self._transient_codes
-
-        def report(err: Any, _msg: Any) -> None:  # inside poll()/flush(), on this thread
-            if err is None:
-                delivery.resolve()
-            else:
-                delivery.resolve(
-                    self._ck.KafkaException(err), transient=err.retriable() or err.code() in transient
-                )
-
-        kwargs = {"value": record.value, "key": record.key, "on_delivery": report}
-        if record.headers:
-            kwargs["headers"] = list(record.headers)
+        delivery = _Report(record)
+        delivery.producer = self
         deadline: float | None = None
         while True:
             try:
-                self._p.produce(record.topic, **kwargs)
+                self._p.produce(
+                    record.topic, record.value, record.key, on_delivery=delivery, headers=_headers(record)
+                )
                 break
             except BufferError:
                 # The local queue is full: serve delivery reports until it drains, up to max_block.
@@ -562,19 +618,45 @@ class ConfluentProducer:
                 self._p.poll(0.05)
             except self._ck.KafkaException as exc:
                 err = _kafka_exception(exc)
-                if err is not None and (err.retriable() or err.code() in transient):
+                if err is not None and (err.retriable() or err.code() in self._transient_codes):
                     raise BrokerTrouble(f"cannot queue an output to {record.topic}: {err.str()}") from None
                 raise RecordRefused(f"{record.topic}: {err.str() if err is not None else exc}") from None
             except (TypeError, ValueError) as exc:  # a header or key that is not bytes/str
                 raise RecordRefused(f"{record.topic}: {type(exc).__name__}: {exc}") from None
-        self._unserved += 1
+        self._served()
+        return delivery
+
+    def _served(self, n: int = 1) -> None:
+        self._unserved += n
         if self._unserved >= 1000:  # serve delivery reports now and then, not per record
             self._unserved = 0
             self._p.poll(0)
-        return delivery
 
     def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
-        return produce_each(self.produce, records)  # librdkafka queues a record in C
+        """One librdkafka ``produce`` per record (it queues in C), called here directly: a record
+        it does not take at once (a full queue, an error, a bad header) goes through
+        :meth:`produce`, which waits, classifies and raises as for a single record."""
+        produce, queued = self._p.produce, 0
+        deliveries: list[Delivery] = []
+        for record in records:
+            delivery = _Report(record)
+            delivery.producer = self
+            try:
+                produce(
+                    record.topic, record.value, record.key, on_delivery=delivery, headers=_headers(record)
+                )
+            except Exception:  # nothing was queued: the single-record path answers it
+                self._served(queued)
+                queued = 0
+                try:
+                    deliveries.append(self.produce(record))
+                except RecordRefused as exc:
+                    return Queued(deliveries, exc)
+                continue
+            deliveries.append(delivery)
+            queued += 1
+        self._served(queued)
+        return Queued(deliveries, None)
 
     def flush(self, timeout_s: float) -> None:
         left = self._p.flush(timeout_s)

@@ -57,6 +57,7 @@ from stream_influence.io.broker import (
     RecordRefused,
     TopicPartition,
 )
+from stream_influence.io.record_batches import Fetched, read_batches
 from stream_influence.io.records import RECORD_FRAMING
 
 __all__ = [
@@ -81,6 +82,16 @@ try:  # kafka-python internals, for _Appender only (another release may lay them
     from kafka.record.memory_records import MemoryRecordsBuilder
 except ImportError:  # pragma: no cover - depends on the installed release
     kafka_version = "unknown"
+
+try:  # kafka-python internals, for _PlainRecords only
+    from kafka.consumer.fetcher import Fetcher
+    from kafka.protocol.consumer import IsolationLevel
+    from kafka.record.util import calc_crc32c
+
+    _PartitionRecords: Any = Fetcher.PartitionRecords
+except (ImportError, AttributeError):  # pragma: no cover - depends on the installed release
+    Fetcher = None  # type: ignore[assignment,misc]
+    _PartitionRecords = object
 
 
 # -- client options -------------------------------------------------------------------------
@@ -310,11 +321,113 @@ class _Listener(AsyncConsumerRebalanceListener):
             self.owner._record(Rebalance(RebalanceKind.LOST, parts))
 
 
+#: kafka-python releases whose fetcher internals :class:`_PlainRecords` was written against and is
+#: tested with (tests/test_fetch_path.py): any other release parses fetches its own way.
+FETCH_VERSIONS = frozenset({"3.0.12"})
+
+
+class _PlainRecords(_PartitionRecords):  # type: ignore[misc,valid-type]
+    """kafka-python's ``Fetcher.PartitionRecords`` (one partition's records of one completed fetch,
+    handed out by ``take``) with the records read by :func:`~stream_influence.io.record_batches.read_batches`
+    — one loop over the fetch's bytes, one light :class:`~stream_influence.io.record_batches.BatchRecord`
+    per record — where that reproduces the client's own iterator.
+
+    What it reproduces of kafka-python 3.0.12's ``PartitionRecords`` over uncompressed v2 batches:
+    the records' topic, partition, offset, key, value, headers (a list of ``(str, bytes | None)``)
+    and timestamp; the records below the fetch offset left out; ``take(n)``'s
+    ``next_fetch_offset`` (the record after the last one taken, and the end of the last batch once
+    ``take`` asked for more than was left — when the client's iterator finishes and drains),
+    ``leader_epoch``, ``records_read`` and ``bytes_read`` (the consumer's fetch metrics) and the
+    drain.  Not the attributes only kafka-python's ``ConsumerRecord`` has (``timestamp_type``,
+    ``checksum``, serialized sizes, ``leader_epoch``), which :class:`ConsumedRecord` does not name.
+
+    The client's own iterator (built by ``__init__`` as always, left unstarted) reads everything
+    else, so that it raises its own errors: a fetch with a compressed, control or v0/v1 batch, a
+    CRC that differs (``check_crcs``), a record the client would find corrupt, a read_committed
+    fetch that lists aborted transactions, a deserializer.  One difference on that path: after
+    the client's iterator raised (a CRC that differs, a corrupt record), this drains, so that the
+    next poll raises the error again rather than spinning for ever as kafka-python 3.0.12 does."""
+
+    def __init__(self, fetch_offset: int, tp: Any, records: Any, **kw: Any) -> None:
+        super().__init__(fetch_offset, tp, records, **kw)
+        self._taken = 0
+        self._read: Fetched | None = None
+        if (
+            kw.get("key_deserializer") is None
+            and kw.get("value_deserializer") is None
+            and not (self.isolation_level == IsolationLevel.READ_COMMITTED and self.aborted_transactions)
+        ):
+            self._read = read_batches(
+                records._buffer,
+                tp.topic,
+                tp.partition,
+                fetch_offset,
+                calc_crc32c if self.check_crcs else None,
+            )
+
+    def take(self, n: int | None = None) -> list[Any]:
+        read = self._read
+        if read is None:
+            try:
+                return super().take(n)  # type: ignore[no-any-return]
+            except Exception:
+                # The client leaves its failed iterator in place, and every later poll spins on it
+                # (its fetched_records loops while take returns nothing, past the poll's timeout).
+                # Drained, the next poll fetches from the same position again and raises the same
+                # error again, as Apache Kafka's consumer does.
+                self.drain()
+                raise
+        recs = read.records
+        i, total = self._taken, len(recs)
+        if n is not None and i + n <= total:  # the client's iterator stops after the n-th record
+            if n <= 0:
+                return []
+            j = i + n
+            self.next_fetch_offset = recs[j - 1].offset + 1
+            self.leader_epoch = read.epoch_of(j - 1)
+            finished = False
+        else:  # the client's iterator runs to its end and drains
+            j = total
+            if read.end_offset is not None:
+                self.next_fetch_offset = read.end_offset
+                self.leader_epoch = read.last_epoch
+            finished = True
+        out = recs[i:j]
+        self._taken = j
+        self.records_read = read.skipped + j
+        self.bytes_read = read.cum_bytes[j]
+        if finished:
+            self.drain()
+        return out
+
+
+def _plain_fetches(client: KafkaConsumer) -> bool:
+    """Have ``client``'s fetcher read records with :class:`_PlainRecords`, where this release's
+    fetcher is the one it was written against and nothing else replaced its records class."""
+    fetcher = getattr(client, "_fetcher", None)
+    if (
+        kafka_version not in FETCH_VERSIONS
+        or Fetcher is None
+        or type(fetcher) is not Fetcher
+        or "PartitionRecords" in vars(fetcher)
+        or fetcher.config["key_deserializer"] is not None
+        or fetcher.config["value_deserializer"] is not None
+    ):
+        return False
+    fetcher.PartitionRecords = _PlainRecords  # this client's fetcher only
+    return True
+
+
 class KafkaPythonConsumer:
-    """:class:`~stream_influence.io.broker.BrokerConsumer` over a :class:`kafka.KafkaConsumer`."""
+    """:class:`~stream_influence.io.broker.BrokerConsumer` over a :class:`kafka.KafkaConsumer`.
+
+    Fetched records are read by :class:`_PlainRecords` where that reproduces the client's own
+    parser (:attr:`plain_fetches`), by the client otherwise."""
 
     def __init__(self, client: KafkaConsumer) -> None:
         self.client = client
+        self.plain_fetches = _plain_fetches(client)
+        self._groupless_fast = self.plain_fetches and client.config["group_id"] is None
         self._events: deque[Rebalance] = deque()  # appended on the I/O thread, drained by the loop
         self._lock = threading.Lock()
         self._handed_over: frozenset[TopicPartition] | None = None
@@ -347,15 +460,32 @@ class KafkaPythonConsumer:
         parts = self.client.partitions_for_topic(topic)
         return set(parts) if parts else None
 
+    def _nothing_yet(self) -> bool:
+        """True when a group-less consumer's fetch is still in flight and nothing is buffered: a
+        ``poll(0)`` would only make two round trips to the client's I/O thread (sending no fetch
+        while one is pending on the node, then a zero wait) and return nothing.  The service
+        polls its reference reader so every step (kafka-python 3.0.12's fetcher: FETCH_VERSIONS).
+        The response, once it arrives, is buffered first, then the request marked done: read in
+        this order, a fetch that completes meanwhile is never missed, only read by the next poll."""
+        fetcher = self.client._fetcher
+        return bool(
+            fetcher._nodes_with_pending_fetch_requests
+            and not fetcher._completed_fetches
+            and not fetcher._next_partition_records
+            and fetcher._next_in_line_exception_metadata is None
+        )
+
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[ConsumedRecord]]:
+        if timeout_ms == 0 and self._groupless_fast and self._nothing_yet():
+            return {}
         try:
             polled = self.client.poll(timeout_ms=timeout_ms, max_records=max_records)
         except KafkaError as exc:
             if isinstance(exc.__cause__, _HandOver):
                 return {}  # a revocation waits for the loop (module docstring, step 2)
             raise
-        # kafka-python's ConsumerRecord has every ConsumedRecord attribute and its TopicPartition
-        # equals and hashes like ours: handed through as they are, no per-message copy.
+        # BatchRecord and kafka-python's ConsumerRecord have every ConsumedRecord attribute, and its
+        # TopicPartition equals and hashes like ours: handed through as they are, no copy.
         return polled  # type: ignore[no-any-return]
 
     def seek(self, tp: TopicPartition, offset: int) -> None:

@@ -210,6 +210,8 @@ _ADDED_SETTINGS = (
     ".policy_settings.self_loss_folds",
     ".policy_settings.contradiction_rate",
     ".policy_settings.contradiction_calibration",
+    ".policy_settings.self_loss_calibrate_every",
+    ".policy_settings.self_loss_fold_every",
 )
 
 
@@ -261,10 +263,10 @@ def run_case(case: Case) -> dict[str, np.ndarray]:
     return out
 
 
-def run_split(name: str, seed: int) -> dict[str, np.ndarray]:
+def run_split(name: str, seed: int, settings: EngineSettings | None = None) -> dict[str, np.ndarray]:
     """Scale-out: a score worker (``score_events`` on snapshots) and one updater (``learn_events``)."""
     X, y = _stream(seed, 160 + 900)
-    s = _settings()
+    s = _settings() if settings is None else settings
     ref = _encode(X[:160], y[:160], "r", list(range(K)), extras=False)
     updater = InfluenceEngine(s)
     updater.add_reference(ref)  # type: ignore[arg-type]
