@@ -177,7 +177,8 @@ def test_the_gate_unbalances_the_hybrid_and_the_class_fair_gate_rebalances_it() 
     per class to the least-passed class's gate pass-through (``class_fair_gate``).  All of this is
     about the loss test's fixed per-class threshold (``adaptive_fdr: 0``); the stream-adaptive
     default barely fires on a clean stream (test_imbalanced_clean_classes_are_quarantined_at_similar_rates)."""
-    fixed = {"evidence": "hybrid", "adaptive_fdr": 0.0}
+    # The margin gate (contradiction_rate) off: it would thin the loss test before the gate does.
+    fixed = {"evidence": "hybrid", "adaptive_fdr": 0.0, "contradiction_rate": 0.0}
     plain = _imbalanced_rates(gate=True, class_fair_gate=False, **fixed)
     assert abs(plain[0] - plain[1]) > 0.02, plain.round(3).tolist()
     ungated_loss = _imbalanced_rates(gate=True, gate_reference_loss=False, **fixed)
@@ -762,7 +763,9 @@ def test_the_adaptive_default_quarantines_less_of_a_clean_stream_and_as_many_fli
     for noise in (0.0, 0.4):
         s = load_stream("digits", noise=noise, seed=0)
         for fdr in (0.0, 0.5):
-            engine = engine_for(s.n_classes, s.n_features, policy={"adaptive_fdr": fdr})
+            # The margin gate off: this compares the loss test's two thresholds on their own.
+            policy = {"adaptive_fdr": fdr, "contradiction_rate": 0.0}
+            engine = engine_for(s.n_classes, s.n_features, policy=policy)
             engine.add_reference_events(EventBatch.from_arrays(s.X_ref, s.y_ref))
             q, _ = run(engine, s.X_events, s.y_events)
             rates[noise, fdr] = (q[~s.corrupted].mean(), q[s.corrupted].mean() if s.corrupted.any() else 0)

@@ -130,6 +130,19 @@ class CrossFitHeads:
         losses[order] = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(Z)), labels]
         return losses
 
+    def held_out_margins(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
+        """Held-out margins against the label, ``log p(predicted) − log p(y) = max_k z_k − z_y``
+        (≥ 0; 0 when the head predicts the label), of the calibration points under the heads of
+        :meth:`held_out_losses` (``policy.contradiction_rate``), in the same fold-ordered blocks."""
+        order, blocks = self._layout()
+        X = X[order]
+        Z = np.empty((len(X), routed_theta.shape[0]))
+        for f, a, b in blocks:
+            np.matmul(X[a:b], (routed_theta if f < 0 else self.heads[f].theta).T, out=Z[a:b])
+        margins = np.empty(len(order))
+        margins[order] = Z.max(axis=1) - Z[np.arange(len(Z)), self.labels[order]]
+        return margins
+
     def _layout(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """The points' order sorted by fold (stable) and each fold's ``(fold, start, stop)``
         block in it; made again only when the folds change."""

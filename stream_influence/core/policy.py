@@ -49,7 +49,12 @@ learning it raises the trusted reference loss, i.e. the model would memorise it)
    on clean data no class is quarantined more than another, and on a noisy stream, where flips
    pass the gate in every class, the test keeps its share.  With ``gate_reference_loss: false``
    only the influence test is gated: the reference-loss test quarantines by itself, each class
-   at most at its share of α;
+   at most at its share of α.  With ``contradiction_rate`` = a > 0 the loss tests (reference loss,
+   ``floor_yield_fdr``, ``self_loss_fdr``) fire only where the routed head's margin against the
+   label, ``log p(predicted) − log p(y)``, exceeds the ``(1 − a)`` conformal quantile of the
+   trusted points' held-out margins (all of them, or with ``contradiction_calibration: errors``
+   those the fold heads get wrong): a label the model confidently contradicts, not an event it
+   finds merely hard;
 5. otherwise accept, reason ``within_band``.
 
 The quarantine-rate cap: when step 3 would push the rolling quarantine rate above
@@ -180,6 +185,9 @@ class RoutingPolicy:
         # and the stream's p-values.
         self.self_loss_calibration = np.zeros(0)
         self._self_pvalues = Ring(settings.rate_window)
+        # contradiction_rate: the level a margin must exceed for the loss tests to fire (NaN until
+        # calibrated, and without fold heads: no gate, the loss tests as without the setting).
+        self.margin_threshold = float("nan")
 
     def swap(self, settings: PolicySettings) -> int:
         """Replace the settings; windows restart only if their sizes changed.  Returns the version.
@@ -190,7 +198,9 @@ class RoutingPolicy:
         fired, passed, old_p, cal = self._fired, self._passed, self._pvalues, self.loss_calibration
         old_plain, plain_cal = self._plain_pvalues, self.plain_loss_calibration
         old_self, self_cal = self._self_pvalues, self.self_loss_calibration
+        margin_threshold = self.margin_threshold
         self._install(settings)
+        self.margin_threshold = margin_threshold
         self.self_loss_calibration = self_cal
         self._fired, self._passed, self.loss_calibration = fired, passed, cal
         self.plain_loss_calibration = plain_cal
@@ -320,6 +330,22 @@ class RoutingPolicy:
         q9) — the median of ~10 skewed losses is tiny for an easy class and blows its tail up."""
         self.self_loss_calibration = np.sort(losses[np.isfinite(losses)])
 
+    def calibrate_margins(self, margins: np.ndarray) -> None:
+        """``contradiction_rate`` = a: the loss tests' margin level, the ``(1 − a)`` conformal
+        quantile of the trusted points' held-out margins against their labels (pooled over
+        classes), so a clean event's margin exceeds it with probability ≤ a (``errors``: of those
+        the fold heads get wrong, so a clean event the model disagrees with passes with
+        probability ≤ a)."""
+        a = self.settings.contradiction_rate
+        if a > 0:
+            if self.settings.contradiction_calibration == "errors":
+                # Conditional on disagreeing (what the loss tests select); none: the plain gate.
+                margins = margins[margins > 0]
+                if not len(margins):
+                    self.margin_threshold = 0.0
+                    return
+            self.margin_threshold = conformal_quantile(margins, a)
+
     def observe_self_loss(self, labels: np.ndarray | None, self_loss: np.ndarray | None) -> None:
         """Push a batch's routed-loss p-values into the window without deciding (an updater
         learning decisions taken by score workers keeps the same window as one process)."""
@@ -386,6 +412,7 @@ class RoutingPolicy:
         disagree: np.ndarray | None = None,
         reference_loss: np.ndarray | None = None,
         self_loss: np.ndarray | None = None,
+        margin: np.ndarray | None = None,
     ) -> RoutingDecision:
         """Decide for a batch of scores (NaN scores are only allowed while not warm).
 
@@ -393,7 +420,8 @@ class RoutingPolicy:
         (argmax ≠ label, per point) gates quarantines when ``require_disagreement`` is on;
         ``reference_loss`` (``ℓ_ref`` per point) feeds the reference-loss test of ``evidence``;
         ``self_loss`` (``ℓ_θ``, the routed head's loss before learning the point) the routed-loss
-        test of ``self_loss_fdr``.
+        test of ``self_loss_fdr``; ``margin`` (``log p(predicted) − log p(y)`` under the routed
+        head) the margin gate of ``contradiction_rate`` on those loss tests.
         """
         s = self.settings
         n = len(score)
@@ -435,6 +463,16 @@ class RoutingPolicy:
             s.self_loss_fdr > 0 and s.mode == "calibrated"
         ):  # strong evidence: overrides the floor, not the gate
             loss_test = loss_test | self._self_loss_test(labels, self_loss, n)
+        if (
+            s.contradiction_rate > 0
+            and s.mode == "calibrated"
+            and margin is not None
+            and self.margin_threshold >= 0
+        ):
+            # The loss tests' thresholds open with the stream's noise and then pass hard clean
+            # events too (high loss near the boundary); only a label the model confidently
+            # contradicts — a margin few clean points reach — is evidence of a flip.
+            loss_test &= margin > self.margin_threshold
         # The alarm's pre-gate share counts every test that fires (all evidence).
         self._above.push((harmful | loss_test).astype(np.float64))
         reasons = _HELPFUL_OR_BAND[(score <= s.accept_threshold).view(np.uint8)]
@@ -618,6 +656,7 @@ class RoutingPolicy:
             **self._self_loss_state(),
             "gate_fired": self._fired,
             "gate_passed": self._passed,
+            **({"margin_threshold": self.margin_threshold} if np.isfinite(self.margin_threshold) else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -636,6 +675,8 @@ class RoutingPolicy:
             self.self_loss_calibration = np.array(state["self_loss_calibration"], dtype=np.float64).ravel()
             if state.get("self_pvalues_data") is not None:
                 self._self_pvalues.load(state, "self_pvalues")
+        if "margin_threshold" in state:  # only with contradiction_rate, once calibrated
+            self.margin_threshold = float(state["margin_threshold"])
         self._fired = np.array(state.get("gate_fired", []), dtype=np.float64).ravel()
         self._passed = np.array(state.get("gate_passed", []), dtype=np.float64).ravel()
 

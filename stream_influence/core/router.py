@@ -81,6 +81,7 @@ class Router:
         self.policy.loss_calibration = [c.copy() for c in theirs.loss_calibration]
         self.policy.plain_loss_calibration = [c.copy() for c in theirs.plain_loss_calibration]
         self.policy.self_loss_calibration = theirs.self_loss_calibration.copy()
+        self.policy.margin_threshold = theirs.margin_threshold
         self.policy.threshold = theirs.threshold
 
     @property
@@ -103,6 +104,7 @@ class Router:
             evidence.disagree,
             evidence.reference_loss if warm else None,
             evidence.routed_loss if warm and self.policy.settings.self_loss_fdr > 0 else None,
+            evidence.margin if warm and self.policy.settings.contradiction_rate > 0 else None,
         )
 
     def unscored(self, n: int) -> RoutingDecision:

@@ -67,6 +67,17 @@ class Evidence:
         return label_loss(self.probs, self.labels)
 
     @property
+    def margin(self) -> np.ndarray:
+        """Per event: the routed head's margin against the label, ``log p(predicted) − log p(y)``
+        (≥ 0; 0 when it predicts the label; large = the model confidently contradicts the label,
+        small = it finds the event merely hard)."""
+        P = self.probs
+        best = P.max(axis=1)
+        return np.log(np.clip(best, 1e-300, None)) - np.log(
+            np.clip(P[np.arange(len(P)), self.labels], 1e-300, None)
+        )
+
+    @property
     def disagree(self) -> np.ndarray:
         """Per event: the routed head's most likely class is not the event's label."""
         return self.probs.argmax(axis=1) != self.labels

@@ -342,6 +342,29 @@ class PolicySettings(_Frozen):
         description="self_loss_fdr: cross-fitting folds of the trusted set; one extra head per fold "
         "learns every accepted event alongside the routed head (learning cost × (2 + folds) / 2).",
     )
+    contradiction_rate: float = Field(
+        default=0.4,
+        ge=0,
+        lt=1,
+        description="Spare hard-but-correct events from the loss-evidence tests (0: off). With a "
+        "level a > 0 the reference-loss and routed-loss tests (adaptive_fdr, floor_yield_fdr, "
+        "self_loss_fdr) quarantine an event only when the routed head's margin against its label, "
+        "log p(predicted) − log p(label), exceeds the (1 − a) conformal quantile of the trusted "
+        "points' held-out margins (cross-fitted fold heads, see self_loss_folds): the model "
+        "confidently contradicts the label rather than finds it merely uncertain. A clean event "
+        "passes with probability ≤ a whatever the loss tests' thresholds, which open with the "
+        "stream's noise. Needs the fold heads (self_loss_fdr > 0 at start); the influence test is "
+        "not affected. Calibrated mode only. Measured in docs/benchmarks.md (quality, round q11).",
+    )
+    contradiction_calibration: Literal["all", "errors"] = Field(
+        default="errors",
+        description="contradiction_rate: which trusted held-out margins the level is the (1 − a) "
+        "quantile of — all of them (a clean event passes with probability ≤ a; 0 where the fold "
+        "heads predict more than 1 − a of the trusted points right, i.e. the disagreement gate), "
+        "or only those the fold heads get wrong (errors: a clean event the model disagrees with "
+        "passes with probability ≤ a — the loss tests select disagreeing events; with fewer than "
+        "1/a − 1 such points the largest is the level).",
+    )
     self_loss_fold_every: int = Field(
         default=1,
         ge=1,

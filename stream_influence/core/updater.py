@@ -213,6 +213,8 @@ class Updater:
             return
         losses = cf.held_out_losses(self.inputs(cf.features), self.routed.theta)
         policy.calibrate_self_loss(losses)
+        if policy.settings.contradiction_rate > 0:  # the margin gate's level, from the same heads
+            policy.calibrate_margins(cf.held_out_margins(self.inputs(cf.features), self.routed.theta))
 
     def calibrate(self, policy: RoutingPolicy) -> None:
         """Calibrate ``policy`` against the current held-out reference scores (and reference model)."""

@@ -118,7 +118,7 @@ class Case:
 MICRO_BATCH = 64
 # Policy settings added after the recording, at the values that reproduce it (issue 9's routed-loss
 # evidence: off, as recorded).
-PINNED = {"self_loss_fdr": 0.0}
+PINNED = {"self_loss_fdr": 0.0, "contradiction_rate": 0.0}
 
 
 def _settings(**parts: Any) -> EngineSettings:
@@ -208,6 +208,8 @@ _NOT_RECORDED = (".reference.features", ".policy.scores_data")
 _ADDED_SETTINGS = (
     ".policy_settings.self_loss_fdr",
     ".policy_settings.self_loss_folds",
+    ".policy_settings.contradiction_rate",
+    ".policy_settings.contradiction_calibration",
     ".policy_settings.self_loss_calibrate_every",
     ".policy_settings.self_loss_fold_every",
 )

@@ -40,7 +40,9 @@ def _settings(micro_batch: int = 64, **parts: Any) -> EngineSettings:
         "influence": {"micro_batch": micro_batch},
     }
     base.update(parts)
-    return EngineSettings(**base)
+    s = EngineSettings(**base)
+    # Settings added after the recording, at the values that reproduce it (round q11's margin gate).
+    return s.model_copy(update={"policy": s.policy.model_copy(update={"contradiction_rate": 0.0})})
 
 
 CASES = [
