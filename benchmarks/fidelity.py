@@ -87,18 +87,16 @@ ROUTING_COMMAND = (
     '--variant \'refined={"curvature":{"kind":"refined"}}\''
 )
 ROUTING_MEASURED = (
-    "not met — measured 2026-11-29 on the full grid (34 cells, 2 seeds), `refined` against the "
-    "default: mean clean test accuracy equal within 0.05 point (noisy cells 0.8369 vs 0.8374, clean "
-    "and benign 0.8720 vs 0.8724), but behind on the grid's own counts: beats unfiltered in 22 vs 23 "
-    "of 24 noisy cells, within 0.5 point of the α-calibrated loss filter in 13 vs 16, clean events "
-    "quarantined up to 3.4 % vs 1.8 %, 40 %-noise gap recovered 62 % vs 63 %; it quarantines more "
-    "(higher recall, lower precision), and lost most on the MNIST cells (40 % symmetric: 0.890 vs "
-    "0.905 and 0.873 vs 0.884). `exact` routes like `refined` where it runs (the 26 cells without "
-    "MNIST, `--datasets hyperplane random_rbf unscaled_correlated waveform --variant "
-    '\'exact={"curvature":{"kind":"exact"}}\'`: noisy mean 0.8179 / 0.8163 / 0.8152 for exact '
-    "/ refined / kfac, gap recovered 75 / 75 / 70 %, beats unfiltered 16 / 16 / 17 of 18, clean "
-    "quarantined up to 3.6 / 3.4 / 1.8 %), so the difference is the faithful curvature itself under a "
-    "policy tuned with K-FAC, not refined's approximation"
+    "not met — measured 2026-11-29 on the full grid (34 cells, 2 seeds) under round q11's default "
+    "policy (routed-loss test and margin gate), `refined` against the default: noisy cells 0.8619 vs "
+    "0.8625, clean and benign 0.8720 vs 0.8724; the grid's counts equal (clean/benign 10/10, beats "
+    "unfiltered 24/24, within 0.5 point of the α-calibrated loss filter 21/24), but clean events "
+    "quarantined on the clean and benign streams higher in 6 of 10 cells (up to 3.4 % vs 1.8 %) and "
+    "the 40 %-noise gap recovered 83 % vs 86 %. Under round q8's policy it was further behind (beats "
+    "unfiltered 22 vs 23 of 24), and there `exact` routed like `refined` where it runs (the 26 cells "
+    "without MNIST: noisy mean 0.8179 / 0.8163 / 0.8152 for exact / refined / kfac, clean quarantined "
+    "up to 3.6 / 3.4 / 1.8 %), so the difference is the faithful curvature itself under a policy "
+    "tuned with K-FAC, not refined's approximation"
 )
 
 

@@ -121,9 +121,9 @@ class CurvatureSettings(_Frozen):
         "against the exact running Hessian (its fixed point is the exact solve). "
         "refined is the most faithful after exact (leave-one-out Spearman ≥ 0.95 on the 10-class "
         "fidelity heads, where kfac, ekfac and classblock miss) at ~2–3 % of the engine's rate; "
-        "kfac stays the default because refined routed no better on the quality grid (rounds q8 "
-        "and q10: under the routed-loss policy a noisy-cell mean 0.0005 lower and up to 3.4 % of "
-        "clean events quarantined on clean streams against 1.8 %); classblock "
+        "kfac stays the default because refined routed no better on the quality grid (round q11's "
+        "policy: noisy-cell mean 0.0006 lower, up to 3.4 % of clean events quarantined on clean "
+        "streams against 1.8 %) and a checkpoint keeps its curvature kind; classblock "
         "runs at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
     )
     damping: float = Field(
