@@ -121,18 +121,25 @@ MICRO_BATCH = 64
 PINNED = {"self_loss_fdr": 0.0, "contradiction_rate": 0.0}
 
 
-def _settings(**parts: Any) -> EngineSettings:
+def pinned_settings(pinned: dict[str, Any], micro_batch: int = MICRO_BATCH, **parts: Any) -> EngineSettings:
+    """A recording's settings: the synthetic streams' label space and width, micro-batches of
+    ``micro_batch``, ``parts``, and the policy settings added after the recording at the values
+    that reproduce it (``pinned``)."""
     base: dict[str, Any] = {
         "schema": SchemaSettings(classes=list(range(K)), n_features=D),
-        "influence": {"micro_batch": MICRO_BATCH},
+        "influence": {"micro_batch": micro_batch},
     }
     base.update(parts)
-    return _pinned(EngineSettings(**base))
+    return _pinned(EngineSettings(**base), pinned)
 
 
-def _pinned(s: EngineSettings) -> EngineSettings:
+def _settings(**parts: Any) -> EngineSettings:
+    return pinned_settings(PINNED, **parts)
+
+
+def _pinned(s: EngineSettings, pinned: dict[str, Any] = PINNED) -> EngineSettings:
     """``s`` with the settings added after the recording at the values that reproduce it."""
-    return s.model_copy(update={"policy": s.policy.model_copy(update=PINNED)})
+    return s.model_copy(update={"policy": s.policy.model_copy(update=pinned)})
 
 
 CASES = [

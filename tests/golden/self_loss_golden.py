@@ -29,20 +29,13 @@ from stream_influence.core.settings import (
     EngineSettings,
     LearnerSettings,
     PolicySettings,
-    SchemaSettings,
 )
-from tests.golden.engine_golden import Case, D, K, compact, run_case, run_split
+from tests.golden.engine_golden import Case, compact, pinned_settings, run_case, run_split
 
 
 def _settings(micro_batch: int = 64, **parts: Any) -> EngineSettings:
-    base: dict[str, Any] = {
-        "schema": SchemaSettings(classes=list(range(K)), n_features=D),
-        "influence": {"micro_batch": micro_batch},
-    }
-    base.update(parts)
-    s = EngineSettings(**base)
     # Settings added after the recording, at the values that reproduce it (round q11's margin gate).
-    return s.model_copy(update={"policy": s.policy.model_copy(update={"contradiction_rate": 0.0})})
+    return pinned_settings({"contradiction_rate": 0.0}, micro_batch, **parts)
 
 
 CASES = [
