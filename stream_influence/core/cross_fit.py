@@ -114,34 +114,34 @@ class CrossFitHeads:
         the same steps (the same dynamics; about +15 % of the engine's time at d = 64, K = 10)."""
         return [(head, X, y, w) for head in self.heads]
 
-    def held_out_losses(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
-        """Held-out routed losses of the calibration points (head inputs ``X``, in the order of
-        :attr:`features`).  Runs before every micro-batch, so the rows are taken once in fold
-        order: each head's logits are one product on a contiguous block, and the losses one
-        log-sum-exp over all rows (row for row the operations of a per-fold loop)."""
+    def held_out(self, X: np.ndarray, routed_theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Held-out routed losses ``−log p(y)`` and margins against the label ``log p(predicted)
+        − log p(y) = max_k z_k − z_y`` (≥ 0; 0 when the head predicts the label;
+        ``policy.contradiction_rate``) of the calibration points (head inputs ``X``, in the order
+        of :attr:`features`), each under the head that never learned it.  Runs before every
+        micro-batch, so the rows are taken once in fold order: each head's logits are one product
+        on a contiguous block, and both quantities come from one log-sum-exp over all rows (row
+        for row the operations of a per-fold loop)."""
         order, blocks = self._layout()
         X = X[order]
         Z = np.empty((len(X), routed_theta.shape[0]))
         for f, a, b in blocks:
             np.matmul(X[a:b], (routed_theta if f < 0 else self.heads[f].theta).T, out=Z[a:b])
         Z -= Z.max(axis=1, keepdims=True)
-        labels = self.labels[order]
+        zy = Z[np.arange(len(Z)), self.labels[order]]  # z_y − max_k z_k (≤ 0)
         losses = np.empty(len(order))
-        losses[order] = np.log(np.exp(Z).sum(axis=1)) - Z[np.arange(len(Z)), labels]
-        return losses
+        losses[order] = np.log(np.exp(Z).sum(axis=1)) - zy
+        margins = np.empty(len(order))
+        margins[order] = 0.0 - zy  # exactly max_k z_k − z_y: IEEE negation is exact
+        return losses, margins
+
+    def held_out_losses(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
+        """The losses of :meth:`held_out`."""
+        return self.held_out(X, routed_theta)[0]
 
     def held_out_margins(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
-        """Held-out margins against the label, ``log p(predicted) − log p(y) = max_k z_k − z_y``
-        (≥ 0; 0 when the head predicts the label), of the calibration points under the heads of
-        :meth:`held_out_losses` (``policy.contradiction_rate``), in the same fold-ordered blocks."""
-        order, blocks = self._layout()
-        X = X[order]
-        Z = np.empty((len(X), routed_theta.shape[0]))
-        for f, a, b in blocks:
-            np.matmul(X[a:b], (routed_theta if f < 0 else self.heads[f].theta).T, out=Z[a:b])
-        margins = np.empty(len(order))
-        margins[order] = Z.max(axis=1) - Z[np.arange(len(Z)), self.labels[order]]
-        return margins
+        """The margins of :meth:`held_out`."""
+        return self.held_out(X, routed_theta)[1]
 
     def _layout(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
         """The points' order sorted by fold (stable) and each fold's ``(fold, start, stop)``

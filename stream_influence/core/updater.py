@@ -211,10 +211,10 @@ class Updater:
         every = policy.settings.self_loss_calibrate_every
         if every > 1 and len(policy.self_loss_calibration) and (self.model_version - 1) % every:
             return
-        losses = cf.held_out_losses(self.inputs(cf.features), self.routed.theta)
+        losses, margins = cf.held_out(self.inputs(cf.features), self.routed.theta)
         policy.calibrate_self_loss(losses)
         if policy.settings.contradiction_rate > 0:  # the margin gate's level, from the same heads
-            policy.calibrate_margins(cf.held_out_margins(self.inputs(cf.features), self.routed.theta))
+            policy.calibrate_margins(margins)
 
     def calibrate(self, policy: RoutingPolicy) -> None:
         """Calibrate ``policy`` against the current held-out reference scores (and reference model)."""
