@@ -27,12 +27,7 @@ import numpy as np
 from stream_influence.core.learner import HeadLearner
 from stream_influence.core.settings import LearnerSettings
 
-__all__ = ["CrossFitHeads", "label_loss"]
-
-
-def label_loss(P: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """``−log p(y)`` per row of class probabilities ``P`` (one gather, no loop)."""
-    return -np.log(np.clip(P[np.arange(len(labels)), labels], 1e-300, None))
+__all__ = ["CrossFitHeads"]
 
 
 class CrossFitHeads:

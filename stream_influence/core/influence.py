@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.curvature import Curvature
-from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.model import label_loss, one_hot, softmax
 from stream_influence.core.ring import Ring
 from stream_influence.core.settings import InfluenceSettings, ReferenceSettings
 
@@ -198,7 +198,7 @@ class InfluenceScorer:
         self.s = curvature.direction(grad)
         S = max(float(np.vdot(grad, self.s)), 1e-300)
         self.s_norm = float(np.sqrt(S))
-        self.reference_loss = float(-np.log(np.clip(P[np.arange(len(yr)), yr], 1e-300, None)).mean())
+        self.reference_loss = float(label_loss(P, yr).mean())
         self.calibration = self._held_out(R, M, Xr, yr, S, curvature)
         self.events_since_refresh = 0
         self.refreshes += 1

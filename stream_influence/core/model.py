@@ -41,6 +41,12 @@ def softmax(Z: np.ndarray) -> np.ndarray:
     return Z
 
 
+def label_loss(P: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``−log p(y)`` per row of class probabilities ``P`` (one gather, no loop; clipped so a
+    probability that underflowed to 0 gives a large finite loss, not ∞)."""
+    return -np.log(np.clip(P[np.arange(len(labels)), labels], 1e-300, None))
+
+
 def augment(X: np.ndarray) -> np.ndarray:
     """``[X, 1]``: the bias becomes the last column of Θ."""
     out = np.empty((len(X), X.shape[1] + 1))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.fit import fit_head
-from stream_influence.core.model import augment, softmax
+from stream_influence.core.model import augment, label_loss, softmax
 from stream_influence.core.settings import InfluenceSettings
 
 __all__ = ["ReferenceModel"]
@@ -117,5 +117,4 @@ class ReferenceModel:
 
 
 def _nll(Z: np.ndarray, y: np.ndarray) -> np.ndarray:
-    P = softmax(Z)
-    return -np.log(np.clip(P[np.arange(len(y)), y], 1e-300, None))
+    return label_loss(softmax(Z), y)

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stream_influence.core.cross_fit import label_loss
 from stream_influence.core.events import EventBatch, Reject
 from stream_influence.core.influence import Scores
-from stream_influence.core.model import Standardizer, augment, one_hot, softmax
+from stream_influence.core.model import Standardizer, augment, label_loss, one_hot, softmax
 from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import NotWarmError
 
@@ -71,11 +70,8 @@ class Evidence:
         """Per event: the routed head's margin against the label, ``log p(predicted) − log p(y)``
         (≥ 0; 0 when it predicts the label; large = the model confidently contradicts the label,
         small = it finds the event merely hard)."""
-        P = self.probs
-        best = P.max(axis=1)
-        return np.log(np.clip(best, 1e-300, None)) - np.log(
-            np.clip(P[np.arange(len(P)), self.labels], 1e-300, None)
-        )
+        # log p(predicted) + ℓ_θ: the same operations as their difference (negation is exact).
+        return np.log(np.clip(self.probs.max(axis=1), 1e-300, None)) + self.routed_loss
 
     @property
     def disagree(self) -> np.ndarray:

@@ -63,7 +63,7 @@ from stream_influence.core.fit import (
     prepare_inputs,
 )
 from stream_influence.core.influence import InfluenceScorer, Scores
-from stream_influence.core.model import one_hot, softmax
+from stream_influence.core.model import label_loss, one_hot, softmax
 from stream_influence.core.policy import RoutingPolicy
 from stream_influence.core.settings import CurvatureSettings, InfluenceSettings, PolicySettings
 from stream_influence.errors import StreamInfluenceError
@@ -255,7 +255,7 @@ def score_dataset(
     if policy.mode == "quantile":
         router.decide(score, warm=False)  # fills the score window only
     decision = router.decide(score, warm=True, labels=y_train, disagree=P.argmax(axis=1) != y_train)
-    loss = -np.log(np.clip(P[np.arange(len(y_train)), y_train], 1e-300, None))
+    loss = label_loss(P, y_train)
     return Audit(
         fit,
         est,
