@@ -33,8 +33,8 @@ from kafka.record.util import calc_crc32c
 
 from stream_influence.config import KafkaSettings
 from stream_influence.io import kafka_python as kp
-from stream_influence.io.broker import TopicPartition, open_broker
-from stream_influence.io.record_batches import BatchRecord, read_batches
+from stream_influence.io.broker import Record, TopicPartition, open_broker
+from stream_influence.io.record_batches import read_batches
 from tests.fixtures.broker import Broker, fresh_topic
 
 TIMEOUT = 30.0  # generous: the machine may be loaded
@@ -159,7 +159,7 @@ def test_records_are_light_and_carry_what_the_service_reads() -> None:
     fetched = read_batches(buf, "events", 3, 0, calc_crc32c)
     assert fetched is not None
     r = fetched.records[1]
-    assert isinstance(r, BatchRecord) and not hasattr(r, "__dict__")
+    assert isinstance(r, Record) and not hasattr(r, "__dict__")
     assert fields(r) == ("events", 3, 11, 1_790_000_000_001, b"k1", b"v", [])
 
 
@@ -328,7 +328,7 @@ def test_the_backend_reads_what_kafka_python_reads(broker: Broker, batch_size: i
     for max_records in (1, 37, 512):
         got, consumer = consume_backend(broker.bootstrap, topic, len(sends), max_records=max_records)
         assert consumer.plain_fetches
-        assert all(type(r) is BatchRecord for r in got)  # the fast path read every fetch
+        assert all(type(r) is Record for r in got)  # the fast path read every fetch
         assert [fields(r) for r in got] == [fields(r) for r in want]
     assert [(r.key, r.value, r.headers) for r in want] == [
         (s["key"], s["value"], s["headers"]) for s in sends

@@ -329,7 +329,7 @@ FETCH_VERSIONS = frozenset({"3.0.12"})
 class _PlainRecords(_PartitionRecords):  # type: ignore[misc,valid-type]
     """kafka-python's ``Fetcher.PartitionRecords`` (one partition's records of one completed fetch,
     handed out by ``take``) with the records read by :func:`~stream_influence.io.record_batches.read_batches`
-    — one loop over the fetch's bytes, one light :class:`~stream_influence.io.record_batches.BatchRecord`
+    — one loop over the fetch's bytes, one :class:`~stream_influence.io.broker.Record`
     per record — where that reproduces the client's own iterator.
 
     What it reproduces of kafka-python 3.0.12's ``PartitionRecords`` over uncompressed v2 batches:
@@ -484,7 +484,7 @@ class KafkaPythonConsumer:
             if isinstance(exc.__cause__, _HandOver):
                 return {}  # a revocation waits for the loop (module docstring, step 2)
             raise
-        # BatchRecord and kafka-python's ConsumerRecord have every ConsumedRecord attribute, and its
+        # Record and kafka-python's ConsumerRecord have every ConsumedRecord attribute, and its
         # TopicPartition equals and hashes like ours: handed through as they are, no copy.
         return polled  # type: ignore[no-any-return]
 

@@ -26,7 +26,9 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["BatchRecord", "Fetched", "read_batches"]
+from stream_influence.io.broker import Record
+
+__all__ = ["Fetched", "read_batches"]
 
 _HEADER = struct.Struct(">qiibIhiqqqhii")  # the v2 batch header, through the record count
 _LENGTH = struct.Struct(">i")
@@ -37,45 +39,13 @@ _REFUSED_ATTRIBUTES = 0x07 | 0x20  # a compression codec, or a control batch
 _LOG_APPEND_TIME = 0x08
 
 
-class BatchRecord:
-    """One consumed record: the attributes of :class:`~stream_influence.io.broker.ConsumedRecord`
-    and nothing else (one is built per event).  ``timestamp`` is the record's create time, or
-    the batch's max timestamp when the topic stamps log-append time, in ms since the epoch."""
-
-    __slots__ = ("headers", "key", "offset", "partition", "timestamp", "topic", "value")
-
-    def __init__(
-        self,
-        topic: str,
-        partition: int,
-        offset: int,
-        timestamp: int,
-        key: bytes | None,
-        value: bytes | None,
-        headers: list[tuple[str, bytes | None]],
-    ) -> None:
-        self.topic = topic
-        self.partition = partition
-        self.offset = offset
-        self.timestamp = timestamp
-        self.key = key
-        self.value = value
-        self.headers = headers
-
-    def __repr__(self) -> str:
-        return (
-            f"BatchRecord(topic={self.topic!r}, partition={self.partition}, offset={self.offset}, "
-            f"timestamp={self.timestamp}, key={self.key!r}, value={self.value!r}, headers={self.headers!r})"
-        )
-
-
 @dataclass(slots=True)
 class Fetched:
     """The records of one fetch response's partition data, and what a consumer tracks while it
     hands them out: ``records`` are those at or after the fetch offset (the broker returns whole
     batches, so a fetch from inside a batch starts with records below it: ``skipped``)."""
 
-    records: list[BatchRecord]
+    records: list[Record]
     skipped: int
     #: ``cum_bytes[j]``: the record bytes (as the batch's stated record lengths count them) of the
     #: skipped records and of ``records[:j]``; one entry more than ``records``.
@@ -125,7 +95,7 @@ def read_batches(
     buf = buffer if type(buffer) is bytes else bytes(buffer)
     view = memoryview(buf)
     size = len(buf)
-    out: list[BatchRecord] = []
+    out: list[Record] = []
     append = out.append
     cum: list[int] = []
     cum_append = cum.append
@@ -248,14 +218,14 @@ def read_batches(
                 else:
                     cum_append(nbytes)
                     append(
-                        BatchRecord(
+                        Record(
                             topic,
                             partition,
                             offset,
-                            max_ts if log_append else first_ts + ts_delta,
                             key,
                             value,
                             headers,
+                            max_ts if log_append else first_ts + ts_delta,
                         )
                     )
                 nbytes += length
