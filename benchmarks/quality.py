@@ -363,9 +363,9 @@ def routed_settings(overrides: dict[str, Any], grid: Grid) -> EngineSettings:
 def identity_settings(s: EngineSettings) -> EngineSettings:
     """``H ∝ I``: a diagonal curvature whose damping dwarfs every data term (≤ 1 on standardised
     inputs); cosine/relative scores and calibrated thresholds do not see the overall scale."""
-    return s.model_copy(
-        update={"curvature": s.curvature.model_copy(update={"kind": "diagonal", "damping": 1e6})}
-    )
+    # refine off: its fixed point is the exact solve, which would put the curvature back.
+    curvature = s.curvature.model_copy(update={"kind": "diagonal", "damping": 1e6, "refine": False})
+    return s.model_copy(update={"curvature": curvature})
 
 
 def policy_alpha(s: EngineSettings) -> float:
