@@ -129,10 +129,11 @@ class CurvatureSettings(_Frozen):
         "stream against the exact running Hessian: each micro-batch adds its exact Hessian-vector "
         "product with the current direction (two matrix products over the batch, no (K·D)² matrix) "
         "and s takes one step preconditioned by the kind's own approximate inverse. Its fixed point "
-        "is the exact solve (C + λI)⁻¹∇L_R; cost ~2–3 % of the engine's rate. Measured against "
-        "leave-one-out refits on the 10-class fidelity heads: kfac 0.92 / 0.86 without, 0.999 / "
-        "0.97 with (docs/benchmarks.md, fidelity). Ignored by exact, which solves exactly already; "
-        "a checkpoint restores whether it was written with refine on or off (the refinement state "
+        "is the exact solve (C + λI)⁻¹∇L_R. Cost: the engine cell ran at 91.5–99.7 % of plain "
+        "kfac's rate (two passes on a loaded shared machine; docs/benchmarks.md, fidelity). Against "
+        "leave-one-out refits on the 10-class fidelity heads: kfac 0.92 / 0.86 without, 0.999 / 0.97 with; ekfac 0.91 / "
+        "0.86 without, 0.999 / 0.97 with. Ignored by exact, which solves exactly already; a "
+        "checkpoint restores whether it was written with refine on or off (the refinement state "
         "is derived and restarts from the kind's own solve).",
     )
     damping: float = Field(
