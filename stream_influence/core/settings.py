@@ -131,8 +131,9 @@ class CurvatureSettings(_Frozen):
         "and s takes one step preconditioned by the kind's own approximate inverse. Its fixed point "
         "is the exact solve (C + λI)⁻¹∇L_R. Cost: the engine cell ran at 91.5–99.7 % of plain "
         "kfac's rate (two passes on a loaded shared machine; docs/benchmarks.md, fidelity). Against "
-        "leave-one-out refits on the 10-class fidelity heads: kfac 0.92 / 0.86 without, 0.999 / 0.97 with; ekfac 0.91 / "
-        "0.86 without, 0.999 / 0.97 with. Ignored by exact, which solves exactly already; a "
+        "leave-one-out refits on the 10-class fidelity heads: kfac 0.92 / 0.86 without, 0.999 / "
+        "0.97 with; ekfac 0.91 / 0.86 without, 0.999 / 0.97 with. Ignored by exact, which solves "
+        "exactly already; a "
         "checkpoint restores whether it was written with refine on or off (the refinement state "
         "is derived and restarts from the kind's own solve).",
     )
@@ -164,10 +165,11 @@ class CurvatureSettings(_Frozen):
         default=0.7,
         gt=0,
         le=1,
-        description="refine: step ω of each K-FAC-preconditioned correction of the reference "
-        "direction, s ← s + ω M⁻¹ (∇L_R − (H + λI) s) with M the kind's own damped Hessian; below 1 keeps the correction "
-        "stable where the preconditioner underestimates the curvature by a large factor (measured: 1 "
-        "oscillated after a drift, 0.5–0.7 did not; docs/benchmarks.md, fidelity).",
+        description="refine: step ω of each preconditioned correction of the reference direction, "
+        "s ← s + ω M⁻¹ (∇L_R − (H + λI) s) with M the kind's own damped Hessian; below 1 keeps the "
+        "correction stable where the preconditioner underestimates the curvature by a large factor "
+        "(measured with kfac: 1 oscillated after a drift, 0.5–0.7 did not; docs/benchmarks.md, "
+        "fidelity).",
     )
     damping_floor: float = Field(
         default=0.5,
