@@ -124,3 +124,42 @@ def test_deferred_prequential_counts_equal_counting_each_batch() -> None:
         assert np.array_equal(np.asarray(a), np.asarray(b)), key
     assert lazy.n == eager.n == 45
     assert lazy.cumulative_accuracy == eager.cumulative_accuracy
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_reused_step_buffers_leave_no_trace_of_an_earlier_call(optimizer: str) -> None:
+    """The lockstep's layout buffers are reused across calls on a thread: a call after a larger one
+    (whose rows were non-finite, so any stale padding row would poison the products) ends bit for
+    bit where the same call on a fresh thread (fresh buffers) does."""
+    import copy
+    import threading
+
+    rng = np.random.default_rng(11)
+    s = LearnerSettings(optimizer=optimizer, learning_rate=0.2, l2=0.01, minibatch=8)  # type: ignore[arg-type]
+    heads = [HeadLearner(s, K, D) for _ in range(3)]
+    for h in heads:
+        h.theta = rng.normal(size=(K, D))
+    X, y, w = _data(rng, 45, False)
+    keep = rng.random(45) > 0.3
+    Xa, ya, wa = X[keep], y[keep], w[keep]
+
+    def run(learners: list[HeadLearner]) -> None:
+        # Mixed rows: the shadow all 45 (a partial last step), two learners sharing the kept rows.
+        learners[0].learn(X, y, w, alongside=[(h, Xa, ya, wa) for h in learners[1:]])
+
+    fresh = copy.deepcopy(heads)
+    thread = threading.Thread(target=run, args=(fresh,))
+    thread.start()
+    thread.join()
+
+    junk = [HeadLearner(s, K, D) for _ in range(3)]
+    Xj, yj, wj = _data(rng, 64, False)
+    Xj[:, 0] = np.inf  # every row of the larger call is non-finite
+    with np.errstate(all="ignore"):
+        junk[0].learn(Xj, yj, wj, alongside=[(h, Xj, yj, wj) for h in junk[1:]])
+    reused = copy.deepcopy(heads)
+    run(reused)
+    for a, b in zip(reused, fresh, strict=True):
+        assert np.isfinite(a.theta).all()
+        assert a.theta.tobytes() == b.theta.tobytes()
+        assert a.steps == b.steps
