@@ -30,3 +30,23 @@ def test_pvalues_are_the_same_whichever_way_they_are_counted() -> None:
     # ∞ and NaN: no trusted statistic is at least as large, p = 1 / (n_y + 1); 0: every one is, p = 1.
     assert searched[1] == 1.0 / (sizes[labels[1]] + 1.0) and searched[2] == 1.0 / (sizes[labels[2]] + 1.0)
     assert searched[0] == 1.0
+
+
+def test_per_class_calibration_from_one_sort_equals_a_sort_per_class() -> None:
+    """The per-class sorted statistics (what the p-values are ranked against) come from one sort
+    of all of them: each class gets exactly its own finite values in order — the pooled ones when
+    it has fewer than ``min_class_calibration`` — whatever the interleaving, ties and NaNs."""
+    rng = np.random.default_rng(9)
+    policy = RoutingPolicy(PolicySettings(min_class_calibration=5))
+    n_classes = 5
+    labels = rng.permutation(np.repeat(np.arange(n_classes), [30, 4, 0, 12, 9]))
+    stat = rng.exponential(size=len(labels)).round(1)  # rounded: ties inside and across classes
+    stat[::7] = np.nan
+    got = policy._per_class_sorted(stat, labels, n_classes)
+    pooled = np.sort(stat[np.isfinite(stat)])
+    assert len(got) == n_classes
+    for c in range(n_classes):
+        own = np.sort(stat[(labels == c) & np.isfinite(stat)])
+        want = pooled if len(own) < 5 else own
+        assert np.array_equal(got[c], want), c
+    assert len(got[3]) == int(np.isfinite(stat[labels == 3]).sum()) and len(got[1]) == len(pooled)

@@ -314,12 +314,16 @@ class RoutingPolicy:
     def _per_class_sorted(self, stat: np.ndarray, labels: np.ndarray, n_classes: int) -> list[np.ndarray]:
         """Per class, the sorted calibration statistic (pooled for classes under
         ``min_class_calibration``): what the conformal p-values are ranked against."""
-        pooled = np.sort(stat[np.isfinite(stat)])
-        out = []
-        for c in range(n_classes):  # a loop over classes, not events
-            mine = stat[(labels == c) & np.isfinite(stat)]
-            out.append(pooled if len(mine) < self.settings.min_class_calibration else np.sort(mine))
-        return out
+        finite = np.isfinite(stat)
+        x, lab = stat[finite], labels[finite]
+        pooled = np.sort(x)
+        # Every class's run from one sort (by class, then value), as class_conformal_quantiles:
+        # a mask and a sort per class cost more than the rest of the calibration.
+        ranked = x[np.lexsort((x, lab))]
+        held = np.bincount(lab, minlength=n_classes)[:n_classes].tolist()
+        ends = np.cumsum(np.bincount(lab, minlength=n_classes))[:n_classes].tolist()
+        needed = self.settings.min_class_calibration
+        return [pooled if n < needed else ranked[end - n : end] for n, end in zip(held, ends, strict=True)]
 
     def calibrate_self_loss(self, losses: np.ndarray) -> None:
         """Install the trusted points' held-out routed losses (``self_loss_fdr``), pooled over

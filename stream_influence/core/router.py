@@ -97,14 +97,20 @@ class Router:
 
     def decide(self, evidence: Evidence, warm: bool) -> RoutingDecision:
         """Route scored events; before ``warm`` every event is accepted (reason ``warmup``)."""
+        s = self.policy.settings
+        self_loss = margin = None
+        if warm and (s.self_loss_fdr > 0 or s.contradiction_rate > 0):
+            routed_loss = evidence.routed_loss  # once for both
+            self_loss = routed_loss if s.self_loss_fdr > 0 else None
+            margin = evidence.margin_given(routed_loss) if s.contradiction_rate > 0 else None
         return self.policy.decide(
             evidence.scores.get(self.score_kind),
             warm,
             evidence.labels,
             evidence.disagree,
             evidence.reference_loss if warm else None,
-            evidence.routed_loss if warm and self.policy.settings.self_loss_fdr > 0 else None,
-            evidence.margin if warm and self.policy.settings.contradiction_rate > 0 else None,
+            self_loss,
+            margin,
         )
 
     def unscored(self, n: int) -> RoutingDecision:

@@ -70,8 +70,12 @@ class Evidence:
         """Per event: the routed head's margin against the label, ``log p(predicted) − log p(y)``
         (≥ 0; 0 when it predicts the label; large = the model confidently contradicts the label,
         small = it finds the event merely hard)."""
+        return self.margin_given(self.routed_loss)
+
+    def margin_given(self, routed_loss: np.ndarray) -> np.ndarray:
+        """:attr:`margin` from :attr:`routed_loss` already computed (the router reads both)."""
         # log p(predicted) + ℓ_θ: the same operations as their difference (negation is exact).
-        return np.log(np.clip(self.probs.max(axis=1), 1e-300, None)) + self.routed_loss
+        return np.log(np.clip(self.probs.max(axis=1), 1e-300, None)) + routed_loss
 
     @property
     def disagree(self) -> np.ndarray:
