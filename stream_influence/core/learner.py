@@ -17,7 +17,6 @@ learner sees it.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -319,10 +318,10 @@ def _lockstep(
     # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
     eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
     # Laid out in the (steps, L, mb, ·) layout the loop reads: row r of learner i is step r // mb,
-    # slot r % mb (padding rows: zero, weight 0), in buffers reused across calls.
+    # slot r % mb (padding rows: zero, weight 0).
     per_row = eta / np.maximum(counts, 1)  # (steps, L): a chunk's rows share η / rows
-    ws = _Workspace.of(steps, L, mb, D, K)
-    Xp, Yp, scale, Xw = ws.Xp[:steps], ws.Yp[:steps], ws.scale[:steps], ws.Xw[:steps]
+    ws = _Workspace(steps, L, mb, D, K)
+    Xp, Yp, scale, Xw = ws.Xp, ws.Yp, ws.scale, ws.Xw
     Yp.fill(0.0)
     _, X0, y0, w0 = jobs[0]
     if len(X0) == steps * mb and all(j[1] is X0 and j[2] is y0 and j[3] is w0 for j in jobs):
@@ -368,7 +367,6 @@ def _lockstep(
         keep = 1.0 - eta * s.l2
         decays: list[np.ndarray] = []
         pattern: list[bool] | None = None
-        decay = np.ones((L, K, D))
         for live in (counts > 0).tolist():
             if live != pattern:
                 pattern, decay = live, np.ones((L, K, D))
@@ -404,38 +402,19 @@ def _lockstep(
 
 
 class _Workspace:
-    """:func:`_lockstep`'s arrays for one shape (learners, minibatch, D, K), reused across calls
-    on this thread (a micro-batch's layout is ~2 MB: allocating and zeroing it per call was a
-    fifth of the learning time); grown to the most steps asked for, up to :data:`_WORKSPACE_MAX`
-    numbers (larger calls get arrays of their own)."""
+    """:func:`_lockstep`'s arrays for one call, uninitialised (``np.empty``: what is read is
+    written first, the padding rows zeroed explicitly — zero-filled allocations of the ~2 MB
+    layout cost more than the few slices that need it)."""
 
     def __init__(self, steps: int, L: int, mb: int, D: int, K: int) -> None:
-        self.Xp = np.zeros((steps, L, mb, D))
-        self.Xw = np.zeros((steps, L, mb, D))
-        self.Yp = np.zeros((steps, L, mb, K))
-        self.scale = np.zeros((steps, L, mb))
+        self.Xp = np.empty((steps, L, mb, D))
+        self.Xw = np.empty((steps, L, mb, D))
+        self.Yp = np.empty((steps, L, mb, K))
+        self.scale = np.empty((steps, L, mb))
         self.Z, self.G = np.empty((L, mb, K)), np.empty((L, K, D))
         self.Z2, self.Z_t = self.Z.reshape(L * mb, K), self.Z.transpose(0, 2, 1)
         self.rows = np.empty(L * mb)
         self.rows_c = self.rows[:, None]
-
-    @classmethod
-    def of(cls, steps: int, L: int, mb: int, D: int, K: int) -> _Workspace:
-        if steps * L * mb * (D + 1) > _WORKSPACE_MAX:
-            return cls(steps, L, mb, D, K)
-        cache: dict[tuple[int, int, int, int], _Workspace] | None = getattr(_workspaces, "cache", None)
-        if cache is None:
-            cache = _workspaces.cache = {}
-        ws = cache.get((L, mb, D, K))
-        if ws is None or len(ws.Xp) < steps:
-            if ws is None and len(cache) >= 8:  # shapes come and go (labels learned, resized heads)
-                cache.clear()
-            ws = cache[(L, mb, D, K)] = cls(steps, L, mb, D, K)
-        return ws
-
-
-_workspaces = threading.local()
-_WORKSPACE_MAX = 1 << 22  # numbers in one reused layout (32 MiB of float64 per array at most)
 
 
 @functools.lru_cache(maxsize=256)
