@@ -107,3 +107,18 @@ def test_reference_gradient_matches_finite_differences(objective: str) -> None:
     np.testing.assert_allclose(
         reference_gradient(theta, Xr, yr, objective), _numeric_grad(f, theta), atol=1e-6
     )
+
+
+def test_scaled_augmented_is_augment_of_the_scaled_rows_bit_for_bit() -> None:
+    """The in-place standardise-and-augment (standardiser, reference model) rounds every number as
+    ``augment((X − mean) · scale)`` does; the standardiser's update matches its two-pass formula."""
+    from stream_influence.core.model import scaled_augmented
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(37, 6)) * np.exp(rng.uniform(-3, 3, 6))
+    mean, scale = rng.normal(size=6), np.exp(rng.uniform(-2, 2, 6))
+    assert scaled_augmented(X, mean, scale).tobytes() == augment((X - mean) * scale).tobytes()
+    s = Standardizer(6)
+    s.update(X)
+    assert s.m2.tobytes() == np.add.reduce(np.square(X - X.sum(axis=0) / len(X)), axis=0).tobytes()
+    assert s.transform_augmented(X).tobytes() == augment(s.transform(X)).tobytes()

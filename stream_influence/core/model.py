@@ -28,6 +28,7 @@ __all__ = [
     "augment",
     "make_extractor",
     "one_hot",
+    "scaled_augmented",
     "softmax",
 ]
 
@@ -51,6 +52,17 @@ def augment(X: np.ndarray) -> np.ndarray:
     """``[X, 1]``: the bias becomes the last column of Θ."""
     out = np.empty((len(X), X.shape[1] + 1))
     out[:, :-1] = X
+    out[:, -1] = 1.0
+    return out
+
+
+def scaled_augmented(X: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``augment((X − mean) · scale)`` computed in place in the augmented array (the same two
+    roundings per number, two arrays and a copy less)."""
+    out = np.empty((len(X), X.shape[1] + 1))
+    body = out[:, :-1]
+    np.subtract(X, mean, out=body)
+    body *= scale
     out[:, -1] = 1.0
     return out
 
@@ -142,7 +154,8 @@ class Standardizer:
             return
         nb = float(len(X))
         mb = np.add.reduce(X, axis=0) / len(X)  # X.mean(axis=0), without its Python wrapper
-        m2b = np.add.reduce(np.square(X - mb), axis=0)
+        centred = X - mb
+        m2b = np.add.reduce(np.square(centred, out=centred), axis=0)
         delta = mb - self.mean
         tot = self.n + nb
         self.mean = self.mean + delta * (nb / tot)
@@ -158,13 +171,8 @@ class Standardizer:
         return (X - self.mean) * self._scale
 
     def transform_augmented(self, X: np.ndarray) -> np.ndarray:
-        """``augment(transform(X))`` computed in place in the augmented array (one array less)."""
-        out = np.empty((len(X), X.shape[1] + 1))
-        body = out[:, :-1]
-        np.subtract(X, self.mean, out=body)
-        body *= self._scale
-        out[:, -1] = 1.0
-        return out
+        """``augment(transform(X))``, see :func:`scaled_augmented`."""
+        return scaled_augmented(X, self.mean, self._scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {"n": self.n, "mean": self.mean, "m2": self.m2}
