@@ -50,3 +50,28 @@ def test_per_class_calibration_from_one_sort_equals_a_sort_per_class() -> None:
         want = pooled if len(own) < 5 else own
         assert np.array_equal(got[c], want), c
     assert len(got[3]) == int(np.isfinite(stat[labels == 3]).sum()) and len(got[1]) == len(pooled)
+
+
+def test_plain_loss_calibration_is_remade_only_when_its_inputs_change() -> None:
+    """Recalibrating on new held-out scores keeps the plain (unfloored) loss calibration, which
+    depends only on the reference model's losses: the same list, so its padded table is reused;
+    a refit (new loss arrays) or new settings remake it, equal to a fresh policy's."""
+    rng = np.random.default_rng(2)
+    n, K = 60, 3
+    labels = rng.integers(0, K, n)
+    losses = rng.exponential(size=n)
+
+    def calibrated(policy: RoutingPolicy, scores: np.ndarray, losses: np.ndarray) -> list[np.ndarray]:
+        policy.calibrate(scores, labels, K, losses, labels, scores)
+        return policy.plain_loss_calibration
+
+    policy = RoutingPolicy(PolicySettings())
+    first = calibrated(policy, rng.normal(size=n), losses)
+    assert calibrated(policy, rng.normal(size=n), losses) is first  # new scores, same losses
+    refit = rng.exponential(size=n)
+    remade = calibrated(policy, rng.normal(size=n), refit)
+    fresh = calibrated(RoutingPolicy(PolicySettings()), rng.normal(size=n), refit)
+    assert remade is not first and all(np.array_equal(a, b) for a, b in zip(remade, fresh, strict=True))
+    policy.swap(PolicySettings(min_class_calibration=50))  # every class now borrows the pooled losses
+    pooled = calibrated(policy, rng.normal(size=n), refit)
+    assert all(np.array_equal(c, np.sort(refit)) for c in pooled)

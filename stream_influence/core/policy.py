@@ -179,6 +179,9 @@ class RoutingPolicy:
         # floor_yield_fdr: the same, on the plain (unfloored) trusted losses.
         self.plain_loss_calibration: list[np.ndarray] = []
         self._padded_plain: tuple[list[np.ndarray], np.ndarray, np.ndarray] | None = None
+        # What plain_loss_calibration was made from (losses, labels, settings, classes): it
+        # changes only with a refit of the reference model, not with every recalibration.
+        self._plain_source: tuple[Any, ...] = ()
         self._plain_pvalues = Ring(settings.rate_window)
         self._plain_batch: np.ndarray | None = None  # the last observed batch's plain p-values
         # self_loss_fdr: the trusted points' held-out routed losses (sorted, pooled over classes)
@@ -292,7 +295,15 @@ class RoutingPolicy:
         if has_reference:
             assert reference_losses is not None and reference_labels is not None
             losses = reference_losses
-            self.plain_loss_calibration = self._per_class_sorted(losses, reference_labels, n_classes)
+            source = (reference_losses, reference_labels, s, n_classes)
+            known = self._plain_source
+            if not (
+                known
+                and all(a is b for a, b in zip(source[:3], known[:3], strict=True))
+                and known[3] == n_classes
+            ):
+                self.plain_loss_calibration = self._per_class_sorted(losses, reference_labels, n_classes)
+                self._plain_source = source
             if (
                 s.floor_reference_loss
                 and reference_scores is not None

@@ -80,6 +80,7 @@ class Router:
         self.policy.reference_thresholds = theirs.reference_thresholds.copy()
         self.policy.loss_calibration = [c.copy() for c in theirs.loss_calibration]
         self.policy.plain_loss_calibration = [c.copy() for c in theirs.plain_loss_calibration]
+        self.policy._plain_source = ()  # not made here: a calibration of this policy remakes it
         self.policy.self_loss_calibration = theirs.self_loss_calibration.copy()
         self.policy.margin_threshold = theirs.margin_threshold
         self.policy.threshold = theirs.threshold
