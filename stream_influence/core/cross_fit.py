@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.learner import HeadLearner
+from stream_influence.core.model import row_max
 from stream_influence.core.settings import LearnerSettings
 
 __all__ = ["CrossFitHeads"]
@@ -134,7 +135,7 @@ class CrossFitHeads:
         Z = np.empty((len(X), routed_theta.shape[0]))
         for f, a, b in blocks:
             np.matmul(X[a:b], (routed_theta if f < 0 else self.heads[f].theta).T, out=Z[a:b])
-        Z -= Z.max(axis=1, keepdims=True)
+        Z -= row_max(Z)[:, None]
         zy = Z[rows, labels]  # z_y − max_k z_k (≤ 0)
         losses = np.log(np.exp(Z).sum(axis=1)) - zy
         margins = 0.0 - zy  # exactly max_k z_k − z_y: IEEE negation is exact
