@@ -157,7 +157,10 @@ corrects (2e-3; binary head, where K-FAC is exact but for its refresh schedule).
 (1 − ω)² of it lags: 4e-4.  A full solve of the change (no lag on binary heads, 4e-5) overshoots where
 K-FAC underestimates the curvature (10-class digits through the engine: 0.089 against 0.073 relative
 error to exact; `tests/test_fidelity.py` bounds it at 0.098).  A fixed reference gradient is served
-bit for bit as before, so the `fidelity` section's at-optimum numbers stand.
+bit for bit as before, so the `fidelity` section's at-optimum numbers stand; its drifting stream
+(`fidelity.stream_rows`, not re-rendered) barely moves: kfac + refine Spearman to exact
+0.998 / 0.998 at d = 16 / 64 as before (worst batch 0.991 / 0.995, was 0.994 / 0.996), ekfac + refine
+0.997 (0.985) at d = 16, was 0.995 (0.956).
 - *The cell over 16 seeds* (`benchmarks/quality.py --cell hyperplane 0.4 symmetric 200 --seeds 16
   --no-doc --no-audit --variant 'kfac_plain={"curvature":{"refine":false}}' --variant
   'exact={"curvature":{"kind":"exact"}}'`): routed 0.9827, kfac_plain 0.9824, exact 0.9828,
