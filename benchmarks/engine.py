@@ -70,10 +70,17 @@ def encode(X: np.ndarray, y: np.ndarray, start: int = 0) -> list[bytes]:
     ]
 
 
+def curvature_settings(kind: str) -> CurvatureSettings:
+    """``KIND`` as the command line spells it: an estimator with ``refine`` at its default, or
+    ``KIND:plain`` with ``refine`` off."""
+    name, _, variant = kind.partition(":")
+    return CurvatureSettings(kind=name, **({"refine": False} if variant == "plain" else {}))
+
+
 def new_engine(d: int, K: int, kind: str, X: np.ndarray, y: np.ndarray, **overrides: dict) -> InfluenceEngine:
     settings = EngineSettings(
         schema=SchemaSettings(classes=list(range(K)), n_features=d),
-        curvature=CurvatureSettings(kind=kind),
+        curvature=curvature_settings(kind),
         **overrides,
     )
     engine = InfluenceEngine(settings)

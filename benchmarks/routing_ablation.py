@@ -426,7 +426,7 @@ def render(
         lines += [
             "",
             "Throughput cost of micro-batching and of the routed-loss test (`--throughput`): `process_events` "
-            "on pre-decoded polls of 512, Gaussian classes, default settings otherwise (K-FAC), after an "
+            "on pre-decoded polls of 512, Gaussian classes, default settings otherwise (K-FAC with `refine`), after an "
             "untimed warm-up; every row timed in the same run on the same events.",
             "",
             "| d | K | micro-batch | routed loss (`self_loss_fdr`) | events/s | events |",

@@ -163,3 +163,27 @@ def test_the_cheaper_options_resume_where_an_uninterrupted_engine_goes() -> None
     for ha, hb in zip(a.heads, b.heads, strict=True):
         assert np.array_equal(ha.theta, hb.theta)
     assert np.array_equal(whole.policy.self_loss_calibration, resumed.policy.self_loss_calibration)
+
+
+def test_fold_ordered_held_out_is_the_same_numbers_without_the_gather() -> None:
+    """The updater's path (inputs of the fold-ordered features, results left in fold order) gives
+    bit for bit the points' losses and margins of :meth:`CrossFitHeads.held_out`, permuted — also
+    after new points change the folds (the cached order is made again, not reused stale)."""
+    rng = np.random.default_rng(8)
+    K, D, n = 3, 6, 40
+    cf = CrossFitHeads(LearnerSettings(), folds=3)
+    cf.heads = _heads(3, K, D, rng)
+    cf.features = rng.normal(size=(n, D - 1))
+    cf.labels = rng.integers(0, K, n)
+    cf.fold = rng.integers(-1, 3, n)
+    routed = rng.normal(size=(K, D))
+    for _ in range(2):
+        m = len(cf.labels)
+        losses, margins = cf.held_out(np.hstack([cf.features, np.ones((m, 1))]), routed)
+        ordered = cf.fold_ordered_features()
+        order = np.argsort(cf.fold, kind="stable")
+        assert np.array_equal(ordered, cf.features[order])
+        got_l, got_m = cf.held_out(np.hstack([ordered, np.ones((m, 1))]), routed, fold_order=True)
+        assert got_l.tobytes() == losses[order].tobytes() and got_m.tobytes() == margins[order].tobytes()
+        cf.add(rng.normal(size=(3, D - 1)), np.array([0, 1, 2]))
+    assert len(cf.fold_ordered_features()) == n + 6

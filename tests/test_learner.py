@@ -124,3 +124,42 @@ def test_deferred_prequential_counts_equal_counting_each_batch() -> None:
         assert np.array_equal(np.asarray(a), np.asarray(b)), key
     assert lazy.n == eager.n == 45
     assert lazy.cumulative_accuracy == eager.cumulative_accuracy
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_uninitialised_step_buffers_leave_no_trace(optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lockstep's layout arrays are allocated uninitialised (``np.empty``; the padding rows
+    zeroed by hand): with every uninitialised array full of NaN, learners on mixed rows (a partial
+    last step, fold-style learners sharing rows) end bit for bit where they do otherwise."""
+    import copy
+
+    rng = np.random.default_rng(11)
+    s = LearnerSettings(optimizer=optimizer, learning_rate=0.2, l2=0.01, minibatch=8)  # type: ignore[arg-type]
+    heads = [HeadLearner(s, K, D) for _ in range(3)]
+    for h in heads:
+        h.theta = rng.normal(size=(K, D))
+    X, y, w = _data(rng, 45, False)
+    keep = rng.random(45) > 0.3
+    Xa, ya, wa = X[keep], y[keep], w[keep]
+
+    def run(learners: list[HeadLearner]) -> None:
+        # The first learner all 45 rows (a partial last step), two sharing the kept rows.
+        learners[0].learn(X, y, w, alongside=[(h, Xa, ya, wa) for h in learners[1:]])
+
+    plain = copy.deepcopy(heads)
+    run(plain)
+    empty = np.empty
+
+    def poisoned(*args: object, **kwargs: object) -> np.ndarray:
+        out = empty(*args, **kwargs)  # type: ignore[call-overload]
+        out.fill(np.nan)
+        return out  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(np, "empty", poisoned)
+    poison = copy.deepcopy(heads)
+    run(poison)
+    monkeypatch.undo()
+    for a, b in zip(poison, plain, strict=True):
+        assert np.isfinite(a.theta).all()
+        assert a.theta.tobytes() == b.theta.tobytes()
+        assert a.steps == b.steps

@@ -107,3 +107,40 @@ def test_reference_gradient_matches_finite_differences(objective: str) -> None:
     np.testing.assert_allclose(
         reference_gradient(theta, Xr, yr, objective), _numeric_grad(f, theta), atol=1e-6
     )
+
+
+def test_scaled_augmented_is_augment_of_the_scaled_rows_bit_for_bit() -> None:
+    """The in-place standardise-and-augment (standardiser, reference model) rounds every number as
+    ``augment((X − mean) · scale)`` does; the standardiser's update matches its two-pass formula."""
+    from stream_influence.core.model import scaled_augmented
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(37, 6)) * np.exp(rng.uniform(-3, 3, 6))
+    mean, scale = rng.normal(size=6), np.exp(rng.uniform(-2, 2, 6))
+    assert scaled_augmented(X, mean, scale).tobytes() == augment((X - mean) * scale).tobytes()
+    s = Standardizer(6)
+    s.update(X)
+    assert s.m2.tobytes() == np.add.reduce(np.square(X - X.sum(axis=0) / len(X)), axis=0).tobytes()
+    assert s.transform_augmented(X).tobytes() == augment(s.transform(X)).tobytes()
+
+
+def test_row_max_and_softmax_match_the_row_reduction_bit_for_bit() -> None:
+    """``row_max`` (a reduction down the columns of a transposed copy) gives each row's maximum
+    as numpy's row reduction does, NaN and ±∞ included; the softmax built on it is bit for bit the
+    one built on the row reduction, also for rows whose maximum is a +0/−0 tie."""
+    from stream_influence.core.model import row_max
+
+    rng = np.random.default_rng(6)
+    Z = rng.normal(size=(300, 10)) * 30
+    Z[3, 4], Z[5, :] = np.nan, np.inf
+    Z[7, 2], Z[8, :] = -np.inf, -np.inf
+    Z[9, :], Z[9, 3] = -1.0, -0.0
+    Z[10, :], Z[10, 1], Z[10, 6] = -1.0, 0.0, -0.0  # a tie of zeros: either sign may come back
+    with np.errstate(invalid="ignore"):
+        want = np.maximum.reduce(Z, axis=1)
+        assert np.array_equal(row_max(Z), want, equal_nan=True)
+        old = Z - np.maximum.reduce(Z, axis=1, keepdims=True)
+        np.exp(old, out=old)
+        old /= np.add.reduce(old, axis=1, keepdims=True)
+        assert softmax(Z).tobytes() == old.tobytes()
+    assert row_max(np.zeros((0, 4))).shape == (0,)

@@ -1,7 +1,8 @@
 """Numerics under abuse (issue 10): the engine stays finite, positive definite and sane.
 
-Every test runs for every curvature kind the settings allow (``CurvatureSettings.kind``), so an
-estimator added later is covered without editing this file.  After each abusive stream:
+Every test runs for every curvature kind the settings allow (``CurvatureSettings.kind``, with
+``refine`` at its default) and for plain K-FAC, so an estimator added later is covered without
+editing this file.  After each abusive stream:
 
 - the damped Hessian the estimator inverts (``dense_hessian()``) is finite, symmetric and
   positive definite (smallest eigenvalue > 0), and ``solve`` returns finite values — for an exact
@@ -29,7 +30,8 @@ from stream_influence.core.settings import (
     ReferenceSettings,
 )
 
-KINDS = get_args(CurvatureSettings.model_fields["kind"].annotation)
+# Every kind at its default (refine on, but for exact), plus plain K-FAC (refine off).
+KINDS = (*get_args(CurvatureSettings.model_fields["kind"].annotation), "kfac:plain")
 K, D = 3, 6
 CENTERS = np.random.default_rng(12345).normal(size=(K, D)) * 2.0
 
@@ -50,7 +52,9 @@ def _clean(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _engine(kind: str, *, standardize: bool = True, ref_scale: float = 1.0) -> InfluenceEngine:
     engine = InfluenceEngine(
         EngineSettings(
-            curvature=CurvatureSettings(kind=kind),  # type: ignore[arg-type]
+            curvature=CurvatureSettings(  # type: ignore[arg-type]
+                kind=kind.partition(":")[0], refine=not kind.endswith(":plain")
+            ),
             model=ModelSettings(standardize=standardize),
             policy=PolicySettings(warmup_events=200),
             reference=ReferenceSettings(min_size=30),

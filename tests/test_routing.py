@@ -226,6 +226,7 @@ class IdentityCurvature(Curvature):
     """``H = I``: influence becomes plain gradient alignment with the reference."""
 
     kind = "identity"
+    refinable = False  # H = I as served: a refinement would converge to the exact solve
 
     def _reset_state(self) -> None:
         pass
@@ -244,6 +245,9 @@ class IdentityCurvature(Curvature):
 
     def dense_hessian(self) -> np.ndarray:
         return np.eye(self.n_classes * self.dim)
+
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        return (1.0 - self.settings.damping) * V  # dense_hessian() − λI
 
     def condition_number(self) -> float:
         return 1.0

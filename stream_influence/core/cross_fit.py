@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.learner import HeadLearner
+from stream_influence.core.model import row_max
 from stream_influence.core.settings import LearnerSettings
 
 __all__ = ["CrossFitHeads"]
@@ -45,9 +46,15 @@ class CrossFitHeads:
         self.features = np.zeros((0, 0))
         self.labels = np.zeros(0, dtype=np.int64)
         self.fold = np.zeros(0, dtype=np.int64)
-        # _layout's cache, with the fold array it was made from (identity: every change installs
-        # a new one).
-        self._sorted: tuple[tuple[np.ndarray], tuple[np.ndarray, list[tuple[int, int, int]]]] | None = None
+        # _layout's and fold_ordered_features' caches, with the arrays they were made from
+        # (identity: every change installs new ones).
+        self._sorted: (
+            tuple[
+                tuple[np.ndarray, ...], tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray, np.ndarray]
+            ]
+            | None
+        ) = None
+        self._ordered: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None
 
     @property
     def ready(self) -> bool:
@@ -109,26 +116,34 @@ class CrossFitHeads:
         the same steps (the same dynamics; about +15 % of the engine's time at d = 64, K = 10)."""
         return [(head, X, y, w) for head in self.heads]
 
-    def held_out(self, X: np.ndarray, routed_theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def held_out(
+        self, X: np.ndarray, routed_theta: np.ndarray, *, fold_order: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Held-out routed losses ``−log p(y)`` and margins against the label ``log p(predicted)
         − log p(y) = max_k z_k − z_y`` (≥ 0; 0 when the head predicts the label;
         ``policy.contradiction_rate``) of the calibration points (head inputs ``X``, in the order
         of :attr:`features`), each under the head that never learned it.  Runs before every
         micro-batch, so the rows are taken once in fold order: each head's logits are one product
         on a contiguous block, and both quantities come from one log-sum-exp over all rows (row
-        for row the operations of a per-fold loop)."""
-        order, blocks = self._layout()
-        X = X[order]
+        for row the operations of a per-fold loop).
+
+        ``fold_order``: ``X`` are the inputs of :meth:`fold_ordered_features` and both results
+        stay in that order (for a caller that only sorts them: no gather, no scatter back)."""
+        order, blocks, labels, rows = self._layout()
+        if not fold_order:
+            X = X[order]
         Z = np.empty((len(X), routed_theta.shape[0]))
         for f, a, b in blocks:
             np.matmul(X[a:b], (routed_theta if f < 0 else self.heads[f].theta).T, out=Z[a:b])
-        Z -= Z.max(axis=1, keepdims=True)
-        zy = Z[np.arange(len(Z)), self.labels[order]]  # z_y − max_k z_k (≤ 0)
-        losses = np.empty(len(order))
-        losses[order] = np.log(np.exp(Z).sum(axis=1)) - zy
-        margins = np.empty(len(order))
-        margins[order] = 0.0 - zy  # exactly max_k z_k − z_y: IEEE negation is exact
-        return losses, margins
+        Z -= row_max(Z)[:, None]
+        zy = Z[rows, labels]  # z_y − max_k z_k (≤ 0)
+        losses = np.log(np.exp(Z).sum(axis=1)) - zy
+        margins = 0.0 - zy  # exactly max_k z_k − z_y: IEEE negation is exact
+        if fold_order:
+            return losses, margins
+        out_losses, out_margins = np.empty(len(order)), np.empty(len(order))
+        out_losses[order], out_margins[order] = losses, margins
+        return out_losses, out_margins
 
     def held_out_losses(self, X: np.ndarray, routed_theta: np.ndarray) -> np.ndarray:
         """The losses of :meth:`held_out`."""
@@ -138,15 +153,23 @@ class CrossFitHeads:
         """The margins of :meth:`held_out`."""
         return self.held_out(X, routed_theta)[1]
 
-    def _layout(self) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
-        """The points' order sorted by fold (stable) and each fold's ``(fold, start, stop)``
-        block in it; made again only when the folds change."""
-        key = (self.fold,)
+    def fold_ordered_features(self) -> np.ndarray:
+        """:attr:`features` sorted by fold (the rows :meth:`held_out` reads with ``fold_order``),
+        made again only when the folds change."""
+        key = (self.fold, self.features)
+        if self._ordered is None or any(a is not b for a, b in zip(self._ordered[0], key, strict=True)):
+            self._ordered = (key, self.features[self._layout()[0]])
+        return self._ordered[1]
+
+    def _layout(self) -> tuple[np.ndarray, list[tuple[int, int, int]], np.ndarray, np.ndarray]:
+        """The points' order sorted by fold (stable), each fold's ``(fold, start, stop)`` block in
+        it, the labels in that order and the row numbers; made again only when the folds change."""
+        key = (self.fold, self.labels)
         if self._sorted is None or any(a is not b for a, b in zip(self._sorted[0], key, strict=True)):
             order = np.argsort(self.fold, kind="stable")
             folds, starts, counts = np.unique(self.fold[order], return_index=True, return_counts=True)
             blocks = [(int(f), int(a), int(a + c)) for f, a, c in zip(folds, starts, counts, strict=True)]
-            self._sorted = (key, (order, blocks))
+            self._sorted = (key, (order, blocks, self.labels[order], np.arange(len(order))))
         return self._sorted[1]
 
     def state_dict(self) -> dict[str, Any]:

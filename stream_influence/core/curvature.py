@@ -43,26 +43,31 @@ All estimators keep a running mean ``C`` of ``h`` with exponential forgetting an
   ``E[(p_k − p_k²) x̃x̃ᵀ]``, drops the cross-class blocks ``−E[p_k p_l x̃x̃ᵀ]`` and inverts each
   block by Cholesky; measured far closer to exact and to leave-one-out than any Kronecker form on
   10-class heads (docs/benchmarks.md, *fidelity*), at ``K`` times K-FAC's cost per event;
-* ``diagonal`` keeps the exact diagonal of ``C``;
-* ``refined`` is ``kfac`` for every solve but one: the reference direction ``s = H⁻¹∇L_R``
-  (:meth:`Curvature.direction`, the only solve scoring needs) is corrected against the *exact*
-  running Hessian.  It keeps an anchor ``a`` and ``u = C a``, maintained like ``C`` itself:
-  every batch adds its exact Hessian-vector product ``Σ wᵢ (Sᵢ a x̃ᵢ) ⊗ x̃ᵢ`` (two products over
-  the batch, no ``(KD)²`` matrix) and the old part decays with ``C``.  The direction served is one
-  K-FAC-preconditioned step from the anchor, ``a + ω M⁻¹(∇L_R − u − λa)`` with ``M = G ⊗ A + λI``;
-  after each batch the anchor moves to that point and ``u`` follows by ``(G ⊗ A) δ`` — the only
-  approximation, applied to the step ``δ`` (not to the whole direction), and washed out as the
-  batches that carry the exact products replace the old evidence.  When the anchor stops moving
-  ``u = C a`` exactly, so the fixed point is the exact solve ``(C + λI)⁻¹∇L_R``.  It gets there at
-  the pace exact products replace old evidence in ``C`` (a micro-batch's share, ``1 − γᵐ``), the
-  error along each eigenvector of ``M⁻¹H`` shrinking by about ``ω · b · (1 − γᵐ)`` per batch
-  (``b`` its eigenvalue: slowest where K-FAC overestimates the curvature); how closely it tracks a
-  moving head and a drifting stream is measured (docs/benchmarks.md, *fidelity*).  This
-  is iterative refinement (a stationary, preconditioned Richardson iteration) spread over the
-  stream, one exact product per batch, rather than CG or LiSSA over a stored data set (torch-influence,
-  pyDVL); ``ω < 1`` keeps it stable where K-FAC's curvature is far too low (a stale eigenbasis
-  after a drift).  The self-terms ``gᵀH⁻¹g`` (relative and cosine influence, held-out
-  calibration) keep K-FAC's inverse.
+* ``diagonal`` keeps the exact diagonal of ``C``.
+
+With ``refine`` (``CurvatureSettings.refine``, the default; every estimator but ``exact``, which
+solves exactly already) one solve differs: the reference direction ``s = H⁻¹∇L_R``
+(:meth:`Curvature.direction`, the only solve scoring needs) is corrected against the *exact*
+running Hessian by a :class:`DirectionRefiner`.  It keeps an anchor ``a`` and ``u = C a``,
+maintained like ``C`` itself: every batch adds its exact Hessian-vector product
+``Σ wᵢ (Sᵢ a x̃ᵢ) ⊗ x̃ᵢ`` (two products over the batch, no ``(KD)²`` matrix) and the old part
+decays with ``C``.  The direction served is one step from the anchor preconditioned by the
+estimator's own damped Hessian ``M`` (``G ⊗ A + λI`` for ``kfac``), ``a + ω M⁻¹(∇L_R − u − λa)``;
+after each batch the anchor moves to that point and ``u`` follows by the estimator's own
+:meth:`Curvature.hessian_product` of the step ``δ`` — the only approximation, applied to the step
+(not to the whole direction), and washed out as the batches that carry the exact products
+replace the old evidence.  When the anchor stops moving ``u = C a`` exactly, so the fixed point
+is the exact solve ``(C + λI)⁻¹∇L_R`` whatever the estimator.  It gets there at the pace exact
+products replace old evidence in ``C`` (a micro-batch's share, ``1 − γᵐ``), the error along each
+eigenvector of ``M⁻¹H`` shrinking by about ``ω · b · (1 − γᵐ)`` per batch (``b`` its eigenvalue:
+slowest where the estimator overestimates the curvature); how closely it tracks a moving head
+and a drifting stream is measured (docs/benchmarks.md, *fidelity*).  This is iterative
+refinement (a stationary, preconditioned Richardson iteration) spread over the stream, one exact
+product per batch, rather than CG or LiSSA over a stored data set (torch-influence, pyDVL);
+``ω < 1`` keeps it stable where the preconditioner's curvature is far too low (a stale eigenbasis
+after a drift).  The self-terms ``gᵀH⁻¹g`` (relative and cosine influence, held-out calibration)
+keep the estimator's own inverse.  ``kind: refined`` of earlier releases is ``kfac`` with
+``refine`` on (its checkpoints restore: the refinement keeps its state names).
 
 >>> import numpy as np
 >>> from stream_influence.core.settings import CurvatureSettings
@@ -90,10 +95,10 @@ __all__ = [
     "ClassBlockCurvature",
     "Curvature",
     "DiagonalCurvature",
+    "DirectionRefiner",
     "EKFACCurvature",
     "ExactCurvature",
     "KFACCurvature",
-    "RefinedCurvature",
     "make_curvature",
 ]
 
@@ -125,11 +130,13 @@ class Curvature(ABC):
 
     kind: str = ""
     exact: bool = False  # True when solve() is the inverse of dense_hessian() to rounding
+    refinable: bool = True  # settings.refine applies (not to exact, whose solve is exact already)
 
     def __init__(self, settings: CurvatureSettings, n_classes: int, dim: int) -> None:
         self.settings = settings
         self.n_classes = n_classes
         self.dim = dim
+        self.refiner = DirectionRefiner(self) if settings.refine and self.refinable else None
         self.reset()
 
     # -- state ---------------------------------------------------------------------------
@@ -139,6 +146,8 @@ class Curvature(ABC):
         self.events_since_refactor = 0
         self.refactorizations = 0
         self._reset_state()
+        if self.refiner is not None:
+            self.refiner.reset()
 
     @abstractmethod
     def _reset_state(self) -> None: ...
@@ -163,7 +172,10 @@ class Curvature(ABC):
         alpha = self.batch_weight(m)
         self.n_seen += m
         self.events_since_refactor += len(X)
-        self._update(X, P, w * (alpha / m), 1.0 - alpha)
+        w = w * (alpha / m)
+        self._update(X, P, w, 1.0 - alpha)
+        if self.refiner is not None:
+            self.refiner.update(X, P, w, 1.0 - alpha)
 
     @abstractmethod
     def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
@@ -177,9 +189,17 @@ class Curvature(ABC):
     def solve(self, V: np.ndarray) -> np.ndarray:
         """``H⁻¹ v`` for every ``K × D`` matrix ``v`` in ``V`` (shape ``… × K × D``)."""
 
+    @abstractmethod
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        """``C v`` with this estimator's own running Hessian ``C`` (no damping) for every ``K × D``
+        matrix ``v`` in ``V`` (shape ``… × K × D``): ``dense_hessian() − λI`` applied to ``v``."""
+
     def direction(self, grad: np.ndarray) -> np.ndarray:
         """``H⁻¹∇L_R`` for the reference gradient ``grad`` (``K × D``): the one solve scoring
-        needs, cached by the scorer.  Plain :meth:`solve` here; ``refined`` overrides it."""
+        needs, cached by the scorer.  With ``settings.refine`` the refined direction
+        (:class:`DirectionRefiner`, converging to the exact solve), otherwise :meth:`solve`."""
+        if self.refiner is not None:
+            return self.refiner.direction(grad)
         return self.solve(grad)
 
     @abstractmethod
@@ -210,6 +230,7 @@ class Curvature(ABC):
             "events_since_refactor": self.events_since_refactor,
             "refactorizations": self.refactorizations,
             **self._arrays(),
+            **(self.refiner.state_dict() if self.refiner is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -217,6 +238,10 @@ class Curvature(ABC):
         self.events_since_refactor = int(state["events_since_refactor"])
         self.refactorizations = int(state["refactorizations"])
         self._load_arrays(state)
+        # The refinement is derived state: restored when the checkpoint has it, restarted from
+        # this estimator's own solve when it was written with refine off (and ignored when off).
+        if self.refiner is not None:
+            self.refiner.load_state_dict(state)
 
     @abstractmethod
     def _arrays(self) -> dict[str, Any]: ...
@@ -225,11 +250,107 @@ class Curvature(ABC):
     def _load_arrays(self, state: dict[str, Any]) -> None: ...
 
 
+class DirectionRefiner:
+    """The reference direction ``H⁻¹∇L_R`` refined on the stream against the exact running Hessian.
+
+    Held by an estimator whose ``settings.refine`` is on (see the module docstring, *refine*): it
+    keeps an anchor ``a`` and ``u = C a`` and serves one step from the anchor preconditioned by
+    the estimator's own inverse, ``a + ω M⁻¹(∇L_R − u − λa)``.  It needs from the estimator only
+    :meth:`Curvature.solve` (``M⁻¹``) and :meth:`Curvature.hessian_product` (its approximate
+    ``C``, applied to the anchor's moves).  Cost per event: one Hessian-vector product
+    (``O(KD)``); per refresh one solve.  Its fixed point is the exact solve
+    ``(C + λI)⁻¹∇L_R``, so the influence it serves estimates the same ``I(z) = −∇L_Rᵀ H⁻¹ g(z)``
+    with the project's sign (negative: learning ``z`` lowers the reference loss).
+    """
+
+    # Names in the estimator's state_dict (those of the former ``kind: refined``, so its
+    # checkpoints restore).
+    STATE = ("anchor", "u", "grad", "has_grad", "restarts")
+
+    def __init__(self, curvature: Curvature) -> None:
+        self.curvature = curvature
+
+    def reset(self) -> None:
+        K, D = self.curvature.n_classes, self.curvature.dim
+        self.anchor = np.zeros((K, D))
+        self.u = np.zeros((K, D))  # C · anchor: exact for the batches, approximate for the moves
+        self.grad = np.zeros((K, D))  # the last reference gradient served; anchor moves towards it
+        self.has_grad = False
+        self.restarts = 0
+
+    def _step(self, grad: np.ndarray) -> np.ndarray:
+        est = self.curvature
+        residual = grad - self.u - est.settings.damping * self.anchor
+        return self.anchor + est.settings.refine_step * est.solve(residual)
+
+    def direction(self, grad: np.ndarray) -> np.ndarray:
+        """The refined ``H⁻¹∇L_R``; the first one (no anchor yet) is the estimator's own solve."""
+        if not self.has_grad:
+            self._move_anchor_to(self.curvature.solve(grad), exact_u=False)
+        self.grad = np.array(grad, dtype=np.float64)
+        self.has_grad = True
+        return self._step(grad)
+
+    def _move_anchor_to(self, new: np.ndarray, *, exact_u: bool = True) -> None:
+        if exact_u:
+            self.u += self.curvature.hessian_product(new - self.anchor)
+        else:  # (re)start: the whole of C·a from the estimator's own Hessian
+            self.u = self.curvature.hessian_product(new)
+        self.anchor = new
+
+    def update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
+        """After the estimator took ``C ← β C + Σ wᵢ hᵢ``: the same for ``u``, then one step."""
+        if beta == 0.0 and self.has_grad:
+            # C is this batch alone (the first one, or all else forgotten): restart the anchor at
+            # the estimator's solution, whose product below is then exact — not at a direction
+            # served before this evidence existed (H = λI at the very start).
+            self.anchor = self.curvature.solve(self.grad)
+        # u ← β u + Σ wᵢ hᵢ a, the batch's exact product: with zᵢ = a x̃ᵢ (K logits' worth),
+        # Sᵢ zᵢ = pᵢ ∘ (zᵢ − pᵢ·zᵢ), and the sum over i is one product with the batch.
+        Z = X @ self.anchor.T
+        Z -= np.add.reduce(P * Z, axis=1)[:, None]
+        Z *= P
+        Z *= w[:, None]
+        self.u *= beta
+        self.u += Z.T @ X
+        if not self.has_grad:
+            return
+        new = self._step(self.grad)
+        # A step longer than the direction itself is a correction running away (the estimator far
+        # too flat somewhere) or a new reference: restart from the estimator's own solution.
+        step = float(np.vdot(new - self.anchor, new - self.anchor))
+        if not step <= float(np.vdot(self.anchor, self.anchor)):  # also catches NaN
+            self.restarts += 1
+            self._move_anchor_to(self.curvature.solve(self.grad), exact_u=False)
+            return
+        self._move_anchor_to(new)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "anchor": self.anchor,
+            "u": self.u,
+            "grad": self.grad,
+            "has_grad": self.has_grad,
+            "restarts": self.restarts,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; a state without the refinement (written with refine off) restarts it."""
+        if not all(name in state for name in self.STATE):
+            self.reset()
+            return
+        for name in ("anchor", "u", "grad"):
+            setattr(self, name, np.array(state[name], dtype=np.float64))
+        self.has_grad = bool(state["has_grad"])
+        self.restarts = int(state["restarts"])
+
+
 class ExactCurvature(Curvature):
     """Full ``KD × KD`` Hessian and inverse; exact to rounding.  Cost ``O((KD)²)`` per event."""
 
     kind = "exact"
     exact = True
+    refinable = False
 
     def _reset_state(self) -> None:
         n = self.n_classes * self.dim
@@ -306,6 +427,10 @@ class ExactCurvature(Curvature):
         G = (R[:, :, None] * X[:, None, :]).reshape(len(X), -1)
         return np.einsum("bi,bi->b", G @ self.Minv, G)
 
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        shape = V.shape
+        return (V.reshape(-1, self.n_classes * self.dim) @ self.C).reshape(shape)
+
     def dense_hessian(self) -> np.ndarray:
         return self.C + self.damping * np.eye(self.C.shape[0])
 
@@ -379,6 +504,11 @@ class KFACCurvature(Curvature):
         r2 = np.square(R @ self.QG)
         x2 = np.square(X @ self.QA)
         return np.add.reduce((r2 @ self._inv) * x2, axis=1)
+
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        """``(G ⊗ A) v`` with the current factors (not the eigenbases of the last refresh)."""
+        out = self.G @ V @ self.A
+        return out / self.tau if self.tau > 0 else out
 
     def dense_hessian(self) -> np.ndarray:
         n = self.n_classes * self.dim
@@ -483,6 +613,10 @@ class EKFACCurvature(KFACCurvature):
         self.Lam = lam
         self._inv = 1.0 / (self.Lam + self.settings.damping)
 
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        """``Q diag(Λ) Qᵀ v`` (the Hessian this estimator serves, without the damping)."""
+        return self.QG @ ((self.QG.T @ V @ self.QA) * self.Lam) @ self.QA.T
+
     def dense_hessian(self) -> np.ndarray:
         Q = np.kron(self.QG, self.QA)
         return (Q * (self.Lam.ravel() + self.settings.damping)) @ Q.T
@@ -502,93 +636,6 @@ class EKFACCurvature(KFACCurvature):
         for name in ("Lam", "buf_X", "buf_P", "buf_c"):
             setattr(self, name, np.array(state[name], dtype=np.float64))
         self.buf_next = int(state["buf_next"])
-
-
-class RefinedCurvature(KFACCurvature):
-    """K-FAC, with the reference direction refined against the exact running Hessian.
-
-    See the module docstring.  Cost per event: K-FAC's plus one Hessian-vector product of the
-    event (``O(KD)``); per refresh one K-FAC solve.
-    """
-
-    kind = "refined"
-    exact = True  # solve() is K-FAC's exact inverse of its own G ⊗ A + λI; direction() is not
-
-    def _reset_state(self) -> None:
-        super()._reset_state()
-        K, D = self.n_classes, self.dim
-        self.anchor = np.zeros((K, D))
-        self.u = np.zeros((K, D))  # C · anchor: exact for the batches, (G ⊗ A) δ for the moves
-        self.grad = np.zeros((K, D))  # the last reference gradient served; anchor moves towards it
-        self.has_grad = False
-        self.restarts = 0
-
-    def _kron_product(self, V: np.ndarray) -> np.ndarray:
-        """``(G ⊗ A) v`` with the current factors (no damping)."""
-        out = self.G @ V @ self.A
-        return out / self.tau if self.tau > 0 else out
-
-    def _step(self, grad: np.ndarray) -> np.ndarray:
-        residual = grad - self.u - self.settings.damping * self.anchor
-        return self.anchor + self.settings.refine_step * self.solve(residual)
-
-    def direction(self, grad: np.ndarray) -> np.ndarray:
-        if not self.has_grad:  # no anchor yet: start from K-FAC's own solution
-            self._move_anchor_to(self.solve(grad), exact_u=False)
-        self.grad = np.array(grad, dtype=np.float64)
-        self.has_grad = True
-        return self._step(grad)
-
-    def _move_anchor_to(self, new: np.ndarray, *, exact_u: bool = True) -> None:
-        if exact_u:
-            self.u += self._kron_product(new - self.anchor)
-        else:  # (re)start: the whole of C·a from the factors
-            self.u = self._kron_product(new)
-        self.anchor = new
-
-    def _update(self, X: np.ndarray, P: np.ndarray, w: np.ndarray, beta: float) -> None:
-        super()._update(X, P, w, beta)
-        if beta == 0.0 and self.has_grad:
-            # C is this batch alone (the first one, or all else forgotten): restart the anchor at
-            # K-FAC's solution, whose product below is then exact — not at a direction served
-            # before this evidence existed (H = λI at the very start).
-            self.anchor = self.solve(self.grad)
-        # u ← β u + Σ wᵢ hᵢ a, the batch's exact product: with zᵢ = a x̃ᵢ (K logits' worth),
-        # Sᵢ zᵢ = pᵢ ∘ (zᵢ − pᵢ·zᵢ), and the sum over i is one product with the batch.
-        Z = X @ self.anchor.T
-        Z -= np.add.reduce(P * Z, axis=1)[:, None]
-        Z *= P
-        Z *= w[:, None]
-        self.u *= beta
-        self.u += Z.T @ X
-        if not self.has_grad:
-            return
-        new = self._step(self.grad)
-        # A step longer than the direction itself is a correction running away (K-FAC far too
-        # flat somewhere) or a new reference: restart from K-FAC's own solution.
-        step = float(np.vdot(new - self.anchor, new - self.anchor))
-        if not step <= float(np.vdot(self.anchor, self.anchor)):  # also catches NaN
-            self.restarts += 1
-            self._move_anchor_to(self.solve(self.grad), exact_u=False)
-            return
-        self._move_anchor_to(new)
-
-    def _arrays(self) -> dict[str, Any]:
-        return {
-            **super()._arrays(),
-            "anchor": self.anchor,
-            "u": self.u,
-            "grad": self.grad,
-            "has_grad": self.has_grad,
-            "restarts": self.restarts,
-        }
-
-    def _load_arrays(self, state: dict[str, Any]) -> None:
-        super()._load_arrays(state)
-        for name in ("anchor", "u", "grad"):
-            setattr(self, name, np.array(state[name], dtype=np.float64))
-        self.has_grad = bool(state["has_grad"])
-        self.restarts = int(state["restarts"])
 
 
 class ClassBlockCurvature(Curvature):
@@ -647,6 +694,10 @@ class ClassBlockCurvature(Curvature):
         T = (X @ self.Binv.transpose(1, 0, 2).reshape(D, K * D)).reshape(len(X), K, D)
         return (np.square(R) * np.einsum("bkd,bd->bk", T, X)).sum(1)
 
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        """The current blocks (not their inverses of the last rebuild) applied to ``v``."""
+        return np.einsum("...kd,kde->...ke", V, self.B)
+
     def dense_hessian(self) -> np.ndarray:
         return linalg.block_diag(*self.B) + self.settings.damping * np.eye(self.n_classes * self.dim)
 
@@ -686,6 +737,9 @@ class DiagonalCurvature(Curvature):
     def quad(self, R: np.ndarray, X: np.ndarray) -> np.ndarray:
         return ((np.square(R) @ (1.0 / (self.Dg + self.settings.damping))) * np.square(X)).sum(1)
 
+    def hessian_product(self, V: np.ndarray) -> np.ndarray:
+        return V * self.Dg
+
     def dense_hessian(self) -> np.ndarray:
         return np.diag(self.Dg.ravel() + self.settings.damping)
 
@@ -706,7 +760,6 @@ _KINDS: dict[str, type[Curvature]] = {
     "ekfac": EKFACCurvature,
     "classblock": ClassBlockCurvature,
     "diagonal": DiagonalCurvature,
-    "refined": RefinedCurvature,
 }
 
 

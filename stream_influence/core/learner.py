@@ -317,63 +317,104 @@ def _lockstep(
     # sgd folds its step size η = lr · step scale into the rows: θ_w ← θ_w (1 − η l2) − G_w,
     # θ_b ← θ_b − G_b; adam and newton get the plain gradient G + l2 θ_w.
     eta = np.array([s.learning_rate * j[0].step_scale if sgd else 1.0 for j in jobs])
-    # Built in the (steps, L, mb, ·) layout the loop reads: row r of learner i is step r // mb,
-    # slot r % mb (padding rows stay zero: weight 0).
+    # Laid out in the (steps, L, mb, ·) layout the loop reads: row r of learner i is step r // mb,
+    # slot r % mb (padding rows: zero, weight 0).
     per_row = eta / np.maximum(counts, 1)  # (steps, L): a chunk's rows share η / rows
+    ws = _Workspace(steps, L, mb, D, K)
+    Xp, Yp, scale, Xw = ws.Xp, ws.Yp, ws.scale, ws.Xw
+    Yp.fill(0.0)
     _, X0, y0, w0 = jobs[0]
     if len(X0) == steps * mb and all(j[1] is X0 and j[2] is y0 and j[3] is w0 for j in jobs):
         # Every learner learns the same rows, filling every step (the routed head when nothing
         # of the micro-batch was quarantined): the same arrays, in three calls.
-        Xp = np.repeat(X0.reshape(steps, 1, mb, D), L, axis=1)
-        Yp = np.zeros((steps, L, mb, K))
+        Xp[...] = X0.reshape(steps, 1, mb, D)
         Yp[at_step, :, at_slot, y0] = 1.0
-        scale = w0.reshape(steps, 1, mb) * per_row[:, :, None]
+        np.multiply(w0.reshape(steps, 1, mb), per_row[:, :, None], out=scale)
     else:
-        Xp = np.zeros((steps, L, mb, D))
-        Yp = np.zeros((steps, L, mb, K))
-        scale = np.zeros((steps, L, mb))
+        scale.fill(0.0)
         laid_out: dict[tuple[int, int, int], int] = {}  # (X, y, w) ids → the slot that has them
         for i, (_, X, y, w) in enumerate(jobs):
-            t, r = at_step[: len(X)], at_slot[: len(X)]
+            n = len(X)
+            t, r = at_step[:n], at_slot[:n]
             j = laid_out.setdefault((id(X), id(y), id(w)), i)
             if j == i:
-                Xp[t, i, r] = X
+                full, rest = divmod(n, mb)  # whole steps as one strided copy, then the last one
+                Xp[:full, i] = X[: full * mb].reshape(full, mb, D)
+                if full < steps:
+                    Xp[full, i, :rest] = X[full * mb :]
+                    Xp[full, i, rest:] = 0.0
+                    Xp[full + 1 :, i] = 0.0
                 Yp[t, i, r, y] = 1.0
             else:  # the same rows as slot j (the fold heads learn the routed head's): a plain copy
                 Xp[:, i] = Xp[:, j]
                 Yp[:, i] = Yp[:, j]
             scale[t, i, r] = w * per_row[t, i]
-    Xw = Xp * scale[..., None]
-    # l2 decays the weights, not the bias: one contiguous multiply by [1 − η l2, …, 1 − η l2, 1].
-    decay = np.ones((steps, L, 1, D))
-    decay[..., :-1] = np.where(counts > 0, 1.0 - eta * s.l2, 1.0)[:, :, None, None]
+    np.multiply(Xp, scale[..., None], out=Xw)
     theta = np.stack([j[0].theta for j in jobs])
     for i, job in enumerate(jobs):
         job[0].theta = theta[i]
     # The step below is ~10 calls on arrays of a few hundred numbers: their overhead is the cost,
-    # so views and buffers are made once and the reductions called without ndarray's wrappers.
+    # so views and buffers are made once, the reductions run on a 2-d view with out= (faster in
+    # numpy than keepdims on 3-d; the same rows in the same order), and the l2 decay is a
+    # full-shape array per pattern of live learners (no broadcast in the step).
     theta_t = theta.transpose(0, 2, 1)
-    Z, G = np.empty((L, mb, K)), np.empty((L, K, D))
-    Z_t = Z.transpose(0, 2, 1)
+    Z, G, Z2, Z_t, rows, rows_c = ws.Z, ws.G, ws.Z2, ws.Z_t, ws.rows, ws.rows_c
     vmax, vsum, matmul = np.maximum.reduce, np.add.reduce, np.matmul
-    for t, (Xt, Yt, Xwt, decay_t) in enumerate(zip(Xp, Yp, Xw, decay, strict=True)):
+    exp, sub, div, mul = np.exp, np.subtract, np.divide, np.multiply
+    if sgd:
+        # l2 decays the weights, not the bias: [1 − η l2, …, 1 − η l2, 1] for a learner with
+        # rows in the step, 1 for one without (few patterns: the learners run out one by one).
+        keep = 1.0 - eta * s.l2
+        decays: list[np.ndarray] = []
+        pattern: list[bool] | None = None
+        for live in (counts > 0).tolist():
+            if live != pattern:
+                pattern, decay = live, np.ones((L, K, D))
+                decay[:, :, :-1] = np.where(live, keep, 1.0)[:, None, None]
+            decays.append(decay)
+        for Xt, Yt, Xwt, decay_t in zip(Xp, Yp, Xw, decays, strict=True):
+            matmul(Xt, theta_t, out=Z)
+            vmax(Z2, axis=1, out=rows)
+            sub(Z2, rows_c, out=Z2)
+            exp(Z, out=Z)
+            vsum(Z2, axis=1, out=rows)
+            div(Z2, rows_c, out=Z2)
+            sub(Z, Yt, out=Z)
+            matmul(Z_t, Xwt, out=G)
+            mul(theta, decay_t, out=theta)
+            sub(theta, G, out=theta)
+        for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
+            job[0].steps += live_steps
+        return
+    for t, (Xt, Yt, Xwt) in enumerate(zip(Xp, Yp, Xw, strict=True)):
         matmul(Xt, theta_t, out=Z)
-        Z -= vmax(Z, axis=2, keepdims=True)
-        np.exp(Z, out=Z)
-        Z /= vsum(Z, axis=2, keepdims=True)
-        Z -= Yt
+        vmax(Z2, axis=1, out=rows)
+        sub(Z2, rows_c, out=Z2)
+        exp(Z, out=Z)
+        vsum(Z2, axis=1, out=rows)
+        div(Z2, rows_c, out=Z2)
+        sub(Z, Yt, out=Z)
         matmul(Z_t, Xwt, out=G)
-        if sgd:
-            theta *= decay_t
-            theta -= G
-            continue
         for i, job in enumerate(jobs):
             if counts[t, i]:
                 G[i, :, :-1] += s.l2 * theta[i, :, :-1]
                 job[0]._step(G[i], solve)
-    if sgd:
-        for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
-            job[0].steps += live_steps
+
+
+class _Workspace:
+    """:func:`_lockstep`'s arrays for one call, uninitialised (``np.empty``: what is read is
+    written first, the padding rows zeroed explicitly — zero-filled allocations of the ~2 MB
+    layout cost more than the few slices that need it)."""
+
+    def __init__(self, steps: int, L: int, mb: int, D: int, K: int) -> None:
+        self.Xp = np.empty((steps, L, mb, D))
+        self.Xw = np.empty((steps, L, mb, D))
+        self.Yp = np.empty((steps, L, mb, K))
+        self.scale = np.empty((steps, L, mb))
+        self.Z, self.G = np.empty((L, mb, K)), np.empty((L, K, D))
+        self.Z2, self.Z_t = self.Z.reshape(L * mb, K), self.Z.transpose(0, 2, 1)
+        self.rows = np.empty(L * mb)
+        self.rows_c = self.rows[:, None]
 
 
 @functools.lru_cache(maxsize=256)

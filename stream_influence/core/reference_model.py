@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from stream_influence.core.fit import fit_head
-from stream_influence.core.model import augment, label_loss, softmax
+from stream_influence.core.model import label_loss, scaled_augmented, softmax
 from stream_influence.core.settings import InfluenceSettings
 
 __all__ = ["ReferenceModel"]
@@ -59,7 +59,7 @@ class ReferenceModel:
         self.mean = F.mean(axis=0)
         var = F.var(axis=0)
         self.scale = np.where(var > 1e-12, 1.0 / np.sqrt(np.maximum(var, 1e-300)), 1.0)
-        X = augment((F - self.mean) * self.scale)
+        X = scaled_augmented(F, self.mean, self.scale)
         n = len(y)
         self.theta = self._fit(X, y, n_classes)
         k = min(self.settings.reference_model_folds, n)
@@ -93,7 +93,7 @@ class ReferenceModel:
 
     def loss(self, F: np.ndarray, y: np.ndarray) -> np.ndarray:
         """``ℓ_ref`` of events with φ-features ``F`` and class indices ``y`` (one matrix product)."""
-        return _nll(augment((F - self.mean) * self.scale) @ self.theta.T, y)
+        return _nll(scaled_augmented(F, self.mean, self.scale) @ self.theta.T, y)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -80,6 +80,7 @@ class Router:
         self.policy.reference_thresholds = theirs.reference_thresholds.copy()
         self.policy.loss_calibration = [c.copy() for c in theirs.loss_calibration]
         self.policy.plain_loss_calibration = [c.copy() for c in theirs.plain_loss_calibration]
+        self.policy._plain_source = ()  # not made here: a calibration of this policy remakes it
         self.policy.self_loss_calibration = theirs.self_loss_calibration.copy()
         self.policy.margin_threshold = theirs.margin_threshold
         self.policy.threshold = theirs.threshold
@@ -97,14 +98,20 @@ class Router:
 
     def decide(self, evidence: Evidence, warm: bool) -> RoutingDecision:
         """Route scored events; before ``warm`` every event is accepted (reason ``warmup``)."""
+        s = self.policy.settings
+        self_loss = margin = None
+        if warm and (s.self_loss_fdr > 0 or s.contradiction_rate > 0):
+            routed_loss = evidence.routed_loss  # once for both
+            self_loss = routed_loss if s.self_loss_fdr > 0 else None
+            margin = evidence.margin_given(routed_loss) if s.contradiction_rate > 0 else None
         return self.policy.decide(
             evidence.scores.get(self.score_kind),
             warm,
             evidence.labels,
             evidence.disagree,
             evidence.reference_loss if warm else None,
-            evidence.routed_loss if warm and self.policy.settings.self_loss_fdr > 0 else None,
-            evidence.margin if warm and self.policy.settings.contradiction_rate > 0 else None,
+            self_loss,
+            margin,
         )
 
     def unscored(self, n: int) -> RoutingDecision:

@@ -31,7 +31,7 @@ import numpy as np
 
 from stream_influence.core.events import EventBatch, Reject
 from stream_influence.core.influence import Scores
-from stream_influence.core.model import Standardizer, augment, label_loss, one_hot, softmax
+from stream_influence.core.model import Standardizer, augment, label_loss, one_hot, row_max, softmax
 from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import NotWarmError
 
@@ -70,8 +70,12 @@ class Evidence:
         """Per event: the routed head's margin against the label, ``log p(predicted) − log p(y)``
         (≥ 0; 0 when it predicts the label; large = the model confidently contradicts the label,
         small = it finds the event merely hard)."""
+        return self.margin_given(self.routed_loss)
+
+    def margin_given(self, routed_loss: np.ndarray) -> np.ndarray:
+        """:attr:`margin` from :attr:`routed_loss` already computed (the router reads both)."""
         # log p(predicted) + ℓ_θ: the same operations as their difference (negation is exact).
-        return np.log(np.clip(self.probs.max(axis=1), 1e-300, None)) + self.routed_loss
+        return np.log(np.clip(row_max(self.probs), 1e-300, None)) + routed_loss
 
     @property
     def disagree(self) -> np.ndarray:

@@ -112,19 +112,30 @@ class ModelSettings(_Frozen):
 class CurvatureSettings(_Frozen):
     """Running estimate of the output-layer Hessian ``H = E[(diag p − ppᵀ) ⊗ φφᵀ] + λI``."""
 
-    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal", "refined"] = Field(
+    kind: Literal["exact", "kfac", "ekfac", "classblock", "diagonal"] = Field(
         default="kfac",
         description="exact: full (K·D)² inverse, for small heads; kfac: G ⊗ A factors; ekfac: "
         "K-FAC's eigenbasis with the data's own eigenvalues (eigenvalue-corrected K-FAC); "
-        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal; "
-        "refined: kfac, except that the reference direction H⁻¹∇L_R is refined on the stream "
-        "against the exact running Hessian (its fixed point is the exact solve). "
-        "refined is the most faithful after exact (leave-one-out Spearman ≥ 0.95 on the 10-class "
-        "fidelity heads, where kfac, ekfac and classblock miss) at ~2–3 % of the engine's rate; "
-        "kfac stays the default because refined routed no better on the quality grid (round q11's "
-        "policy: noisy-cell mean 0.0006 lower, up to 3.4 % of clean events quarantined on clean "
-        "streams against 1.8 %) and a checkpoint keeps its curvature kind; classblock "
-        "runs at roughly half kfac's rate (docs/benchmarks.md, fidelity and engine).",
+        "classblock: the K per-class D × D blocks exactly, cross-class blocks dropped; diagonal. "
+        "With refine (the default) every kind but exact serves the reference direction H⁻¹∇L_R "
+        "refined against the exact running Hessian; the kind then sets the preconditioner and the "
+        "self-terms gᵀH⁻¹g. 'refined' (earlier releases) is still accepted: it means kfac with "
+        "refine: true. classblock runs at roughly half kfac's rate (docs/benchmarks.md, fidelity "
+        "and engine).",
+    )
+    refine: bool = Field(
+        default=True,
+        description="Refine the reference direction s = H⁻¹∇L_R (the one solve scoring needs) on the "
+        "stream against the exact running Hessian: each micro-batch adds its exact Hessian-vector "
+        "product with the current direction (two matrix products over the batch, no (K·D)² matrix) "
+        "and s takes one step preconditioned by the kind's own approximate inverse. Its fixed point "
+        "is the exact solve (C + λI)⁻¹∇L_R. Cost: the engine cell ran at 91.5–99.7 % of plain "
+        "kfac's rate (two passes on a loaded shared machine; docs/benchmarks.md, fidelity). Against "
+        "leave-one-out refits on the 10-class fidelity heads: kfac 0.92 / 0.86 without, 0.999 / "
+        "0.97 with; ekfac 0.91 / 0.86 without, 0.999 / 0.97 with. Ignored by exact, which solves "
+        "exactly already; a "
+        "checkpoint restores whether it was written with refine on or off (the refinement state "
+        "is derived and restarts from the kind's own solve).",
     )
     damping: float = Field(
         default=0.1,
@@ -154,10 +165,11 @@ class CurvatureSettings(_Frozen):
         default=0.7,
         gt=0,
         le=1,
-        description="refined: step ω of each K-FAC-preconditioned correction of the reference "
-        "direction, s ← s + ω (G ⊗ A + λI)⁻¹ (∇L_R − (H + λI) s); below 1 keeps the correction "
-        "stable where K-FAC underestimates the curvature by a large factor (measured: 1 "
-        "oscillated after a drift, 0.5–0.7 did not; docs/benchmarks.md, fidelity).",
+        description="refine: step ω of each preconditioned correction of the reference direction, "
+        "s ← s + ω M⁻¹ (∇L_R − (H + λI) s) with M the kind's own damped Hessian; below 1 keeps the "
+        "correction stable where the preconditioner underestimates the curvature by a large factor "
+        "(measured with kfac: 1 oscillated after a drift, 0.5–0.7 did not; docs/benchmarks.md, "
+        "fidelity).",
     )
     damping_floor: float = Field(
         default=0.5,
@@ -166,6 +178,16 @@ class CurvatureSettings(_Frozen):
         description="exact: re-factorise early when the damping in force (which forgets along "
         "with the data between re-factorisations) falls below this fraction of λ.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refined_alias(cls, data: object) -> object:
+        """``kind: refined`` (earlier releases' estimator) is ``kind: kfac, refine: true``."""
+        if isinstance(data, dict) and data.get("kind") == "refined":
+            if data.get("refine") is False:
+                raise ValueError("kind 'refined' is kfac with refine: true; it cannot have refine: false")
+            data = {**data, "kind": "kfac", "refine": True}
+        return data
 
 
 class ReferenceSettings(_Frozen):

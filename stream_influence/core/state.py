@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load, save
 
@@ -43,7 +43,7 @@ from stream_influence.core.influence import InfluenceScorer
 from stream_influence.core.model import Standardizer, make_extractor
 from stream_influence.core.policy import RoutingPolicy
 from stream_influence.core.reference_model import ReferenceModel
-from stream_influence.core.settings import EngineSettings, PolicySettings
+from stream_influence.core.settings import CurvatureSettings, EngineSettings, PolicySettings
 from stream_influence.core.snapshot import ModelSnapshot
 from stream_influence.errors import CheckpointCorrupt, CheckpointIncompatible, CorruptReason
 
@@ -211,7 +211,8 @@ def restore_engine(
 ) -> tuple[InfluenceEngine, dict[str, Any]]:
     """Build the engine of a decoded state file and check it against its settings and schema.
 
-    ``settings`` overrides the saved ones (the policy may differ freely); different schema,
+    ``settings`` overrides the saved ones (the policy may differ freely, and so may
+    ``curvature.refine`` and ``refine_step``: the refinement is derived state); different schema,
     model or curvature settings raise :class:`CheckpointIncompatible`; anything inconsistent
     raises :class:`CheckpointCorrupt`.
     """
@@ -223,7 +224,7 @@ def restore_engine(
         ) from exc
     if settings is not None:
         for part in ("schema_", "model", "curvature"):
-            if getattr(settings, part) != getattr(saved, part):
+            if _layout(getattr(settings, part)) != _layout(getattr(saved, part)):
                 raise CheckpointIncompatible(
                     f"{path} was written with different {part.rstrip('_')} settings; "
                     "start from an empty checkpoint directory or restore the old settings"
@@ -246,6 +247,16 @@ def restore_engine(
             path, CorruptReason.SHAPE, f"restored engine is inconsistent: {exc!r}"
         ) from exc
     return engine, extra
+
+
+# Settings that change no state a checkpoint holds: the refinement of the reference direction is
+# derived (restarted from the estimator's own solve when absent, ignored when refine is off).
+_FREE_FIELDS = {CurvatureSettings: {"refine", "refine_step"}}
+
+
+def _layout(part: BaseModel) -> dict[str, Any]:
+    """The settings of ``part`` that a checkpoint's state depends on."""
+    return part.model_dump(exclude=_FREE_FIELDS.get(type(part), set()))
 
 
 def _check_against_template(engine: InfluenceEngine, raw: dict[str, np.ndarray], path: Path | str) -> None:

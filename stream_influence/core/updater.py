@@ -211,7 +211,10 @@ class Updater:
         every = policy.settings.self_loss_calibrate_every
         if every > 1 and len(policy.self_loss_calibration) and (self.model_version - 1) % every:
             return
-        losses, margins = cf.held_out(self.inputs(cf.features), self.routed.theta)
+        # In fold order: both are only sorted below (no gather, no scatter back).
+        losses, margins = cf.held_out(
+            self.inputs(cf.fold_ordered_features()), self.routed.theta, fold_order=True
+        )
         policy.calibrate_self_loss(losses)
         if policy.settings.contradiction_rate > 0:  # the margin gate's level, from the same heads
             policy.calibrate_margins(margins)

@@ -104,6 +104,9 @@ DEFAULT_L2 = 0.03
 SCORE_L2 = 0.1
 
 
+# The builders below set each estimator's own Hessian from all points at once (refine off): the
+# stream refinement of the reference direction depends on the batches seen, and is measured as a
+# stream leaves it (stream_influence.offline.stationary).
 def exact_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> ExactCurvature:
     """The engine's ``exact`` estimator holding ``H = mean per-point Hessian + l2·I``."""
     K, D = P.shape[1], X.shape[1]
@@ -111,7 +114,7 @@ def exact_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> E
         raise StreamInfluenceError(
             f"exact curvature needs a dense {K * D}² Hessian (K·D > {MAX_EXACT_PARAMS}); use kfac"
         )
-    est = ExactCurvature(CurvatureSettings(kind="exact", damping=l2, forgetting=1.0), K, D)
+    est = ExactCurvature(CurvatureSettings(kind="exact", damping=l2, forgetting=1.0, refine=False), K, D)
     est.C = mean_hessian(X, P, w)
     est.n_seen = float(len(X))
     est.refactorize()
@@ -120,7 +123,9 @@ def exact_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> E
 
 def kfac_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> KFACCurvature:
     """The engine's ``kfac`` estimator holding ``G ⊗ A + l2·I`` of the same data."""
-    est = KFACCurvature(CurvatureSettings(kind="kfac", damping=l2, forgetting=1.0), P.shape[1], X.shape[1])
+    est = KFACCurvature(
+        CurvatureSettings(kind="kfac", damping=l2, forgetting=1.0, refine=False), P.shape[1], X.shape[1]
+    )
     _set_kfac_factors(est, X, P, w)
     est.refactorize()
     return est
@@ -130,7 +135,7 @@ def ekfac_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> E
     """The engine's ``ekfac`` estimator: K-FAC's eigenbasis of the same data, with the exact
     diagonal of the mean Hessian in that basis (every point re-projected: the buffer holds all)."""
     n = len(X)
-    settings = CurvatureSettings(kind="ekfac", damping=l2, forgetting=1.0, ekfac_buffer=n)
+    settings = CurvatureSettings(kind="ekfac", damping=l2, forgetting=1.0, ekfac_buffer=n, refine=False)
     est = EKFACCurvature(settings, P.shape[1], X.shape[1])
     _set_kfac_factors(est, X, P, w)
     est.buf_X, est.buf_P, est.buf_c = X.copy(), P.copy(), w / n
@@ -149,7 +154,9 @@ def _set_kfac_factors(est: KFACCurvature, X: np.ndarray, P: np.ndarray, w: np.nd
 
 def diagonal_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> DiagonalCurvature:
     """The engine's ``diagonal`` estimator: the exact diagonal of the mean Hessian, + l2."""
-    est = DiagonalCurvature(CurvatureSettings(kind="diagonal", damping=l2), P.shape[1], X.shape[1])
+    est = DiagonalCurvature(
+        CurvatureSettings(kind="diagonal", damping=l2, refine=False), P.shape[1], X.shape[1]
+    )
     est.Dg = (P * (1.0 - P) * w[:, None]).T @ np.square(X) / len(X)
     est.n_seen = float(len(X))
     return est
@@ -158,7 +165,7 @@ def diagonal_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -
 def classblock_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> ClassBlockCurvature:
     """The engine's ``classblock`` estimator: the mean Hessian's ``K`` per-class blocks, + l2."""
     K, D = P.shape[1], X.shape[1]
-    est = ClassBlockCurvature(CurvatureSettings(kind="classblock", damping=l2), K, D)
+    est = ClassBlockCurvature(CurvatureSettings(kind="classblock", damping=l2, refine=False), K, D)
     est.B = np.stack([(X * (w * P[:, k] * (1.0 - P[:, k]))[:, None]).T @ X for k in range(K)]) / len(X)
     est.n_seen = float(len(X))
     est.refactorize()
@@ -167,7 +174,9 @@ def classblock_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float)
 
 def identity_curvature(X: np.ndarray, P: np.ndarray, w: np.ndarray, l2: float) -> DiagonalCurvature:
     """``H = l2·I``: influence becomes plain gradient alignment (the no-curvature ablation)."""
-    return DiagonalCurvature(CurvatureSettings(kind="diagonal", damping=l2), P.shape[1], X.shape[1])
+    return DiagonalCurvature(
+        CurvatureSettings(kind="diagonal", damping=l2, refine=False), P.shape[1], X.shape[1]
+    )
 
 
 CURVATURE_AT_OPTIMUM = {

@@ -2,9 +2,9 @@
 
 The at-optimum builders (:data:`stream_influence.offline.audit.CURVATURE_AT_OPTIMUM`) set an
 estimator's state from all points at once.  That is what a stream leaves behind for every
-estimator whose state is a running mean, but not for ``refined``, whose reference direction is
-corrected a step per micro-batch against the exact Hessian and so depends on how many batches it
-has seen.  :func:`settle_on_stream` feeds the points through the estimator the way the engine
+estimator whose state is a running mean, but not for one with ``refine`` on, whose reference
+direction is corrected a step per micro-batch against the exact Hessian and so depends on how many
+batches it has seen.  :func:`settle_on_stream` feeds the points through the estimator the way the engine
 does — the direction refreshed before every micro-batch, the batch then added — so fidelity
 checks measure what the engine would serve.
 """
@@ -29,7 +29,7 @@ def settle_on_stream(
     batch: int = 512,
     seed: int = 0,
 ) -> Curvature:
-    """The estimator ``settings.kind`` after ``passes`` shuffled passes over the points.
+    """The estimator ``settings`` describes after ``passes`` shuffled passes over the points.
 
     ``X`` are augmented inputs (``n × D``), ``P`` their probabilities under a fixed head
     (``n × K``), ``grad`` the reference gradient (``K × D``) whose direction

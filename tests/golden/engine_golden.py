@@ -138,8 +138,14 @@ def _settings(**parts: Any) -> EngineSettings:
 
 
 def _pinned(s: EngineSettings, pinned: dict[str, Any] = PINNED) -> EngineSettings:
-    """``s`` with the settings added after the recording at the values that reproduce it."""
-    return s.model_copy(update={"policy": s.policy.model_copy(update=pinned)})
+    """``s`` with the settings added after the recording at the values that reproduce it (and
+    the curvature's ``refine``, the default since, off: every case was recorded without it)."""
+    return s.model_copy(
+        update={
+            "policy": s.policy.model_copy(update=pinned),
+            "curvature": s.curvature.model_copy(update={"refine": False}),
+        }
+    )
 
 
 CASES = [
