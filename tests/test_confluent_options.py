@@ -121,3 +121,13 @@ def test_a_property_librdkafka_refuses_is_a_config_error() -> None:
     backend = open_broker(KafkaSettings(client="confluent", client_options={"no.such.property": 1}))
     with pytest.raises(ConfigError, match=r"librdkafka refuses the configuration: .*no\.such\.property"):
         backend.producer()
+
+
+def test_the_debug_switch_sends_librdkafka_debug_lines_to_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    k = KafkaSettings(client="confluent")
+    assert "debug" not in ck.consumer_config(k) and "logger" in ck.consumer_config(k)
+    monkeypatch.setenv(ck.RDKAFKA_DEBUG_ENV, "consumer,cgrp,fetch")
+    c = ck.consumer_config(k)
+    # librdkafka writes them itself: Python logging's level and rate limit would hide them.
+    assert c["debug"] == "consumer,cgrp,fetch" and "logger" not in c
+    assert "debug" not in ck.producer_config(k)  # consumers only

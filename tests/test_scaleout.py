@@ -60,6 +60,19 @@ def _start(config: Path, role: str, log: Path) -> subprocess.Popen[bytes]:
     return start_service(config, log, role=role)
 
 
+def _check_running(running: dict[str, tuple[subprocess.Popen[bytes], Path]]) -> None:
+    """Fail at once, with the end of its log, when a process that must be running has exited
+    (a crashed score worker otherwise shows only as the updater waiting for records that never
+    come, until the deadline)."""
+    for name, (p, log) in running.items():
+        if p.poll() is not None:
+            lines = log.read_text(errors="replace").splitlines()
+            tail = "\n".join([ln for ln in lines if not ln.startswith("%7|")][-40:])  # not librdkafka debug
+            raise AssertionError(
+                f"{name} exited with status {p.returncode} while it had to run; its log ends:\n{tail}"
+            )
+
+
 def _learned(ckdir: Path) -> int:
     ck = latest_checkpoint(ckdir)
     return 0 if ck is None else int(ck.engine.events_seen)
@@ -129,27 +142,43 @@ def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
     updater = _start(upd_cfg, "update", logs / "updater.log")
     scorers = [_start(c, "score", logs / f"scorer{i}.log") for i, c in enumerate(score_cfgs)]
     procs: list[subprocess.Popen[bytes]] = [updater, *scorers]
+    running = {"updater": (updater, logs / "updater.log")}
+    running.update({f"scorer{i}": (p, logs / f"scorer{i}.log") for i, p in enumerate(scorers)})
     t0 = time.monotonic()
     try:
         produce(broker.bootstrap, topic, messages)
         n_valid = len(messages) - sum(i < len(messages) for i in bad_at)
 
         # -- phase 1: kill -9 a worker at ~1/3, the updater at ~2/3 --------------------------
-        wait_for(lambda: _learned(upd_dir) >= n_valid // 3, TIMEOUT, what="a third learned")
+        wait_for(
+            lambda: _check_running(running) or _learned(upd_dir) >= n_valid // 3,
+            TIMEOUT,
+            what="a third learned",
+        )
         scorers[0].send_signal(signal.SIGKILL)
         scorers[0].wait(10)
         scorers[0] = _start(score_cfgs[0], "score", logs / "scorer0.log")
         procs.append(scorers[0])
+        running["scorer0"] = (scorers[0], logs / "scorer0.log")
         at_worker_kill = _learned(upd_dir)
 
-        wait_for(lambda: _learned(upd_dir) >= 2 * n_valid // 3, TIMEOUT, what="two thirds learned")
+        wait_for(
+            lambda: _check_running(running) or _learned(upd_dir) >= 2 * n_valid // 3,
+            TIMEOUT,
+            what="two thirds learned",
+        )
         updater.send_signal(signal.SIGKILL)
         updater.wait(10)
         at_updater_kill = _learned(upd_dir)
         assert at_updater_kill < n_valid, "the stream was learned before the kill: nothing tested"
         updater = _start(upd_cfg, "update", logs / "updater.log")
         procs.append(updater)
-        wait_for(lambda: _learned(upd_dir) >= n_valid, TIMEOUT, what="every valid event learned")
+        running["updater"] = (updater, logs / "updater.log")
+        wait_for(
+            lambda: _check_running(running) or _learned(upd_dir) >= n_valid,
+            TIMEOUT,
+            what="every valid event learned",
+        )
         phase1 = time.monotonic() - t0
 
         # -- phase 2: a second updater fences the first, then learns more ---------------------
@@ -157,11 +186,17 @@ def test_three_scorers_and_one_updater_kill_nine_and_a_fenced_second_updater(
         upd2_cfg = _config(tmp_path, "updater2", broker, topic, ref, upd2_dir, kafka_client)
         second = _start(upd2_cfg, "update", logs / "updater2.log")
         procs.append(second)
+        del running["updater"]  # fenced: it must stop
+        running["second updater"] = (second, logs / "updater2.log")
         assert updater.wait(TIMEOUT) == FENCED_EXIT, "the first updater was not fenced"
         produce(broker.bootstrap, topic, more)
         messages += more
         n_valid += N_MORE - sum(i >= len(messages) - N_MORE for i in bad_at)
-        wait_for(lambda: _learned(upd2_dir) >= n_valid, TIMEOUT, what="the second updater learned the rest")
+        wait_for(
+            lambda: _check_running(running) or _learned(upd2_dir) >= n_valid,
+            TIMEOUT,
+            what="the second updater learned the rest",
+        )
     finally:
         for p in procs:
             if p.poll() is None:

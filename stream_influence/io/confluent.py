@@ -27,7 +27,9 @@ beginning) is overridden by that answer, so starting each partition where the lo
 only reliable way.  Eager rebalancing only: incremental protocols are refused in the settings.
 librdkafka reports no position before a partition's first record; for one started at its
 beginning (an empty topic read to its end) :meth:`ConfluentConsumer.position` answers the log start
-offset the last fetch reported.
+offset the last fetch reported.  A seek that a newer operation on the partition overtook (a
+rebalance pausing its fetcher) is answered ``_OUTDATED`` and made again, never raised
+(docs/broker-notes.md).
 
 **Broker quirks (Tansu, the test broker).**  A ListOffsets query for the latest offset
 (``get_watermark_offsets`` without ``cached``, ``offsets_for_times``) answers 1 on Tansu, not the
@@ -45,6 +47,7 @@ join and rebalance between two members, commit/committed, seek) behaves as on Ap
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
@@ -88,6 +91,10 @@ rdkafka_log = logging.getLogger("stream_influence.io.librdkafka")
 # check's one error names once; held back unless debug logging is on (as kafka-python's are).
 check_log = rdkafka_log.getChild("check")
 check_log.addHandler(logging.NullHandler())
+
+#: Diagnostics switch: ``STREAM_INFLUENCE_RDKAFKA_DEBUG=consumer,cgrp,fetch,topic`` makes every
+#: consumer log those librdkafka debug contexts to stderr (the service's log file in tests).
+RDKAFKA_DEBUG_ENV = "STREAM_INFLUENCE_RDKAFKA_DEBUG"
 
 EXTRA_HINT = "install the optional extra: pip install 'stream-influence[confluent]'"
 
@@ -175,7 +182,14 @@ def consumer_config(k: KafkaSettings, *, group: bool = True) -> dict[str, Any]:
             "fetch.wait.max.ms": k.fetch_max_wait_ms,
         }
     )
-    return _with_passthrough(conf, k)
+    conf = _with_passthrough(conf, k)
+    debug = os.environ.get(RDKAFKA_DEBUG_ENV)
+    if debug:
+        # Diagnostics only: librdkafka's own debug contexts, written by librdkafka straight to
+        # stderr (no Python logger: the root level and the rate limit would hide or thin them).
+        conf["debug"] = debug
+        del conf["logger"]
+    return conf
 
 
 _ACKS = {0: "0", 1: "1", "all": "all"}
@@ -275,6 +289,7 @@ def _one_partition(msgs: list[Any], message: Any) -> list[Record] | None:
 
 
 _FIRST, _SECOND = itemgetter(0), itemgetter(1)
+_SEEK_TRIES = 3  # seeks of one partition in a row that librdkafka may answer _OUTDATED
 
 
 class ConfluentConsumer:
@@ -462,18 +477,35 @@ class ConfluentConsumer:
             self._pending[tp] = offset
             return
         ck = self._ck
-        try:
-            self._c.seek(ck.TopicPartition(tp.topic, tp.partition, offset))
+        for _ in range(_SEEK_TRIES):
+            try:
+                self._c.seek(ck.TopicPartition(tp.topic, tp.partition, offset))
+            except ck.KafkaException as exc:
+                err = _kafka_exception(exc)
+                code = None if err is None else err.code()
+                if code == ck.KafkaError._OUTDATED:
+                    # librdkafka served a newer operation on the partition before this seek
+                    # (a rebalance pausing its fetcher) and dropped the seek: seek again, the
+                    # newest operation now.  Raised, this crashed a score worker mid-rebalance
+                    # (docs/broker-notes.md, "A seek that races a rebalance").
+                    log.info("%s-%d: seek to %d outdated by a rebalance; seeking again", *tp, offset)
+                    continue
+                if code != ck.KafkaError._STATE:
+                    raise
+                # Its fetcher is not started yet: start it there at the next poll() instead.
+                self._pending[tp] = offset
+                return
             if offset == ck.OFFSET_BEGINNING:
                 self._from_start.add(tp)
             else:
                 self._from_start.discard(tp)
-        except ck.KafkaException as exc:
-            err = _kafka_exception(exc)
-            if err is None or err.code() != ck.KafkaError._STATE:
-                raise
-            # Its fetcher is not started yet: start it there at the next poll() instead.
-            self._pending[tp] = offset
+            return
+        # Outdated every time: the partition is being handed over.  Start it there at the next
+        # poll() if it is still ours (a revocation drops it from _pending first).
+        log.warning(
+            "%s-%d: seek to %d outdated %d times; deferred to the next poll", *tp, offset, _SEEK_TRIES
+        )
+        self._pending[tp] = offset
 
     def position(self, tp: TopicPartition) -> int | None:
         pos = self._positions.get(tp)
