@@ -372,7 +372,7 @@ def test_engine_serves_refined_direction_close_to_exact(digits: tuple[np.ndarray
     """Through the engine (refresh before each micro-batch, curvature update after it): with routing
     that never quarantines, three engines learn the same head from the same digits stream, so their
     cached ``s = H⁻¹∇L_R`` differ only by the estimator — refined's (K-FAC's or EK-FAC's) is several
-    times closer to exact's than plain K-FAC's.  Measured: relative error 0.074 (EK-FAC refined
+    times closer to exact's than plain K-FAC's.  Measured: relative error 0.073 (EK-FAC refined
     0.080) against plain K-FAC's 0.29 (64 features + bias, K = 10,
     ~4 800 events; it keeps closing, 0.06 after 6 passes: each micro-batch's exact product is only
     its share 1 − γᵐ of the running Hessian, so the correction follows at that pace)."""
