@@ -361,6 +361,18 @@ def _lockstep(
     Z, G, Z2, Z_t, rows, rows_c = ws.Z, ws.G, ws.Z2, ws.Z_t, ws.rows, ws.rows_c
     vmax, vsum, matmul = np.maximum.reduce, np.add.reduce, np.matmul
     exp, sub, div, mul = np.exp, np.subtract, np.divide, np.multiply
+
+    def gradient(Xt: np.ndarray, Yt: np.ndarray, Xwt: np.ndarray) -> None:
+        """``G ← (softmax(X̃ₜ θᵀ) − Yₜ)ᵀ (X̃ₜ scaled)`` for every learner, into the buffers."""
+        matmul(Xt, theta_t, out=Z)
+        vmax(Z2, axis=1, out=rows)
+        sub(Z2, rows_c, out=Z2)
+        exp(Z, out=Z)
+        vsum(Z2, axis=1, out=rows)
+        div(Z2, rows_c, out=Z2)
+        sub(Z, Yt, out=Z)
+        matmul(Z_t, Xwt, out=G)
+
     if sgd:
         # l2 decays the weights, not the bias: [1 − η l2, …, 1 − η l2, 1] for a learner with
         # rows in the step, 1 for one without (few patterns: the learners run out one by one).
@@ -373,28 +385,14 @@ def _lockstep(
                 decay[:, :, :-1] = np.where(live, keep, 1.0)[:, None, None]
             decays.append(decay)
         for Xt, Yt, Xwt, decay_t in zip(Xp, Yp, Xw, decays, strict=True):
-            matmul(Xt, theta_t, out=Z)
-            vmax(Z2, axis=1, out=rows)
-            sub(Z2, rows_c, out=Z2)
-            exp(Z, out=Z)
-            vsum(Z2, axis=1, out=rows)
-            div(Z2, rows_c, out=Z2)
-            sub(Z, Yt, out=Z)
-            matmul(Z_t, Xwt, out=G)
+            gradient(Xt, Yt, Xwt)
             mul(theta, decay_t, out=theta)
             sub(theta, G, out=theta)
         for job, live_steps in zip(jobs, (counts > 0).sum(axis=0).tolist(), strict=True):
             job[0].steps += live_steps
         return
     for t, (Xt, Yt, Xwt) in enumerate(zip(Xp, Yp, Xw, strict=True)):
-        matmul(Xt, theta_t, out=Z)
-        vmax(Z2, axis=1, out=rows)
-        sub(Z2, rows_c, out=Z2)
-        exp(Z, out=Z)
-        vsum(Z2, axis=1, out=rows)
-        div(Z2, rows_c, out=Z2)
-        sub(Z, Yt, out=Z)
-        matmul(Z_t, Xwt, out=G)
+        gradient(Xt, Yt, Xwt)
         for i, job in enumerate(jobs):
             if counts[t, i]:
                 G[i, :, :-1] += s.l2 * theta[i, :, :-1]
