@@ -498,13 +498,11 @@ def render(
             "| after / River |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        if EngineSettings().policy.self_loss_fdr > 0:
-            # The trees' defaults differ: the comparison is of what each ships, not of one change.
-            lines[-4] = lines[-4].removesuffix(":") + (
-                " (*after*'s defaults include the routed-loss evidence, `policy.self_loss_fdr`, on by "
-                "default since 6a6f6de: fold heads learn in lockstep with the routed head, its "
-                "calibration and window every micro-batch; the *before* tree did not compute it):"
-            )
+        # The trees' defaults may differ: the comparison is of what each ships, not of one change.
+        lines[-4] = lines[-4].removesuffix(":") + (
+            " (each tree with its own defaults, so a default that adds work since *before* — e.g. "
+            "`curvature.refine` — is inside the ratio):"
+        )
         river_rate = next((r["river_rate"] for r in rows if (r["d"], r["K"]) == (d, K)), float("nan"))
         for r in before_after:
             lines.append(

@@ -86,7 +86,7 @@ COST_BUDGET = 0.95  # the default may cost at most ~5 % of the engine cell again
 # Routing at the default (refine on) against plain kfac on the quality grid: measured by another
 # command, pasted here (re-measure and update when the policy or the estimator changes).
 ROUTING_COMMAND = (
-    "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py --jobs 2 "
+    "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/quality.py --jobs 2 --no-audit --seeds 4 "
     '--variant \'kfac_plain={"curvature":{"refine":false}}\''
 )
 # Other passes of the engine-cost measurement on this shared machine (pasted; the cell's rate moves
@@ -97,15 +97,15 @@ COST_NOTE = (
     "refined`, 97.5 %"
 )
 ROUTING_MEASURED = (
-    "within noise but not better, one target cell lost — measured 2026-11-29 on the full grid (34 "
-    "cells, 2 seeds) under round q11's policy, the default against plain `kfac` (variant "
-    "*kfac_plain*): noisy cells 0.8619 vs 0.8625, clean and benign 0.8720 vs 0.8724; clean/benign "
-    "10/10 and 10/10, clean events quarantined on those streams at most 3.4 % vs 1.8 % (the bound is "
-    "α + 1 point = 11 %), beats unfiltered 24/24 and 24/24, within 0.5 point of the α-calibrated loss "
-    "filter 21/24 and 21/24, 40 %-noise gap recovered 83 % vs 86 % (target 80 %), beats reference-only "
-    "33/34 vs 34/34 — missed at hyperplane/200 40 % symmetric, 0.976 vs 0.980 (plain kfac 0.986); "
-    "docs/benchmarks.md, quality, round q12. The lead's decision, on issue 9's rule (the most "
-    "faithful estimator whose cost fits the engine benchmark): refinement is the default"
+    "within noise of plain kfac, every target count equal — measured 2026-11-29 on the full grid "
+    "(34 cells, 4 seeds) under round q11's policy with round q13's refinement (the direction follows "
+    "a moving reference gradient), the default against plain `kfac` (variant *kfac_plain*): noisy "
+    "cells 0.8744 vs 0.8750, clean and benign 0.8800 vs 0.8807; clean/benign 10/10 and 10/10, clean "
+    "events quarantined on those streams at most 1.6 % vs 1.2 % (the bound is α + 1 point = 11 %), "
+    "beats unfiltered 24/24 and 24/24, within 0.5 point of the α-calibrated loss filter 24/24 and "
+    "24/24, 40 %-noise gap recovered 89 % vs 91 % (target 80 %), beats reference-only 34/34; "
+    "docs/benchmarks.md, quality, rounds q12–q14 (round q12 lost hyperplane/200 at 40 % to a lag of "
+    "the refined direction, fixed in q13)"
 )
 
 

@@ -145,7 +145,21 @@ HEADERS = {
 # What rounds q7–q11 (issue 9) found; the numbers come from the commands quoted (``--diagnose``
 # prints them for one cell) and from the round's run of this benchmark, whose variant table a
 # re-run refreshes.
-ROUND_NOTES = """**Round q13: the refined direction follows a moving reference gradient (issue 9's lost cell).**
+ROUND_NOTES = """**Round q14: the grid of record runs four seeds per cell, not two.**
+No product change.  Two seeds cannot resolve the targets' half-point tolerance: round q13's grid
+missed verdict 1 at waveform/30 benign (0.842 against unfiltered 0.851) from seed 0 alone, and over
+10 seeds that cell meets it (−0.2 point; round q13 below); hyperplane/200 at 40 % moved by 0.4 point
+between seeds 0 and 1 in round q12.  The tables and the verdict above are the same code's grid at
+seeds 0–3 (seeds 0 and 1 reproduce round q13's runs bit for bit); this rule was set before seeds 2
+and 3 ran, and both runs are reported.  Round q13's grid (seeds 0–1) against this one (seeds 0–3):
+clean/benign 9/10 → 10/10; beats unfiltered 24/24 → 24/24; within half a point of the matched-budget
+loss filter 21/24 → 24/24 and of the α-calibrated one 22/24 → 24/24; beats reference-only 34/34 →
+34/34; gap recovered at 40 % 83.9 % → 89.4 %; noisy-cell mean 0.8616 → 0.8744 (seeds 2 and 3 are
+easier streams: per-seed noisy means 0.851, 0.872, 0.893, 0.882; unfiltered 0.760, 0.774, 0.801,
+0.769).  Against the previous default (*kfac_plain*) on these four seeds: noisy mean 0.8744 vs
+0.8750, clean and benign 0.8800 vs 0.8807, gap recovered 89 % vs 91 %, every count equal.
+
+**Round q13: the refined direction follows a moving reference gradient (issue 9's lost cell).**
 q12 lost hyperplane/200 at 40 % symmetric to reference-only because the refinement lagged the
 reference, not because of the calibration (the held-out self-terms use K-FAC's inverse with refine on
 or off, and `kind: exact` scores like kfac_plain there).  Each refresh brings a new `∇L_R` (on that
@@ -1363,7 +1377,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small streams, one seed, one trusted size")
-    p.add_argument("--seeds", type=int, default=2)
+    # Four seeds, not two: a cell's accuracy moves by about a point from seed to seed (waveform's
+    # last SGD iterate with which few events it skips), so two seeds' mean cannot resolve the
+    # targets' half-point tolerance (round q14).
+    p.add_argument("--seeds", type=int, default=4, help="seeds per cell (the grid of record: 4)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (at most 2 on this machine)")
     p.add_argument(
         "--routed",
