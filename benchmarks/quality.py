@@ -151,7 +151,8 @@ missed verdict 1 at waveform/30 benign (0.842 against unfiltered 0.851) from see
 10 seeds that cell meets it (−0.2 point; round q13 below); hyperplane/200 at 40 % moved by 0.4 point
 between seeds 0 and 1 in round q12.  The tables and the verdict above are the same code's grid at
 seeds 0–3 (seeds 0 and 1 reproduce round q13's runs bit for bit); this rule was set before seeds 2
-and 3 ran, and both runs are reported.  Round q13's grid (seeds 0–1) against this one (seeds 0–3):
+and 3 ran, and both runs are reported.  Round q13's grid (seeds 0–1; today `--seeds 2` with the
+command above) against this one (seeds 0–3):
 clean/benign 9/10 → 10/10; beats unfiltered 24/24 → 24/24; within half a point of the matched-budget
 loss filter 21/24 → 24/24 and of the α-calibrated one 22/24 → 24/24; beats reference-only 34/34 →
 34/34; gap recovered at 40 % 83.9 % → 89.4 %; noisy-cell mean 0.8616 → 0.8744 (seeds 2 and 3 are

@@ -30,6 +30,17 @@ def _heads(n: int, K: int, D: int, rng: np.random.Generator) -> list[HeadLearner
     return heads
 
 
+def _three_fold_heads(K: int, D: int, n: int, rng: np.random.Generator) -> CrossFitHeads:
+    """Three fold heads over ``n`` trusted points whose folds interleave, late points (fold −1,
+    held out by the routed head) among them."""
+    cf = CrossFitHeads(LearnerSettings(), folds=3)
+    cf.heads = _heads(3, K, D, rng)
+    cf.features = rng.normal(size=(n, D - 1))
+    cf.labels = rng.integers(0, K, n)
+    cf.fold = rng.integers(-1, 3, n)
+    return cf
+
+
 def test_learners_sharing_rows_end_where_separate_copies_leave_them() -> None:
     """Learners given the *same* arrays (laid out once, then copied) end bit-for-bit where learners
     given equal but distinct copies (each laid out on its own) do — with a shadow on other rows."""
@@ -53,11 +64,7 @@ def test_held_out_losses_match_a_per_fold_loop() -> None:
     (fold −1: the routed head), bit for bit as a plain loop over the folds, in the points' order."""
     rng = np.random.default_rng(5)
     K, D, n = 3, 6, 40
-    cf = CrossFitHeads(LearnerSettings(), folds=3)
-    cf.heads = _heads(3, K, D, rng)
-    cf.features = rng.normal(size=(n, D - 1))
-    cf.labels = rng.integers(0, K, n)
-    cf.fold = rng.integers(-1, 3, n)  # interleaved, with late points (−1) among them
+    cf = _three_fold_heads(K, D, n, rng)
     X = np.hstack([cf.features, np.ones((n, 1))])
     routed = rng.normal(size=(K, D))
     # main's loop (0aa009d): a boolean mask per fold, a softmax per fold.
@@ -171,11 +178,7 @@ def test_fold_ordered_held_out_is_the_same_numbers_without_the_gather() -> None:
     after new points change the folds (the cached order is made again, not reused stale)."""
     rng = np.random.default_rng(8)
     K, D, n = 3, 6, 40
-    cf = CrossFitHeads(LearnerSettings(), folds=3)
-    cf.heads = _heads(3, K, D, rng)
-    cf.features = rng.normal(size=(n, D - 1))
-    cf.labels = rng.integers(0, K, n)
-    cf.fold = rng.integers(-1, 3, n)
+    cf = _three_fold_heads(K, D, n, rng)
     routed = rng.normal(size=(K, D))
     for _ in range(2):
         m = len(cf.labels)
