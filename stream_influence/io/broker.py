@@ -108,9 +108,9 @@ class Record(NamedTuple):
     timestamp: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class OutputRecord:
-    """One message the service produces (dead letter, quarantine/accepted copy, decision)."""
+class OutputRecord(NamedTuple):
+    """One message the service produces (dead letter, quarantine/accepted copy, decision).  A
+    named tuple rather than a dataclass: one is built per output, a chunk's at once in C."""
 
     topic: str
     key: bytes | None

@@ -665,27 +665,32 @@ class ConfluentProducer:
             self._p.poll(0)
 
     def produce_many(self, records: Sequence[OutputRecord]) -> Queued:
-        """One librdkafka ``produce`` per record (it queues in C), called here directly: a record
-        it does not take at once (a full queue, an error, a bad header) goes through
-        :meth:`produce`, which waits, classifies and raises as for a single record."""
+        """One librdkafka ``produce`` per record (it queues in C), called here directly with its
+        arguments positional (partition -1: the partitioner's choice, callback None, timestamp 0:
+        now — librdkafka's defaults, so the same records as the keyword call; checked by
+        tests/test_emitter_bytes.py); a record it does not take at once (a full queue, an error,
+        a bad header) goes through :meth:`produce`, which waits, classifies and raises as for a
+        single record."""
         produce, queued = self._p.produce, 0
         deliveries: list[Delivery] = []
+        append = deliveries.append
         for record in records:
+            topic, key, value, headers = record
             delivery = _Report(record)
             delivery.producer = self
+            if type(headers) is not list:
+                headers = list(headers) or None
             try:
-                produce(
-                    record.topic, record.value, record.key, on_delivery=delivery, headers=_headers(record)
-                )
+                produce(topic, value, key, -1, delivery, None, 0, headers)
             except Exception:  # nothing was queued: the single-record path answers it
                 self._served(queued)
                 queued = 0
                 try:
-                    deliveries.append(self.produce(record))
+                    append(self.produce(record))
                 except RecordRefused as exc:
                     return Queued(deliveries, exc)
                 continue
-            deliveries.append(delivery)
+            append(delivery)
             queued += 1
         self._served(queued)
         return Queued(deliveries, None)

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from itertools import chain
+from itertools import chain, repeat
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
+import orjson
 
 from stream_influence.core.decisions import DecisionRecord
 from stream_influence.errors import OutputError
@@ -29,6 +31,7 @@ __all__ = [
     "decision_value",
     "encode_key",
     "fit_record",
+    "fit_records",
     "header_dict",
     "quarantine_headers",
     "record_size",
@@ -145,6 +148,36 @@ def fit_record(rec: OutputRecord, limit: int) -> OutputRecord:
     raise OutputError(f"an output to {rec.topic} cannot fit {limit} bytes even without its value")
 
 
+_KEY, _VALUE, _HEADERS = attrgetter("key"), attrgetter("value"), attrgetter("headers")
+#: The longest number :func:`_nums` writes (``repr`` of a float64: "-2.2250738585072014e-308").
+_NUM_CHARS = 24
+#: The longest offset :func:`_ints` writes (a signed 64-bit integer).
+_INT_CHARS = 20
+
+
+def fit_records(
+    recs: Sequence[OutputRecord], limit: int, header_bound: tuple[int, int] | None = None
+) -> bool:
+    """True when every record of ``recs`` certainly fits ``limit`` bytes, proved for the whole
+    chunk at once (in C, no Python call per record): :func:`fit_record`'s cheap bound with the
+    largest key, the largest value and, for the headers, ``header_bound`` — (characters, count)
+    that no record's headers exceed, when the caller knows it
+    (:meth:`ChunkHeaders.quarantine_bound`) — else *all* the chunk's header characters.  False:
+    some record may not fit, :func:`fit_record` each."""
+    if not recs:
+        return True
+    keys = max(map(len, filter(None, map(_KEY, recs))), default=0)
+    values = max(map(len, filter(None, map(_VALUE, recs))), default=0)
+    if header_bound is None:
+        headers = list(map(_HEADERS, recs))
+        header_bound = (
+            sum(map(len, chain.from_iterable(chain.from_iterable(headers)))),
+            max(map(len, headers)),
+        )
+    chars, count = header_bound
+    return keys + values + 4 * chars + 128 + 16 * count <= limit
+
+
 # -- headers ------------------------------------------------------------------------------
 def _keep(original: Headers | None) -> list[tuple[str, bytes]]:
     return [(n, v) for n, v in (original or ()) if n not in OWN_HEADERS]
@@ -155,15 +188,40 @@ def _num(x: float | None) -> bytes:
 
 
 def _nums(xs: Sequence[float | None] | np.ndarray) -> list[bytes]:
-    """``_num`` of every value, in one pass (the shortest repr of each float64; None and NaN
-    ``nan``): one join and one encode for the whole column instead of a call per value."""
-    values = np.asarray(xs, dtype=np.float64).tolist()
-    return " ".join(map(repr, values)).encode().split(b" ") if values else []
+    """``_num`` of every value (the shortest ``repr`` of each float64; None and NaN ``nan``), a
+    column at a time.  orjson writes the same shortest round-trip digits as ``repr`` ~15× faster,
+    and in the same form wherever ``repr`` writes no exponent below 1e-4 (orjson writes
+    ``0.00001`` and ``4e-6`` where ``repr`` writes ``1e-05`` and ``4e-06``) — checked against
+    ``repr`` in tests/test_records_floats.py; the values outside ``[1e-4, 1e16)`` (zero aside),
+    NaN and infinities (orjson: ``null``) are written by ``repr`` itself."""
+    a = np.ascontiguousarray(xs, dtype=np.float64).ravel()
+    if not a.size:
+        return []
+    out = orjson.dumps(a, option=orjson.OPT_SERIALIZE_NUMPY)[1:-1].split(b",")
+    with np.errstate(invalid="ignore"):
+        m = np.abs(a)
+        odd = np.flatnonzero(((m < 1e-4) & (a != 0)) | ~(m < 1e16))  # NaN: not < 1e16
+    if odd.size:
+        values = a.tolist()
+        for i in odd.tolist():
+            out[i] = _num(values[i])
+    return out
 
 
 def _ints(xs: Sequence[int]) -> list[bytes]:
     """``str(x).encode()`` of every int, in one pass."""
     return " ".join(map(str, xs)).encode().split(b" ") if len(xs) else []
+
+
+# The per-message headers of a quarantine copy (besides the chunk's source and versions).
+_QUARANTINE_NAMES = (
+    "source_offset",
+    "reason",
+    "influence",
+    "relative_influence",
+    "cosine_influence",
+    "threshold",
+)
 
 
 class ChunkHeaders:
@@ -186,7 +244,7 @@ class ChunkHeaders:
     def source_many(self, offsets: Sequence[int]) -> list[list[tuple[str, bytes]]]:
         """:meth:`source` of every offset."""
         a, b = self._source
-        return [[a, b, ("source_offset", o)] for o in _ints(offsets)]
+        return list(map(list, zip(repeat(a), repeat(b), zip(repeat("source_offset"), _ints(offsets)))))
 
     def dead_letter(self, original: Headers | None, reason: str, detail: str, offset: int) -> Headers:
         return [
@@ -217,6 +275,22 @@ class ChunkHeaders:
             threshold=[threshold],
         )[0]
 
+    def quarantine_bound(
+        self, originals: Sequence[Headers | None], reasons: Sequence[str]
+    ) -> tuple[int, int]:
+        """(characters, count) that no message's :meth:`quarantine_many` headers exceed — name
+        characters plus value characters or bytes (UTF-8 takes at most 4 bytes a character:
+        :func:`fit_records` counts 4 for each) — from the chunk's columns, not per message."""
+        own = (*self._source, *self._versions)
+        chars = sum(len(n) + len(v) for n, v in own) + sum(map(len, _QUARANTINE_NAMES))
+        chars += _INT_CHARS + max(map(len, reasons), default=0) + 4 * _NUM_CHARS
+        count = len(own) + len(_QUARANTINE_NAMES)
+        if any(originals):
+            kept = [_keep(o) for o in originals if o]
+            chars += max(sum(len(n) + len(v or b"") for n, v in k) for k in kept)
+            count += max(map(len, kept))
+        return chars, count
+
     def quarantine_many(
         self,
         originals: Sequence[Headers | None],
@@ -229,35 +303,34 @@ class ChunkHeaders:
         threshold: Sequence[float] | np.ndarray,
     ) -> list[Headers]:
         """The quarantine-copy headers of a chunk's messages (the input's own headers, the source,
-        the routing reason, the scores and the versions), one list per message."""
+        the routing reason, the scores and the versions), one list per message.  Built a column
+        at a time: each header tuple by ``zip`` over the column, each message's list by ``map``
+        over the columns (no Python step per message where no input has headers of its own)."""
+        n = len(offsets)
         src_topic, src_partition = self._source
         policy, model = self._versions
         reason_of = {r: ("reason", r.encode()) for r in set(reasons)}
-        return [
-            [
-                *(_keep(original) if original else ()),
-                src_topic,
-                src_partition,
-                ("source_offset", offset),
-                reason_of[reason],
-                ("influence", inf),
-                ("relative_influence", rel),
-                ("cosine_influence", cos),
-                ("threshold", thr),
-                policy,
-                model,
-            ]
-            for original, offset, reason, inf, rel, cos, thr in zip(
-                originals,
-                _ints(offsets),
-                reasons,
-                _nums(influence),
-                _nums(relative_influence),
-                _nums(cosine_influence),
-                _nums(threshold),
-                strict=True,
-            )
-        ]
+        columns = zip(
+            repeat(src_topic, n),
+            repeat(src_partition, n),
+            zip(repeat("source_offset"), _ints(offsets)),
+            map(reason_of.__getitem__, reasons),
+            zip(repeat("influence"), _nums(influence)),
+            zip(repeat("relative_influence"), _nums(relative_influence)),
+            zip(repeat("cosine_influence"), _nums(cosine_influence)),
+            zip(repeat("threshold"), _nums(threshold)),
+            repeat(policy, n),
+            repeat(model, n),
+            strict=True,
+        )
+        out = list(map(list, columns))
+        if len(originals) != n:
+            raise ValueError(f"{len(originals)} input header lists for {n} messages")
+        if any(originals):
+            for i, original in enumerate(originals):
+                if original:  # the input's own headers first, ours replacing any of the same name
+                    out[i][:0] = _keep(original)
+        return out
 
 
 def source_headers(topic: str, partition: int, offset: int) -> Headers:

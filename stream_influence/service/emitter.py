@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -35,6 +37,7 @@ from stream_influence.io.records import (
     decision_value,
     encode_key,
     fit_record,
+    fit_records,
     header_dict,
     value_proof,
 )
@@ -61,6 +64,11 @@ class Sent(NamedTuple):
 
 #: Called for an output that cannot be sent, with its position in the batch and why.
 Refused = Callable[[int, str], None]
+
+# A chunk's named tuples (outputs, in-flight entries) are built by map(tuple.__new__, ...) over
+# their columns: in C, without a Python-level __new__ frame per record.
+_new = tuple.__new__
+_VALUE, _HEADERS, _OFFSET = attrgetter("value"), attrgetter("headers"), attrgetter("offset")
 
 
 def _copy_key(event_id: str | None, tp: TopicPartition, offset: int) -> bytes:
@@ -100,6 +108,7 @@ class Emitter:
         *,
         destination: bool,
         refused: Refused,
+        header_bound: tuple[int, int] | None = None,
     ) -> None:
         """Queue ``recs[i]`` (cut to the producer's size limit) for input message ``msgs[i]``,
         in order, handing the producer as many at a time as it will take.  An entry that is a
@@ -107,7 +116,9 @@ class Emitter:
         sent — not built, not cut to fit, or refused by the producer for itself —
         ``refused(i, why)`` is called before the outputs after it are queued, so what it
         produces instead (a dead letter) lands where one-by-one sends would have put it.  Broker
-        trouble stops here: the window is rolled back at the next checkpoint."""
+        trouble stops here: the window is rolled back at the next checkpoint.  ``header_bound``:
+        (characters, count) that no record's headers exceed, where the caller knows it
+        (:func:`~stream_influence.io.records.fit_records`)."""
         if self.send_error is not None:
             return  # this window is rolled back at the next checkpoint anyway
         producer = self.producer
@@ -117,23 +128,29 @@ class Emitter:
         limit = producer.max_request_size
         inflight = self.inflight
         i, n = 0, len(recs)
+        # The usual chunk: every output built and the whole chunk provably within the size
+        # limit, checked at once; else each output on its own, up to the first that is not.
+        whole = str not in map(type, recs) and fit_records(recs, limit, header_bound)  # type: ignore[arg-type]
         while i < n:
             # The outputs up to the next one that cannot be built or cut ...
-            ready: list[OutputRecord] = []
+            ready: Sequence[OutputRecord]
             why: str | None = None
-            end = i
-            while end < n:
-                rec = recs[end]
-                if isinstance(rec, str):
-                    why = rec
-                    break
-                try:
-                    # Cut before produce: the producer must never raise for a size we can know.
-                    ready.append(fit_record(rec, limit))
-                except Exception as exc:  # a size that cannot fit, an unencodable header
-                    why = f"{type(exc).__name__}: {exc}"
-                    break
-                end += 1
+            if whole:
+                ready, end = recs, n  # type: ignore[assignment]
+            else:
+                ready, end = [], i
+                while end < n:
+                    rec = recs[end]
+                    if isinstance(rec, str):
+                        why = rec
+                        break
+                    try:
+                        # Cut before produce: the producer must never raise for a size we can know.
+                        ready.append(fit_record(rec, limit))  # type: ignore[attr-defined]
+                    except Exception as exc:  # a size that cannot fit, an unencodable header
+                        why = f"{type(exc).__name__}: {exc}"
+                        break
+                    end += 1
             # ... go to the producer together, up to each one it refuses.
             k = 0
             while k < len(ready):
@@ -147,9 +164,15 @@ class Emitter:
                     )
                     self.send_error = exc
                     return
-                for delivery in queued.deliveries:
-                    inflight.append(Sent(delivery, tp, msgs[i + k], destination))
-                    k += 1
+                got = len(queued.deliveries)
+                inflight.extend(
+                    map(
+                        _new,
+                        repeat(Sent, got),
+                        zip(queued.deliveries, repeat(tp), msgs[i + k : i + k + got], repeat(destination)),
+                    )
+                )
+                k += got
                 if queued.refused is not None:  # this record only: encoding, serialisation, size
                     refused(i + k, str(queued.refused))
                     k += 1
@@ -228,17 +251,33 @@ class Emitter:
         event_ids: Sequence[str],
         headers: Sequence[Headers],
         h: ChunkHeaders,
+        header_bound: tuple[int, int] | None = None,
     ) -> dict[int, str]:
         """The quarantine copy of each message ``msgs[i]`` (its value, keyed by its event id, with
         ``headers[i]``) — the event's one place.  Returns why, by position, for the copies that
         could not be sent: those messages are dead-lettered instead."""
         topic = self.k.quarantine_topic
-        recs: list[OutputRecord | str] = []
-        for m, event_id, hs in zip(msgs, event_ids, headers, strict=True):
-            try:
-                recs.append(OutputRecord(topic, key=encode_key(event_id), value=m.value, headers=hs))
-            except OutputError as exc:
-                recs.append(str(exc))
+        recs: list[OutputRecord | str]
+        try:
+            keys = list(map(str.encode, event_ids))  # a chunk's keys at once
+        except UnicodeEncodeError:
+            keys = None  # an id that cannot be a key: each on its own, that copy refused below
+        if keys is not None:
+            n = len(msgs)
+            recs = list(
+                map(
+                    _new,
+                    repeat(OutputRecord, n),
+                    zip(repeat(topic, n), keys, map(_VALUE, msgs), headers, strict=True),
+                )
+            )
+        else:
+            recs = []
+            for m, event_id, hs in zip(msgs, event_ids, headers, strict=True):
+                try:
+                    recs.append(OutputRecord(topic, key=encode_key(event_id), value=m.value, headers=hs))
+                except OutputError as exc:
+                    recs.append(str(exc))
         failed: dict[int, str] = {}
 
         def refused(i: int, why: str) -> None:
@@ -248,7 +287,7 @@ class Emitter:
             self.dead_letter(tp, m, OUTPUT_FAILED, why, h)
             failed[i] = why
 
-        self.send_many(recs, tp, msgs, destination=True, refused=refused)
+        self.send_many(recs, tp, msgs, destination=True, refused=refused, header_bound=header_bound)
         return failed
 
     def emit(
@@ -272,18 +311,22 @@ class Emitter:
         failed: dict[int, str] = {}  # input index → why its quarantine copy failed
         quarantined = np.flatnonzero(r.quarantine).tolist() if quarantine_copies else []
         if quarantined:
-            q_msgs = [msgs[index[j]] for j in quarantined]
+            q_msgs = list(map(msgs.__getitem__, map(index.__getitem__, quarantined)))
+            originals = list(map(_HEADERS, q_msgs))
+            reasons = list(map(r.reasons.__getitem__, quarantined))
             s = r.scores
             headers = h.quarantine_many(
-                [m.headers for m in q_msgs],
-                [m.offset for m in q_msgs],
-                reasons=[r.reasons[j] for j in quarantined],
+                originals,
+                list(map(_OFFSET, q_msgs)),
+                reasons=reasons,
                 influence=s.influence[quarantined],
                 relative_influence=s.relative_influence[quarantined],
                 cosine_influence=s.cosine_influence[quarantined],
                 threshold=r.thresholds[quarantined],
             )
-            why = self.quarantine_copies(tp, q_msgs, [ids[j] for j in quarantined], headers, h)
+            q_ids = list(map(ids.__getitem__, quarantined))
+            bound = h.quarantine_bound(originals, reasons)
+            why = self.quarantine_copies(tp, q_msgs, q_ids, headers, h, header_bound=bound)
             failed = {index[quarantined[i]]: w for i, w in why.items()}
         self.count("quarantine", len(quarantined) - len(failed))
         if k.accepted_topic:
