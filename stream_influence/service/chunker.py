@@ -7,6 +7,7 @@ events as the first try did (docs/architecture.md, "Why offset-aligned chunks").
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -51,9 +52,7 @@ def plan_chunks(
         for c in cuts:
             if first < c < end:
                 end = c
-        k = i
-        while k < n and offsets[k] < end:
-            k += 1
+        k = bisect_left(offsets, end, i)  # the first record at or past the slot's end
         ready = k < n or offsets[k - 1] == end - 1
         if not ready:
             pos = offsets[-1] + 1 if position is None else max(position, offsets[-1] + 1)
