@@ -590,7 +590,7 @@ class _Report(Delivery):
 
     def __call__(self, err: Any, _msg: Any) -> None:
         if err is None:
-            self.resolve()
+            self.done = True  # error and transient already say delivered (Delivery.__init__)
         else:
             p = self.producer
             self.resolve(
