@@ -199,6 +199,8 @@ def stage_profile(events: int, budget: float) -> tuple[list[tuple[str, float]], 
 # not optimisations.
 ALTERNATIVES: list[tuple[str, dict]] = [
     ("defaults (micro-batches of 512, SGD steps of 8)", {}),
+    # The same engine on the numpy reference kernel (issue 11's compiled learner: the plain path).
+    ("`learner.kernel: numpy` (the reference sgd kernel)", {"learner": {"kernel": "numpy"}}),
     ("`influence.micro_batch: 64` (the default before 0867a73)", {"influence": {"micro_batch": 64}}),
     ("`learner.minibatch: 64`", {"learner": {"minibatch": 64}}),
     (
