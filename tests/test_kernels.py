@@ -115,6 +115,26 @@ def test_overflowing_logits_give_the_reference_non_finite_steps() -> None:
         np.testing.assert_allclose(b.theta[finite], a.theta[finite], rtol=1e-12)
 
 
+def test_the_kernels_exp_is_within_an_ulp_of_numpys() -> None:
+    """The softmax's ``exp`` on max-shifted logits (x ≤ 0): about one ulp from ``np.exp`` where it is
+    normal, 0 where it is below 4e-308, exact at 0, nan for nan, 0 for −inf."""
+    from stream_influence.core.kernels import exp_nonpositive
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [-rng.uniform(0, 1, 20_000), -rng.uniform(0, 760, 20_000), -np.logspace(-300, 0, 2000)]
+    )
+    got = np.array([exp_nonpositive(v) for v in x])
+    want = np.exp(x)
+    normal = want > 1e-300
+    assert normal.sum() > 30_000 and (~normal).sum() > 500
+    rel = np.abs(got[normal] - want[normal]) / want[normal]
+    assert rel.max() <= 2.3e-16  # ≤ ~1 ulp (eps = 2.2e-16)
+    assert np.abs(got[~normal] - want[~normal]).max() < 4e-308
+    assert exp_nonpositive(0.0) == 1.0 and exp_nonpositive(-np.inf) == 0.0
+    assert np.isnan(exp_nonpositive(np.nan))
+
+
 def _engine_run(kernel: str, events: int = 4000) -> tuple[InfluenceEngine, list[str]]:
     """Default settings (sgd, micro-batches of 512) on a noisy stream, with the kernel."""
     K, D = 4, 12
