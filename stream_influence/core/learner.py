@@ -304,6 +304,8 @@ def _lockstep(
     stacked (each ``theta`` becomes a view of the stack) and their chunks padded to one shape with
     rows of weight 0, so a step is a few batched products; each row of ``X̃`` is scaled once, before
     the loop, by its weight and step size.  A learner with no chunk left in a step is not moved.
+    This numpy code is the reference (``learner.kernel: numpy``); with the default ``compiled``
+    kernel the sgd steps run in :func:`_compiled_sgd` instead (adam and newton always run here).
     """
     if not jobs:
         return
