@@ -10,7 +10,8 @@ What the old design did there: seek every buffered partition back on every held 
 the records again (the seek that raced a rebalance, docs/broker-notes.md).  What must hold now:
 it paused and resumed, never sought (a new group with no commits and no checkpoint needs no seek
 at all), its consumer returned every input offset exactly once, and every input offset ends in
-exactly one place — the updates topic (learned by the updater) or the dead-letter topic.
+exactly one place — the updates topic (learned by the updater) or the dead-letter topic; and
+every call into its consumer, pause and resume included, came from its loop thread.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class _Worker:
         self.service = ScoreService(load_config(config), install_signals=False)
         seam = Seam(open_broker(self.service.k))
         self.calls: Counter[str] = Counter()
+        self.threads: set[str] = set()  # of the consumer's calls: the worker's loop thread only
         self.polled: Counter[tuple[int, int]] = Counter()  # (partition, offset) → times returned
         self._lock = threading.Lock()
         seam.observe(self._count)
@@ -93,6 +95,7 @@ class _Worker:
         if call.role == "consumer":
             with self._lock:
                 self.calls[call.method] += 1
+                self.threads.add(call.thread)
 
     def _poll(self, call: Call) -> Any:
         polled = call.proceed()
@@ -169,6 +172,7 @@ def test_a_held_back_worker_pauses_instead_of_seeking_and_every_event_ends_in_on
     assert not twice, f"{len(twice)} offsets returned by poll more than once, e.g. {twice[:5]}"
     assert worker.count("seek") == 0 and worker.count("seek_to_beginning") == 0, worker.calls
     assert worker.count("pause") >= 5 and worker.count("resume") >= 5, worker.calls
+    assert worker.threads == {"score-worker"}, "a consumer call (pause/resume too) off the loop thread"
 
     # Every input offset in exactly one place: the updates topic (once) or the dead letters.
     inputs = read_topic(broker.bootstrap, topic, at_least=len(messages))
