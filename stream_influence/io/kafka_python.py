@@ -456,7 +456,7 @@ class KafkaPythonConsumer:
                 # kafka-python 3.0.12 keeps the state (pause flag included) of a partition the
                 # eager rebalance revoked and gave back to this member; the seam promises a
                 # (re-)assigned partition unpaused (docs/broker-notes.md, "Pause and resume").
-                self._resume(event.partitions)
+                self.resume(event.partitions)
         return out
 
     def assign(self, partitions: Sequence[TopicPartition]) -> None:
@@ -495,17 +495,14 @@ class KafkaPythonConsumer:
         return polled  # type: ignore[no-any-return]
 
     def pause(self, partitions: Iterable[TopicPartition]) -> None:
-        # Fetched records of a paused partition stay parked in the client (not returned, its
-        # position unchanged) and come out after resume() if the position still matches.
+        # The client parks what it fetched for a paused partition (not returned, the position
+        # unchanged); resume() drops it.
         assigned = self.client.assignment()
         self.client.pause(
             *[tp for tp in (_KafkaTP(t.topic, t.partition) for t in partitions) if tp in assigned]
         )
 
     def resume(self, partitions: Iterable[TopicPartition]) -> None:
-        self._resume(partitions)
-
-    def _resume(self, partitions: Iterable[TopicPartition]) -> None:
         assigned = self.client.assignment()
         tps = [tp for tp in (_KafkaTP(t.topic, t.partition) for t in partitions) if tp in assigned]
         self.client.resume(*tps)
