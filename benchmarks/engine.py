@@ -199,6 +199,8 @@ def stage_profile(events: int, budget: float) -> tuple[list[tuple[str, float]], 
 # not optimisations.
 ALTERNATIVES: list[tuple[str, dict]] = [
     ("defaults (micro-batches of 512, SGD steps of 8)", {}),
+    # The same engine on the numpy reference kernel (issue 11's compiled learner: the plain path).
+    ("`learner.kernel: numpy` (the reference sgd kernel)", {"learner": {"kernel": "numpy"}}),
     ("`influence.micro_batch: 64` (the default before 0867a73)", {"influence": {"micro_batch": 64}}),
     ("`learner.minibatch: 64`", {"learner": {"minibatch": 64}}),
     (
@@ -574,9 +576,12 @@ def render(
         "×10k flops per event) and every stage is a handful of numpy calls of ~1 µs each on arrays of "
         "8–64 rows, so cost follows the number of calls, not the flops. The speed work kept results "
         "unchanged (`tests/test_engine_golden.py`: decisions, scores and learned state of eight "
-        "configurations equal to a recording made before it, bitwise on this machine) and cut calls "
-        "where that allows: the calibration's per-class quantiles from one sort; the lockstep SGD built "
-        "in its loop's layout, with views and buffers reused across steps; the reference-model loss once "
+        "configurations equal to a recording made before it, bitwise on this machine, with the numpy "
+        "learner kernel they pin) and cut calls where that allows: the calibration's per-class "
+        "quantiles from one sort; the SGD steps as one compiled loop over the rows in place "
+        "(`learner.kernel: compiled`, the default; its sums round differently in the last bits, held "
+        "to the numpy kernel by `tests/test_kernels.py`: the same decisions, weights within 1e-9; the "
+        "numpy kernel is a row of the settings table); the reference-model loss once "
         "per chunk and fit instead of per micro-batch; the prequential metrics counted once per many "
         "micro-batches (only the errors the drift detector needs are computed per micro-batch); the "
         "reference set's readiness cached per buffer version; the adaptive reference-loss test's "
@@ -591,16 +596,16 @@ def render(
         "plus one Python-level iteration per message that parses it and reads its three fields (the "
         "label lookup and the proof of a flat feature list — one `[` counted per message over the "
         "batch's joined bytes — run once per batch); learning takes 8 "
-        "sequential SGD steps of ~10 calls per 64 events (`learner.minibatch` 8; routed and "
-        "shadow share each step's products); the reference set is re-scored for the held-out "
+        "sequential SGD steps per 64 events (`learner.minibatch` 8), one compiled call per "
+        "micro-batch for routed and shadow; the reference set is re-scored for the held-out "
         "calibration every 256 events (`influence.refresh_every`); the adaptive test's "
         "Benjamini–Hochberg threshold sorts the window of recent p-values (`policy.rate_window`, 2,000) "
         "once per micro-batch. "
         + ("A wider margin" if met else "Reaching the target")
         + " needs fewer calls "
         "per event, which changes results — larger `influence.micro_batch` or `learner.minibatch` "
-        "(the settings table above) — or the micro-batch loop in compiled code, whose `exp` and sums "
-        "would round differently from numpy's. Batch 1 pays the per-call overhead of a "
+        "(the settings table above) — or more of the micro-batch loop in compiled code, held to "
+        "its numpy reference as the learner kernel is. Batch 1 pays the per-call overhead of a "
         "whole batch; `exact` costs O((K·D)²) per event. Each grid cell is one timed measurement, not "
         "repeated; the before/after table is the median of alternating runs.",
     ]

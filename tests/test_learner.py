@@ -126,15 +126,18 @@ def test_deferred_prequential_counts_equal_counting_each_batch() -> None:
     assert lazy.cumulative_accuracy == eager.cumulative_accuracy
 
 
+@pytest.mark.parametrize("kernel", ["numpy", "compiled"])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_uninitialised_step_buffers_leave_no_trace(optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uninitialised_step_buffers_leave_no_trace(
+    optimizer: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The lockstep's layout arrays are allocated uninitialised (``np.empty``; the padding rows
     zeroed by hand): with every uninitialised array full of NaN, learners on mixed rows (a partial
     last step, fold-style learners sharing rows) end bit for bit where they do otherwise."""
     import copy
 
     rng = np.random.default_rng(11)
-    s = LearnerSettings(optimizer=optimizer, learning_rate=0.2, l2=0.01, minibatch=8)  # type: ignore[arg-type]
+    s = LearnerSettings(optimizer=optimizer, learning_rate=0.2, l2=0.01, minibatch=8, kernel=kernel)  # type: ignore[arg-type]
     heads = [HeadLearner(s, K, D) for _ in range(3)]
     for h in heads:
         h.theta = rng.normal(size=(K, D))

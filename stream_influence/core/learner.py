@@ -304,11 +304,16 @@ def _lockstep(
     stacked (each ``theta`` becomes a view of the stack) and their chunks padded to one shape with
     rows of weight 0, so a step is a few batched products; each row of ``X̃`` is scaled once, before
     the loop, by its weight and step size.  A learner with no chunk left in a step is not moved.
+    This numpy code is the reference (``learner.kernel: numpy``); with the default ``compiled``
+    kernel the sgd steps run in :func:`_compiled_sgd` instead (adam and newton always run here).
     """
     if not jobs:
         return
     first = jobs[0][0]
     s = first.settings
+    if s.optimizer == "sgd" and s.kernel == "compiled":
+        _compiled_sgd(jobs)
+        return
     mb, L = s.minibatch, len(jobs)
     K, D = first.theta.shape
     counts, at_step, at_slot = _step_layout(tuple(len(j[1]) for j in jobs), mb)
@@ -397,6 +402,48 @@ def _lockstep(
             if counts[t, i]:
                 G[i, :, :-1] += s.l2 * theta[i, :, :-1]
                 job[0]._step(G[i], solve)
+
+
+def _compiled_sgd(jobs: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """The sgd steps of :func:`_lockstep` by the compiled kernel (``learner.kernel: compiled``):
+    the learners' rows go in as they are (one array; distinct inputs are concatenated once), the
+    heads stacked as the numpy path stacks them, so both leave the learners in the same layout."""
+    from stream_influence.core import kernels  # numba loads on first use, not with the package
+
+    s = jobs[0][0].settings
+    mb = s.minibatch
+    sources: dict[tuple[int, int, int], int] = {}  # (X, y, w) ids → start row in the stacked input
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    start = np.zeros(len(jobs), dtype=np.int64)
+    at = 0
+    for i, (_, X, y, w) in enumerate(jobs):
+        key = (id(X), id(y), id(w))
+        if key not in sources:
+            sources[key] = at
+            parts.append((X, y, w))
+            at += len(X)
+        start[i] = sources[key]
+    if len(parts) == 1:
+        X, y, w = parts[0]
+    else:
+        X, y, w = (np.concatenate(part) for part in zip(*parts, strict=True))
+    n = np.array([len(j[1]) for j in jobs], dtype=np.int64)
+    eta = np.array([s.learning_rate * j[0].step_scale for j in jobs])
+    theta = np.stack([j[0].theta for j in jobs])
+    kernels.sgd_steps(
+        theta,
+        np.ascontiguousarray(X, dtype=np.float64),
+        np.ascontiguousarray(y, dtype=np.int64),
+        np.ascontiguousarray(w, dtype=np.float64),
+        start,
+        n,
+        eta,
+        1.0 - eta * s.l2,
+        mb,
+    )
+    for i, job in enumerate(jobs):
+        job[0].theta = theta[i]
+        job[0].steps += -(-int(n[i]) // mb)
 
 
 class _Workspace:

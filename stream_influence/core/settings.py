@@ -497,6 +497,14 @@ class LearnerSettings(_Frozen):
         "as stream events.",
     )
     metrics_window: int = Field(default=1000, ge=1, description="Rolling prequential window.")
+    kernel: Literal["compiled", "numpy"] = Field(
+        default="compiled",
+        description="How sgd steps are computed. numpy: the reference, a few batched numpy calls per "
+        "step (bitwise what earlier releases computed); compiled: the same steps as one numba loop "
+        "over the rows in place (about 3x faster), whose sums and exp inside a step may round "
+        "differently in the last bits (relative differences ~1e-15 per step). adam and newton always use the "
+        "numpy path. Changes no checkpointed state: a checkpoint restores under either kernel.",
+    )
 
 
 class DriftSettings(_Frozen):
