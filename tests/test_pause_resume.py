@@ -113,13 +113,19 @@ def test_pause_holds_a_partition_and_resume_continues_at_the_next_offset(
         # A seek while paused wins over whatever the client had fetched or parked meanwhile.
         r.c.pause([p1])
         r.c.seek(p1, 50)
-        r.poll()
-        r.c.resume([p1])
         r.got[p1].clear()
+        r.poll()
+        assert r.got[p1] == [], "a paused partition returned records after a seek"
+        r.c.resume([p1])
         r.until(lambda: len(r.got[p1]) >= N - 50, "partition 1 after the seek")
         assert r.got[p1] == list(range(50, N))
     finally:
         r.c.close(2000)
+
+
+def _assigned(r: Reader) -> frozenset[TopicPartition]:
+    """The partitions of ``r``'s latest assignment (empty before one)."""
+    return next((tps for kind, tps in reversed(r.events) if kind is RebalanceKind.ASSIGNED), frozenset())
 
 
 def test_a_rebalance_clears_pauses_and_a_partition_assigned_again_comes_back_unpaused(
@@ -141,12 +147,10 @@ def test_a_rebalance_clears_pauses_and_a_partition_assigned_again_comes_back_unp
 
         b = Reader(open_broker(k).consumer())
         b.c.subscribe([topic])
-        assigned_a = lambda: {tp for kind, tps in a.events if kind is RebalanceKind.ASSIGNED for tp in tps}  # noqa: E731
-        a.until(
-            lambda: assigned_a() and any(k is RebalanceKind.ASSIGNED for k, _ in b.events), "the rebalance", b
-        )
-        (kept,) = assigned_a()
-        (moved,) = both - {kept}
+        a.until(lambda: _assigned(a) and _assigned(b), "the rebalance", b)
+        (kept,) = _assigned(a)
+        (moved,) = _assigned(b)
+        assert {kept, moved} == both
         assert any(kind is RebalanceKind.REVOKED and tps == both for kind, tps in a.events)
         # The partition a kept was revoked and assigned again: unpaused; the one it lost is forgotten.
         assert a.c.paused() == frozenset()

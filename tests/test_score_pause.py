@@ -157,7 +157,13 @@ def test_a_held_back_worker_pauses_instead_of_seeking_and_every_event_ends_in_on
             ck = latest_checkpoint(tmp_path / "ck-updater")
             return 0 if ck is None else int(ck.engine.events_seen)
 
-        wait_for(lambda: learned() >= n_valid, TIMEOUT, what="every valid event learned")
+        # Learned by the updater, and the worker's tail (dead letters after the last valid event
+        # of a partition) decided too.
+        wait_for(
+            lambda: learned() >= n_valid and worker.service.engine.counters.consumed >= len(messages),
+            TIMEOUT,
+            what="every valid event learned and every message decided",
+        )
     finally:
         worker.stop()
         if updater is not None:
