@@ -6,7 +6,8 @@ same protocol) implements three small protocols:
 - :class:`Broker` — the factory: start-up reachability check, output-topic creation, and the
   clients below, built from one :class:`~stream_influence.config.KafkaSettings`;
 - :class:`BrokerConsumer` — a group member (``subscribe``) or a group-less reader (``assign``):
-  poll, seek, position, high watermark, committed offsets, commit, close, reachability;
+  poll, pause/resume, seek, position, high watermark, committed offsets, commit, close,
+  reachability;
 - :class:`BrokerProducer` — asynchronous ``produce`` (and ``produce_many``, a chunk's records at
   once) with one :class:`Delivery` per record, ``flush``, close.
 
@@ -33,7 +34,7 @@ that poll returned for them are dropped and fetched again).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, NamedTuple, Protocol
@@ -203,6 +204,20 @@ class BrokerConsumer(Protocol):
     def poll(self, timeout_ms: int, max_records: int) -> Mapping[TopicPartition, Sequence[ConsumedRecord]]:
         """Up to ``max_records`` records, grouped by partition in offset order (the keys equal
         and hash like :class:`TopicPartition`)."""
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        """Stop fetching ``partitions`` (those not assigned are ignored): until :meth:`resume`,
+        :meth:`poll` returns none of their records and their :meth:`position` stays where it is.
+        For holding records back without re-reading them (a seek back would fetch them again)."""
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        """Fetch ``partitions`` again, from their :meth:`position`: the offset after the last
+        record :meth:`poll` returned, or the last :meth:`seek`'s (a seek while paused wins)."""
+
+    def paused(self) -> frozenset[TopicPartition]:
+        """The assigned partitions paused now.  A rebalance clears pauses: a revoked or lost
+        partition is forgotten, and one assigned (again) starts unpaused, at the offset the loop
+        seeks it to (docs/broker-notes.md, "Pause and resume")."""
 
     def seek(self, tp: TopicPartition, offset: int) -> None: ...
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import is_not, itemgetter
 from types import ModuleType
@@ -317,6 +317,9 @@ class ConfluentConsumer:
         self._brokers_up: bool | None = None
         self._hand_over: Callable[[], None] | None = None
         self._closing = False
+        # Partitions the loop paused: librdkafka has no query for it, and its pause outlives an
+        # unassign (see pause()).
+        self._paused: set[TopicPartition] = set()
 
     # Callbacks: run inside consume() on the calling thread; they only record.
     def _record(self, kind: RebalanceKind, parts: Sequence[Any]) -> None:
@@ -326,6 +329,7 @@ class ConfluentConsumer:
             self._positions.pop(tp, None)
             self._pending.pop(tp, None)
             self._from_start.discard(tp)
+            self._paused.discard(tp)  # a rebalance clears the loop's pauses (resumed on assignment)
         if kind is not RebalanceKind.ASSIGNED:
             self._revoked = True
 
@@ -373,6 +377,7 @@ class ConfluentConsumer:
         self._c.assign([])
         self._positions.clear()
         self._from_start.clear()
+        self._paused.clear()  # resumed when handed to librdkafka (_take_assignment)
         self._pending = dict.fromkeys(partitions, self._ck.OFFSET_BEGINNING)
 
     def _take_assignment(self) -> None:
@@ -392,8 +397,13 @@ class ConfluentConsumer:
                 self._from_start.add(tp)
             else:
                 self._from_start.discard(tp)
+        fresh = [ck.TopicPartition(tp.topic, tp.partition) for tp in self._pending if tp not in self._paused]
         self._pending = {}
         self._c.assign(parts)
+        if fresh:
+            # librdkafka keeps a partition's pause across unassign and assign (measured, 2.16):
+            # a partition this member paused before a rebalance would come back paused.
+            self._c.resume(fresh)
 
     def partitions_for(self, topic: str) -> set[int] | None:
         # A blocking metadata request in librdkafka (~0.2 s measured; kafka-python answers from
@@ -463,6 +473,30 @@ class ConfluentConsumer:
         if err.code() == self._ck.KafkaError._PARTITION_EOF:
             return
         log.warning("consumer: %s-%s: %s", m.topic(), m.partition(), err.str())
+
+    def pause(self, partitions: Iterable[TopicPartition]) -> None:
+        # Records librdkafka prefetched for them are dropped; resume() fetches from the position
+        # (the offset after the last record poll() returned, or the last seek's).
+        ck = self._ck
+        owned = self._owned()
+        tps = [tp for tp in partitions if tp in owned and tp not in self._paused]
+        if tps:
+            self._c.pause([ck.TopicPartition(tp.topic, tp.partition) for tp in tps])
+            self._paused.update(tps)
+
+    def resume(self, partitions: Iterable[TopicPartition]) -> None:
+        ck = self._ck
+        tps = [tp for tp in partitions if tp in self._paused]
+        if tps:
+            self._paused.difference_update(tps)
+            self._c.resume([ck.TopicPartition(tp.topic, tp.partition) for tp in tps])
+
+    def paused(self) -> frozenset[TopicPartition]:
+        return frozenset(self._paused)
+
+    def _owned(self) -> set[TopicPartition]:
+        """This consumer's partitions: librdkafka's assignment and those handed over at the next poll."""
+        return {TopicPartition(p.topic, p.partition) for p in self._c.assignment()} | set(self._pending)
 
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self._seek(tp, offset)

@@ -8,7 +8,7 @@ flush → checkpoint → commit, rollback and replay — with a different step i
   dead letters go to their topic as in the single process, and every valid event goes to the
   updates topic with its decision.  It holds chunks back while it has no
   snapshot, or has scored ``max_model_lag_versions × checkpoint.every_events`` events on the one
-  it has (the staleness bound).
+  it has (the staleness bound), pausing the partitions whose records it holds.
 - :class:`UpdateService` (one): consumes the updates topic in its own group, skips records whose
   source offset it has already learned (a worker's replayed window), learns the rest and makes
   the quarantine copy of each one learned as quarantined (so the outputs always show the decision
@@ -213,6 +213,8 @@ class ScoreService(Service):
         newest = self._usable(self.models.latest) if self.models.poll(0) else None
         if newest is not None and (self.snapshot is None or newest.id > self.snapshot.id):
             self._install(newest)
+        if self._held_back and self._fresh():
+            self._release_held()  # before the poll: the held partitions are fetched again at once
         super()._step()
         self._hold_back_if_stale()
 
@@ -234,15 +236,17 @@ class ScoreService(Service):
         return self._fresh() and super()._can_process()
 
     def _hold_back_if_stale(self) -> None:
-        """While no chunk may be processed, forget what was buffered and seek back to it, so a
-        long wait (the updater down) does not buffer the whole backlog in memory."""
+        """While no chunk may be processed, pause the partitions with buffered records: the
+        records stay buffered and nothing more is fetched for them, so a long wait (the updater
+        down) buffers at most what one poll returned, and nothing is fetched twice.  Seeking back
+        instead re-read them every poll, and a seek can race a rebalance (docs/broker-notes.md);
+        a paused partition needs no seek.  :meth:`_release_held` resumes them."""
         stale = not self._fresh()
         if stale:
-            for tp, buf in list(self.pending.items()):
-                if buf:
-                    self.consumer.seek(tp, buf[0].offset)
-                self.pending.pop(tp, None)
-                self.pending_t0.pop(tp, None)
+            held = {tp for tp, buf in self.pending.items() if buf and tp in self.owned}
+            held -= self.consumer.paused()
+            if held:
+                self.consumer.pause(sorted(held))
             if not self._held_back:
                 log.warning(
                     "holding chunks back: %s",
@@ -252,8 +256,18 @@ class ScoreService(Service):
                     f"{self.unlearned} not learned by it (limit {self.staleness_limit}); "
                     "waiting for a newer one",
                 )
+        elif self._held_back:
+            self._release_held()
         self._held_back = stale
         self._export_snapshot(stale)
+
+    def _release_held(self) -> None:
+        """Chunks may be processed again: resume the partitions paused while holding back (a
+        rebalance meanwhile already unpaused or forgot its partitions), at their positions."""
+        paused = self.consumer.paused()
+        if paused:
+            self.consumer.resume(sorted(paused))
+        self._held_back = False
 
     def _export_snapshot(self, stale: bool | None = None) -> None:
         m = self.role_metrics
