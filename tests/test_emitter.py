@@ -224,3 +224,34 @@ def test_a_chunk_reaches_the_producer_a_kind_at_a_time_and_refusals_keep_their_p
     rejected = [(dlq, msgs[rej.index].offset) for rej in result.rejects]
     expected = rejected + [(dlq, o) if o in victims else (qtopic, o) for o in copies]
     assert [q for q in producer.queued if q[0] in (qtopic, dlq)] == expected
+
+
+@pytest.mark.parametrize("producer_takes_null_headers", [False, True])
+def test_an_input_header_without_a_value_never_stops_the_chunk(producer_takes_null_headers: bool) -> None:
+    """A Kafka header may have no value (kafka-python reads it as ``None``).  The chunk's outputs
+    are still produced — the chunk-wide size proof once raised ``TypeError`` out of ``emit`` on
+    one (``len(None)``), stopping the service — and every message that needs an output of its own
+    (dead letter, quarantine copy) ends in exactly one place, whether the producer takes a null
+    header (librdkafka) or refuses the record for it (kafka-python's ``send``)."""
+    cfg, msgs, result = _chunk()
+    msgs = [m._replace(headers=[("trace", None), ("span", b"s")]) for m in msgs]
+
+    def refuse(rec: OutputRecord) -> BaseException | None:
+        if not producer_takes_null_headers and any(v is None for _, v in rec.headers):
+            return RecordRefused("TypeError: All headers items must be (str, bytes) tuples")
+        return None
+
+    producer = MemoryProducer(refuse=refuse)
+    emitter = Emitter(cfg.kafka, lambda kind, n: None)
+    emitter.producer = producer
+    emitter.emit(TP, msgs, result)
+    emitter.settle(5.0)
+    k = cfg.kafka
+    where = _destinations(producer.sent, {k.dead_letter_topic, k.quarantine_topic})
+    own = [msgs[rej.index].offset for rej in result.rejects] + [
+        msgs[int(result.events.index[j])].offset for j in np.flatnonzero(result.quarantine)
+    ]
+    assert sorted(where) == sorted(own)
+    assert all(len(v) == 1 for v in where.values())
+    assert len([r for r in producer.sent if r.topic == "events.decisions"]) == len(msgs)
+    assert emitter.inflight == []
