@@ -219,3 +219,25 @@ def test_the_kernel_runs_where_numba_cannot_write_a_cache(tmp_path: Path) -> Non
     assert path.startswith(str(pkg)) and moved == "True"
     assert cache == "NullCache"  # numba's dispatcher without a cache
     assert not any((tmp_path / "site").rglob("*.nbi"))  # nothing was cached
+
+
+def test_read_only_inputs_learn_as_under_the_numpy_kernel() -> None:
+    """Rows, labels and weights the caller cannot write (``np.frombuffer`` of bytes, a memory-mapped
+    data set): numba types a read-only array apart and the compiled kernel once raised
+    ``TypeError`` (no matching definition) where the numpy reference learns."""
+    rng = np.random.default_rng(4)
+    K, D, n = 3, 6, 40
+    X = np.hstack([rng.normal(size=(n, D - 1)), np.ones((n, 1))])
+    y = rng.integers(0, K, n)
+    w = rng.uniform(0.5, 1.5, n)
+    frozen = [np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape) for a in (X, y, w)]
+    assert not any(a.flags.writeable for a in frozen)
+    start = rng.normal(size=(K, D))
+    ends = []
+    for kernel in ("numpy", "compiled"):
+        h = HeadLearner(LearnerSettings(minibatch=8, kernel=kernel), K, D)  # type: ignore[arg-type]
+        h.theta = start.copy()
+        h.learn(*frozen)
+        ends.append(h.theta)
+    assert np.abs(ends[0] - start).max() > 1e-3  # it learned
+    assert np.abs(ends[1] - ends[0]).max() <= 1e-12 * np.abs(ends[0]).max()

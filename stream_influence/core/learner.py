@@ -432,9 +432,9 @@ def _compiled_sgd(jobs: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.n
     theta = np.stack([j[0].theta for j in jobs])
     kernels.sgd_steps(
         theta,
-        np.ascontiguousarray(X, dtype=np.float64),
-        np.ascontiguousarray(y, dtype=np.int64),
-        np.ascontiguousarray(w, dtype=np.float64),
+        _writable(X, np.float64),
+        _writable(y, np.int64),
+        _writable(w, np.float64),
         start,
         n,
         eta,
@@ -444,6 +444,15 @@ def _compiled_sgd(jobs: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.n
     for i, job in enumerate(jobs):
         job[0].theta = theta[i]
         job[0].steps += -(-int(n[i]) // mb)
+
+
+def _writable(a: np.ndarray, dtype: type) -> np.ndarray:
+    """``a`` as the kernel's signature takes it: C-contiguous, of ``dtype``, and writable — numba
+    types a read-only array (``np.frombuffer`` of bytes, a memory-mapped file, a frozen snapshot)
+    differently and finds no matching definition; such an input is copied (the kernel only reads
+    it), as numpy's reference accepts it."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
 
 
 class _Workspace:
