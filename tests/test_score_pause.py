@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from stream_influence.config import load_config
-from stream_influence.io.broker import open_broker
+from stream_influence.io.broker import RebalanceKind, TopicPartition, open_broker
 from stream_influence.io.records import header_dict
 from stream_influence.offline.datasets import Stream, load_stream
 from stream_influence.service.roles import ScoreService
@@ -197,3 +197,57 @@ def test_a_held_back_worker_pauses_instead_of_seeking_and_every_event_ends_in_on
     assert not set(updates) & set(dead), "an offset both decided and dead-lettered"
     assert set(updates) | set(dead) == all_offsets, "an offset has no place"
     assert len(dead) == N_BAD
+
+
+def test_a_held_back_partition_assigned_again_is_read_from_its_first_record(
+    broker: Broker, tmp_path: Path, kafka_client: str
+) -> None:
+    """A worker holding back (no snapshot yet) keeps its records buffered and its partitions
+    paused; a rebalance drops the buffers of the partitions it revokes.  One assigned back to the
+    same worker with nothing committed and nothing applied must be read again from its first
+    record: kafka-python keeps the position of a partition it gets back (past the dropped
+    records), and the loop, finding no checkpoint and no commit, once left it there — those
+    records were never decided (before pausing, the worker sought each buffered partition back
+    to its first record every step, so no position ever stood past a buffer)."""
+    topic = fresh_topic(broker, "score-rejoin", partitions=2)
+    ref = fresh_topic(broker, "score-rejoin-ref")
+    n = 600  # never decoded: the worker has no snapshot
+    produce(broker.bootstrap, topic, [b"%d" % i for i in range(n)], keys=[b"k%d" % i for i in range(n)])
+    both = {TopicPartition(topic, 0), TopicPartition(topic, 1)}
+    worker = _Worker(_config(tmp_path, "worker", broker, topic, ref, kafka_client))
+    svc = worker.service
+    other = None
+
+    def held(tps: set[TopicPartition]) -> bool:
+        assert worker.error is None, repr(worker.error)
+        return svc._held_back and set(svc.owned) == tps and all(svc.pending.get(tp) for tp in tps)
+
+    try:
+        wait_for(lambda: held(both), TIMEOUT, what="the worker to buffer and hold back both partitions")
+        assert {tp: svc.pending[tp][0].offset for tp in both} == dict.fromkeys(both, 0)
+
+        # A second member takes one partition (every partition is revoked first: eager protocol) ...
+        other = open_broker(svc.k).consumer()
+        other.subscribe([topic])
+        deadline = time.monotonic() + TIMEOUT
+        while not any(e.kind is RebalanceKind.ASSIGNED and e.partitions for e in other.rebalances()):
+            assert time.monotonic() < deadline, "timed out waiting for the second member's assignment"
+            other.poll(100, 10)
+        wait_for(lambda: len(svc.owned) == 1 and svc._held_back, TIMEOUT, what="the worker to keep one")
+        # ... and leaves without committing: the worker gets both back, nothing committed for either.
+        other.close(2000)
+        other = None
+        deadline = time.monotonic() + TIMEOUT
+        while not held(both):
+            buffered = {tp.partition: len(svc.pending.get(tp) or ()) for tp in both}
+            assert time.monotonic() < deadline, (
+                f"the worker owns {sorted(tp.partition for tp in svc.owned)} again but buffered no record "
+                f"of some partition since (records per partition: {buffered}): records skipped"
+            )
+            time.sleep(0.2)
+        first = {tp: svc.pending[tp][0].offset for tp in both}
+        assert first == dict.fromkeys(both, 0), f"buffered records skipped after the rebalance: {first}"
+    finally:
+        if other is not None:
+            other.close(2000)
+        worker.stop()

@@ -536,6 +536,12 @@ class Service:
                 known = [ours]
             else:
                 known = [o for o in (ours, committed[tp]) if o is not None]
+                first = self.start_offsets.get((tp.topic, tp.partition))
+                if not known and first is not None:
+                    # Read here before, nothing applied or committed since: its buffer was dropped
+                    # at the revocation, and a client may keep the position of a partition it gets
+                    # back, past those records (kafka-python in the eager protocol).
+                    known = [first]
             self.pending.pop(tp, None)
             if known:
                 self.consumer.seek(tp, max(known))
