@@ -3,10 +3,13 @@
 :func:`sgd_steps` is ``learner.kernel: compiled``: the sgd steps of :func:`~stream_influence.core.
 learner._lockstep` (the numpy reference, ``learner.kernel: numpy``) as one compiled loop that reads
 each learner's rows and weights in place, instead of ~10 numpy calls per step on a padded copy.
-It computes the same quantities in the same order of steps; only the sums inside a step (the logits
-``x̃ θᵀ``, the softmax normaliser, the gradient ``Σ (p − y) x̃ᵀ``) may round differently in the last
-bits, because the compiler vectorises them, and so may the softmax's ``exp`` (an inlined polynomial,
-:func:`exp_nonpositive`, within about one ulp of ``np.exp``).
+It computes the same quantities in the same order of steps; only the arithmetic inside a step may
+round differently in the last bits: the sums (the logits ``x̃ θᵀ``, the softmax normaliser, the
+gradient ``Σ (p − y) x̃ᵀ``), because the compiler vectorises them; a product and the sum or
+difference it feeds (fused into one multiply-add, ``contract``: the gradient's terms, the update
+``θ keep − G``); a division (by a reciprocal, ``arcp``: ``p = e / Σe``, ``η / rows``); and the
+softmax's ``exp`` (an inlined polynomial, :func:`exp_nonpositive`, within about one ulp of
+``np.exp``).
 
 Fastmath flags: ``reassoc`` (vectorised sums), ``contract`` (fused multiply-add), ``nsz`` and
 ``arcp`` — but not ``nnan``/``ninf`` (which ``fastmath=True`` implies): those would let the
