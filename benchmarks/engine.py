@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from docs_section import write_section  # benchmarks/ is on sys.path as the script directory
@@ -486,10 +487,11 @@ def render(
         kfac_cpu = next((r["raw_cpu_rate"] for r in at_target if r["kind"] == "kfac"), None)
         for r in at_target:
             rel = f", {r['raw_cpu_rate'] / kfac_cpu:.2f}× kfac" if kfac_cpu else ""
-            verdict = "**met**" if r["raw_cpu_rate"] >= RAW_TARGET else "**missed**"
+            rate, source = _verdict_rate(r, before_after, args.repeats)
+            verdict = "**met**" if rate >= RAW_TARGET else "**missed**"
             lines.append(
-                f"- `{r['kind']}`: {r['raw_cpu_rate']:,.0f} ev/CPU-s = {r['raw_cpu_rate'] / RAW_TARGET:.0%} — "
-                f"{verdict} ({r['raw_rate']:,.0f} ev/s wall){rel}"
+                f"- `{r['kind']}`: {rate:,.0f} ev/CPU-s = {rate / RAW_TARGET:.0%} — {verdict} ({source}; "
+                f"the grid cell: {r['raw_cpu_rate']:,.0f} ev/CPU-s, {r['raw_rate']:,.0f} ev/s wall){rel}"
             )
     if before_after:
         lines += [
@@ -553,20 +555,20 @@ def render(
         ]
         lines += [f"| {label} | {rate:,.0f} | {rate / RAW_TARGET:.0%} |" for label, rate in alternatives]
     kfac_row = next((r for r in rows if (r["d"], r["K"], r["kind"], r["batch"]) == TARGET), None)
-    met = kfac_row is not None and kfac_row["raw_cpu_rate"] >= RAW_TARGET
+    target_rate = _verdict_rate(kfac_row, before_after, args.repeats)[0] if kfac_row is not None else 0.0
+    met = kfac_row is not None and target_rate >= RAW_TARGET
     why = (
-        f"What bounds the rate (the target is met, {kfac_row['raw_cpu_rate'] / RAW_TARGET - 1:.0%} above "
-        "it in the grid cell; the before/after medians and the stage clocks above show how much of that "
-        "margin is noise)"
+        f"What bounds the rate (the target is met, {target_rate / RAW_TARGET - 1:.0%} above it; the "
+        "before/after medians and the stage clocks above show how much of that margin is noise)"
         if met and kfac_row is not None
         else (
-            f"Why the target is missed in this run ({kfac_row['raw_cpu_rate'] / RAW_TARGET:.0%} of it, on a "
+            f"Why the target is missed in this run ({target_rate / RAW_TARGET:.0%} of it, on a "
             "machine other work shared: the before/after table measures both trees under the same "
             "load)"
             if kfac_row is not None and os.getloadavg()[0] > (os.cpu_count() or 1)
-            else f"Why the target is missed ({kfac_row['raw_cpu_rate'] / RAW_TARGET:.0%} of it: a gap of "
+            else f"Why the target is missed ({target_rate / RAW_TARGET:.0%} of it: a gap of "
             "the order of the run-to-run spread, but no margin)"
-            if kfac_row is not None and kfac_row["raw_cpu_rate"] >= 0.97 * RAW_TARGET
+            if kfac_row is not None and target_rate >= 0.97 * RAW_TARGET
             else "Why the target is missed (structural, not noise)"
         )
     )
@@ -610,6 +612,16 @@ def render(
         "repeated; the before/after table is the median of alternating runs.",
     ]
     return "\n".join(lines)
+
+
+def _verdict_rate(row: dict[str, Any], before_after: list[dict[str, Any]], repeats: int) -> tuple[float, str]:
+    """The rate a target verdict reads: the median of the alternating *after* runs where this
+    invocation has them (a grid cell is one short timed run, noisy on a shared machine), else the
+    grid cell itself; and the words that say which."""
+    after = next((a for a in before_after if a["kind"] == row["kind"]), None)
+    if after is None:
+        return float(row["raw_cpu_rate"]), "one timed run: the grid cell"
+    return float(after["after_raw_cpu_rate"]), f"median of {repeats} alternating runs, the table below"
 
 
 if __name__ == "__main__":
