@@ -241,3 +241,22 @@ def test_read_only_inputs_learn_as_under_the_numpy_kernel() -> None:
         ends.append(h.theta)
     assert np.abs(ends[0] - start).max() > 1e-3  # it learned
     assert np.abs(ends[1] - ends[0]).max() <= 1e-12 * np.abs(ends[0]).max()
+
+
+def test_load_kernels_loads_the_compiled_kernel_only_where_the_settings_use_it() -> None:
+    """The service loads the kernel at start-up (before its ``gc.freeze``), not at the first
+    learning step; the numpy kernel and adam never import numba's kernel module."""
+    code = (
+        "import sys\n"
+        "from stream_influence.core.learner import load_kernels\n"
+        "from stream_influence.core.settings import LearnerSettings\n"
+        "mod = 'stream_influence.core.kernels'\n"
+        "load_kernels(LearnerSettings(kernel='numpy'))\n"
+        "load_kernels(LearnerSettings(optimizer='adam'))\n"
+        "assert mod not in sys.modules, 'loaded for a kernel that does not use it'\n"
+        "load_kernels(LearnerSettings())\n"
+        "assert mod in sys.modules, 'the default compiled kernel was not loaded'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

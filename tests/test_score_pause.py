@@ -84,8 +84,10 @@ class _Worker:
         self.threads: set[str] = set()  # of the consumer's calls: the worker's loop thread only
         self.polled: Counter[tuple[int, int]] = Counter()  # (partition, offset) → times returned
         self._lock = threading.Lock()
+        self.moves = 0  # revocations and losses the consumer reported: the group moved
         seam.observe(self._count)
         seam.on("consumer", "poll", self._poll)
+        seam.on("consumer", "rebalances", self._rebalances)
         self.service.broker = seam  # type: ignore[assignment]
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="score-worker", daemon=True)
@@ -103,6 +105,12 @@ class _Worker:
             for tp, msgs in polled.items():
                 self.polled.update((tp.partition, m.offset) for m in msgs)
         return polled
+
+    def _rebalances(self, call: Call) -> Any:
+        events = call.proceed()
+        with self._lock:
+            self.moves += sum(e.kind is not RebalanceKind.ASSIGNED and bool(e.partitions) for e in events)
+        return events
 
     def _run(self) -> None:
         try:
@@ -124,6 +132,20 @@ class _Worker:
 def test_a_held_back_worker_pauses_instead_of_seeking_and_every_event_ends_in_one_place(
     broker: Broker, tmp_path: Path, kafka_client: str
 ) -> None:
+    """The steady state: one worker, its group never moving.  Where the group did move anyway (a
+    broker request stalled past the client's timeout on a loaded machine, and the member was
+    evicted), re-reads and seeks are the documented at-least-once recovery, not what this test
+    is about: the attempt is repeated once on fresh topics, and the second must be steady."""
+    for attempt in range(2):
+        if _steady_attempt(broker, tmp_path / f"attempt-{attempt}", kafka_client):
+            return
+    pytest.fail("the consumer group rebalanced in both attempts: the steady state was never measured")
+
+
+def _steady_attempt(broker: Broker, tmp_path: Path, kafka_client: str) -> bool:
+    """One run of the scenario; False, after checking that every event still has a place, where
+    the group moved during it."""
+    tmp_path.mkdir(parents=True)
     topic = fresh_topic(broker, "score-pause", partitions=2)
     ref = fresh_topic(broker, "score-pause-ref")
     stream = load_stream("hyperplane", noise=0.3, seed=5, n_events=N_EVENTS)
@@ -174,13 +196,25 @@ def test_a_held_back_worker_pauses_instead_of_seeking_and_every_event_ends_in_on
     # fetched twice, never sought, paused and resumed.
     print(f"consumer calls {dict(worker.calls)}; records polled {worker.polled.total()} of {len(messages)}")
     assert len(worker.polled) == len(messages)
+    if worker.moves:
+        print(f"the group moved {worker.moves} time(s) during the attempt: at-least-once re-reads allowed")
+        _every_offset_has_a_place(broker, topic, messages, n_valid, at_least_once=True)
+        return False
     twice = [k for k, n in worker.polled.items() if n > 1]
     assert not twice, f"{len(twice)} offsets returned by poll more than once, e.g. {twice[:5]}"
     assert worker.count("seek") == 0 and worker.count("seek_to_beginning") == 0, worker.calls
     assert worker.count("pause") >= 5 and worker.count("resume") >= 5, worker.calls
     assert worker.threads == {"score-worker"}, "a consumer call (pause/resume too) off the loop thread"
 
-    # Every input offset in exactly one place: the updates topic (once) or the dead letters.
+    _every_offset_has_a_place(broker, topic, messages, n_valid, at_least_once=False)
+    return True
+
+
+def _every_offset_has_a_place(
+    broker: Broker, topic: str, messages: list[bytes], n_valid: int, *, at_least_once: bool
+) -> None:
+    """Every input offset in exactly one place: the updates topic (once; at least once after
+    the group moved) or the dead letters."""
     inputs = read_topic(broker.bootstrap, topic, at_least=len(messages))
     all_offsets = {(m.partition, m.offset) for m in inputs}
     assert len(all_offsets) == len(messages)
@@ -193,7 +227,8 @@ def test_a_held_back_worker_pauses_instead_of_seeking_and_every_event_ends_in_on
 
     updates = sources(f"{topic}.updates", n_valid)
     dead = sources(f"{topic}.dead-letter", N_BAD)
-    assert max(updates.values()) == 1 and max(dead.values()) == 1, "an offset decided twice"
+    if not at_least_once:
+        assert max(updates.values()) == 1 and max(dead.values()) == 1, "an offset decided twice"
     assert not set(updates) & set(dead), "an offset both decided and dead-lettered"
     assert set(updates) | set(dead) == all_offsets, "an offset has no place"
     assert len(dead) == N_BAD

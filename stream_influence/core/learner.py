@@ -27,7 +27,7 @@ from stream_influence.core.model import softmax
 from stream_influence.core.ring import Ring
 from stream_influence.core.settings import DriftSettings, LearnerSettings
 
-__all__ = ["DriftMonitor", "HeadLearner", "Prequential"]
+__all__ = ["DriftMonitor", "HeadLearner", "Prequential", "load_kernels"]
 
 WIDTH = 64.0  # ‖x̃‖² up to which sgd takes the full learning rate (normalize_step)
 
@@ -402,6 +402,15 @@ def _lockstep(
             if counts[t, i]:
                 G[i, :, :-1] += s.l2 * theta[i, :, :-1]
                 job[0]._step(G[i], solve)
+
+
+def load_kernels(settings: LearnerSettings) -> None:
+    """Load (or compile, where numba's cache has none) the compiled kernel ``settings`` will use,
+    now rather than at the first learning step: a service calls this at start-up, so neither the
+    load (~0.5 s cached, seconds uncached) lands on its loop thread mid-stream nor the kernel's
+    objects miss start-up's ``gc.freeze``.  Nothing to do for the numpy kernel or adam/newton."""
+    if settings.kernel == "compiled" and settings.optimizer == "sgd":
+        from stream_influence.core import kernels  # noqa: F401  (importing compiles or loads)
 
 
 def _compiled_sgd(jobs: Sequence[tuple[HeadLearner, np.ndarray, np.ndarray, np.ndarray]]) -> None:

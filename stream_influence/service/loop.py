@@ -46,6 +46,7 @@ import numpy as np
 
 from stream_influence.config import AppSettings, limit_blas_threads
 from stream_influence.core.engine import BatchResult, EngineSummary, InfluenceEngine
+from stream_influence.core.learner import load_kernels
 from stream_influence.errors import ConfigError, ReplayLimitError
 from stream_influence.io.broker import (
     Broker,
@@ -344,6 +345,7 @@ class Service:
         # as the process: frozen, a full collection no longer walks it (_shutdown unfreezes).
         # Unfrozen, one took up to 170 ms on the loop thread every few seconds: the largest
         # stall in poll → commit (issue 11; docs/benchmarks.md, service_stages).
+        load_kernels(self.cfg.engine.learner)  # before the freeze: the kernel lives as long
         gc.collect()
         gc.freeze()
         gave_up = False
@@ -739,9 +741,10 @@ class Service:
 
     def _refreeze(self) -> None:
         """Once, after the first chunk the warm engine processed: collect and freeze again.  What
-        the engine builds on its first routed chunks and keeps (its lazily compiled kernels:
-        ~56,000 objects measured) was made after start-up's freeze; left in the collector, every
-        later full collection walked it, 50–70 ms on the loop thread each time."""
+        the engine builds on its first routed chunks and keeps was made after start-up's freeze
+        (measured before :func:`~stream_influence.core.learner.load_kernels` moved the compiled
+        kernel's ~56,000 objects into start-up); left in the collector, every later full
+        collection walked it, 50–70 ms on the loop thread each time."""
         self._refrozen = True
         gc.collect()
         gc.freeze()
