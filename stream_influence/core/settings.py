@@ -501,9 +501,9 @@ class LearnerSettings(_Frozen):
         default="compiled",
         description="How sgd steps are computed. numpy: the reference, a few batched numpy calls per "
         "step (bitwise what earlier releases computed); compiled: the same steps as one numba loop "
-        "over the rows in place (the whole engine ~1.2x faster: docs/benchmarks.md, engine), whose arithmetic inside a step (sums, divisions, "
-        "fused multiply-adds, exp) may round differently in the last bits (relative differences "
-        "~1e-15 per step). adam and newton always use the "
+        "over the rows in place (the whole engine ~1.2x faster: docs/benchmarks.md, engine), whose "
+        "arithmetic inside a step (sums, divisions, fused multiply-adds, exp) may round differently "
+        "in the last bits (relative differences ~1e-15 per step). adam and newton always use the "
         "numpy path. Changes no checkpointed state: a checkpoint restores under either kernel.",
     )
 

@@ -709,13 +709,10 @@ class ConfluentProducer:
         deliveries: list[Delivery] = []
         append = deliveries.append
         for record in records:
-            topic, key, value, headers = record
             delivery = _Report(record)
             delivery.producer = self
-            if type(headers) is not list:
-                headers = list(headers) or None
             try:
-                produce(topic, value, key, -1, delivery, None, 0, headers)
+                produce(record.topic, record.value, record.key, -1, delivery, None, 0, _headers(record))
             except Exception:  # nothing was queued: the single-record path answers it
                 self._served(queued)
                 queued = 0

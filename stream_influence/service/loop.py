@@ -159,7 +159,6 @@ class Service:
         self.consumer: Any = None  # a BrokerConsumer once run() subscribed
         self._producer_attempt = 0.0
         self.batches = 0
-        self._refrozen = False  # _refreeze done
         self.crashed = False
         self._stop_deadline = float("inf")
 
@@ -345,7 +344,9 @@ class Service:
         # as the process: frozen, a full collection no longer walks it (_shutdown unfreezes).
         # Unfrozen, one took up to 170 ms on the loop thread every few seconds: the largest
         # stall in poll → commit (issue 11; docs/benchmarks.md, service_stages).
-        load_kernels(self.cfg.engine.learner)  # before the freeze: the kernel lives as long
+        # The compiled learner kernel too (~56,000 objects): loaded lazily, at the first warm
+        # chunk, it stayed in the collector, and every full collection walked it (50–70 ms).
+        load_kernels(self.cfg.engine.learner)
         gc.collect()
         gc.freeze()
         gave_up = False
@@ -716,8 +717,6 @@ class Service:
         self.dirty = True
         self.uncommitted_polls.append(t_poll)
         self.batches += 1
-        if not self._refrozen and self.engine.warm:
-            self._refreeze()
         counts = result.counts()
         log.debug("%s-%d batch of %d: %s", tp.topic, tp.partition, len(msgs), counts, extra=counts)
         if result.rejects:
@@ -738,16 +737,6 @@ class Service:
                 self.engine.policy.quarantine_rate,
             )
         self._metric("observe_batch", result, self._summary_cached(), time.perf_counter() - t0, fresh)
-
-    def _refreeze(self) -> None:
-        """Once, after the first chunk the warm engine processed: collect and freeze again.  What
-        the engine builds on its first routed chunks and keeps was made after start-up's freeze
-        (measured before :func:`~stream_influence.core.learner.load_kernels` moved the compiled
-        kernel's ~56,000 objects into start-up); left in the collector, every later full
-        collection walked it, 50–70 ms on the loop thread each time."""
-        self._refrozen = True
-        gc.collect()
-        gc.freeze()
 
     def _emit(self, tp: TopicPartition, msgs: list[ConsumedRecord], result: BatchResult) -> None:
         """Produce the chunk's outputs (the emitter's job; one seam for fault injection)."""
